@@ -1,0 +1,54 @@
+"""Command line: one module per command, each with ``register(subparsers)``.
+
+Every command returns its exit code. Deliberate errors (:mod:`reconciler.errors`)
+print as located messages, never as tracebacks. Usage errors exit 64 (EX_USAGE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from reconciler.errors import InputError, ReconcilerError
+
+EXIT_USAGE = 64
+EXIT_ERROR = 1
+
+# Each module defines register(subparsers); order is the order of --help.
+COMMANDS = ("validate", "plan", "schema")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit 2, which means "changes" for plan
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="reconciler", description="Declarative reconciler for GPU services.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(f"reconciler.cli.{name}_cmd").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InputError as exc:
+        for diagnostic in exc.diagnostics:
+            print(diagnostic, file=sys.stderr)
+        return EXIT_ERROR
+    except ReconcilerError as exc:
+        print(f"reconciler: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The plan: actions with reasons and ``requires`` edges, pending items, GPU totals (DESIGN §4).
+
+A plan is data. Renderers (text, JSON, markdown) live in :mod:`reconciler.render`;
+the executor runs the ``requires`` DAG; :mod:`.simulate` applies it to a snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ActionKind = Literal["adopt", "start", "restart", "stop", "evict", "lease", "release"]
+ACTION_KINDS: tuple[ActionKind, ...] = ("adopt", "start", "restart", "stop", "evict", "lease", "release")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Action(_Out):
+    id: str = Field(description="Unique within the plan, `kind:subject`, e.g. `start:vllm`, `lease:D1`.")
+    kind: ActionKind
+    service: str
+    gpu: int | None = None
+    mb: int | None = Field(None, description="start/restart: reservation taken; stop/evict: reservation freed.")
+    lease: str | None = Field(None, description="lease/release: the lease or demand id.")
+    model: str | None = Field(None, description="Model it starts/serves, where relevant.")
+    requires: list[str] = Field(default_factory=list, description="Ids of actions that must succeed first.")
+    reason: str = Field(min_length=1, description="Why, in words a person can read.")
+
+
+class Pending(_Out):
+    service: str
+    demand: str | None = Field(None, description="The demand id, when a demand is what waits.")
+    reason: str
+
+
+class GpuSummary(_Out):
+    index: int
+    total_mb: int
+    free_mb: int
+    free_mb_after: int
+
+
+class Plan(_Out):
+    format_version: Literal[1] = 1
+    node: str
+    profile: str
+    changes: bool
+    actions: list[Action]
+    pending: list[Pending]
+    gpus: list[GpuSummary]
+    summary: dict[str, int]
+
+    @property
+    def exit_code(self) -> int:
+        """DESIGN §4: 3 if anything is pending, else 2 if there are actions, else 0."""
+        if self.pending:
+            return 3
+        return 2 if self.actions else 0
+
+    def to_json_dict(self) -> dict:
+        data = self.model_dump(mode="json")
+        for action in data["actions"]:
+            for key in ("mb", "lease", "model", "gpu"):
+                if action.get(key) is None and not (key == "gpu"):
+                    action.pop(key, None)
+        for item in data["pending"]:
+            if item.get("demand") is None:
+                item.pop("demand")
+        return data

@@ -1,0 +1,186 @@
+"""The profile: what the operator wants on this host (DESIGN §1).
+
+A strict superset of the cf-orch GPU profile format v1: every cf-orch field is
+accepted with its cf-orch default, and every one of them has an effect here.
+Unknown keys are errors (``extra="forbid"``); the loader turns pydantic's errors
+into located ``file:line:col`` messages with a "did you mean" hint. Checks that
+span services (``depends_on`` targets, cycles) live in :mod:`.checks`.
+
+These models are pure data: reading files and the environment (``${VAR}``
+references) is the loader's job, in :mod:`reconciler.loading`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from reconciler.core.templates import PLACEHOLDERS, find_placeholders, split_template
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+ServiceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=63)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_template(value: str, field: str) -> str:
+    unknown = sorted(set(find_placeholders(value)) - set(PLACEHOLDERS))
+    if unknown:
+        known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}} in {field}; known placeholders: {known}"
+        )
+    return value
+
+
+def _check_argv_template(value: str, field: str) -> str:
+    try:
+        split_template(value)
+    except ValueError as exc:
+        raise ValueError(f"{field} cannot be split into arguments: {exc}") from None
+    return _check_template(value, field)
+
+
+class ProcessSpec(_Strict):
+    """Run the service as a local process we start (or adopt, when it already runs)."""
+
+    type: Literal["process"] = Field(description="Run as a local process.")
+    exec_path: str = Field(
+        description="Executable to run (absolute, or relative to the profile's directory). "
+        "`${VAR}` / `${VAR:-default}` read the environment when the profile is loaded."
+    )
+    args_template: str = Field(
+        "",
+        description="Arguments, split like a shell would (no shell is ever used); placeholders "
+        "such as {port}, {gpu_id}, {model} are filled inside each token.",
+    )
+    cwd: str | None = Field(None, description="Working directory; none = the reconciler's state directory.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    port: Port | None = Field(None, description="Port the service listens on; fills {port}.")
+    host_port: Port | None = Field(
+        None, description="Port probed on 127.0.0.1 for health and adoption; defaults to `port`."
+    )
+    adopt: bool = Field(
+        False,
+        description="Adopt a healthy listener already on `host_port` instead of starting a second "
+        "one. Adopted processes are never signalled.",
+    )
+    health_path: str = Field("/health", description="HTTP path probed for health (GET, 2xx = healthy).")
+
+    @field_validator("args_template")
+    @classmethod
+    def _args_placeholders(cls, v: str) -> str:
+        return _check_argv_template(v, "args_template")
+
+    @field_validator("env")
+    @classmethod
+    def _env_placeholders(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _check_template(value, f"env.{key}")
+        return v
+
+    @property
+    def probe_port(self) -> int | None:
+        return self.host_port or self.port
+
+
+class DockerSpec(_Strict):
+    """Run the service as a Docker container (labelled as ours)."""
+
+    type: Literal["docker"] = Field(description="Run as a Docker container.")
+    image: str = Field(description="Image reference, e.g. `ghcr.io/org/app:1.2`.")
+    port: Port | None = Field(None, description="Container port; fills {port}.")
+    host_port: Port | None = Field(None, description="Host port published for `port`; defaults to `port`.")
+    command_template: str = Field("", description="Command arguments; placeholders filled inside each token.")
+    volumes: list[str] = Field(default_factory=list, description="Volume mounts, `host:container[:mode]`.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables in the container.")
+    runtime: str | None = Field(None, description="Docker runtime, e.g. `nvidia`.")
+    ipc: str | None = Field(None, description="IPC mode, e.g. `host`.")
+    health_path: str = Field("/health", description="HTTP path probed for health on `host_port`.")
+
+    @field_validator("command_template")
+    @classmethod
+    def _command_placeholders(cls, v: str) -> str:
+        return _check_argv_template(v, "command_template")
+
+    @property
+    def probe_port(self) -> int | None:
+        return self.host_port or self.port
+
+    @property
+    def adopt(self) -> bool:
+        return False
+
+
+Managed = Annotated[ProcessSpec | DockerSpec, Field(discriminator="type")]
+
+
+class Service(_Strict):
+    """One service slot: its VRAM ceiling, priority, and how to run it."""
+
+    max_mb: int = Field(ge=0, description="VRAM ceiling in MB, reserved when the service starts. 0 = CPU only.")
+    priority: int = Field(ge=0, description="Lower number = more important (1 beats 2 beats 4).")
+    shared: bool = Field(False, description="One instance serves several leases at once (up to max_concurrent).")
+    max_concurrent: int = Field(1, ge=1, description="Most leases held at once; more requests queue.")
+    always_on: bool = Field(False, description="Keep running at all times; never idle-stopped, never evicted.")
+    idle_stop_after_s: float = Field(0, ge=0, description="Stop after this long with no lease; 0 = never.")
+    backend: str | None = Field(None, description="Informational (cf-orch), carried through.")
+    consumers: list[str] = Field(default_factory=list, description="Informational (cf-orch), carried through.")
+    managed: Managed | None = Field(
+        None, description="How to run it; none = an unmanaged slot (accounted, never started)."
+    )
+    depends_on: list[ServiceName] = Field(
+        default_factory=list, description="Start after these are healthy; stop before them."
+    )
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="GPU indexes it may be placed on; none = any."
+    )
+    model: str | None = Field(None, description="Default model, fills {model} when a lease names none.")
+    start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
+    probe_interval_s: float = Field(5, gt=0, description="Health probe interval once running.")
+    probe_timeout_s: float = Field(2, gt=0, description="Timeout of one health probe.")
+    failure_threshold: int = Field(3, ge=1, description="Consecutive failed probes before a running instance is unhealthy.")
+
+    @property
+    def probe_port(self) -> int | None:
+        return self.managed.probe_port if self.managed else None
+
+    @property
+    def adoptable(self) -> bool:
+        return isinstance(self.managed, ProcessSpec) and self.managed.adopt
+
+
+class Node(_Strict):
+    """A node of a cluster profile (cf-orch); informational on a single host."""
+
+    node_id: str = Field(description="Node name.")
+    agent_url: str | None = Field(None, description="Agent URL (cf-orch).")
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="GPU indexes on that node.")
+
+
+class Profile(_Strict):
+    """A GPU (or CPU) profile: which services may run on this host, and how."""
+
+    schema_version: int = Field(description="Profile format version; only 1 is supported.")
+    name: str = Field(min_length=1, description="Profile name, e.g. `single-gpu-8gb`.")
+    description: str | None = Field(None, description="Free text.")
+    vram_total_mb: int | None = Field(
+        None, ge=0, description="VRAM this profile is written for; picks the profile and sizes simulated GPUs. "
+        "Omitted for CPU profiles."
+    )
+    eviction_timeout_s: float = Field(10, ge=0, description="SIGTERM → SIGKILL grace period when stopping.")
+    services: dict[ServiceName, Service] = Field(default_factory=dict, description="The service slots, by name.")
+    model_size_hints: dict[str, str | int | float | None] = Field(
+        default_factory=dict, description="Informational (cf-orch), carried through."
+    )
+    nodes: list[Node] = Field(default_factory=list, description="Cluster nodes (cf-orch); informational here.")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported schema_version {v}; this reconciler reads schema_version 1")
+        return v

@@ -1,0 +1,126 @@
+"""The state snapshot: everything the planner knows besides the profile (DESIGN §2).
+
+``reconciler observe`` writes one from the live host; tests, golden scenarios
+and CI plans read one. Only ``format_version``, ``node``, ``now`` and ``gpus``
+are required. Times are timezone-aware datetimes (UTC when written by us).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+NonNegInt = Annotated[int, Field(ge=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuProcess(_Strict):
+    pid: int = Field(ge=0, description="OS process id using this GPU.")
+    used_mb: NonNegInt = Field(description="GPU memory it uses, MB (0 when NVML cannot tell).")
+
+
+class Gpu(_Strict):
+    index: NonNegInt = Field(description="NVML device index.")
+    uuid: str = Field("", description="NVML device UUID.")
+    name: str = Field("", description="Device name.")
+    total_mb: NonNegInt = Field(description="Total memory, MB.")
+    used_mb: NonNegInt = Field(0, description="Used memory, MB, as NVML reports it.")
+    free_mb: NonNegInt | None = Field(None, description="Free memory, MB; defaults to total − used.")
+    processes: list[GpuProcess] = Field(default_factory=list, description="Per-process usage.")
+
+    @property
+    def nvml_free_mb(self) -> int:
+        return self.free_mb if self.free_mb is not None else max(0, self.total_mb - self.used_mb)
+
+
+class Process(_Strict):
+    pid: int = Field(ge=0, description="OS process id.")
+    create_time: float = Field(description="Process start, seconds since the epoch (psutil).")
+    cmdline: list[str] = Field(default_factory=list, description="argv.")
+    listening: list[Port] = Field(default_factory=list, description="TCP ports it listens on.")
+
+
+class Probe(_Strict):
+    healthy: bool = Field(description="GET http://127.0.0.1:{host_port}{health_path} answered 2xx.")
+    status: int | None = Field(None, description="HTTP status, none when nothing answered.")
+    error: str | None = Field(None, description="Why it failed, when it did.")
+
+
+class Launch(_Strict):
+    argv: list[str] = Field(description="What was executed (exec_path + filled args).")
+    cwd: str = Field("", description="Working directory as written in the profile ('' = default).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment as written in the profile.")
+    port: Port | None = Field(None, description="The spec's port.")
+    image: str | None = Field(None, description="Docker image, for containers.")
+
+
+InstanceState = Literal["starting", "running", "stopping", "failed"]
+
+
+class Instance(_Strict):
+    service: str = Field(description="Service name in the profile.")
+    gpu: NonNegInt | None = Field(None, description="GPU index it is placed on; none for CPU services.")
+    origin: Literal["started", "adopted"] = Field(description="Started by us, or adopted (never signalled).")
+    pid: int | None = Field(None, ge=0, description="Main process id, when known.")
+    create_time: float | None = Field(None, description="Its create_time, identifying it with the pid.")
+    model: str | None = Field(None, description="Model it serves.")
+    launch: Launch | None = Field(None, description="Launch spec it was started with (started instances).")
+    state: InstanceState = Field("running", description="Lifecycle state.")
+    since: AwareDatetime | None = Field(None, description="When it entered that state.")
+    idle_since: AwareDatetime | None = Field(None, description="When its last lease ended, if idle.")
+    container: str | None = Field(None, description="Docker container name, for containers.")
+
+
+class Lease(_Strict):
+    id: str = Field(min_length=1, description="Lease id.")
+    service: str = Field(description="Service it holds.")
+    holder: str = Field("", description="Who holds it.")
+    gpu: NonNegInt | None = Field(None, description="GPU index.")
+    mb: NonNegInt = Field(0, description="MB it accounts for (a VRAM lease without a service instance).")
+    model: str | None = Field(None, description="Model it was granted for.")
+    expires_at: AwareDatetime | None = Field(None, description="When it ends; none = until released.")
+
+
+class Demand(_Strict):
+    id: str = Field(min_length=1, description="Demand (future lease) id.")
+    service: str = Field(description="Service it waits for.")
+    holder: str = Field("", description="Who asks.")
+    model: str | None = Field(None, description="Model it needs; none = any.")
+    gpu: NonNegInt | None = Field(None, description="GPU it asks for; none = any.")
+    requested_at: AwareDatetime | None = Field(None, description="When it was asked for.")
+
+
+class Snapshot(_Strict):
+    format_version: int = Field(description="Snapshot format version; only 1 is supported.")
+    node: str = Field(min_length=1, description="Node name.")
+    now: AwareDatetime = Field(description="The planner's clock.")
+    gpus: list[Gpu] = Field(description="GPUs as NVML sees them; empty on a CPU-only host.")
+    processes: list[Process] = Field(default_factory=list, description="OS processes of interest.")
+    probes: dict[str, Probe] = Field(default_factory=dict, description="Health probe results by service.")
+    instances: list[Instance] = Field(default_factory=list, description="The reconciler's own inventory.")
+    leases: list[Lease] = Field(default_factory=list, description="Granted leases.")
+    demands: list[Demand] = Field(default_factory=list, description="Lease requests waiting for their service.")
+
+    @field_validator("format_version")
+    @classmethod
+    def _supported_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported format_version {v}; this reconciler reads format_version 1")
+        return v
+
+    def gpu(self, index: int) -> Gpu | None:
+        return next((g for g in self.gpus if g.index == index), None)
+
+    def process(self, pid: int) -> Process | None:
+        return next((p for p in self.processes if p.pid == pid), None)
+
+
+def utc(dt: datetime) -> str:
+    """ISO 8601 with a ``Z``, as snapshots and plans write times."""
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
