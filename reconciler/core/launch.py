@@ -1,0 +1,48 @@
+"""The launch spec of a service on a GPU with a model (DESIGN §3, "Launch spec").
+
+What the planner compares with ``instances[].launch`` to decide a restart, and
+what the drivers execute. ``argv`` = ``exec_path`` + the split, filled
+``args_template``; ``cwd`` missing = ``""``; ``env`` as written (driver
+additions such as ``CUDA_VISIBLE_DEVICES`` are not part of it); ``port``.
+For containers ``argv`` is the filled ``command_template`` and ``image`` is set.
+"""
+
+from __future__ import annotations
+
+from reconciler.core.profile import DockerSpec, ProcessSpec, Service
+from reconciler.core.snapshot import Launch
+from reconciler.core.templates import fill, render_argv
+
+
+def template_values(name: str, service: Service, gpu: int | None, model: str | None) -> dict[str, object]:
+    managed = service.managed
+    port = managed.port if managed else None
+    return {
+        "port": port,
+        "host_port": (managed.host_port or port) if managed else None,
+        "gpu_id": gpu,
+        "model": model,
+        "service": name,
+    }
+
+
+def launch_spec(name: str, service: Service, gpu: int | None, model: str | None) -> Launch | None:
+    """The launch spec, or None for an unmanaged slot."""
+    managed = service.managed
+    values = template_values(name, service, gpu, model)
+    if isinstance(managed, ProcessSpec):
+        return Launch(
+            argv=[managed.exec_path, *render_argv(managed.args_template, values)],
+            cwd=managed.cwd or "",
+            env={k: fill(v, values) for k, v in managed.env.items()},
+            port=managed.port,
+        )
+    if isinstance(managed, DockerSpec):
+        return Launch(
+            argv=render_argv(managed.command_template, values),
+            cwd="",
+            env={k: fill(v, values) for k, v in managed.env.items()},
+            port=managed.port,
+            image=managed.image,
+        )
+    return None
