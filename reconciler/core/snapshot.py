@@ -42,6 +42,9 @@ class Gpu(_Strict):
 class Process(_Strict):
     pid: int = Field(ge=0, description="OS process id.")
     create_time: float = Field(description="Process start, seconds since the epoch (psutil).")
+    ppid: int | None = Field(
+        None, ge=0, description="Parent pid; GPU memory of a child (e.g. a vLLM worker) counts for its instance."
+    )
     cmdline: list[str] = Field(default_factory=list, description="argv.")
     listening: list[Port] = Field(default_factory=list, description="TCP ports it listens on.")
 
@@ -79,7 +82,12 @@ class Instance(_Strict):
 
 class Lease(_Strict):
     id: str = Field(min_length=1, description="Lease id.")
-    service: str = Field(description="Service it holds.")
+    kind: Literal["service", "vram"] = Field(
+        "service",
+        description="`service`: holds a profile service (a slot of max_concurrent). `vram`: a bare VRAM "
+        "reservation of `mb` on `gpu` for an application that runs its own process (cf-orch /api/leases).",
+    )
+    service: str = Field(description="Service it holds (for a `vram` lease: the holder's service name).")
     holder: str = Field("", description="Who holds it.")
     gpu: NonNegInt | None = Field(None, description="GPU index.")
     mb: NonNegInt = Field(0, description="MB it accounts for (a VRAM lease without a service instance).")
@@ -94,6 +102,7 @@ class Demand(_Strict):
     model: str | None = Field(None, description="Model it needs; none = any.")
     gpu: NonNegInt | None = Field(None, description="GPU it asks for; none = any.")
     requested_at: AwareDatetime | None = Field(None, description="When it was asked for.")
+    ttl_s: float | None = Field(300, gt=0, description="Lifetime of the lease once granted; none = until released.")
 
 
 class Snapshot(_Strict):
