@@ -1,0 +1,433 @@
+"""The SQLite state store: one file, ``<state_dir>/state.db``, in WAL mode.
+
+Several connections and processes may share the file: writes run in
+``BEGIN IMMEDIATE`` transactions (one writer at a time, others wait up to the
+busy timeout), reads see a consistent snapshot. A lease grant counts the
+service's unexpired leases and inserts the new one in the same transaction,
+so ``max_concurrent`` holds under any concurrency (invariant 4). Every SQLite
+failure surfaces as :class:`~reconciler.errors.StoreError` naming the file.
+
+Lease bookkeeping also keeps ``Instance.idle_since`` right: a grant clears it,
+and when a service's last lease ends (released, or expired at its
+``expires_at``) it is set to that moment (DESIGN §3, "Wanted").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from reconciler.core.snapshot import Demand, Instance, Lease
+from reconciler.errors import StoreError
+from reconciler.store.base import (
+    Backoff,
+    BackoffPolicy,
+    Event,
+    Intent,
+    StoredState,
+    after_failure,
+    after_healthy,
+    utcnow,
+)
+from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
+
+DB_NAME = "state.db"
+
+
+def default_state_dir() -> Path:
+    """``$RECONCILER_STATE_DIR``, else ``$XDG_STATE_HOME/reconciler``, else ``~/.local/state/reconciler``."""
+    explicit = os.environ.get("RECONCILER_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):  # the XDG spec says to ignore relative paths
+        return Path(xdg) / "reconciler"
+    return Path.home() / ".local" / "state" / "reconciler"
+
+
+def open_store(state_dir: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = 10.0) -> SqliteStore:
+    """Open (creating on first use) the store in ``state_dir`` (default: :func:`default_state_dir`)."""
+    directory = Path(state_dir) if state_dir is not None else default_state_dir()
+    return SqliteStore(directory / DB_NAME, busy_timeout_s=busy_timeout_s)
+
+
+def _ts(dt: datetime | None) -> str | None:
+    """Fixed-width UTC text, so that SQL string comparison is time comparison."""
+    if dt is None:
+        return None
+    if dt.tzinfo is None:
+        raise StoreError(f"naive datetime {dt!r}: the store keeps timezone-aware UTC times only")
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dt(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+class SqliteStore:
+    """:class:`~reconciler.store.base.Store` on a SQLite file. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 10.0):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create state directory {self.path.parent}: {exc.strerror or exc}") from None
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state store {self.path}: {exc}") from None
+        try:
+            self._setup(busy_timeout_s)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _setup(self, busy_timeout_s: float) -> None:
+        with self._errors("open"):
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"state store {self.path}: cannot switch to WAL mode (got {mode!r})")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+        with self._tx() as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"state store {self.path} has schema version {version}, newer than this "
+                    f"reconciler understands ({SCHEMA_VERSION}); upgrade the reconciler"
+                )
+            for migration in MIGRATIONS[version:]:
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+            if version != SCHEMA_VERSION:
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- plumbing -----------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            hint = ""
+            if "not a database" in str(exc) or "malformed" in str(exc):
+                hint = " (the file is corrupt; move it aside to start with an empty state)"
+            raise StoreError(f"state store {self.path}: {what} failed: {exc}{hint}") from None
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken with the write lock up front (no upgrade deadlocks)."""
+        with self._lock, self._errors("write"):
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, self._errors("read"):
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self._read("PRAGMA user_version")[0][0]
+
+    # -- inventory ------------------------------------------------------------
+
+    def put_instance(self, instance: Instance) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO instances(service, data, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(service) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
+                (instance.service, instance.model_dump_json(), _ts(utcnow())),
+            )
+
+    def get_instance(self, service: str) -> Instance | None:
+        rows = self._read("SELECT data FROM instances WHERE service = ?", (service,))
+        return Instance.model_validate_json(rows[0][0]) if rows else None
+
+    def instances(self) -> list[Instance]:
+        return [Instance.model_validate_json(r[0]) for r in self._read("SELECT data FROM instances ORDER BY service")]
+
+    def remove_instance(self, service: str) -> Instance | None:
+        with self._tx() as c:
+            row = c.execute("DELETE FROM instances WHERE service = ? RETURNING data", (service,)).fetchone()
+        return Instance.model_validate_json(row[0]) if row else None
+
+    def _set_idle_since(self, c: sqlite3.Connection, service: str, when: datetime | None) -> None:
+        row = c.execute("SELECT data FROM instances WHERE service = ?", (service,)).fetchone()
+        if row is None:
+            return
+        instance = Instance.model_validate_json(row[0])
+        if instance.idle_since != when:
+            c.execute(
+                "UPDATE instances SET data = ?, updated_at = ? WHERE service = ?",
+                (instance.model_copy(update={"idle_since": when}).model_dump_json(), _ts(utcnow()), service),
+            )
+
+    # -- leases and demands (invariant 4) ---------------------------------------
+
+    def grant_lease(
+        self, lease: Lease, max_concurrent: int, *, demand_id: str | None = None, now: datetime | None = None
+    ) -> bool:
+        """Grant ``lease`` unless its service already holds ``max_concurrent`` unexpired leases.
+
+        Returns False (and changes nothing) when refused. Granting an id that is
+        already held is a no-op returning True, so a replayed grant is harmless.
+        ``demand_id``, when given, is removed in the same transaction.
+        """
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        now_ts = _ts(now or utcnow())
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM leases WHERE id = ?", (lease.id,)).fetchone():
+                return True
+            held = c.execute(
+                "SELECT COUNT(*) FROM leases WHERE service = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (lease.service, now_ts),
+            ).fetchone()[0]
+            if held >= max_concurrent:
+                return False
+            c.execute(
+                "INSERT INTO leases(id, service, expires_at, granted_at, data) VALUES (?, ?, ?, ?, ?)",
+                (lease.id, lease.service, _ts(lease.expires_at), now_ts, lease.model_dump_json()),
+            )
+            if demand_id is not None:
+                c.execute("DELETE FROM demands WHERE id = ?", (demand_id,))
+            self._set_idle_since(c, lease.service, None)
+            return True
+
+    def renew_lease(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
+        """Move a lease's expiry; None when there is no such lease (it expired or was released)."""
+        with self._tx() as c:
+            row = c.execute("SELECT data FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if row is None:
+                return None
+            lease = Lease.model_validate_json(row[0]).model_copy(update={"expires_at": expires_at})
+            c.execute(
+                "UPDATE leases SET expires_at = ?, data = ? WHERE id = ?",
+                (_ts(expires_at), lease.model_dump_json(), lease_id),
+            )
+        return lease
+
+    def release_lease(self, lease_id: str, now: datetime | None = None) -> Lease | None:
+        with self._tx() as c:
+            row = c.execute("DELETE FROM leases WHERE id = ? RETURNING data", (lease_id,)).fetchone()
+            if row is None:
+                return None
+            lease = Lease.model_validate_json(row[0])
+            self._after_lease_end(c, lease.service, now or utcnow())
+        return lease
+
+    def expire_leases(self, now: datetime) -> list[Lease]:
+        """Remove and return the leases whose ``expires_at`` is at or before ``now``."""
+        with self._tx() as c:
+            rows = c.execute(
+                "DELETE FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? RETURNING data",
+                (_ts(now),),
+            ).fetchall()
+            expired = sorted((Lease.model_validate_json(r[0]) for r in rows), key=lambda l: (l.expires_at, l.id))
+            for service in sorted({l.service for l in expired}):
+                ended = max(l.expires_at for l in expired if l.service == service)
+                self._after_lease_end(c, service, ended)
+        return expired
+
+    def _after_lease_end(self, c: sqlite3.Connection, service: str, when: datetime) -> None:
+        if not c.execute("SELECT 1 FROM leases WHERE service = ?", (service,)).fetchone():
+            self._set_idle_since(c, service, when)
+
+    def leases(self, service: str | None = None) -> list[Lease]:
+        if service is None:
+            rows = self._read("SELECT data FROM leases ORDER BY seq")
+        else:
+            rows = self._read("SELECT data FROM leases WHERE service = ? ORDER BY seq", (service,))
+        return [Lease.model_validate_json(r[0]) for r in rows]
+
+    def add_demand(self, demand: Demand) -> None:
+        """Queue a demand; re-adding an id replaces it but keeps its place in the queue."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO demands(id, service, data) VALUES (?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET service = excluded.service, data = excluded.data",
+                (demand.id, demand.service, demand.model_dump_json()),
+            )
+
+    def remove_demand(self, demand_id: str) -> Demand | None:
+        with self._tx() as c:
+            row = c.execute("DELETE FROM demands WHERE id = ? RETURNING data", (demand_id,)).fetchone()
+        return Demand.model_validate_json(row[0]) if row else None
+
+    def demands(self, service: str | None = None) -> list[Demand]:
+        if service is None:
+            rows = self._read("SELECT data FROM demands ORDER BY seq")
+        else:
+            rows = self._read("SELECT data FROM demands WHERE service = ? ORDER BY seq", (service,))
+        return [Demand.model_validate_json(r[0]) for r in rows]
+
+    def state(self) -> StoredState:
+        """Instances, leases and demands read in one consistent transaction."""
+        with self._lock, self._errors("read"):
+            self._conn.execute("BEGIN")
+            try:
+                instances = self.instances()
+                leases = self.leases()
+                demands = self.demands()
+            finally:
+                self._conn.execute("COMMIT")
+        return StoredState(instances=instances, leases=leases, demands=demands)
+
+    # -- backoff (invariant 6) --------------------------------------------------
+
+    _BACKOFF_COLS = "service, failures, next_attempt_at, stalled, last_error, spec_hash, healthy_since"
+
+    @staticmethod
+    def _backoff(row: tuple[Any, ...]) -> Backoff:
+        service, failures, next_at, stalled, last_error, digest, healthy = row
+        return Backoff(service, failures, _dt(next_at), bool(stalled), last_error, digest, _dt(healthy))
+
+    def _load_backoff(self, c: sqlite3.Connection, service: str) -> Backoff:
+        row = c.execute(f"SELECT {self._BACKOFF_COLS} FROM backoff WHERE service = ?", (service,)).fetchone()
+        return self._backoff(row) if row else Backoff(service)
+
+    def _save_backoff(self, c: sqlite3.Connection, b: Backoff) -> None:
+        c.execute(
+            f"INSERT OR REPLACE INTO backoff({self._BACKOFF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (b.service, b.failures, _ts(b.next_attempt_at), int(b.stalled), b.last_error, b.spec_hash,
+             _ts(b.healthy_since)),
+        )
+
+    def get_backoff(self, service: str, spec_hash: str | None = None) -> Backoff:
+        """The service's backoff; a fresh one when ``spec_hash`` differs from the recorded spec."""
+        with self._lock, self._errors("read"):
+            current = self._load_backoff(self._conn, service)
+        if spec_hash is not None and current.spec_hash not in (None, spec_hash):
+            return Backoff(service, spec_hash=spec_hash)
+        return current
+
+    def record_failure(
+        self, service: str, error: str, spec_hash: str, now: datetime, policy: BackoffPolicy = BackoffPolicy()
+    ) -> Backoff:
+        """Count one more failure and push the next attempt out (exponential, capped)."""
+        with self._tx() as c:
+            new = after_failure(self._load_backoff(c, service), error, spec_hash, now, policy)
+            self._save_backoff(c, new)
+        return new
+
+    def record_healthy(
+        self, service: str, spec_hash: str, now: datetime, policy: BackoffPolicy = BackoffPolicy()
+    ) -> Backoff:
+        """Note that the service is healthy; after ``reset_after_s`` of health the count starts over."""
+        with self._tx() as c:
+            new = after_healthy(self._load_backoff(c, service), spec_hash, now, policy)
+            self._save_backoff(c, new)
+        return new
+
+    def reset_backoff(self, service: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM backoff WHERE service = ?", (service,))
+
+    # -- event log ------------------------------------------------------------
+
+    def record_event(
+        self, kind: str, service: str | None = None, message: str = "",
+        data: Mapping[str, Any] | None = None, ts: datetime | None = None,
+    ) -> int:
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO events(ts, kind, service, message, data) VALUES (?, ?, ?, ?, ?)",
+                (_ts(ts or utcnow()), kind, service, message, json.dumps(dict(data or {}), sort_keys=True)),
+            )
+            return int(cur.lastrowid)
+
+    def events(self, since_id: int = 0, limit: int = 100, service: str | None = None) -> list[Event]:
+        """Events with ``id > since_id``, oldest first, at most ``limit``."""
+        sql = "SELECT id, ts, kind, service, message, data FROM events WHERE id > ?"
+        params: tuple[Any, ...] = (since_id,)
+        if service is not None:
+            sql += " AND service = ?"
+            params += (service,)
+        rows = self._read(sql + " ORDER BY id LIMIT ?", params + (limit,))
+        return [Event(r[0], _dt(r[1]), r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    # -- intents (invariant 5) --------------------------------------------------
+
+    _INTENT_COLS = "id, action_id, kind, service, data, started_at, finished_at, outcome"
+
+    @staticmethod
+    def _intent(row: tuple[Any, ...]) -> Intent:
+        iid, action_id, kind, service, data, started, finished, outcome = row
+        return Intent(iid, action_id, kind, service, json.loads(data), _dt(started), _dt(finished), outcome)
+
+    def begin_intent(
+        self, action_id: str, kind: str, service: str | None, data: Mapping[str, Any] | None = None
+    ) -> int:
+        """Write down an action before taking it; returns the intent id."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO intents(action_id, kind, service, data, started_at) VALUES (?, ?, ?, ?, ?)",
+                (action_id, kind, service, json.dumps(dict(data or {}), sort_keys=True), _ts(utcnow())),
+            )
+            return int(cur.lastrowid)
+
+    def _merge_intent(
+        self, intent_id: int, data: Mapping[str, Any] | None, outcome: str | None
+    ) -> Intent:
+        with self._tx() as c:
+            row = c.execute(f"SELECT {self._INTENT_COLS} FROM intents WHERE id = ?", (intent_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"state store {self.path}: no intent {intent_id}")
+            intent = self._intent(row)
+            if intent.outcome is not None:
+                raise StoreError(f"state store {self.path}: intent {intent_id} already finished ({intent.outcome})")
+            merged = {**intent.data, **dict(data or {})}
+            finished = _ts(utcnow()) if outcome is not None else None
+            row = c.execute(
+                f"UPDATE intents SET data = ?, finished_at = ?, outcome = ? WHERE id = ? RETURNING {self._INTENT_COLS}",
+                (json.dumps(merged, sort_keys=True), finished, outcome, intent_id),
+            ).fetchone()
+        return self._intent(row)
+
+    def update_intent(self, intent_id: int, data: Mapping[str, Any]) -> Intent:
+        """Merge ``data`` into an open intent (e.g. pid and create_time once the process exists)."""
+        return self._merge_intent(intent_id, data, None)
+
+    def finish_intent(self, intent_id: int, outcome: str, data: Mapping[str, Any] | None = None) -> Intent:
+        if not outcome:
+            raise ValueError("an intent's outcome must be a non-empty string")
+        return self._merge_intent(intent_id, data, outcome)
+
+    def open_intents(self) -> list[Intent]:
+        """Intents begun but never finished: what a crashed reconciler was doing."""
+        rows = self._read(f"SELECT {self._INTENT_COLS} FROM intents WHERE finished_at IS NULL ORDER BY id")
+        return [self._intent(r) for r in rows]
+
+    def get_intent(self, intent_id: int) -> Intent | None:
+        rows = self._read(f"SELECT {self._INTENT_COLS} FROM intents WHERE id = ?", (intent_id,))
+        return self._intent(rows[0]) if rows else None

@@ -1,0 +1,251 @@
+"""SqliteStore on real files: persistence, intents, leases, backoff, events, errors."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from reconciler.core.snapshot import Demand, Instance, Launch, Lease
+from reconciler.errors import StoreError
+from reconciler.store import (
+    BackoffPolicy,
+    SqliteStore,
+    Store,
+    default_state_dir,
+    open_store,
+    spec_hash,
+)
+from reconciler.store.schema import SCHEMA_VERSION
+
+T0 = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with open_store(tmp_path) as s:
+        yield s
+
+
+def vllm_instance(**kw) -> Instance:
+    data = dict(
+        service="vllm", gpu=0, origin="started", pid=5151, create_time=1763800100.25, model="qwen 2.5; x",
+        launch=Launch(argv=["/opt/vllm", "--model", "qwen 2.5; x"], cwd="", env={"A": "1"}, port=8000),
+        state="running", since=T0,
+    )
+    data.update(kw)
+    return Instance(**data)
+
+
+def test_created_on_first_open_with_wal_and_version(tmp_path):
+    with open_store(tmp_path / "deep" / "dir") as s:
+        assert s.path == tmp_path / "deep" / "dir" / "state.db"
+        assert s.path.is_file()
+        assert s.schema_version == SCHEMA_VERSION
+        assert isinstance(s, Store)
+    conn = sqlite3.connect(tmp_path / "deep" / "dir" / "state.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_default_state_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("RECONCILER_STATE_DIR", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir() == tmp_path / "reconciler"
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_state_dir() == tmp_path / "home" / ".local" / "state" / "reconciler"
+    monkeypatch.setenv("RECONCILER_STATE_DIR", str(tmp_path / "explicit"))
+    assert default_state_dir() == tmp_path / "explicit"
+
+
+def test_everything_survives_reopen(tmp_path):
+    lease = Lease(id="L1", service="vllm", holder="kiwi", gpu=0, mb=6500, model="qwen", expires_at=at(300))
+    demand = Demand(id="D1", service="comfyui", holder="batch", requested_at=at(-60))
+    digest = spec_hash(vllm_instance().launch)
+    with open_store(tmp_path) as s:
+        s.put_instance(vllm_instance())
+        s.put_instance(Instance(service="ollama", origin="adopted", pid=4242, create_time=1763800000.0))
+        assert s.grant_lease(lease, max_concurrent=1, now=T0)
+        s.add_demand(demand)
+        s.record_failure("comfyui", "exited with 1", "abc", at(0))
+        s.record_event("start", "vllm", "started vllm", {"pid": 5151}, ts=at(1))
+        intent = s.begin_intent("start:vllm", "start", "vllm", {"spec_hash": digest})
+    with open_store(tmp_path) as s:
+        assert s.instances() == [
+            Instance(service="ollama", origin="adopted", pid=4242, create_time=1763800000.0),
+            vllm_instance(idle_since=None),
+        ]
+        assert s.get_instance("vllm").launch.argv == ["/opt/vllm", "--model", "qwen 2.5; x"]
+        assert s.leases() == [lease]
+        assert s.demands() == [demand]
+        state = s.state()
+        assert (state.leases, state.demands, len(state.instances)) == ([lease], [demand], 2)
+        b = s.get_backoff("comfyui")
+        assert (b.failures, b.last_error, b.next_attempt_at) == (1, "exited with 1", at(5))
+        [event] = s.events()
+        assert (event.kind, event.service, event.message, event.data, event.ts) == (
+            "start", "vllm", "started vllm", {"pid": 5151}, at(1))
+        [open_intent] = s.open_intents()
+        assert open_intent.id == intent and open_intent.data == {"spec_hash": digest}
+
+
+def test_crash_recovery_round_trip_with_intents(tmp_path):
+    """A start written down, the process spawned, then a crash: the next run finds the pid."""
+    s = open_store(tmp_path)
+    iid = s.begin_intent("start:vllm", "start", "vllm", {"gpu": 0, "model": "qwen"})
+    s.update_intent(iid, {"pid": 5151, "create_time": 1763800100.25})
+    done = s.begin_intent("stop:comfyui", "stop", "comfyui")
+    s.finish_intent(done, "ok", {"signals": ["SIGTERM"]})
+    s.close()  # the "crash": nothing else was written
+
+    with open_store(tmp_path) as s:
+        [intent] = s.open_intents()
+        assert (intent.id, intent.action_id, intent.kind, intent.service) == (iid, "start:vllm", "start", "vllm")
+        assert intent.data == {"gpu": 0, "model": "qwen", "pid": 5151, "create_time": 1763800100.25}
+        assert intent.outcome is None and intent.started_at.tzinfo is not None
+        finished = s.finish_intent(iid, "recovered", {"adopted_as": "started"})
+        assert finished.outcome == "recovered" and finished.finished_at is not None
+        assert s.open_intents() == []
+        assert s.get_intent(done).data == {"signals": ["SIGTERM"]}
+        with pytest.raises(StoreError, match="already finished"):
+            s.finish_intent(iid, "again")
+        with pytest.raises(StoreError, match="no intent 999"):
+            s.update_intent(999, {})
+
+
+def test_instance_replace_and_remove(store):
+    store.put_instance(vllm_instance())
+    store.put_instance(vllm_instance(state="stopping", pid=6000))
+    assert [i.pid for i in store.instances()] == [6000]
+    assert store.remove_instance("vllm").state == "stopping"
+    assert store.remove_instance("vllm") is None
+    assert store.get_instance("vllm") is None
+
+
+def test_grant_refuses_past_max_concurrent_and_consumes_demand(store):
+    store.add_demand(Demand(id="D1", service="vllm"))
+    store.add_demand(Demand(id="D2", service="vllm"))
+    assert store.grant_lease(Lease(id="D1", service="vllm"), 2, demand_id="D1", now=T0)
+    assert store.grant_lease(Lease(id="D1", service="vllm"), 2, now=T0)  # replay: no-op
+    assert store.grant_lease(Lease(id="L2", service="vllm", expires_at=at(10)), 2, now=T0)
+    assert not store.grant_lease(Lease(id="D2", service="vllm"), 2, demand_id="D2", now=T0)
+    assert [l.id for l in store.leases("vllm")] == ["D1", "L2"]
+    assert [d.id for d in store.demands()] == ["D2"]  # a refused grant leaves the demand queued
+    # an expired lease does not hold a slot, even before expire_leases() removes it
+    assert store.grant_lease(Lease(id="D2", service="vllm"), 2, demand_id="D2", now=at(10))
+    assert store.demands() == []
+    with pytest.raises(ValueError):
+        store.grant_lease(Lease(id="X", service="vllm"), 0)
+
+
+def test_renew_release_and_expire_with_fake_clock(store):
+    store.put_instance(vllm_instance(idle_since=at(-100)))
+    store.grant_lease(Lease(id="A", service="vllm", expires_at=at(10)), 3, now=T0)
+    store.grant_lease(Lease(id="B", service="vllm", expires_at=at(20)), 3, now=T0)
+    store.grant_lease(Lease(id="C", service="other"), 3, now=T0)
+    assert store.get_instance("vllm").idle_since is None  # a grant makes it busy
+    assert store.renew_lease("A", at(30)).expires_at == at(30)
+    assert store.renew_lease("nope", at(30)) is None
+    assert store.expire_leases(at(19)) == []
+    assert [l.id for l in store.expire_leases(at(20))] == ["B"]
+    assert store.get_instance("vllm").idle_since is None  # A still held
+    assert store.expire_leases(at(20)) == []
+    [a] = store.expire_leases(at(31))
+    assert a.id == "A" and a.expires_at == at(30)
+    assert store.get_instance("vllm").idle_since == at(30)  # idle from the lease's end
+    assert store.release_lease("C", now=at(40)).service == "other"
+    assert store.release_lease("C") is None
+    assert store.leases() == []
+
+
+def test_demands_keep_queue_order(store):
+    for i in (3, 1, 2):
+        store.add_demand(Demand(id=f"D{i}", service="s", requested_at=at(i)))
+    store.add_demand(Demand(id="D3", service="s", holder="again"))
+    assert [d.id for d in store.demands("s")] == ["D3", "D1", "D2"]
+    assert store.demands()[0].holder == "again"
+    assert store.remove_demand("D1").id == "D1" and store.remove_demand("D1") is None
+
+
+def test_backoff_exponential_capped_stalled_and_reset_by_spec(store):
+    policy = BackoffPolicy(base_s=2, factor=2, max_s=10, stall_after=3, reset_after_s=60)
+    delays = []
+    for n in range(5):
+        b = store.record_failure("svc", f"boom {n}", "h1", at(0), policy)
+        delays.append((b.next_attempt_at - at(0)).total_seconds())
+    assert delays == [2, 4, 8, 10, 10]
+    assert b.stalled and b.failures == 5 and b.last_error == "boom 4"
+    assert not b.may_attempt(at(9)) and b.may_attempt(at(10))
+    assert store.get_backoff("svc").stalled
+    assert store.get_backoff("svc", spec_hash="h2").failures == 0  # a new spec gets a fresh start
+    b = store.record_failure("svc", "other spec", "h2", at(0), policy)
+    assert (b.failures, b.stalled) == (1, False)
+
+
+def test_backoff_resets_after_staying_healthy(store):
+    policy = BackoffPolicy(base_s=1, stall_after=2, reset_after_s=60)
+    store.record_failure("svc", "x", "h", at(0), policy)
+    store.record_failure("svc", "x", "h", at(1), policy)
+    b = store.record_healthy("svc", "h", at(10), policy)
+    assert b.healthy_since == at(10) and b.failures == 2
+    # crashing soon after becoming healthy keeps counting
+    assert store.record_failure("svc", "x", "h", at(20), policy).failures == 3
+    store.record_healthy("svc", "h", at(30), policy)
+    b = store.record_healthy("svc", "h", at(90), policy)
+    assert (b.failures, b.stalled, b.next_attempt_at, b.healthy_since) == (0, False, None, at(30))
+    store.reset_backoff("svc")
+    assert store.get_backoff("svc").failures == 0
+
+
+def test_event_log_paging(store):
+    ids = [store.record_event("tick", "svc" if i % 2 else None, f"m{i}", {"i": i}) for i in range(7)]
+    assert ids == sorted(ids)
+    first = store.events(limit=3)
+    assert [e.message for e in first] == ["m0", "m1", "m2"]
+    rest = store.events(since_id=first[-1].id, limit=100)
+    assert [e.message for e in rest] == ["m3", "m4", "m5", "m6"]
+    assert [e.data["i"] for e in store.events(service="svc")] == [1, 3, 5]
+    assert all(e.ts.tzinfo is not None for e in rest)
+
+
+def test_naive_datetime_is_refused(store):
+    with pytest.raises(StoreError, match="naive datetime"):
+        store.expire_leases(datetime(2026, 1, 1))
+
+
+def test_corrupt_file_is_a_store_error(tmp_path):
+    (tmp_path / "state.db").write_bytes(b"this is not a database, just some bytes\n" * 100)
+    with pytest.raises(StoreError, match=r"state\.db.*corrupt"):
+        open_store(tmp_path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    with open_store(tmp_path):
+        pass
+    conn = sqlite3.connect(tmp_path / "state.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this reconciler"):
+        open_store(tmp_path)
+
+
+def test_unusable_state_dir_is_a_store_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="cannot create state directory"):
+        open_store(tmp_path / "file" / "sub")
+
+
+def test_closed_store_raises_store_error(tmp_path):
+    s = SqliteStore(tmp_path / "x.db")
+    s.close()
+    with pytest.raises(StoreError, match="x.db"):
+        s.instances()
