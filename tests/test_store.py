@@ -147,6 +147,17 @@ def test_grant_refuses_past_max_concurrent_and_consumes_demand(store):
         store.grant_lease(Lease(id="X", service="vllm"), 0)
 
 
+def test_vram_leases_do_not_take_service_slots(store):
+    store.put_instance(vllm_instance(idle_since=at(-5)))
+    assert store.grant_lease(Lease(id="V1", kind="vram", service="vllm", gpu=0, mb=512), 1, now=T0)
+    assert store.get_instance("vllm").idle_since == at(-5)  # a bare VRAM lease does not make it busy
+    assert store.grant_lease(Lease(id="S1", service="vllm"), 1, now=T0)
+    assert not store.grant_lease(Lease(id="S2", service="vllm"), 1, now=T0)
+    assert store.release_lease("S1", now=at(1)) is not None
+    assert store.get_instance("vllm").idle_since == at(1)
+    assert store.leases()[0].kind == "vram"
+
+
 def test_renew_release_and_expire_with_fake_clock(store):
     store.put_instance(vllm_instance(idle_since=at(-100)))
     store.grant_lease(Lease(id="A", service="vllm", expires_at=at(10)), 3, now=T0)

@@ -39,6 +39,7 @@ from reconciler.store.base import (
 from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "state.db"
+_KIND = "coalesce(json_extract(data, '$.kind'), 'service')"  # Lease.kind, kept in the JSON
 
 
 def default_state_dir() -> Path:
@@ -199,6 +200,9 @@ class SqliteStore:
     ) -> bool:
         """Grant ``lease`` unless its service already holds ``max_concurrent`` unexpired leases.
 
+        Only leases of the same ``kind`` count: a ``vram`` lease (a bare VRAM
+        reservation) never takes a ``service`` lease's slot, and vice versa.
+
         Returns False (and changes nothing) when refused. Granting an id that is
         already held is a no-op returning True, so a replayed grant is harmless.
         ``demand_id``, when given, is removed in the same transaction.
@@ -210,8 +214,9 @@ class SqliteStore:
             if c.execute("SELECT 1 FROM leases WHERE id = ?", (lease.id,)).fetchone():
                 return True
             held = c.execute(
-                "SELECT COUNT(*) FROM leases WHERE service = ? AND (expires_at IS NULL OR expires_at > ?)",
-                (lease.service, now_ts),
+                f"SELECT COUNT(*) FROM leases WHERE service = ? AND {_KIND} = ? "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (lease.service, lease.kind, now_ts),
             ).fetchone()[0]
             if held >= max_concurrent:
                 return False
@@ -221,7 +226,8 @@ class SqliteStore:
             )
             if demand_id is not None:
                 c.execute("DELETE FROM demands WHERE id = ?", (demand_id,))
-            self._set_idle_since(c, lease.service, None)
+            if lease.kind == "service":
+                self._set_idle_since(c, lease.service, None)
             return True
 
     def renew_lease(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
@@ -243,7 +249,8 @@ class SqliteStore:
             if row is None:
                 return None
             lease = Lease.model_validate_json(row[0])
-            self._after_lease_end(c, lease.service, now or utcnow())
+            if lease.kind == "service":
+                self._after_lease_end(c, lease.service, now or utcnow())
         return lease
 
     def expire_leases(self, now: datetime) -> list[Lease]:
@@ -254,13 +261,14 @@ class SqliteStore:
                 (_ts(now),),
             ).fetchall()
             expired = sorted((Lease.model_validate_json(r[0]) for r in rows), key=lambda l: (l.expires_at, l.id))
-            for service in sorted({l.service for l in expired}):
-                ended = max(l.expires_at for l in expired if l.service == service)
+            ended_services = {l.service for l in expired if l.kind == "service"}
+            for service in sorted(ended_services):
+                ended = max(l.expires_at for l in expired if l.service == service and l.kind == "service")
                 self._after_lease_end(c, service, ended)
         return expired
 
     def _after_lease_end(self, c: sqlite3.Connection, service: str, when: datetime) -> None:
-        if not c.execute("SELECT 1 FROM leases WHERE service = ?", (service,)).fetchone():
+        if not c.execute(f"SELECT 1 FROM leases WHERE service = ? AND {_KIND} = 'service'", (service,)).fetchone():
             self._set_idle_since(c, service, when)
 
     def leases(self, service: str | None = None) -> list[Lease]:
