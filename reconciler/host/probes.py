@@ -1,0 +1,80 @@
+"""HTTP health probes: ``GET http://127.0.0.1:{host_port}{health_path}``, 2xx = healthy.
+
+One :class:`Prober` holds one ``httpx.AsyncClient`` for its whole life (made on
+first use inside the running event loop, closed by ``aclose()``), so probing
+a hundred services reuses connections instead of building a client each
+time. ``trust_env=False``: a proxy from the environment must never see, or
+break, loopback probes. Each probe has its own timeout (the service's
+``probe_timeout_s``), and all probes of one round run concurrently. A probe
+never raises: what went wrong is in :class:`Probe.error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from reconciler.core.snapshot import Probe
+
+DEFAULT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to probe one service."""
+
+    port: int
+    path: str = "/health"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        path = self.path if self.path.startswith("/") else "/" + self.path
+        return f"http://{self.host}:{self.port}{path}"
+
+
+class Prober:
+    """Concurrent health probes over one shared HTTP client."""
+
+    def __init__(self, client: httpx.AsyncClient | None = None):
+        self._client = client
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The shared client; loopback HTTP for other host modules (e.g. the Ollama API) too."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                trust_env=False,
+                timeout=DEFAULT_TIMEOUT_S,
+                # Probes go to many different ports at once; don't queue them behind a pool limit.
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def probe(self, target: Target) -> Probe:
+        try:
+            response = await self.client.get(target.url, timeout=target.timeout_s)
+        except httpx.TimeoutException:
+            return Probe(healthy=False, error=f"no answer within {target.timeout_s:g}s")
+        except httpx.ConnectError:
+            return Probe(healthy=False, error=f"connection refused on port {target.port}")
+        except httpx.HTTPError as exc:
+            return Probe(healthy=False, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        healthy = response.is_success
+        error = None if healthy else f"HTTP {response.status_code}"
+        return Probe(healthy=healthy, status=response.status_code, error=error)
+
+    async def probe_all(self, targets: Mapping[str, Target]) -> dict[str, Probe]:
+        """Probe every target at once; results by the same keys."""
+        names = list(targets)
+        results = await asyncio.gather(*(self.probe(targets[n]) for n in names))
+        return dict(zip(names, results))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -1,0 +1,187 @@
+"""Simulated GPUs: the whole loop on machines without an NVIDIA GPU (``--gpu sim:…``).
+
+Specs: ``sim:8192`` (one GPU of 8192 MB), ``sim:2x24576`` (two), or
+``sim:gpus.yaml`` with ``gpus: [{total_mb: 8192, name: ..., uuid: ..., foreign_mb: 300}]``.
+
+Rules. A live process whose environment holds ``RECONCILER_SIM_GPU_MB=<mb>``
+uses that much memory on simulated GPU ``CUDA_VISIBLE_DEVICES`` (its first
+entry, an index or a sim UUID; unset = 0, empty = none) for as long as it lives. A carrier
+whose parent carries the same declaration (an inherited environment, e.g. a
+runner spawned by a server) is not counted again. ``foreign_mb`` is used memory
+attributed to no process. ``used_mb`` is foreign plus the carriers' sum and may
+exceed the total (an over-committed simulation shows as 0 MB free rather than
+hiding a process). The process driver sets both variables when it launches
+under sim; a demo can start a fake Ollama with them to play an adopted one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML, YAMLError
+
+from reconciler.core.snapshot import Gpu, GpuProcess
+from reconciler.errors import GpuBackendError
+
+SIM_MB_ENV = "RECONCILER_SIM_GPU_MB"
+DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+# A process's environment can still change by exec() just after fork(); only
+# cache "declares nothing" for processes older than this.
+_EXEC_GRACE_S = 2.0
+
+
+class SimGpu(BaseModel):
+    """One simulated device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    total_mb: int = Field(gt=0, description="Total memory, MB.")
+    name: str = Field("Simulated GPU", description="Device name.")
+    uuid: str | None = Field(None, description="Device UUID; default SIM-GPU-<index>.")
+    foreign_mb: int = Field(0, ge=0, description="Used memory attributed to no process.")
+
+
+class _SimFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: list[SimGpu] = Field(min_length=1)
+
+
+def parse_sim_spec(arg: str) -> list[SimGpu]:
+    """The devices of a ``sim:`` spec (the part after the colon)."""
+    if match := re.fullmatch(r"(?:(\d+)x)?(\d+)", arg.strip()):
+        count, total = int(match.group(1) or 1), int(match.group(2))
+        if count < 1 or total < 1:
+            raise GpuBackendError(f"--gpu sim:{arg}: need at least one GPU of at least 1 MB")
+        return [SimGpu(total_mb=total) for _ in range(count)]
+    path = Path(arg)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise GpuBackendError(
+            f"--gpu sim:{arg} is neither a size nor a YAML file; write sim:8192, sim:2x24576 "
+            "or sim:path/to/gpus.yaml"
+        )
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        return _SimFile.model_validate(data).gpus
+    except OSError as exc:
+        raise GpuBackendError(f"--gpu sim:{arg}: cannot read: {exc.strerror or exc}") from None
+    except YAMLError as exc:
+        raise GpuBackendError(f"{arg}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in exc.errors()
+        )
+        raise GpuBackendError(
+            f"{arg}: {problems} (expected gpus: [{{total_mb: 8192, name: ..., foreign_mb: 0}}])"
+        ) from None
+
+
+class SimBackend:
+    """Simulated devices whose usage is read from process environments."""
+
+    name = "sim"
+
+    def __init__(self, gpus: list[SimGpu], scanner: "EnvScanner | None" = None):
+        if not gpus:
+            raise GpuBackendError("a simulated host needs at least one GPU")
+        self.gpus = list(gpus)
+        self._scanner = scanner or EnvScanner()
+
+    def uuid(self, index: int) -> str:
+        return self.gpus[index].uuid or f"SIM-GPU-{index}"
+
+    def read(self) -> list[Gpu]:
+        usage: dict[int, dict[int, int]] = {i: {} for i in range(len(self.gpus))}
+        for pid, (device, mb) in self._scanner.scan().items():
+            index = self._device_index(device)
+            if index is not None:
+                usage[index][pid] = mb
+        result = []
+        for index, spec in enumerate(self.gpus):
+            used = spec.foreign_mb + sum(usage[index].values())
+            result.append(
+                Gpu(
+                    index=index,
+                    uuid=self.uuid(index),
+                    name=spec.name,
+                    total_mb=spec.total_mb,
+                    used_mb=used,
+                    free_mb=max(0, spec.total_mb - used),
+                    processes=[GpuProcess(pid=p, used_mb=mb) for p, mb in sorted(usage[index].items())],
+                )
+            )
+        return result
+
+    def close(self) -> None:
+        pass
+
+    def _device_index(self, device: str) -> int | None:
+        if device.isdigit():
+            index = int(device)
+            return index if index < len(self.gpus) else None
+        return next((i for i in range(len(self.gpus)) if self.uuid(i) == device), None)
+
+
+Declaration = tuple[str, int]  # (device as written in CUDA_VISIBLE_DEVICES, MB)
+
+
+class EnvScanner:
+    """Finds live processes that declare simulated GPU usage in their environment.
+
+    Scans only processes it may read (all when running as root, else the same
+    user's), skips the ones that vanish or deny access, and caches each
+    process's declaration by ``(pid, create_time)``.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, float], Declaration | None] = {}
+
+    def scan(self) -> dict[int, Declaration]:
+        uid = os.geteuid() if hasattr(os, "geteuid") else None
+        found: dict[int, Declaration] = {}
+        parents: dict[int, int] = {}
+        seen: set[tuple[int, float]] = set()
+        now = time.time()
+        for proc in psutil.process_iter(["create_time", "ppid", "uids", "status"]):
+            info = proc.info
+            if info["create_time"] is None or info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if uid not in (None, 0) and info["uids"] is not None and info["uids"].real != uid:
+                continue
+            key = (proc.pid, info["create_time"])
+            seen.add(key)
+            if key in self._cache:
+                declaration = self._cache[key]
+            else:
+                declaration = _declaration(proc)
+                if declaration is not None or now - info["create_time"] > _EXEC_GRACE_S:
+                    self._cache[key] = declaration
+            if declaration is not None:
+                found[proc.pid] = declaration
+                parents[proc.pid] = info["ppid"]
+        for key in self._cache.keys() - seen:
+            del self._cache[key]
+        # An inherited declaration (parent declares the same) is the parent's memory.
+        return {pid: d for pid, d in found.items() if found.get(parents[pid]) != d}
+
+
+def _declaration(proc: psutil.Process) -> Declaration | None:
+    try:
+        env = proc.environ()
+    except (psutil.Error, OSError):
+        return None
+    raw = env.get(SIM_MB_ENV)
+    if raw is None:
+        return None
+    try:
+        mb = int(float(raw))
+    except ValueError:
+        return None
+    # Missing means device 0; set but empty means no device at all, as for CUDA.
+    device = env.get(DEVICES_ENV, "0").split(",")[0].strip()
+    return (device, mb) if mb > 0 and device else None
