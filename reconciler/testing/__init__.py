@@ -1,0 +1,6 @@
+"""Programs and helpers for demos and end-to-end tests (stdlib only, fast start-up).
+
+- ``python -m reconciler.testing.service``     a configurable fake GPU service
+- ``python -m reconciler.testing.fake_ollama`` enough of Ollama's API to adopt and evict
+- :mod:`.ports`                                 free ports, spawning, waiting, cleanup
+"""

@@ -1,0 +1,140 @@
+"""A fake Ollama server: enough of its API for adoption, attribution and eviction.
+
+    python -m reconciler.testing.fake_ollama --port P [--models a,b] [--vram-mb N]
+        [--no-load] [--host 127.0.0.1]
+
+``GET /api/tags`` lists ``--models`` (installed); all of them start loaded
+(unless ``--no-load``), each holding ``--vram-mb`` MB, and ``GET /api/ps``
+lists the loaded ones with ``size`` and ``size_vram`` in bytes.
+``POST /api/generate {"model": m, "keep_alive": 0}`` unloads ``m``; any other
+generate request loads it (unknown models answer 404, as Ollama does).
+``GET /`` answers "Ollama is running". SIGTERM exits 0.
+
+To play an adopted Ollama on a simulated GPU, start it with
+``RECONCILER_SIM_GPU_MB`` in its environment; that usage is fixed for the life
+of the process (the environment is read from outside), unload or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MIB = 1024 * 1024
+
+
+class Models:
+    """Installed and loaded models, shared by the request threads."""
+
+    def __init__(self, installed: list[str], vram_mb: int, load: bool):
+        self.installed = installed
+        self.vram_bytes = vram_mb * MIB
+        self.loaded: list[str] = list(installed) if load else []
+        self.lock = threading.Lock()
+
+    def tags(self) -> dict[str, object]:
+        return {"models": [_model(name, self.vram_bytes) for name in self.installed]}
+
+    def ps(self) -> dict[str, object]:
+        expires = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        with self.lock:
+            loaded = list(self.loaded)
+        return {
+            "models": [
+                {**_model(name, self.vram_bytes), "size_vram": self.vram_bytes, "expires_at": expires}
+                for name in loaded
+            ]
+        }
+
+    def generate(self, request: dict[str, object]) -> tuple[int, dict[str, object]]:
+        name = str(request.get("model") or "")
+        if name not in self.installed:
+            return 404, {"error": f"model '{name}' not found"}
+        unload = request.get("keep_alive") in (0, "0", "0s", "0m")
+        with self.lock:
+            if unload and name in self.loaded:
+                self.loaded.remove(name)
+            elif not unload and name not in self.loaded:
+                self.loaded.append(name)
+        now = datetime.now(timezone.utc).isoformat()
+        reason = "unload" if unload else "load"
+        return 200, {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
+
+
+def _model(name: str, size: int) -> dict[str, object]:
+    return {"name": name, "model": name, "size": size, "digest": "0" * 64, "details": {"format": "gguf"}}
+
+
+def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "fake-ollama"
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?", 1)[0]
+            if path == "/api/tags":
+                self._json(200, models.tags())
+            elif path == "/api/ps":
+                self._json(200, models.ps())
+            elif path == "/":
+                self._text(200, "Ollama is running")
+            else:
+                self._json(404, {"error": "not found"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                request = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                return self._json(400, {"error": "invalid JSON"})
+            if self.path.split("?", 1)[0] != "/api/generate" or not isinstance(request, dict):
+                return self._json(404, {"error": "not found"})
+            self._json(*models.generate(request))
+
+        def _json(self, status: int, body: object) -> None:
+            self._send(status, json.dumps(body).encode(), "application/json")
+
+        def _text(self, status: int, body: str) -> None:
+            self._send(status, body.encode(), "text/plain")
+
+        def _send(self, status: int, data: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reconciler.testing.fake_ollama")
+    parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--models", default="llama3.2:3b", help="comma-separated model names")
+    parser.add_argument("--vram-mb", type=int, default=1024, help="VRAM each loaded model holds")
+    parser.add_argument("--no-load", action="store_true", help="start with no model loaded")
+    args = parser.parse_args(argv)
+    models = Models([m for m in args.models.split(",") if m], args.vram_mb, not args.no_load)
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(models))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"fake ollama listening on {args.host}:{args.port} pid {os.getpid()}", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

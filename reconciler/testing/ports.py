@@ -1,0 +1,152 @@
+"""Test and demo helpers: free ports, starting the fake services, cleaning up.
+
+    with Spawner() as spawn:
+        svc = spawn.service(startup_delay=0.5)        # waits until it listens
+        ollama = spawn.fake_ollama(models="a,b", vram_mb=5800,
+                                   env={"RECONCILER_SIM_GPU_MB": "5800"})
+        ... svc.port, svc.pid, svc.process (a subprocess.Popen) ...
+    # everything it started is terminated (SIGTERM, then SIGKILL) and reaped
+
+In pytest, use the ``spawner`` fixture from :mod:`reconciler.testing.fixtures`.
+``free_port()`` asks the kernel for an unused loopback port; another process
+could take it before the service binds, which is rare enough for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import reconciler
+
+_SOURCE_ROOT = str(Path(reconciler.__file__).resolve().parent.parent)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Spawned:
+    """A program started by a :class:`Spawner`."""
+
+    process: subprocess.Popen
+    port: int | None
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        """What it wrote to stdout and stderr so far."""
+        return self.log.read_text(errors="replace")
+
+
+def wait_listening(spawned: Spawned, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Return once ``spawned.port`` accepts connections; raise if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while not is_listening(spawned.port, host):
+        if spawned.process.poll() is not None:
+            raise RuntimeError(
+                f"pid {spawned.pid} exited with {spawned.process.returncode} before listening on "
+                f"{spawned.port}:\n{spawned.output()}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {spawned.pid} not listening on {spawned.port} after {timeout_s}s")
+        time.sleep(0.02)
+
+
+def module_argv(module: str, **options: object) -> list[str]:
+    """``python -m module --opt value …``; True adds a flag, None/False leaves it out."""
+    argv = [sys.executable, "-m", module]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + key.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
+class Spawner:
+    """Starts programs and makes sure every one of them is gone afterwards."""
+
+    def __init__(self, grace_s: float = 3.0):
+        self.grace_s = grace_s
+        self.spawned: list[Spawned] = []
+        self._logs = tempfile.TemporaryDirectory(prefix="reconciler-spawn-")
+
+    def start(
+        self,
+        argv: list[str],
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> Spawned:
+        """Start ``argv`` (environment = ours + ``env``); with ``wait``, until ``port`` listens."""
+        child_env = {**os.environ, **(env or {})}
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_SOURCE_ROOT, child_env.get("PYTHONPATH")) if p
+        )
+        log = Path(self._logs.name) / f"{len(self.spawned)}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                argv, env=child_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        spawned = Spawned(process, port, log)
+        self.spawned.append(spawned)
+        if wait and port is not None:
+            wait_listening(spawned)
+        return spawned
+
+    def service(self, port: int | None = None, *, env: dict[str, str] | None = None,
+                wait: bool = True, **options: object) -> Spawned:
+        """The fake service (:mod:`.service`); options as its flags, e.g. ``startup_delay=1``."""
+        port = port or free_port()
+        argv = module_argv("reconciler.testing.service", port=port, **options)
+        return self.start(argv, port=port, env=env, wait=wait)
+
+    def fake_ollama(self, port: int | None = None, *, env: dict[str, str] | None = None,
+                    wait: bool = True, **options: object) -> Spawned:
+        """The fake Ollama (:mod:`.fake_ollama`); options as its flags, e.g. ``vram_mb=5800``."""
+        port = port or free_port()
+        argv = module_argv("reconciler.testing.fake_ollama", port=port, **options)
+        return self.start(argv, port=port, env=env, wait=wait)
+
+    def close(self) -> None:
+        """Terminate everything still running (SIGKILL after the grace period) and reap it."""
+        for spawned in self.spawned:
+            if spawned.process.poll() is None:
+                spawned.process.terminate()
+        deadline = time.monotonic() + self.grace_s
+        for spawned in self.spawned:
+            try:
+                spawned.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                spawned.process.kill()
+                spawned.process.wait()
+        self.spawned.clear()
+        self._logs.cleanup()
+
+    def __enter__(self) -> "Spawner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
