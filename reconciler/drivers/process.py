@@ -1,0 +1,217 @@
+"""The process driver: start a service as a local process, stop only what we started.
+
+``start`` executes the launch spec (:func:`reconciler.core.launch.launch_spec`)
+as an argv list — one value, one token, never a shell — in its own session and
+process group, with stdout and stderr appended to ``<state_dir>/logs/<service>.log``.
+The environment is the reconciler's own, plus the profile's ``env``, plus
+``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
+when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when the GPU is
+simulated (the sim backend attributes memory to processes carrying it).
+
+``stop`` enforces invariant 1. It signals nothing unless the instance's origin
+is ``started`` and a live process with its pid has its ``create_time`` (±1 s);
+a pid now used by someone else means our process is gone. Otherwise: SIGTERM
+to the process group, wait up to ``timeout_s``, SIGKILL the group, confirm that
+nothing of the group is left (zombies aside), then wait for ``memory_freed``.
+
+The launched process is not tied to the reconciler: it keeps running when the
+reconciler exits (a restarted reconciler finds it again by pid and create_time).
+While we are its parent, a daemon thread reaps it so it never lingers as a zombie.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import psutil
+
+from reconciler.core.launch import launch_spec
+from reconciler.core.profile import ProcessSpec, Service
+from reconciler.core.snapshot import Instance, Launch
+from reconciler.drivers.base import MemoryFreed, StartedProcess, StopResult, Waiter
+from reconciler.errors import DriverError
+from reconciler.store.base import utcnow
+
+SIM_GPU_MB_ENV = "RECONCILER_SIM_GPU_MB"
+CREATE_TIME_TOLERANCE_S = 1.0
+KILL_CONFIRM_S = 5.0
+
+
+def is_alive(pid: int, create_time: float) -> bool:
+    """True when ``pid`` is a live (non-zombie) process that started at ``create_time`` (±1 s)."""
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def _whereabouts(pid: int, create_time: float) -> str:
+    try:
+        other = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return "is not running any more"
+    return f"is not running any more: pid {pid} now belongs to a process started at {other:.2f}, not {create_time:.2f}"
+
+
+class ProcessDriver:
+    """Starts and stops local processes; logs and the default cwd live under ``state_dir``."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        gpu_env: str = "CUDA_VISIBLE_DEVICES",
+        *,
+        waiter: Waiter | None = None,
+    ):
+        self.state_dir = Path(state_dir)
+        self.gpu_env = gpu_env
+        self.waiter = waiter or Waiter()
+        self._exit_codes: dict[int, int] = {}
+
+    def log_path(self, service_name: str) -> Path:
+        return self.state_dir / "logs" / f"{service_name}.log"
+
+    def exit_code(self, pid: int) -> int | None:
+        """The exit status of a process this driver started and saw end (negative = killed by a signal)."""
+        return self._exit_codes.get(pid)
+
+    def environment(self, launch: Launch, service: Service, gpu: int | None, sim: bool) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop(SIM_GPU_MB_ENV, None)  # only what we launch under sim declares simulated memory
+        env.update(launch.env)
+        if gpu is not None:
+            env[self.gpu_env] = str(gpu)
+            if sim:
+                env[SIM_GPU_MB_ENV] = str(service.max_mb)
+        return env
+
+    async def start(
+        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False
+    ) -> StartedProcess:
+        if not isinstance(service.managed, ProcessSpec):
+            raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
+        launch = launch_spec(service_name, service, gpu, model)
+        assert launch is not None
+        cwd = Path(launch.cwd) if launch.cwd else self.state_dir
+        env = self.environment(launch, service, gpu, sim)
+        log_path = self.log_path(service_name)
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DriverError(f"cannot create log directory {log_path.parent}: {exc.strerror or exc}") from None
+        executable = self._resolve(service_name, launch.argv[0], cwd, env)
+        if not cwd.is_dir():
+            raise DriverError(f"service {service_name}: working directory {cwd} does not exist")
+        try:
+            with open(log_path, "ab") as log:
+                header = f"--- {utcnow().isoformat()} reconciler: starting {service_name}: {json.dumps(launch.argv)}\n"
+                log.write(header.encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    launch.argv,
+                    executable=executable,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            raise DriverError(f"service {service_name}: cannot run {launch.argv[0]}: {exc.strerror or exc}") from None
+        try:
+            create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error as exc:  # pragma: no cover - the child is ours and unreaped
+            raise DriverError(f"service {service_name}: started pid {proc.pid} but cannot read it: {exc}") from None
+        threading.Thread(target=self._reap, args=(proc,), name=f"reap-{proc.pid}", daemon=True).start()
+        return StartedProcess(pid=proc.pid, create_time=create_time, launch=launch, log_path=log_path)
+
+    def _reap(self, proc: subprocess.Popen[bytes]) -> None:
+        self._exit_codes[proc.pid] = proc.wait()
+
+    @staticmethod
+    def _resolve(service_name: str, exec_path: str, cwd: Path, env: dict[str, str]) -> str:
+        if "/" in exec_path:
+            path = Path(exec_path) if os.path.isabs(exec_path) else cwd / exec_path
+            if not path.is_file():
+                raise DriverError(f"service {service_name}: executable {exec_path} not found")
+            if not os.access(path, os.X_OK):
+                raise DriverError(f"service {service_name}: {exec_path} is not executable")
+            return str(path)
+        found = shutil.which(exec_path, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise DriverError(f"service {service_name}: executable {exec_path} not found on PATH")
+        return found
+
+    def is_alive(self, pid: int, create_time: float) -> bool:
+        return is_alive(pid, create_time)
+
+    async def stop(
+        self,
+        instance: Instance,
+        timeout_s: float,
+        memory_freed: MemoryFreed | None = None,
+        memory_timeout_s: float = 30.0,
+    ) -> StopResult:
+        result = await self._terminate(instance, timeout_s)
+        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
+
+    async def _terminate(self, instance: Instance, timeout_s: float) -> StopResult:
+        name = instance.service
+        if instance.origin != "started":
+            return StopResult("refused", f"{name} is {instance.origin}, not started by us: it is never signalled")
+        pid, create_time = instance.pid, instance.create_time
+        if pid is None or create_time is None:
+            return StopResult("refused", f"{name} has no (pid, create_time) to identify its process")
+        if not is_alive(pid, create_time):
+            return StopResult("gone", f"{name} (pid {pid}) {_whereabouts(pid, create_time)}; nothing signalled")
+        try:
+            group = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            return StopResult("gone", f"{name} (pid {pid}) exited; nothing signalled")
+
+        def send(sig: signal.Signals) -> None:
+            try:
+                os.killpg(pid, sig) if group else os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+        async def ended() -> bool:
+            return not is_alive(pid, create_time) and not (group and _group_alive(pid))
+
+        send(signal.SIGTERM)
+        if await self.waiter.until(ended, timeout_s):
+            return StopResult("stopped", f"{name} (pid {pid}) exited after SIGTERM", ["SIGTERM"])
+        send(signal.SIGKILL)
+        if await self.waiter.until(ended, KILL_CONFIRM_S):
+            return StopResult(
+                "killed", f"{name} (pid {pid}) ignored SIGTERM for {timeout_s:g} s; killed", ["SIGTERM", "SIGKILL"]
+            )
+        raise DriverError(f"{name} (pid {pid}) is still running after SIGKILL")
