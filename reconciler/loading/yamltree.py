@@ -1,0 +1,211 @@
+"""YAML text → plain Python data plus the position of every key and value.
+
+The text is *composed* by ruamel.yaml (round-trip resolver, YAML 1.2, so
+``yes``/``no`` stay strings) into a node graph carrying line/column marks, and
+this module builds plain dicts, lists and scalars from it while recording each
+path's position in a :class:`~.positions.Positions`. Building the data here,
+rather than with ruamel's constructor, lets us report *every* duplicate key
+(ruamel stops at the first) and keeps control over aliases.
+
+Aliases and merge keys (``<<: *defaults``) are allowed, because operators use
+them to share settings between services. To defuse "billion laughs" documents,
+the values built by re-expanding aliases are counted and the document is
+rejected beyond :data:`MAX_ALIAS_VALUES`; recursive aliases and nesting deeper
+than :data:`MAX_DEPTH` are rejected too. Timestamps are kept as the text the
+operator wrote (pydantic parses them, and insists on a timezone). Custom tags
+(``!foo``, ``!!binary``, ``!!set``) are errors: a profile is plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from reconciler.errors import Diagnostic, InputError
+from reconciler.loading.positions import Mark, Path, Positions
+
+MAX_ALIAS_VALUES = 10_000
+MAX_DEPTH = 64
+
+_CORE = "tag:yaml.org,2002:"
+_PLAIN_SCALARS = {_CORE + t for t in ("str", "int", "float", "bool", "null")}
+_HINTS = {
+    "found character '\\t' that cannot start any token": "indent with spaces; YAML does not allow tabs",
+    "mapping values are not allowed here": "quote a value that contains ': ', or fix the indentation",
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    data: Any
+    positions: Positions
+
+
+def parse_yaml(text: str, filename: str) -> Document:
+    """Parse one YAML (or JSON) document; an empty document is an error."""
+    yaml = YAML(typ="rt")
+    try:
+        root = yaml.compose(text)
+    except MarkedYAMLError as exc:
+        raise InputError([_syntax_error(exc, filename)]) from None
+    except YAMLError as exc:
+        raise InputError([Diagnostic(filename, 1, 1, f"YAML error: {exc}")]) from None
+    except RecursionError:
+        raise InputError([Diagnostic(filename, 1, 1, f"nested too deeply (more than {MAX_DEPTH} levels)")]) from None
+    if root is None:
+        raise InputError([Diagnostic(filename, 1, 1, "file is empty (no YAML document in it)")])
+    builder = _Builder(filename, yaml)
+    data = builder.build(root, (), depth=0)
+    if builder.diagnostics:
+        raise InputError(builder.diagnostics)
+    return Document(data, builder.positions)
+
+
+def _mark(node: Node) -> Mark:
+    return Mark(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _syntax_error(exc: MarkedYAMLError, filename: str) -> Diagnostic:
+    mark = exc.problem_mark or exc.context_mark
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    problem = exc.problem or exc.context or "invalid YAML"
+    if problem.startswith("but found another document"):
+        return Diagnostic(filename, line, col, "a file holds one YAML document; remove this '---' and what follows")
+    message = f"YAML syntax error: {problem}"
+    if exc.context and exc.problem and exc.context_mark:
+        message += f" ({exc.context} at {exc.context_mark.line + 1}:{exc.context_mark.column + 1})"
+    hint = _HINTS.get(problem)
+    if hint:
+        message += f"; {hint}"
+    return Diagnostic(filename, line, col, message)
+
+
+class _TooLarge(Exception):
+    def __init__(self, node: Node):
+        self.node = node
+
+
+class _Builder:
+    def __init__(self, filename: str, yaml: YAML):
+        self.filename = filename
+        self.constructor = yaml.constructor
+        self.positions = Positions()
+        self.diagnostics: list[Diagnostic] = []
+        self._seen: set[int] = set()
+        self._open: set[int] = set()
+        self._alias_depth = 0
+        self._alias_values = 0
+
+    def error(self, node: Node, message: str) -> None:
+        mark = _mark(node)
+        self.diagnostics.append(Diagnostic(self.filename, mark.line, mark.col, message))
+
+    def build(self, node: Node, path: Path, depth: int) -> Any:
+        try:
+            return self._build(node, path, depth)
+        except _TooLarge as exc:
+            self.error(
+                exc.node,
+                f"aliases expand to more than {MAX_ALIAS_VALUES} values (a YAML bomb?); "
+                "write the values out or use fewer nested aliases",
+            )
+            return None
+
+    def _build(self, node: Node, path: Path, depth: int) -> Any:
+        if depth > MAX_DEPTH:
+            self.error(node, f"nested too deeply (more than {MAX_DEPTH} levels)")
+            return None
+        key = id(node)
+        if key in self._open:
+            self.error(node, "recursive alias: this value contains itself")
+            return None
+        is_alias = key in self._seen
+        self._seen.add(key)
+        self._alias_depth += is_alias
+        if self._alias_depth:
+            self._alias_values += 1
+            if self._alias_values > MAX_ALIAS_VALUES:
+                raise _TooLarge(node)
+        self._open.add(key)
+        try:
+            if isinstance(node, MappingNode) and node.tag == _CORE + "map":
+                return self._mapping(node, path, depth)
+            if isinstance(node, SequenceNode) and node.tag == _CORE + "seq":
+                return [self._item(item, path + (i,), depth) for i, item in enumerate(node.value)]
+            if isinstance(node, ScalarNode) and node.tag in _PLAIN_SCALARS | {_CORE + "timestamp"}:
+                return self._scalar(node)
+            self.error(node, f"unsupported YAML tag {_short(node.tag)}; write a plain value, list or mapping")
+            return None
+        finally:
+            self._open.discard(key)
+            self._alias_depth -= is_alias
+
+    def _item(self, node: Node, path: Path, depth: int) -> Any:
+        self.positions.record(path, _mark(node), _mark(node))
+        return self._build(node, path, depth + 1)
+
+    def _mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        first_seen: dict[str, Mark] = {}
+        merges: list[Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _CORE + "merge":
+                merges.append(value_node)
+                continue
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, "a key must be a plain value (a name), not a list or mapping")
+                continue
+            name = str(key_node.value)
+            key_mark = _mark(key_node)
+            if name in first_seen:
+                first = first_seen[name]
+                self.error(
+                    key_node,
+                    f"duplicate key {name!r} (first at line {first.line}, column {first.col}); "
+                    "each key may appear once in a mapping",
+                )
+                continue
+            first_seen[name] = key_mark
+            self.positions.record(path + (name,), key_mark, self._value_mark(key_node, value_node))
+            out[name] = self._build(value_node, path + (name,), depth + 1)
+        for merge in merges:
+            self._merge(out, merge, path, depth)
+        return out
+
+    def _merge(self, out: dict[str, Any], merge: Node, path: Path, depth: int) -> None:
+        sources = merge.value if isinstance(merge, SequenceNode) else [merge]
+        for source in sources:
+            if not isinstance(source, MappingNode):
+                self.error(source, "a merge key (<<) takes a mapping or a list of mappings")
+                continue
+            merged = self._build(source, path, depth)
+            if isinstance(merged, dict):
+                for name, value in merged.items():
+                    out.setdefault(name, value)
+
+    @staticmethod
+    def _value_mark(key_node: Node, value_node: Node) -> Mark:
+        # An empty value ("services:" and nothing under it) has no text of its own: point at its key.
+        if isinstance(value_node, ScalarNode) and value_node.value == "" and value_node.tag == _CORE + "null":
+            return _mark(key_node)
+        return _mark(value_node)
+
+    def _scalar(self, node: ScalarNode) -> Any:
+        if node.tag == _CORE + "timestamp":
+            return str(node.value)
+        value = self.constructor.construct_object(node, deep=True)
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return float(value)
+        return str(value)
+
+
+def _short(tag: str) -> str:
+    return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag
