@@ -21,11 +21,15 @@ class _Strict(BaseModel):
 
 
 class GpuProcess(_Strict):
+    """A process using GPU memory, as NVML reports it."""
+
     pid: int = Field(ge=0, description="OS process id using this GPU.")
     used_mb: NonNegInt = Field(description="GPU memory it uses, MB (0 when NVML cannot tell).")
 
 
 class Gpu(_Strict):
+    """One GPU as NVML sees it."""
+
     index: NonNegInt = Field(description="NVML device index.")
     uuid: str = Field("", description="NVML device UUID.")
     name: str = Field("", description="Device name.")
@@ -40,6 +44,8 @@ class Gpu(_Strict):
 
 
 class Process(_Strict):
+    """An OS process of interest: a service's, or one holding a service's port."""
+
     pid: int = Field(ge=0, description="OS process id.")
     create_time: float = Field(description="Process start, seconds since the epoch (psutil).")
     ppid: int | None = Field(
@@ -50,12 +56,16 @@ class Process(_Strict):
 
 
 class Probe(_Strict):
+    """The last health probe of a service."""
+
     healthy: bool = Field(description="GET http://127.0.0.1:{host_port}{health_path} answered 2xx.")
     status: int | None = Field(None, description="HTTP status, none when nothing answered.")
     error: str | None = Field(None, description="Why it failed, when it did.")
 
 
 class Launch(_Strict):
+    """What an instance was started with; a difference from the profile's launch spec means a restart."""
+
     argv: list[str] = Field(description="What was executed (exec_path + filled args).")
     cwd: str = Field("", description="Working directory as written in the profile ('' = default).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment as written in the profile.")
@@ -67,6 +77,8 @@ InstanceState = Literal["starting", "running", "stopping", "failed"]
 
 
 class Instance(_Strict):
+    """A service instance in the reconciler's own inventory."""
+
     service: str = Field(description="Service name in the profile.")
     gpu: NonNegInt | None = Field(None, description="GPU index it is placed on; none for CPU services.")
     origin: Literal["started", "adopted"] = Field(description="Started by us, or adopted (never signalled).")
@@ -81,6 +93,8 @@ class Instance(_Strict):
 
 
 class Lease(_Strict):
+    """A granted lease: a holder is using a service (or VRAM) until it ends."""
+
     id: str = Field(min_length=1, description="Lease id.")
     kind: Literal["service", "vram"] = Field(
         "service",
@@ -96,6 +110,8 @@ class Lease(_Strict):
 
 
 class Demand(_Strict):
+    """A lease request waiting for its service to be ready."""
+
     id: str = Field(min_length=1, description="Demand (future lease) id.")
     service: str = Field(description="Service it waits for.")
     holder: str = Field("", description="Who asks.")
@@ -106,6 +122,8 @@ class Demand(_Strict):
 
 
 class Snapshot(_Strict):
+    """Everything the planner knows about the host besides the profile."""
+
     format_version: int = Field(description="Snapshot format version; only 1 is supported.")
     node: str = Field(min_length=1, description="Node name.")
     now: AwareDatetime = Field(description="The planner's clock.")
