@@ -1,0 +1,181 @@
+"""DockerDriver against a fake ``docker`` executable (no Docker engine here).
+
+The fake records every argv to ``calls.jsonl`` beside itself and keeps the
+containers it knows in ``containers.json``; ``inspect`` answers from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.core.profile import Service
+from reconciler.core.snapshot import Instance
+from reconciler.drivers.docker import DockerDriver
+from reconciler.errors import DriverError
+
+FAKE_DOCKER = r'''#!{python}
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+args = sys.argv[1:]
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(args) + "\n")
+state_path = os.path.join(here, "containers.json")
+state = json.load(open(state_path)) if os.path.exists(state_path) else {{}}
+def save():
+    json.dump(state, open(state_path, "w"))
+cmd = args[0]
+if cmd == "inspect":
+    c = state.get(args[1])
+    if c is None:
+        sys.stderr.write("Error: No such object: " + args[1] + "\n"); sys.exit(1)
+    print(json.dumps([{{"Id": c["id"], "Name": "/" + args[1], "Config": {{"Labels": c["labels"]}},
+                       "State": {{"Running": c["running"], "Pid": 4321}}}}]))
+elif cmd == "run":
+    name = args[args.index("--name") + 1]
+    labels = dict(a.split("=", 1) for p, a in zip(args, args[1:]) if p == "--label")
+    if "bad/image" in args:
+        sys.stderr.write("Unable to find image 'bad/image'\n"); sys.exit(125)
+    state[name] = {{"id": "c0ffee" + name, "labels": labels, "running": True}}
+    save(); print(state[name]["id"])
+elif cmd == "stop":
+    state[args[-1]]["running"] = False; save(); print(args[-1])
+elif cmd == "rm":
+    state.pop(args[-1]); save(); print(args[-1])
+else:
+    sys.stderr.write("fake docker: unknown command " + cmd + "\n"); sys.exit(2)
+'''
+
+
+class FakeDocker:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        path = directory / "docker"
+        path.write_text(FAKE_DOCKER.format(python=sys.executable))
+        path.chmod(0o755)
+
+    def calls(self) -> list[list[str]]:
+        path = self.dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def containers(self) -> dict:
+        path = self.dir / "containers.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, name: str, labels: dict[str, str], running: bool = True) -> None:
+        state = self.containers()
+        state[name] = {"id": "x" + name, "labels": labels, "running": running}
+        (self.dir / "containers.json").write_text(json.dumps(state))
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> FakeDocker:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return FakeDocker(bin_dir)
+
+
+COMFY = Service(
+    max_mb=6144,
+    priority=3,
+    managed={
+        "type": "docker",
+        "image": "ghcr.io/org/comfyui:1.2",
+        "port": 8188,
+        "host_port": 18188,
+        "command_template": "--listen 0.0.0.0 --port {port} --model {model}",
+        "volumes": ["/srv/models:/models:ro", "/srv/out:/out"],
+        "env": {"MODEL": "{model}", "HF_HOME": "/models"},
+        "runtime": "nvidia",
+        "ipc": "host",
+    },
+)
+MODEL = "sd xl; rm -rf /"
+OURS = {"reconciler.managed": "true", "reconciler.service": "comfyui"}
+
+
+def test_run_argv_is_recorded_exactly(fake):
+    started = asyncio.run(DockerDriver().start("comfyui", COMFY, 1, MODEL))
+    assert started.container == "reconciler-comfyui"
+    assert started.container_id == "c0ffeereconciler-comfyui"
+    assert started.launch.image == "ghcr.io/org/comfyui:1.2"
+    assert fake.calls() == [
+        ["inspect", "reconciler-comfyui"],
+        ["run", "-d", "--name", "reconciler-comfyui",
+         "--label", "reconciler.managed=true", "--label", "reconciler.service=comfyui",
+         "--gpus", "device=1", "--runtime", "nvidia", "--ipc", "host", "-p", "18188:8188",
+         "-v", "/srv/models:/models:ro", "-v", "/srv/out:/out",
+         "-e", f"MODEL={MODEL}", "-e", "HF_HOME=/models",
+         "ghcr.io/org/comfyui:1.2", "--listen", "0.0.0.0", "--port", "8188", "--model", MODEL],
+    ]
+
+
+def test_simulated_gpu_uses_env_instead_of_gpus(fake):
+    minimal = Service(max_mb=512, priority=1, managed={"type": "docker", "image": "img"})
+    asyncio.run(DockerDriver().start("tts", minimal, 0, None, sim=True))
+    assert fake.calls()[-1] == [
+        "run", "-d", "--name", "reconciler-tts", "--label", "reconciler.managed=true",
+        "--label", "reconciler.service=tts", "-e", "CUDA_VISIBLE_DEVICES=0", "-e", "RECONCILER_SIM_GPU_MB=512", "img",
+    ]
+
+
+def test_stop_ours_stops_then_removes(fake):
+    fake.add("reconciler-comfyui", OURS)
+    instance = Instance(service="comfyui", origin="started", container="reconciler-comfyui")
+    result = asyncio.run(DockerDriver().stop(instance, timeout_s=2.5))
+    assert (result.outcome, result.signals) == ("stopped", ["docker stop"])
+    assert fake.calls() == [
+        ["inspect", "reconciler-comfyui"], ["stop", "-t", "3", "reconciler-comfyui"], ["rm", "reconciler-comfyui"],
+    ]
+    assert fake.containers() == {}
+
+
+def test_stop_refused_without_our_label(fake):
+    fake.add("reconciler-comfyui", {"maintainer": "someone"})
+    fake.add("reconciler-other", {"reconciler.managed": "true", "reconciler.service": "other"})
+    driver = DockerDriver()
+    result = asyncio.run(driver.stop(Instance(service="comfyui", origin="started"), timeout_s=1))
+    assert (result.outcome, result.signals) == ("refused", [])
+    assert "reconciler.managed=true" in result.reason
+    # our managed label but another service's: not this instance's container either
+    other = Instance(service="comfyui", origin="started", container="reconciler-other")
+    assert asyncio.run(driver.stop(other, timeout_s=1)).outcome == "refused"
+    assert [c[0] for c in fake.calls()] == ["inspect", "inspect"]
+    assert set(fake.containers()) == {"reconciler-comfyui", "reconciler-other"}
+
+
+def test_adopted_is_never_stopped_and_missing_is_gone(fake):
+    driver = DockerDriver()
+    result = asyncio.run(driver.stop(Instance(service="comfyui", origin="adopted"), timeout_s=1))
+    assert result.outcome == "refused" and fake.calls() == []
+    result = asyncio.run(driver.stop(Instance(service="comfyui", origin="started"), timeout_s=1))
+    assert (result.outcome, fake.calls()) == ("gone", [["inspect", "reconciler-comfyui"]])
+
+
+def test_start_over_existing_containers(fake):
+    driver = DockerDriver()
+    fake.add("reconciler-comfyui", {"maintainer": "someone"})
+    with pytest.raises(DriverError, match="exists and is not ours"):
+        asyncio.run(driver.start("comfyui", COMFY, 0, None))
+    fake.add("reconciler-comfyui", OURS, running=True)
+    with pytest.raises(DriverError, match="already running"):
+        asyncio.run(driver.start("comfyui", COMFY, 0, None))
+    fake.add("reconciler-comfyui", OURS, running=False)
+    asyncio.run(driver.start("comfyui", COMFY, 0, None))
+    assert [c[0] for c in fake.calls()] == ["inspect", "inspect", "inspect", "rm", "run"]
+
+
+def test_docker_failures_are_driver_errors(fake, monkeypatch):
+    bad = Service(max_mb=0, priority=1, managed={"type": "docker", "image": "bad/image"})
+    with pytest.raises(DriverError, match="docker run failed \\(exit 125\\): Unable to find image"):
+        asyncio.run(DockerDriver().start("x", bad, None, None))
+    with pytest.raises(DriverError, match="not a managed container"):
+        asyncio.run(DockerDriver().start("x", Service(max_mb=0, priority=1), None, None))
+    with pytest.raises(DriverError, match="'no-docker-here' not found on PATH"):
+        asyncio.run(DockerDriver("no-docker-here").stop(Instance(service="x", origin="started"), 1))
