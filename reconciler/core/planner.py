@@ -1,0 +1,479 @@
+"""profile + snapshot → plan: the pure heart of the reconciler (DESIGN §3).
+
+The planner walks the world once, in a fixed order, keeping a running per-GPU
+``free`` figure (``free + freed ≥ need`` is enough; an exact fit is enough):
+
+1. leases: expired ones and ones whose service left the profile are released;
+2. adoption: a healthy listener on an ``adopt: true`` service's port becomes an
+   instance, whether or not the service is otherwise wanted;
+3. stops: our instances that are no longer wanted (adopted ones are released);
+4. restarts: our instances whose launch spec changed (everything else about a
+   service changes in place);
+5. services in priority order (ties: dependencies first, then name): start what
+   is wanted and missing (placing it, evicting if needed), then grant its
+   demands (Ollama-style compatibility, ``max_concurrent``), restarting an
+   idle instance for another model.
+
+Anything wanted that cannot be reached goes to ``pending`` with a reason that
+names the numbers. The planner imports nothing that touches the host.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
+from reconciler.core.eviction import Candidate
+from reconciler.core.launch import launch_spec
+from reconciler.core.placement import EvictionOptions, Placement, place
+from reconciler.core.plan import ACTION_KINDS, Action, GpuSummary, Pending, Plan
+from reconciler.core.profile import Profile, Service
+from reconciler.core.snapshot import Demand, Instance, Snapshot
+from reconciler.core.templates import find_placeholders
+from reconciler.core.wanted import compute_wanted
+from reconciler.core.world import World, capacity
+
+
+def plan(profile: Profile, snapshot: Snapshot) -> Plan:
+    return Planner(profile, snapshot).run()
+
+
+def model_bound(spec: Service) -> bool:
+    """Whether the launch spec uses ``{model}``: only then does a demand's model matter."""
+    managed = spec.managed
+    if managed is None:
+        return False
+    texts = [getattr(managed, "args_template", ""), getattr(managed, "command_template", ""), *managed.env.values()]
+    return any("model" in find_placeholders(t) for t in texts)
+
+
+def _describe_launch_change(old, new) -> str:
+    changes = []
+    for field in ("argv", "cwd", "env", "port", "image"):
+        before, after = getattr(old, field), getattr(new, field)
+        if before != after:
+            if field == "argv":
+                before, after = " ".join(before), " ".join(after)
+            changes.append(f"{field} {before!r} → {after!r}")
+    return "launch spec changed: " + "; ".join(changes)
+
+
+class Planner:
+    def __init__(self, profile: Profile, snapshot: Snapshot):
+        self.profile = profile
+        self.snapshot = snapshot
+        self.world = World(profile, snapshot)
+        self.graph = dependency_graph(profile.services)
+        self.actions: dict[str, Action] = {}
+        self.pending: list[Pending] = []
+        self.free: dict[int, int] = {}
+        self.granted: dict[str, int] = {}  # service → leases granted in this plan
+        self.ready: dict[str, str | None] = {}  # service → action it waits for (None: live already)
+        self.models: dict[str, str | None] = {}  # service → model it will serve
+        self.gpu_of: dict[str, int | None] = {}
+        self.touched: set[str] = set()  # services with an action in this plan: not evictable
+        self.gone: set[str] = set()  # services stopped or evicted in this plan
+        self.failed: dict[str, str] = {}  # services that cannot be reached → why
+
+    # --- building blocks -----------------------------------------------------
+
+    def add(self, kind: str, subject: str, service: str, reason: str, **fields) -> str:
+        action_id = f"{kind}:{subject}"
+        self.actions[action_id] = Action(id=action_id, kind=kind, service=service, reason=reason, **fields)
+        return action_id
+
+    def wait(self, service: str, reason: str, demand: str | None = None) -> None:
+        self.pending.append(Pending(service=service, demand=demand, reason=reason))
+
+    def reservation(self, service: str) -> int:
+        gpu = self.gpu_of.get(service)
+        view = self.world.gpus.get(gpu) if gpu is not None else None
+        holder = view.holders.get(service) if view else None
+        return holder.reservation if holder else 0
+
+    def allowed_gpus(self, spec: Service, demand: Demand | None = None) -> list[int]:
+        gpus = [g for g in self.world.gpus if spec.gpus is None or g in spec.gpus]
+        if demand is not None and demand.gpu is not None:
+            gpus = [g for g in gpus if g == demand.gpu]
+        return gpus
+
+    # --- 1. leases -------------------------------------------------------------
+
+    def release_leases(self) -> None:
+        for lease in self.world.expired_leases:
+            stamp = lease.expires_at.isoformat().replace("+00:00", "Z")
+            holder = f" (holder {lease.holder})" if lease.holder else ""
+            self.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
+                     gpu=lease.gpu, lease=lease.id)
+        keep = []
+        for lease in self.world.active_leases:
+            if lease.kind == "service" and lease.service not in self.profile.services:
+                self.add("release", lease.id, lease.service,
+                         f"lease {lease.id}: service {lease.service!r} is no longer in the profile",
+                         gpu=lease.gpu, lease=lease.id)
+            else:
+                keep.append(lease)
+        self.world.active_leases = keep
+
+    # --- 2. adoption -----------------------------------------------------------
+
+    def adopt(self) -> None:
+        for name, spec in sorted(self.profile.services.items()):
+            if name in self.world.instances or not spec.adoptable or not self.world.probe_healthy(name):
+                continue
+            port = spec.probe_port
+            listener = self.world.listener(port)
+            gpu = self._adopted_gpu(spec, listener.pid if listener else None)
+            instance = Instance(
+                service=name, gpu=gpu, origin="adopted", pid=listener.pid if listener else None,
+                create_time=listener.create_time if listener else None, state="running", since=self.world.now,
+            )
+            self.world.instances[name] = instance
+            holder = f" (pid {listener.pid})" if listener else ""
+            self.ready[name] = self.add(
+                "adopt", name, name,
+                f"healthy listener on port {port}{holder} answers {spec.managed.health_path}; "
+                f"adopting it instead of starting a second one",
+                gpu=gpu,
+            )
+            self.touched.add(name)
+
+    def _adopted_gpu(self, spec: Service, pid: int | None) -> int | None:
+        if pid is not None:
+            for gpu in self.snapshot.gpus:
+                if any(self.world.owner_pid(p.pid, {pid}) == pid for p in gpu.processes):
+                    return gpu.index
+        if spec.max_mb == 0:
+            return None
+        allowed = self.allowed_gpus(spec)
+        return allowed[0] if allowed else None
+
+    # --- 3. stops and 4. restarts ----------------------------------------------
+
+    def stop_unwanted(self, unwanted: dict[str, str]) -> None:
+        for name, instance in sorted(self.world.instances.items()):
+            spec = self.profile.services.get(name)
+            why = unwanted.get(name)
+            if why is None and spec is not None and spec.managed is None and instance.origin == "started":
+                why = "no longer managed (the profile has no `managed:` block for it)"
+            if why is None:
+                continue
+            if instance.origin == "adopted":
+                if spec is None:
+                    self.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
+                    self.gone.add(name)
+                continue
+            mb = self.reservation(name)
+            self.add("stop", name, name, why, gpu=instance.gpu, mb=mb)
+            self._free_up(name)
+
+    def _free_up(self, service: str) -> None:
+        gpu = self.gpu_of.get(service)
+        if gpu is not None:
+            self.free[gpu] += self.reservation(service)
+        self.gone.add(service)
+        self.touched.add(service)
+
+    def restart_changed(self, wanted: dict[str, str]) -> None:
+        for name, instance in sorted(self.world.instances.items()):
+            spec = self.profile.services.get(name)
+            if name not in wanted or spec is None or instance.origin != "started" or instance.launch is None:
+                continue
+            desired = launch_spec(name, spec, instance.gpu, instance.model)
+            if desired is not None and desired != instance.launch:
+                self._restart(name, instance, instance.model, _describe_launch_change(instance.launch, desired))
+
+    def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str:
+        spec = self.profile.services[name]
+        gpu = instance.gpu
+        if gpu is not None:
+            self.free[gpu] += self.reservation(name) - spec.max_mb
+        requires = [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
+        action_id = self.add("restart", name, name, reason, gpu=gpu, mb=spec.max_mb if gpu is not None else None,
+                             model=model, requires=requires)
+        self.ready[name] = action_id
+        self.models[name] = model
+        self.touched.add(name)
+        return action_id
+
+    # --- 5. starts and leases --------------------------------------------------
+
+    def service_order(self, wanted: dict[str, str]) -> tuple[list[str], dict[str, int]]:
+        effective = {name: self.profile.services[name].priority for name in wanted}
+        for name in wanted:
+            for dep in dependencies_closure(self.graph, [name]):
+                if dep in effective:
+                    effective[dep] = min(effective[dep], self.profile.services[name].priority)
+        topo = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(self.graph))}
+        return sorted(wanted, key=lambda n: (effective[n], topo[n], n)), effective
+
+    def converge_services(self, wanted: dict[str, str]) -> None:
+        order, effective = self.service_order(wanted)
+        demands: dict[str, list[Demand]] = {}
+        for demand in sorted(self.snapshot.demands, key=lambda d: (d.requested_at is None, d.requested_at, d.id)):
+            demands.setdefault(demand.service, []).append(demand)
+        for name in order:
+            spec = self.profile.services[name]
+            queue = demands.pop(name, [])
+            if name not in self.world.instances and spec.managed is not None:
+                self.start(name, spec, wanted[name], queue, effective[name])
+            if spec.managed is None:
+                self.grant_slot(name, spec, queue, effective[name])
+            else:
+                for demand in queue:
+                    self.grant(name, spec, demand)
+        for name, queue in demands.items():
+            for demand in queue:
+                self.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
+
+    def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
+        blocked = [d for d in spec.depends_on if d in self.failed]
+        if blocked:
+            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {self.failed[blocked[0]]}")
+        dead = self.world.dead.get(name)
+        model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
+        if model is None and model_bound(spec):
+            return self._unreachable(name, queue, "needs a model: set `model:` in the profile or name one in the lease")
+        conflict = self._port_conflict(name, spec)
+        if conflict:
+            return self._unreachable(name, queue, conflict)
+        gpu, requires = None, [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
+        if spec.max_mb > 0:
+            if not self.world.gpus:
+                return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
+            placement = self._place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None)
+            if isinstance(placement, str):
+                return self._unreachable(name, queue, placement)
+            gpu = placement.gpu
+            requires += self._evict(placement, name, priority)
+            stops = [a for a in self.actions.values() if a.kind == "stop" and a.gpu == gpu]
+            if self.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
+                requires += [a.id for a in stops]  # it needs the memory those stops give back
+            self.free[gpu] -= spec.max_mb
+        detail = f"; was pid {dead.pid}, which is gone" if dead and dead.pid else ""
+        where = f" on GPU {gpu} ({spec.max_mb} MB, {self.free[gpu]} MB left free)" if gpu is not None else ""
+        self.ready[name] = self.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
+                                    gpu=gpu, mb=spec.max_mb if gpu is not None else None, model=model,
+                                    requires=sorted(set(requires)))
+        self.models[name], self.gpu_of[name] = model, gpu
+        self.touched.add(name)
+
+    def _unreachable(self, name: str, queue: list[Demand], reason: str) -> None:
+        self.failed[name] = reason
+        if queue:
+            for demand in queue:
+                self.wait(name, reason, demand.id)
+            queue.clear()
+        else:
+            self.wait(name, reason)
+
+    def _port_conflict(self, name: str, spec: Service) -> str | None:
+        port = spec.probe_port
+        if port is None:
+            return None
+        ours = {i.pid for i in self.world.instances.values() if i.pid is not None}
+        holder = self.world.listener(port)
+        if holder is not None and holder.pid not in ours:
+            command = " ".join(holder.cmdline[:3]) or "unknown command"
+            return f"port {port} is held by pid {holder.pid} ({command}), which is not {name}'s instance"
+        if holder is None and self.world.probe_healthy(name):
+            return f"port {port} already answers health checks, but not from an instance of {name}"
+        return None
+
+    def _place(self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None):
+        return place(spec.max_mb, self.allowed_gpus(spec, demand), self.free,
+                     lambda gpu: self._eviction_options(name, gpu, priority), prefer)
+
+    def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:
+        protected = dependencies_closure(self.graph, [requester])
+        live = {n: i for n, i in self.world.instances.items() if n not in self.gone}
+
+        def evictable(name: str) -> bool:
+            spec = self.profile.services.get(name)
+            return (spec is not None and spec.priority > priority and not spec.always_on
+                    and name not in self.touched and name not in protected and self._can_free(name, live[name]))
+
+        closures = {n: frozenset(dependents_closure(self.graph, [n]) & set(live)) for n in live}
+        candidates: dict[str, Candidate] = {}
+        blockers: list[str] = []
+        for name in sorted(live):
+            spec = self.profile.services.get(name)
+            blocked = [m for m in sorted(closures[name]) if not evictable(m)]
+            if not blocked:
+                busy = bool(self.world.leases_of(name)) or self.granted.get(name, 0) > 0
+                mb = self.reservation(name) if live[name].gpu == gpu else 0
+                candidates[name] = Candidate(name, spec.priority, busy, mb)
+            elif live[name].gpu == gpu and spec is not None:
+                if spec.priority <= priority:
+                    why = f"priority {spec.priority}"
+                elif spec.always_on:
+                    why = "always_on"
+                elif blocked[0] != name:
+                    why = f"{blocked[0]} depends on it"
+                elif name in self.touched or name in protected:
+                    why = "needed by this plan"
+                else:
+                    why = "adopted; its memory cannot be freed without killing it"
+                blockers.append(f"{name} ({why})")
+        return EvictionOptions(candidates, {n: closures[n] for n in candidates}, blockers)
+
+    def _can_free(self, name: str, instance: Instance) -> bool:
+        """Adopted instances are evictable only where a driver frees memory without killing (Ollama)."""
+        if instance.origin == "started":
+            return True
+        managed = self.profile.services[name].managed
+        exec_name = getattr(managed, "exec_path", "").rsplit("/", 1)[-1]
+        return exec_name == "ollama"
+
+    def _evict(self, placement: Placement, requester: str, priority: int) -> list[str]:
+        ids = []
+        for name in placement.eviction.services:
+            spec = self.profile.services[name]
+            instance = self.world.instances[name]
+            how = " (its models are unloaded; the process keeps running)" if instance.origin == "adopted" else ""
+            mb = self.reservation(name)
+            action_id = self.add(
+                "evict", name, name,
+                f"frees {mb} MB on GPU {instance.gpu} for {requester} (priority {priority}); "
+                f"{name} has priority {spec.priority}{how}",
+                gpu=instance.gpu, mb=mb,
+            )
+            self._free_up(name)
+            ids.append(action_id)
+            for lease in self.world.leases_of(name):
+                self.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
+                         gpu=lease.gpu, lease=lease.id, requires=[action_id])
+        for action_id in ids:  # dependents go first
+            name = self.actions[action_id].service
+            deps = [f"evict:{d}" for d in dependents_closure(self.graph, [name]) - {name} if f"evict:{d}" in ids]
+            self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": sorted(deps)})
+        return ids
+
+    def grant(self, name: str, spec: Service, demand: Demand) -> None:
+        if name in self.failed:
+            return self.wait(name, self.failed[name], demand.id)
+        instance = self.world.instances.get(name)
+        if instance is None and name not in self.ready:
+            return self.wait(name, f"demand {demand.id}: {name} is not running", demand.id)
+        held = len(self.world.leases_of(name)) + self.granted.get(name, 0)
+        cap = capacity(spec)
+        model = self.models.get(name, instance.model if instance else None)
+        if model_bound(spec) and demand.model is not None and demand.model != model:
+            if not self._switch_model(name, instance, demand, model, held, cap):
+                return
+            model = demand.model
+        if held >= cap:
+            return self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
+        waits_for = self.ready.get(name)
+        if waits_for is None and not self.world.healthy(name):
+            state = instance.state if instance.state != "running" else "not healthy"
+            return self.wait(name, f"demand {demand.id} waits: {name} is {state}", demand.id)
+        self.granted[name] = self.granted.get(name, 0) + 1
+        how = f"once {waits_for} is done" if waits_for else f"{name} is running and healthy"
+        holder = f" from {demand.holder}" if demand.holder else ""
+        self.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: {how}, {held + 1}/{cap} leases held",
+                 gpu=self.gpu_of.get(name), lease=demand.id, model=model,
+                 requires=[waits_for] if waits_for else [])
+        self.touched.add(name)
+
+    def _switch_model(self, name, instance, demand, model, held, cap) -> bool:
+        """Restart an idle instance of ours for the demand's model; a busy one keeps serving."""
+        planned = self.actions.get(self.ready.get(name) or "")
+        if held > 0 or instance is None or instance.origin != "started" or (planned and planned.kind == "start"):
+            who = "adopted and serves" if instance is not None and instance.origin == "adopted" else "serves"
+            self.wait(name, f"demand {demand.id} needs model {demand.model}; {name} {who} {model} "
+                            f"with {held}/{cap} leases held, so it waits", demand.id)
+            return False
+        reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {model}"
+        if planned is not None and planned.kind == "restart":
+            desired = launch_spec(name, self.profile.services[name], instance.gpu, demand.model)
+            self.actions[planned.id] = planned.model_copy(update={
+                "model": demand.model, "reason": f"{reason}; {_describe_launch_change(instance.launch, desired)}"})
+            self.models[name] = demand.model
+        else:
+            self._restart(name, instance, demand.model, reason)
+        return True
+
+    def grant_slot(self, name: str, spec: Service, queue: list[Demand], priority: int) -> None:
+        """Leases on an unmanaged slot: the first one reserves max_mb on a GPU, nothing is started."""
+        held_leases = self.world.leases_of(name)
+        cap = capacity(spec)
+        for demand in queue:
+            held = len(held_leases) + self.granted.get(name, 0)
+            if held >= cap:
+                self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
+                continue
+            gpu, requires = (held_leases[0].gpu if held_leases else self.gpu_of.get(name)), []
+            if gpu is None and spec.max_mb > 0:
+                if not self.world.gpus:
+                    self.wait(name, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU", demand.id)
+                    continue
+                placement = self._place(name, spec, demand, priority, None)
+                if isinstance(placement, str):
+                    self.wait(name, placement, demand.id)
+                    continue
+                gpu = placement.gpu
+                requires = self._evict(placement, name, priority)
+                self.free[gpu] -= spec.max_mb
+                self.gpu_of[name] = gpu
+            self.granted[name] = self.granted.get(name, 0) + 1
+            self.add("lease", demand.id, name, f"grant demand {demand.id}: unmanaged slot {name} "
+                     f"({spec.max_mb} MB reserved), {held + 1}/{cap} leases held", gpu=gpu, lease=demand.id,
+                     mb=spec.max_mb if gpu is not None else None, model=demand.model, requires=requires)
+            self.touched.add(name)
+
+    # --- the whole pass --------------------------------------------------------
+
+    def run(self) -> Plan:
+        before = World(self.profile, self.snapshot)
+        before.account()
+        self.release_leases()
+        self.adopt()
+        self.world.account()
+        self.free = {g: view.free for g, view in self.world.gpus.items()}
+        self.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
+        for holder_gpu, view in self.world.gpus.items():
+            for key, holder in view.holders.items():
+                if holder.origin == "slot":
+                    self.gpu_of[key] = holder_gpu
+        wanted = compute_wanted(self.world)
+        self.stop_unwanted(wanted.unwanted)
+        for name, instance in self.world.instances.items():
+            if name not in self.gone:
+                self.ready.setdefault(name, None)
+        self.restart_changed(wanted.wanted)
+        self.converge_services(wanted.wanted)
+        self._order_stops()
+        return self._finish(before)
+
+    def _order_stops(self) -> None:
+        for action in list(self.actions.values()):
+            if action.kind != "stop" or action.service not in self.profile.services:
+                continue
+            dependents = dependents_closure(self.graph, [action.service]) - {action.service}
+            extra = [f"stop:{d}" for d in sorted(dependents) if f"stop:{d}" in self.actions]
+            if extra:
+                self.actions[action.id] = action.model_copy(update={"requires": sorted(set(action.requires) | set(extra))})
+
+    def _finish(self, before: World) -> Plan:
+        from reconciler.core.simulate import simulate  # simulate imports the planner's helpers
+
+        rank = {kind: i for i, kind in enumerate(ACTION_KINDS)}
+        order = list(self.actions)
+        dag = nx.DiGraph()
+        dag.add_nodes_from(order)
+        for action in self.actions.values():
+            dag.add_edges_from((req, action.id) for req in action.requires if req in self.actions)
+        index = {a: i for i, a in enumerate(order)}
+        sorted_ids = nx.lexicographical_topological_sort(
+            dag, key=lambda a: (rank[self.actions[a].kind], index[a]))
+        actions = [self.actions[a] for a in sorted_ids]
+        summary = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
+        draft = Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions), actions=actions,
+                     pending=self.pending, gpus=[], summary=summary)
+        after = World(self.profile, simulate(self.profile, self.snapshot, draft))
+        after.account()
+        gpus = [GpuSummary(index=g, total_mb=view.total, free_mb=view.free,
+                           free_mb_after=after.gpus[g].free if g in after.gpus else view.free)
+                for g, view in before.gpus.items()]
+        return draft.model_copy(update={"gpus": gpus})

@@ -1,0 +1,77 @@
+"""Which services are wanted, and why (DESIGN §3, "Wanted").
+
+A service is wanted when it is ``always_on``, has an active lease or a
+demand, is a dependency of a wanted service, or is running and not past
+``idle_stop_after_s``. Idle time counts from the instance's ``idle_since``;
+when that is null, from the end of its last lease (an expired lease ended at
+its ``expires_at``), else from ``since``. ``idle_stop_after_s: 0`` never
+idle-stops. A service missing from the profile is never wanted.
+
+Adopted instances are never stopped for idleness: the process is not ours to
+stop, so an idle adopted service stays adopted and keeps counting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reconciler.core.dependencies import dependency_graph, dependencies_closure
+from reconciler.core.world import World
+
+
+@dataclass(frozen=True)
+class Wanted:
+    wanted: dict[str, str]  # service → why it is wanted
+    unwanted: dict[str, str]  # running service → why it is not wanted any more
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 or value == int(value) else f"{value:.1f} s"
+
+
+def idle_reason(world: World, service: str) -> tuple[bool, str]:
+    """(still wanted, why) for a running service with no lease and no demand."""
+    spec = world.profile.services[service]
+    instance = world.instances[service]
+    if instance.origin == "adopted":
+        return True, "adopted; never stopped for idleness"
+    if spec.idle_stop_after_s == 0:
+        return True, "running (idle_stop_after_s is 0: never idle-stopped)"
+    ended = [lease.expires_at for lease in world.expired_leases if lease.service == service and lease.expires_at]
+    start = instance.idle_since or (max(ended) if ended else None) or instance.since
+    if start is None:
+        return True, "running (no idle time known)"
+    idle = (world.now - start).total_seconds()
+    if idle < spec.idle_stop_after_s:
+        return True, f"running, idle for {_seconds(idle)} of idle_stop_after_s {_seconds(spec.idle_stop_after_s)}"
+    return False, f"idle for {_seconds(idle)} (idle_stop_after_s is {_seconds(spec.idle_stop_after_s)})"
+
+
+def compute_wanted(world: World) -> Wanted:
+    profile = world.profile
+    wanted: dict[str, str] = {}
+    unwanted: dict[str, str] = {}
+    demanded: dict[str, list[str]] = {}
+    for demand in world.snapshot.demands:
+        demanded.setdefault(demand.service, []).append(demand.id)
+    for name, spec in profile.services.items():
+        leases = world.leases_of(name)
+        if spec.always_on:
+            wanted[name] = "always_on"
+        elif leases:
+            wanted[name] = f"{len(leases)} lease{'s' if len(leases) != 1 else ''} held"
+        elif name in demanded:
+            wanted[name] = "demand " + ", ".join(demanded[name])
+        elif name in world.instances:
+            keep, why = idle_reason(world, name)
+            (wanted if keep else unwanted)[name] = why
+    graph = dependency_graph(profile.services)
+    for name in list(wanted):
+        for dep in sorted(dependencies_closure(graph, [name]) - {name}):
+            if dep not in wanted:
+                wanted[dep] = f"needed by {name}"
+                unwanted.pop(dep, None)
+    for name in world.instances:
+        if name not in profile.services:
+            unwanted[name] = "no longer in the profile"
+    return Wanted(wanted, unwanted)

@@ -1,0 +1,208 @@
+"""The planner's view of a snapshot: which instances live, what they hold, what is free.
+
+Identity (DESIGN §3): an instance is alive only when ``processes`` holds its pid
+with the same ``create_time`` (±1 s). An instance without a pid (an adopted
+listener whose process we cannot see, a container) is alive while its
+service's probe is healthy. ``failed`` instances count as dead: the runtime
+already stopped what it started.
+
+VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations − foreign)``.
+
+* GPU memory of a process counts for an instance when the process is the
+  instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
+  process is not mistaken for foreign usage.
+* A started instance reserves ``max(max_mb, observed)``; an adopted one its
+  observed usage, or ``max_mb`` when NVML attributes nothing to it.
+* Holders whose memory NVML cannot attribute to them — adopted instances
+  without an NVML entry, leased unmanaged slots (``max_mb``) and VRAM-only
+  leases (``mb``) — run as processes we do not know, so their real usage shows
+  up as unattributed: their reservation absorbs up to that much of it, which
+  is then not also counted as foreign.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from reconciler.core.profile import Profile, Service
+from reconciler.core.snapshot import Gpu, Instance, Lease, Snapshot
+
+CREATE_TIME_TOLERANCE_S = 1.0
+
+
+@dataclass
+class Holder:
+    """Something that holds VRAM on a GPU: a live instance, a leased slot, a VRAM lease."""
+
+    key: str  # service name, or "lease:<id>" for a VRAM lease
+    gpu: int | None
+    reservation: int
+    attributed: bool
+    origin: str  # started | adopted | slot | vram
+
+
+@dataclass
+class GpuView:
+    gpu: Gpu
+    foreign: int = 0
+    holders: dict[str, Holder] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:
+        return self.gpu.index
+
+    @property
+    def total(self) -> int:
+        return self.gpu.total_mb
+
+    @property
+    def reserved(self) -> int:
+        return sum(h.reservation for h in self.holders.values())
+
+    @property
+    def free(self) -> int:
+        return max(0, min(self.gpu.nvml_free_mb, self.total - self.reserved - self.foreign))
+
+
+def is_alive(instance: Instance, snapshot: Snapshot, probe_healthy: bool) -> bool:
+    if instance.state == "failed":
+        return False
+    if instance.pid is None:
+        return probe_healthy
+    process = snapshot.process(instance.pid)
+    if process is None:
+        return False
+    if instance.create_time is None:
+        return True
+    return abs(process.create_time - instance.create_time) <= CREATE_TIME_TOLERANCE_S
+
+
+def lease_active(lease: Lease, now: datetime) -> bool:
+    return lease.expires_at is None or lease.expires_at > now
+
+
+def capacity(service: Service) -> int:
+    """Leases one instance may hold at once: ``max_concurrent`` when shared, else one."""
+    return service.max_concurrent if service.shared else 1
+
+
+class World:
+    """Live instances, active leases and per-GPU accounting for one profile + snapshot."""
+
+    def __init__(self, profile: Profile, snapshot: Snapshot):
+        self.profile = profile
+        self.snapshot = snapshot
+        self.now = snapshot.now
+        self.processes = {p.pid: p for p in snapshot.processes}
+        self.instances: dict[str, Instance] = {}
+        self.dead: dict[str, Instance] = {}
+        for instance in snapshot.instances:
+            healthy = self.probe_healthy(instance.service)
+            if is_alive(instance, snapshot, healthy):
+                self.instances[instance.service] = instance
+            else:
+                self.dead[instance.service] = instance
+        self.active_leases = [lease for lease in snapshot.leases if lease_active(lease, self.now)]
+        self.expired_leases = [lease for lease in snapshot.leases if not lease_active(lease, self.now)]
+        self.gpus = {g.index: GpuView(g) for g in sorted(snapshot.gpus, key=lambda g: g.index)}
+
+    # --- health and ownership -------------------------------------------------
+
+    def probe_healthy(self, service: str) -> bool:
+        probe = self.snapshot.probes.get(service)
+        return bool(probe and probe.healthy)
+
+    def healthy(self, service: str) -> bool:
+        """A live instance is healthy when its probe says so (or it has no probe)."""
+        instance = self.instances.get(service)
+        if instance is None or instance.state == "stopping":
+            return False
+        spec = self.profile.services.get(service)
+        if spec is not None and spec.probe_port is not None:
+            return self.probe_healthy(service)
+        return instance.state == "running"
+
+    def owner_pid(self, pid: int, instance_pids: set[int]) -> int | None:
+        """The instance pid that ``pid`` is or descends from, if any."""
+        seen = 0
+        while pid is not None and seen < 64:
+            if pid in instance_pids:
+                return pid
+            process = self.processes.get(pid)
+            pid = process.ppid if process else None
+            seen += 1
+        return None
+
+    def listener(self, port: int | None):
+        if port is None:
+            return None
+        return next((p for p in self.snapshot.processes if port in p.listening), None)
+
+    def leases_of(self, service: str) -> list[Lease]:
+        return [lease for lease in self.active_leases if lease.service == service and lease.kind == "service"]
+
+    # --- VRAM accounting --------------------------------------------------------
+
+    def observed_usage(self) -> dict[str, dict[int, int]]:
+        """Per instance service: GPU index → MB NVML attributes to its process tree."""
+        pid_to_service = {i.pid: s for s, i in self.instances.items() if i.pid is not None}
+        usage: dict[str, dict[int, int]] = {}
+        for gpu in self.snapshot.gpus:
+            for proc in gpu.processes:
+                owner = self.owner_pid(proc.pid, set(pid_to_service))
+                if owner is not None:
+                    per_gpu = usage.setdefault(pid_to_service[owner], {})
+                    per_gpu[gpu.index] = per_gpu.get(gpu.index, 0) + proc.used_mb
+        return usage
+
+    def reservation_for(self, service: str, instance: Instance, observed: dict[int, int]) -> tuple[int, bool]:
+        """(MB reserved, whether NVML attributes memory to it) for a live instance on its GPU."""
+        spec = self.profile.services.get(service)
+        max_mb = spec.max_mb if spec else 0
+        attributed = instance.gpu in observed
+        seen = observed.get(instance.gpu, 0)
+        if instance.origin == "adopted":
+            return (seen if attributed else max_mb), attributed
+        return max(max_mb, seen), attributed
+
+    def account(self, extra: list[Holder] = ()) -> None:
+        """Fill each GPU's holders and foreign usage. ``extra``: holders planned but not in the snapshot."""
+        usage = self.observed_usage()
+        for view in self.gpus.values():
+            view.holders.clear()
+        holders: list[Holder] = list(extra)
+        for service, instance in self.instances.items():
+            if instance.gpu is None or instance.gpu not in self.gpus:
+                continue
+            mb, attributed = self.reservation_for(service, instance, usage.get(service, {}))
+            holders.append(Holder(service, instance.gpu, mb, attributed, instance.origin))
+        holders.extend(self.lease_holders())
+        for holder in holders:
+            if holder.gpu in self.gpus:
+                self.gpus[holder.gpu].holders[holder.key] = holder
+        attributed_pids = {i.pid for i in self.instances.values() if i.pid is not None}
+        for view in self.gpus.values():
+            per_process = sum(p.used_mb for p in view.gpu.processes)
+            unowned = sum(
+                p.used_mb for p in view.gpu.processes if self.owner_pid(p.pid, attributed_pids) is None
+            )
+            raw = unowned + max(0, view.gpu.used_mb - per_process)
+            absorbed = sum(h.reservation for h in view.holders.values() if not h.attributed)
+            view.foreign = max(0, raw - absorbed)
+
+    def lease_holders(self) -> list[Holder]:
+        """Leased unmanaged slots (max_mb, once per slot and GPU) and VRAM-only leases (mb)."""
+        out: list[Holder] = []
+        slots: set[tuple[str, int | None]] = set()
+        for lease in self.active_leases:
+            if lease.kind == "vram":
+                out.append(Holder(f"lease:{lease.id}", lease.gpu, lease.mb, False, "vram"))
+                continue
+            spec = self.profile.services.get(lease.service)
+            if spec is None or spec.managed is not None or spec.max_mb == 0:
+                continue
+            if (lease.service, lease.gpu) not in slots:
+                slots.add((lease.service, lease.gpu))
+                out.append(Holder(lease.service, lease.gpu, spec.max_mb, False, "slot"))
+        return out
