@@ -1,0 +1,67 @@
+"""The Ollama driver: evict an Ollama by unloading its models; the server keeps running.
+
+An adopted Ollama is never signalled (invariant 1), yet it is often what holds
+the GPU. DESIGN §3 allows evicting it where a driver can free its memory
+without killing it: ``GET /api/ps`` lists the loaded models and ``POST
+/api/generate {"model": m, "keep_alive": 0}`` unloads each one (through
+:class:`reconciler.host.ollama_api.OllamaApi`, which ignores proxy variables —
+``trust_env=False`` — since it only ever talks to loopback). ``stop`` here is
+that eviction, whatever the instance's origin: it never signals anything.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from reconciler.core.profile import Service
+from reconciler.core.snapshot import Instance
+from reconciler.drivers.base import MemoryFreed, StopResult, Waiter
+from reconciler.host.ollama_api import DEFAULT_PORT, OllamaApi
+
+
+class OllamaDriver:
+    """Unloads the models of the Ollama listening on ``host:port``."""
+
+    def __init__(
+        self,
+        port: int = DEFAULT_PORT,
+        *,
+        host: str = "127.0.0.1",
+        client: httpx.AsyncClient | None = None,
+        waiter: Waiter | None = None,
+    ):
+        self.port = port
+        self.host = host
+        self._client = client
+        self.waiter = waiter or Waiter()
+
+    @classmethod
+    def for_service(cls, service: Service, **kwargs: object) -> OllamaDriver:
+        """The driver for a profile service (its ``host_port``, else ``port``, else 11434)."""
+        return cls(service.probe_port or DEFAULT_PORT, **kwargs)  # type: ignore[arg-type]
+
+    def api(self, timeout_s: float = 5.0) -> OllamaApi:
+        return OllamaApi(self.port, host=self.host, client=self._client, timeout_s=timeout_s)
+
+    async def stop(
+        self,
+        instance: Instance,
+        timeout_s: float,
+        memory_freed: MemoryFreed | None = None,
+        memory_timeout_s: float = 30.0,
+    ) -> StopResult:
+        """Unload every loaded model (raises DriverError when Ollama cannot be reached)."""
+        async with self.api(timeout_s=max(timeout_s, 5.0)) as api:
+            unloaded = await api.unload_all()
+            still = [m.name for m in await api.ps()]
+        where = f"{instance.service} (Ollama on {self.host}:{self.port})"
+        if unloaded:
+            reason = f"unloaded {', '.join(unloaded)} from {where}; the server keeps running"
+        else:
+            reason = f"{where} had no model loaded; the server keeps running"
+        if still:
+            reason += f"; loaded again meanwhile: {', '.join(still)}"
+        result = StopResult("unloaded", reason, [])
+        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
+
+    evict = stop
