@@ -261,3 +261,23 @@ def test_is_alive_checks_create_time():
     assert is_alive(me.pid, me.create_time() + 0.9)
     assert not is_alive(me.pid, me.create_time() + 5)
     assert not is_alive(2**22 + 12345, 0.0)
+
+
+def test_simulated_gpu_backend_sees_a_process_started_under_sim(driver, child):
+    from reconciler.host.sim import SimBackend, SimGpu
+
+    backend = SimBackend([SimGpu(total_mb=8192), SimGpu(total_mb=8192)])
+
+    async def scenario():
+        started = await start(driver, service(child, "plain"), gpu=1, sim=True)
+        wait_for_log(started.log_path, "ready")
+        gpus = backend.read()
+        assert [(p.pid, p.used_mb) for p in gpus[1].processes] == [(started.pid, 6500)]
+        assert gpus[0].processes == []
+        await driver.stop(instance_of(started), timeout_s=10)
+        assert backend.read()[1].processes == []
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        backend.close()
