@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"fake ollama listening on {args.host}:{args.port} pid {os.getpid()}", flush=True)
     stop.wait()
-    server.shutdown()
-    server.server_close()
+    server.server_close()  # the serving thread is a daemon: exiting ends it at once
     return 0
 
 

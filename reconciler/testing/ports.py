@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 import reconciler
 
 _SOURCE_ROOT = str(Path(reconciler.__file__).resolve().parent.parent)
@@ -58,10 +60,29 @@ class Spawned:
         return self.log.read_text(errors="replace")
 
 
-def wait_listening(spawned: Spawned, timeout_s: float = 10.0, host: str = "127.0.0.1") -> None:
-    """Return once ``spawned.port`` accepts connections; raise if it exits or times out."""
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` (or a process it started) holds a TCP listener on ``port``."""
+    try:
+        proc = psutil.Process(pid)
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for p in (proc, *proc.children(recursive=True))
+            for c in p.net_connections(kind="tcp")
+        )
+    except psutil.AccessDenied:
+        return is_listening(port)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_listening(spawned: Spawned, timeout_s: float = 10.0) -> None:
+    """Return once the spawned process listens on ``spawned.port``; raise if it exits or times out.
+
+    Checks that the listener is that process (or its child), so a port somebody else
+    already holds does not count as a successful start.
+    """
     deadline = time.monotonic() + timeout_s
-    while not is_listening(spawned.port, host):
+    while not listens(spawned.pid, spawned.port):
         if spawned.process.poll() is not None:
             raise RuntimeError(
                 f"pid {spawned.pid} exited with {spawned.process.returncode} before listening on "

@@ -86,8 +86,7 @@ def serve(server: ThreadingHTTPServer, crash_after: float | None, ignore_sigterm
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     threading.Thread(target=server.serve_forever, daemon=True).start()
     terminated = stop.wait(crash_after)
-    server.shutdown()
-    server.server_close()
+    server.server_close()  # the serving thread is a daemon: exiting ends it at once
     return terminated
 
 

@@ -1,0 +1,121 @@
+"""Health probes over one shared client: real services, real HTTP, 200 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from reconciler.host.probes import Prober, Target
+from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
+from reconciler.testing.ports import free_port
+
+
+async def probe_once(target: Target):
+    prober = Prober()
+    try:
+        return await prober.probe(target)
+    finally:
+        await prober.aclose()
+
+
+def test_healthy_unhealthy_and_absent(spawner):  # noqa: F811
+    ok = spawner.service()
+    starting = spawner.service(startup_delay=60)
+    custom = spawner.service(health_path="/ready")
+    targets = {
+        "ok": Target(ok.port),
+        "starting": Target(starting.port),
+        "custom": Target(custom.port, "/ready"),
+        "wrong-path": Target(custom.port, "/health"),
+        "absent": Target(free_port()),
+    }
+
+    async def run():
+        prober = Prober()
+        try:
+            return await prober.probe_all(targets)
+        finally:
+            await prober.aclose()
+
+    probes = asyncio.run(run())
+    assert (probes["ok"].healthy, probes["ok"].status, probes["ok"].error) == (True, 200, None)
+    assert (probes["starting"].healthy, probes["starting"].status, probes["starting"].error) == (
+        False, 503, "HTTP 503",
+    )
+    assert probes["custom"].healthy and not probes["wrong-path"].healthy
+    assert probes["wrong-path"].status == 404
+    assert (probes["absent"].healthy, probes["absent"].status) == (False, None)
+    assert "refused" in probes["absent"].error
+
+
+def test_timeout_is_per_target():
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        probe = asyncio.run(probe_once(Target(silent.getsockname()[1], timeout_s=0.2)))
+    assert (probe.healthy, probe.status, probe.error) == (False, None, "no answer within 0.2s")
+
+
+def test_environment_proxy_is_ignored(spawner, monkeypatch):  # noqa: F811
+    svc = spawner.service()
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert asyncio.run(probe_once(Target(svc.port))).healthy
+
+
+def test_two_hundred_probes_run_at_once_over_one_client(monkeypatch):
+    """Each server answers only once all 200 requests have arrived: queued probes would time out."""
+    count, clients_made = 200, []
+    real_client = httpx.AsyncClient
+
+    def counting_client(*args, **kwargs):
+        clients_made.append(kwargs)
+        return real_client(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "AsyncClient", counting_client)
+
+    async def run():
+        arrived, everyone = 0, asyncio.Event()
+
+        async def handle(reader, writer):
+            nonlocal arrived
+            await reader.readuntil(b"\r\n\r\n")
+            arrived += 1
+            if arrived == count:
+                everyone.set()
+            await everyone.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        servers = [await asyncio.start_server(handle, "127.0.0.1", 0) for _ in range(count)]
+        targets = {f"s{i}": Target(s.sockets[0].getsockname()[1], timeout_s=5) for i, s in enumerate(servers)}
+        prober = Prober()
+        try:
+            first = await prober.probe_all(targets)
+            client = prober.client
+            arrived, everyone = 0, asyncio.Event()  # a second round reuses the client
+            second = await prober.probe_all(targets)
+            assert prober.client is client
+        finally:
+            await prober.aclose()
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert sorted(first) == sorted(f"s{i}" for i in range(count))
+    assert all(p.healthy for p in first.values()), [p.error for p in first.values() if not p.healthy][:3]
+    assert all(p.healthy for p in second.values())
+    assert len(clients_made) == 1 and clients_made[0]["trust_env"] is False
+
+
+@pytest.mark.parametrize("path, url", [("health", "http://127.0.0.1:8000/health"), ("/", "http://127.0.0.1:8000/")])
+def test_target_url(path, url):
+    assert Target(8000, path).url == url

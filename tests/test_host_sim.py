@@ -1,0 +1,152 @@
+"""Simulated GPUs: spec parsing, accounting, and real processes declaring usage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from reconciler.errors import GpuBackendError
+from reconciler.host.gpu import open_gpu_backend
+from reconciler.host.sim import EnvScanner, SimBackend, SimGpu, _declaration, parse_sim_spec
+from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
+
+
+class FixedScanner:
+    def __init__(self, found):
+        self.found = found
+
+    def scan(self):
+        return dict(self.found)
+
+
+def test_size_specs():
+    assert parse_sim_spec("8192") == [SimGpu(total_mb=8192)]
+    assert [g.total_mb for g in parse_sim_spec("2x24576")] == [24576, 24576]
+
+
+def test_yaml_spec(tmp_path):
+    path = tmp_path / "gpus.yaml"
+    path.write_text("gpus:\n  - {total_mb: 8192, name: RTX 4000, foreign_mb: 300}\n  - {total_mb: 16384}\n")
+    backend = open_gpu_backend(f"sim:{path}")
+    backend._scanner = FixedScanner({})
+    gpus = backend.read()
+    assert [(g.index, g.name, g.total_mb, g.used_mb, g.free_mb, g.uuid) for g in gpus] == [
+        (0, "RTX 4000", 8192, 300, 7892, "SIM-GPU-0"),
+        (1, "Simulated GPU", 16384, 0, 16384, "SIM-GPU-1"),
+    ]
+    assert gpus[0].processes == []  # foreign memory belongs to nobody
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("gpus: [{total_mb: 8192, foreing_mb: 3}]", "foreing_mb"),
+        ("gpus: []", "gpus"),
+        ("gpus: [{total_mb: 0}]", "total_mb"),
+        ("gpus: [", "not valid YAML"),
+    ],
+)
+def test_bad_yaml_spec(tmp_path, text, message):
+    path = tmp_path / "gpus.yaml"
+    path.write_text(text)
+    with pytest.raises(GpuBackendError, match=message):
+        parse_sim_spec(str(path))
+
+
+@pytest.mark.parametrize("arg", ["0", "0x8192", "lots", "missing.yaml"])
+def test_bad_size_specs(arg):
+    with pytest.raises(GpuBackendError, match="sim:"):
+        parse_sim_spec(arg)
+
+
+def test_bare_sim_takes_the_profile_size():
+    with pytest.raises(GpuBackendError, match="needs a size"):
+        open_gpu_backend("sim")
+    assert [g.total_mb for g in open_gpu_backend("sim", default_sim_mb=6144).gpus] == [6144]
+
+
+def test_accounting_per_device():
+    backend = SimBackend(
+        [SimGpu(total_mb=8192, foreign_mb=300), SimGpu(total_mb=4096, uuid="GPU-sim-b")],
+        scanner=FixedScanner({10: ("0", 5800), 11: ("GPU-sim-b", 1000), 12: ("1", 4000), 13: ("7", 99)}),
+    )
+    g0, g1 = backend.read()
+    assert (g0.used_mb, g0.free_mb, [(p.pid, p.used_mb) for p in g0.processes]) == (6100, 2092, [(10, 5800)])
+    # over-committed: used exceeds total, free is 0, every process still shows
+    assert (g1.used_mb, g1.free_mb, [p.pid for p in g1.processes]) == (5000, 0, [11, 12])
+
+
+class FakeProc:
+    def __init__(self, env):
+        self.env = env
+
+    def environ(self):
+        if isinstance(self.env, Exception):
+            raise self.env
+        return self.env
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RECONCILER_SIM_GPU_MB": "5800"}, ("0", 5800)),
+        ({"RECONCILER_SIM_GPU_MB": "512", "CUDA_VISIBLE_DEVICES": "1,0"}, ("1", 512)),
+        ({"RECONCILER_SIM_GPU_MB": "512", "CUDA_VISIBLE_DEVICES": ""}, None),  # no device at all
+        ({"RECONCILER_SIM_GPU_MB": "0"}, None),
+        ({"RECONCILER_SIM_GPU_MB": "many"}, None),
+        ({"PATH": "/bin"}, None),
+        (psutil.AccessDenied(1), None),
+    ],
+)
+def test_declaration_from_environment(env, expected):
+    assert _declaration(FakeProc(env)) == expected
+
+
+def test_real_process_uses_memory_while_it_lives(spawner):  # noqa: F811
+    backend = open_gpu_backend("sim:2x8192")
+    svc = spawner.service(env={"RECONCILER_SIM_GPU_MB": "1500", "CUDA_VISIBLE_DEVICES": "1"})
+    gpus = backend.read()
+    assert (svc.pid, 1500) in [(p.pid, p.used_mb) for p in gpus[1].processes]
+    assert svc.pid not in [p.pid for p in gpus[0].processes]
+    assert gpus[1].used_mb >= 1500
+    svc.process.terminate()
+    assert svc.process.wait(5) == 0
+    assert svc.pid not in [p.pid for g in backend.read() for p in g.processes]
+
+
+def test_inherited_declaration_counts_once(tmp_path):
+    # A parent carrying the variable starts a child that inherits it (like a server's runner).
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    env = {**os.environ, "RECONCILER_SIM_GPU_MB": "2000"}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        found = EnvScanner().scan()
+        assert found.get(parent.pid) == ("0", 2000)
+        assert child_pid not in found
+    finally:
+        for proc in psutil.Process(parent.pid).children():
+            proc.kill()
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_cache_forgets_processes_that_ended(spawner):  # noqa: F811
+    scanner = EnvScanner()
+    svc = spawner.service(env={"RECONCILER_SIM_GPU_MB": "100"})
+    assert scanner.scan()[svc.pid] == ("0", 100)
+    assert any(pid == svc.pid for pid, _ in scanner._cache)
+    svc.process.kill()
+    svc.process.wait()
+    assert svc.pid not in scanner.scan()
+    assert not any(pid == svc.pid for pid, _ in scanner._cache)

@@ -1,0 +1,91 @@
+"""The demo/test programs and the spawn helpers behave as documented."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
+from reconciler.testing.ports import Spawner, free_port, is_listening
+
+
+def get(port: int, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{port}{path}", trust_env=False, timeout=5)
+
+
+def test_info_and_health(spawner):  # noqa: F811
+    svc = spawner.service(name="vllm", env={"CUDA_VISIBLE_DEVICES": "1"})
+    info = get(svc.port, "/").json()
+    assert (info["name"], info["pid"], info["cuda_visible_devices"]) == ("vllm", svc.pid, "1")
+    assert "--port" in info["argv"]
+    health = get(svc.port, "/health")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert get(svc.port, "/nope").status_code == 404
+
+
+def test_unhealthy_until_the_startup_delay(spawner):  # noqa: F811
+    svc = spawner.service(startup_delay=1.0)
+    assert get(svc.port, "/health").status_code == 503  # it listens at once, healthy later
+    deadline = time.monotonic() + 10
+    while get(svc.port, "/health").status_code != 200:
+        assert time.monotonic() < deadline, "never became healthy"
+        time.sleep(0.05)
+
+
+def test_refuse_health(spawner):  # noqa: F811
+    svc = spawner.service(refuse_health=True, health_path="/api/ok")
+    assert get(svc.port, "/api/ok").status_code == 503
+
+
+def test_crash_after_exits_with_the_code(spawner):  # noqa: F811
+    svc = spawner.service(crash_after=0.2, exit_code=7)
+    assert svc.process.wait(10) == 7
+
+
+def test_sigterm_exits_cleanly(spawner):  # noqa: F811
+    svc = spawner.service()
+    svc.process.send_signal(signal.SIGTERM)
+    assert svc.process.wait(5) == 0
+    assert not is_listening(svc.port)
+
+
+def test_ignore_sigterm_needs_sigkill():
+    spawn = Spawner(grace_s=0.3)
+    svc = spawn.service(ignore_sigterm=True)
+    svc.process.send_signal(signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        svc.process.wait(0.3)
+    assert get(svc.port, "/health").status_code == 200
+    spawn.close()  # escalates to SIGKILL after the grace period
+    assert svc.process.returncode == -signal.SIGKILL
+
+
+def test_fake_ollama_api(spawner):  # noqa: F811
+    ollama = spawner.fake_ollama(models="a,b", vram_mb=100, no_load=True)
+    assert get(ollama.port, "/").text == "Ollama is running"
+    assert [m["name"] for m in get(ollama.port, "/api/tags").json()["models"]] == ["a", "b"]
+    assert get(ollama.port, "/api/ps").json() == {"models": []}
+    url = f"http://127.0.0.1:{ollama.port}/api/generate"
+    loaded = httpx.post(url, json={"model": "b", "prompt": "hi"}, trust_env=False)
+    assert loaded.json()["done_reason"] == "load"
+    [model] = get(ollama.port, "/api/ps").json()["models"]
+    assert (model["name"], model["size_vram"]) == ("b", 100 * 1024 * 1024)
+    assert httpx.post(url, json={"model": "zz"}, trust_env=False).status_code == 404
+    assert httpx.post(url, content=b"{", trust_env=False).status_code == 400
+
+
+def test_start_failure_shows_the_output(spawner):  # noqa: F811
+    taken = spawner.service()
+    with pytest.raises(RuntimeError, match="(?s)exited with 1 before listening.*Address already in use"):
+        spawner.service(port=taken.port)
+
+
+def test_free_port_is_free():
+    port = free_port()
+    assert not is_listening(port)
+    assert json.loads(json.dumps(port)) == port and 0 < port < 65536
