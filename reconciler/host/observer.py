@@ -14,7 +14,7 @@ snapshot alone:
    planner counts Ollama's runners or vLLM's workers for their instance.
    The GPU view itself stays as NVML reported it.
 2. An *adopted* Ollama-like instance that is alive, probes healthy, and has
-   no GPU memory under its pid (simulated GPUs, containers, another PID
+   no GPU memory under its pid or a descendant (simulated GPUs, containers, another PID
    namespace) is attributed Σ ``size_vram`` of its ``/api/ps`` — possibly 0,
    which is the truth after its models were unloaded — on its GPU (the
    instance's ``gpu``, else the lowest index). That GPU's ``used_mb`` is raised
@@ -141,9 +141,7 @@ class Observer:
                 candidates.append((inst, service))
         if not candidates:
             return gpus
-        answers = await asyncio.gather(
-            *(self._ollama_vram(s) for _, s in candidates), return_exceptions=False
-        )
+        answers = await asyncio.gather(*(self._ollama_vram(s) for _, s in candidates))
         extra: dict[int, list[GpuProcess]] = {}
         indexes = {g.index for g in gpus}
         for (inst, _), mb in zip(candidates, answers):

@@ -52,14 +52,17 @@ class OllamaApi:
     async def ps(self) -> list[LoadedModel]:
         """Models loaded now."""
         data = await self._request("GET", "/api/ps")
-        return [
-            LoadedModel(
-                name=str(m.get("name") or m.get("model") or ""),
-                size=int(m.get("size") or 0),
-                size_vram=int(m.get("size_vram") or 0),
-            )
-            for m in _models(data)
-        ]
+        try:
+            return [
+                LoadedModel(
+                    name=str(m.get("name") or m.get("model") or ""),
+                    size=int(m.get("size") or 0),
+                    size_vram=int(m.get("size_vram") or 0),
+                )
+                for m in _models(data)
+            ]
+        except (TypeError, ValueError):
+            raise DriverError(f"Ollama GET {self.base_url}/api/ps: unexpected sizes in {data!r:.200}") from None
 
     async def vram_mb(self) -> int:
         """MB of VRAM its loaded models hold (Σ size_vram)."""
