@@ -87,3 +87,18 @@ def test_bad_instance_origin_lists_the_choices():
 def test_missing_snapshot_file(tmp_path):
     with pytest.raises(SnapshotError, match="cannot read file: no such file"):
         load_snapshot(tmp_path / "missing.json")
+
+
+def test_json_duplicate_keys_are_not_lost_on_the_fast_path():
+    text = '{"format_version": 1, "node": "a", "node": "b", "now": "2026-11-22T16:00:00Z", "gpus": []}'
+    assert problems(text) == [
+        "s.json:1:36: duplicate key 'node' (first at line 1, column 23); each key may appear once in a mapping"
+    ]
+
+
+def test_large_valid_json_snapshot_loads(tmp_path):
+    processes = [{"pid": i, "create_time": 1.0, "cmdline": ["x"] * 5} for i in range(20_000)]
+    document = {"format_version": 1, "node": "n", "now": "2026-11-22T16:00:00Z", "gpus": [], "processes": processes}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(document))
+    assert len(load_snapshot(path).processes) == 20_000

@@ -6,6 +6,11 @@ numbers and booleans booleans, yet times may be written as ISO 8601 text
 (they must carry a timezone). :func:`dump_snapshot` writes stable JSON
 (field order of the models, indent 2) that :func:`load_snapshot` reads back
 to an equal snapshot.
+
+A JSON snapshot (as ``reconciler observe`` writes) takes a fast path through
+:mod:`json` and is re-read with the YAML parser only when it turns out
+invalid (or has a duplicate key), to locate the problems; YAML parsing is
+much slower on the large snapshots of a busy host.
 """
 
 from __future__ import annotations
@@ -35,9 +40,27 @@ def load_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 def parse_snapshot(text: str | bytes, filename: str) -> Snapshot:
     """Check a snapshot given as text; ``filename`` names it in diagnostics."""
     try:
-        return snapshot_from_document(parse_yaml(decode(text, filename, SNAPSHOT_SIZE_LIMIT), filename), filename)
+        return snapshot_from_text(decode(text, filename, SNAPSHOT_SIZE_LIMIT), filename)
     except InputError as exc:
         raise SnapshotError(exc.diagnostics) from None
+
+
+def snapshot_from_text(text: str, filename: str) -> Snapshot:
+    if text.lstrip().startswith("{"):
+        try:
+            return Snapshot.model_validate_json(
+                json.dumps(json.loads(text, object_pairs_hook=_unique_keys)), strict=True
+            )
+        except (ValueError, ValidationError):
+            pass  # located below
+    return snapshot_from_document(parse_yaml(text, filename), filename)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
 
 
 def snapshot_from_document(document: Document, filename: str) -> Snapshot:

@@ -16,7 +16,7 @@ import re
 from reconciler.errors import Diagnostic, InputError
 
 PROFILE_SIZE_LIMIT = 1 << 20  # 1 MiB: the largest real profile is a few KiB
-SNAPSHOT_SIZE_LIMIT = 16 << 20  # 16 MiB: a snapshot lists processes, leases and demands
+SNAPSHOT_SIZE_LIMIT = 8 << 20  # 8 MiB: a snapshot lists processes, leases and demands
 
 # YAML forbids C0 controls other than tab, LF and CR, DEL, C1 controls other than NEL, and surrogates.
 _FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x80-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
