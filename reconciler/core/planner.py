@@ -7,12 +7,13 @@ The planner walks the world once, in a fixed order, keeping a running per-GPU
 2. adoption: a healthy listener on an ``adopt: true`` service's port becomes an
    instance, whether or not the service is otherwise wanted;
 3. stops: our instances that are no longer wanted (adopted ones are released);
-4. restarts: our instances whose launch spec changed (everything else about a
-   service changes in place);
-5. services in priority order (ties: dependencies first, then name): start what
-   is wanted and missing (placing it, evicting if needed), then grant its
-   demands (Ollama-style compatibility, ``max_concurrent``), restarting an
-   idle instance for another model.
+4. services in priority order (ties: dependencies first, then name): restart
+   our instance if its launch spec changed (anything else about a service
+   changes in place), or start it if it is wanted and missing (placing it,
+   evicting less important ones if needed); then grant its demands
+   (Ollama-style compatibility, ``max_concurrent``), restarting an idle
+   instance for another model. A service evicted by a more important one
+   earlier in the pass is left alone.
 
 Anything wanted that cannot be reached goes to ``pending`` with a reason that
 names the numbers. The planner imports nothing that touches the host.
@@ -136,7 +137,6 @@ class Planner:
                 f"adopting it instead of starting a second one",
                 gpu=gpu,
             )
-            self.touched.add(name)
 
     def _adopted_gpu(self, spec: Service, pid: int | None) -> int | None:
         if pid is not None:
@@ -174,14 +174,13 @@ class Planner:
         self.gone.add(service)
         self.touched.add(service)
 
-    def restart_changed(self, wanted: dict[str, str]) -> None:
-        for name, instance in sorted(self.world.instances.items()):
-            spec = self.profile.services.get(name)
-            if name not in wanted or spec is None or instance.origin != "started" or instance.launch is None:
-                continue
-            desired = launch_spec(name, spec, instance.gpu, instance.model)
-            if desired is not None and desired != instance.launch:
-                self._restart(name, instance, instance.model, _describe_launch_change(instance.launch, desired))
+    def restart_if_changed(self, name: str) -> None:
+        instance = self.world.instances.get(name)
+        if instance is None or name in self.gone or instance.origin != "started" or instance.launch is None:
+            return
+        desired = launch_spec(name, self.profile.services[name], instance.gpu, instance.model)
+        if desired is not None and desired != instance.launch:
+            self._restart(name, instance, instance.model, _describe_launch_change(instance.launch, desired))
 
     def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str:
         spec = self.profile.services[name]
@@ -215,6 +214,7 @@ class Planner:
         for name in order:
             spec = self.profile.services[name]
             queue = demands.pop(name, [])
+            self.restart_if_changed(name)
             if name not in self.world.instances and spec.managed is not None:
                 self.start(name, spec, wanted[name], queue, effective[name])
             if spec.managed is None:
@@ -332,13 +332,16 @@ class Planner:
             instance = self.world.instances[name]
             how = " (its models are unloaded; the process keeps running)" if instance.origin == "adopted" else ""
             mb = self.reservation(name)
+            adopting = [self.ready[name]] if (self.ready.get(name) or "").startswith("adopt:") else []
             action_id = self.add(
                 "evict", name, name,
                 f"frees {mb} MB on GPU {instance.gpu} for {requester} (priority {priority}); "
                 f"{name} has priority {spec.priority}{how}",
-                gpu=instance.gpu, mb=mb,
+                gpu=instance.gpu, mb=mb, requires=adopting,
             )
             self._free_up(name)
+            if instance.origin == "adopted":
+                self.ready[name] = action_id
             ids.append(action_id)
             for lease in self.world.leases_of(name):
                 self.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
@@ -346,13 +349,17 @@ class Planner:
         for action_id in ids:  # dependents go first
             name = self.actions[action_id].service
             deps = [f"evict:{d}" for d in dependents_closure(self.graph, [name]) - {name} if f"evict:{d}" in ids]
-            self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": sorted(deps)})
+            requires = sorted(set(self.actions[action_id].requires) | set(deps))
+            self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": requires})
         return ids
 
     def grant(self, name: str, spec: Service, demand: Demand) -> None:
         if name in self.failed:
             return self.wait(name, self.failed[name], demand.id)
         instance = self.world.instances.get(name)
+        unloaded = instance is not None and instance.origin == "adopted" and f"evict:{name}" in self.actions
+        if name in self.gone and not unloaded:  # an unloaded Ollama keeps running and serving
+            return self.wait(name, f"demand {demand.id} waits: {name} is evicted by this plan", demand.id)
         if instance is None and name not in self.ready:
             return self.wait(name, f"demand {demand.id}: {name} is not running", demand.id)
         held = len(self.world.leases_of(name)) + self.granted.get(name, 0)
@@ -441,7 +448,6 @@ class Planner:
         for name, instance in self.world.instances.items():
             if name not in self.gone:
                 self.ready.setdefault(name, None)
-        self.restart_changed(wanted.wanted)
         self.converge_services(wanted.wanted)
         self._order_stops()
         return self._finish(before)

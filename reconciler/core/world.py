@@ -13,11 +13,15 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
   process is not mistaken for foreign usage.
 * A started instance reserves ``max(max_mb, observed)``; an adopted one its
   observed usage, or ``max_mb`` when NVML attributes nothing to it.
-* Holders whose memory NVML cannot attribute to them — adopted instances
-  without an NVML entry, leased unmanaged slots (``max_mb``) and VRAM-only
-  leases (``mb``) — run as processes we do not know, so their real usage shows
-  up as unattributed: their reservation absorbs up to that much of it, which
-  is then not also counted as foreign.
+* An adopted instance that NVML attributes nothing to reserves ``max_mb`` and
+  absorbs up to that much of the unattributed usage, which is then not also
+  counted as foreign (DESIGN §3).
+* Leased unmanaged slots reserve ``max_mb`` and VRAM-only leases their ``mb``.
+  Their processes are not ours, so once they allocate, that usage is foreign
+  *as well*: counted twice, on purpose. A lease is granted before its holder
+  allocates, and guessing which foreign usage is "its" would let a start race
+  the holder's allocation into an out-of-memory. Conservative beats clever
+  here; make such a service managed or adoptable to have it attributed.
 """
 
 from __future__ import annotations
@@ -188,7 +192,7 @@ class World:
                 p.used_mb for p in view.gpu.processes if self.owner_pid(p.pid, attributed_pids) is None
             )
             raw = unowned + max(0, view.gpu.used_mb - per_process)
-            absorbed = sum(h.reservation for h in view.holders.values() if not h.attributed)
+            absorbed = sum(h.reservation for h in view.holders.values() if h.origin == "adopted" and not h.attributed)
             view.foreign = max(0, raw - absorbed)
 
     def lease_holders(self) -> list[Holder]:

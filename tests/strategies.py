@@ -1,0 +1,113 @@
+"""Hypothesis strategies: random but self-consistent profiles and snapshots.
+
+A generated snapshot is one a real host could show: instances' processes exist
+(or are deliberately dead), their GPU memory is in NVML, leases and demands
+name services of the profile (mostly), times are around ``NOW``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import strategies as st
+
+from reconciler.core.launch import launch_spec
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Snapshot
+
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+NAMES = ["ollama", "vllm", "comfyui", "stt", "tts", "embed", "vision", "docs"]
+
+
+@st.composite
+def profiles(draw, max_services: int = 6, gpu_count: int = 2) -> Profile:
+    names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=max_services, unique=True))
+    services = {}
+    for i, name in enumerate(names):
+        managed = None
+        if draw(st.booleans()) or name == "ollama":
+            if name == "ollama":
+                managed = {"type": "process", "adopt": True, "exec_path": "/usr/local/bin/ollama",
+                           "args_template": "serve", "port": 11434, "health_path": "/api/tags"}
+            else:
+                template = draw(st.sampled_from(["--port {port}", "--model {model} --port {port} --gpu {gpu_id}"]))
+                managed = {"type": "process", "exec_path": f"/opt/{name}/bin/serve", "args_template": template,
+                           "port": 8000 + i}
+        earlier = names[:i]
+        deps = draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True)) if earlier and i % 3 == 2 else []
+        shared = draw(st.booleans())
+        services[name] = {
+            "max_mb": draw(st.sampled_from([0, 512, 1024, 2048, 4096, 6144, 9000])),
+            "priority": draw(st.integers(1, 4)),
+            "shared": shared,
+            "max_concurrent": draw(st.integers(1, 3)) if shared else 1,
+            "always_on": draw(st.booleans()) if i % 2 else False,
+            "idle_stop_after_s": draw(st.sampled_from([0, 60, 600])),
+            "model": draw(st.sampled_from([None, "m1"])),
+            "managed": managed,
+            "depends_on": deps,
+            "gpus": draw(st.one_of(st.none(), st.lists(st.integers(0, gpu_count - 1), min_size=1, unique=True))),
+        }
+    return Profile.model_validate({"schema_version": 1, "name": "random", "services": services})
+
+
+@st.composite
+def snapshots(draw, profile: Profile, gpu_count: int = 2) -> Snapshot:
+    totals = [draw(st.sampled_from([8192, 16384, 24576])) for _ in range(draw(st.integers(0, gpu_count)))]
+    used = {i: draw(st.sampled_from([0, 0, 300, 1500])) for i in range(len(totals))}  # foreign
+    gpu_procs: dict[int, list[dict]] = {i: [] for i in range(len(totals))}
+    processes, instances, probes, leases, demands = [], [], {}, [], []
+    pid = 1000
+    for name, spec in profile.services.items():
+        pid += 1
+        state = draw(st.sampled_from(["absent", "absent", "started", "started", "dead", "adopted"]))
+        gpu = draw(st.integers(0, len(totals) - 1)) if totals and spec.max_mb else None
+        if spec.gpus is not None and gpu is not None and gpu not in spec.gpus:
+            gpu = spec.gpus[0] if spec.gpus[0] < len(totals) else None
+        port = spec.probe_port
+        if state == "adopted" and not spec.adoptable:
+            state = "absent"
+        if state in ("started", "adopted") and gpu is not None and spec.max_mb:
+            mb = min(spec.max_mb, totals[gpu] - used[gpu])
+            if mb <= 0:
+                state = "absent"
+            else:
+                used[gpu] += mb
+                gpu_procs[gpu].append({"pid": pid, "used_mb": mb})
+        if state in ("started", "adopted"):
+            processes.append({"pid": pid, "create_time": 1000.0 + pid, "cmdline": [name],
+                              "listening": [port] if port else []})
+            if port:
+                probes[name] = {"healthy": draw(st.booleans()) if state == "started" else True, "status": 200}
+        if state in ("started", "dead") and spec.managed is not None:
+            model = spec.model if draw(st.booleans()) else "m2"
+            launch = launch_spec(name, spec, gpu, model)
+            if draw(st.integers(0, 4)) == 0:
+                launch = launch.model_copy(update={"argv": [*launch.argv, "--old-flag"]})
+            since = NOW - timedelta(seconds=draw(st.sampled_from([30, 700])))
+            instances.append({"service": name, "gpu": gpu, "origin": "started", "pid": pid,
+                              "create_time": 1000.0 + pid if state == "started" else 5.0,
+                              "model": model, "launch": launch.model_dump(), "state": "running",
+                              "since": since.isoformat()})
+            if state == "started" and draw(st.booleans()):
+                expires = NOW + timedelta(seconds=draw(st.sampled_from([-30, 120])))
+                leases.append({"id": f"L{pid}", "service": name, "holder": "app", "gpu": gpu,
+                               "model": model, "expires_at": expires.isoformat()})
+        for d in range(draw(st.integers(0, 2))):
+            demands.append({"id": f"D{pid}-{d}", "service": name, "holder": "client",
+                            "model": draw(st.sampled_from([None, "m1", "m2"])),
+                            "requested_at": (NOW - timedelta(seconds=d)).isoformat()})
+    if draw(st.booleans()):
+        demands.append({"id": "Dx", "service": "not-in-profile", "requested_at": NOW.isoformat()})
+    gpus = [{"index": i, "uuid": f"GPU-{i}", "name": "sim", "total_mb": total, "used_mb": used[i],
+             "processes": gpu_procs[i]} for i, total in enumerate(totals)]
+    return Snapshot.model_validate({
+        "format_version": 1, "node": "local", "now": NOW.isoformat(), "gpus": gpus, "processes": processes,
+        "probes": probes, "instances": instances, "leases": leases, "demands": demands,
+    })
+
+
+@st.composite
+def worlds(draw) -> tuple[Profile, Snapshot]:
+    profile = draw(profiles())
+    return profile, draw(snapshots(profile))

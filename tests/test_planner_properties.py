@@ -1,0 +1,72 @@
+"""Properties of the planner over random, self-consistent profiles and snapshots."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+
+from reconciler.core.planner import plan
+from reconciler.core.simulate import simulate
+from reconciler.core.world import World, capacity
+from tests.strategies import worlds
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def committed(world: World, gpu: int) -> int:
+    view = world.gpus[gpu]
+    return view.reserved + view.foreign
+
+
+@SETTINGS
+@given(worlds())
+def test_every_action_has_a_reason_and_known_requirements(case):
+    profile, snapshot = case
+    result = plan(profile, snapshot)
+    ids = {a.id for a in result.actions}
+    assert len(ids) == len(result.actions)
+    for position, action in enumerate(result.actions):
+        assert action.reason.strip()
+        earlier = {a.id for a in result.actions[:position]}
+        assert set(action.requires) <= earlier, f"{action.id} requires something later or unknown"
+    for item in result.pending:
+        assert item.reason.strip()
+
+
+@SETTINGS
+@given(worlds())
+def test_plan_never_reserves_more_than_a_gpu_holds(case):
+    profile, snapshot = case
+    result = plan(profile, snapshot)
+    before, after = World(profile, snapshot), World(profile, simulate(profile, snapshot, result))
+    before.account()
+    after.account()
+    for index, view in after.gpus.items():
+        grew = committed(after, index) > committed(before, index)
+        if grew:
+            assert committed(after, index) <= view.total, f"GPU {index} over-committed by the plan"
+
+
+@SETTINGS
+@given(worlds())
+def test_leases_never_exceed_max_concurrent(case):
+    profile, snapshot = case
+    result = plan(profile, snapshot)
+    after = simulate(profile, snapshot, result)
+    world = World(profile, after)
+    for name, spec in profile.services.items():
+        granted = [a for a in result.actions if a.kind == "lease" and a.service == name]
+        if granted:
+            assert len(world.leases_of(name)) <= capacity(spec)
+
+
+@SETTINGS
+@given(worlds())
+def test_planning_the_simulated_result_converges_in_one_step(case):
+    profile, snapshot = case
+    first = plan(profile, snapshot)
+    second = plan(profile, simulate(profile, snapshot, first))
+    assert second.actions == [], [f"{a.id}: {a.reason}" for a in second.actions]
+    if not second.pending:
+        assert second.exit_code == 0
+    else:
+        assert second.exit_code == 3
