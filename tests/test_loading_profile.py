@@ -263,3 +263,9 @@ def test_load_profile_resolves_against_the_file(tmp_path):
 
     (tmp_path / "p.yaml").write_text(HEAD + SERVICE.format(exec_path="./run.sh", args='""'))
     assert load_profile(tmp_path / "p.yaml", environ={}).services["a"].managed.exec_path == str(tmp_path / "run.sh")
+
+
+def test_a_number_where_a_string_belongs_suggests_quotes():
+    assert problems(
+        "services:\n  a: {max_mb: 1, priority: 1, managed: {type: docker, image: x, env: {OMP_NUM_THREADS: 4}}}\n"
+    ) == ["p.yaml:4:88: services.a.managed.env.OMP_NUM_THREADS: expected a string, got an integer (4); quote it: \"4\""]

@@ -1,4 +1,4 @@
-"""Fuzzing ``validate`` with mutated profiles: never a traceback, always located lines."""
+"""Fuzzing ``validate`` with mutated profiles and snapshots: never a traceback, always located lines."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.cli import main
+from reconciler.loading import dump_snapshot, parse_snapshot
+from tests.test_loading_snapshot import YAML_SNAPSHOT
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = [p.read_bytes() for p in sorted((ROOT / "profiles").glob("*.yaml"))]
 SEEDS += [p.read_bytes() for p in sorted((ROOT.parent / "shared" / "cf-orch-profiles").glob("*.yaml"))]
+SEEDS += [YAML_SNAPSHOT.encode(), dump_snapshot(parse_snapshot(YAML_SNAPSHOT, "s.yaml")).encode()]
 LOCATED = re.compile(r"^.+:\d+:\d+: .+$")
 YAMLISH = st.sampled_from(list(":-[]{}&*!|>'\"#%@`,? \t\n\r") + ["\x00", "\xe9", "\u2028", "${", "{model}", "<<"])
 VALUES = ["[]", "{}", "-1", "99999", "yes", "null", "'x'", "1.5", "*a", "&a x", "!!binary AA==", "[[[", '"${NOPE}"', ""]

@@ -106,7 +106,7 @@ def validation_diagnostics(
 
 
 def _real_path(loc: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Path, bool, bool]:
-    """(document path, whether the error is about a mapping key, whether union members were skipped)."""
+    """(document path, whether the error is about a mapping key, whether it is one member's error)."""
     path: list[str | int] = []
     current = data
     via_union = False
@@ -121,7 +121,8 @@ def _real_path(loc: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Pa
         elif last and missing:
             current = None
         else:
-            via_union = True
+            # A union member's name (``process``, ``str``); at the end, the value failed every member.
+            via_union = last
             continue
         path.append(part)
     return tuple(path), False, via_union
@@ -152,6 +153,9 @@ def _where(path: Path) -> str:
 def _message(path: Path, error: dict[str, Any]) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     where = _where(path)
+    if kind == "string_type" and isinstance(value, (int, float)):
+        shown = str(value).lower() if isinstance(value, bool) else value
+        return f"{where}expected a string, got {describe(value)}; quote it: \"{shown}\""
     if kind in _TYPE_NAMES:
         return f"{where}expected {_TYPE_NAMES[kind]}, got {describe(value)}"
     if kind in _BOUNDS and path and str(path[-1]).endswith("port"):
