@@ -1,0 +1,94 @@
+"""The event bus: what the runtime did, for the log, the watcher and (later) the API.
+
+``publish(kind, **data)`` appends the event to the store's event log (when the
+bus has a store) and hands it to every live subscriber. Each event is a dict
+``{"id", "ts", "kind", ...data}``; ``service`` and ``message`` have their own
+columns in the store, everything else goes to its JSON data. A subscriber is
+an async iterator over its own bounded queue: a subscriber that falls behind
+loses its oldest events (``dropped`` counts them), never blocks the runtime.
+Subscribe and publish from the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from reconciler.store.base import Store, utcnow
+
+DEFAULT_QUEUE_SIZE = 1000
+
+
+class Subscription:
+    """One subscriber's events, as an async iterator; ``close()`` (or ``async with``) ends it."""
+
+    def __init__(self, bus: EventBus, maxsize: int):
+        self._bus = bus
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        self.closed = False
+
+    def _deliver(self, event: dict[str, Any] | None) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.closed and self._queue.empty():
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bus._subscribers.discard(self)
+            self._deliver(None)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    """Publishes runtime events to the store's log and to subscribers."""
+
+    def __init__(self, store: Store | None = None, *, clock: Callable[[], datetime] = utcnow):
+        self.store = store
+        self.clock = clock
+        self._subscribers: set[Subscription] = set()
+
+    def publish(self, kind: str, **data: Any) -> dict[str, Any]:
+        """Record and deliver one event; returns it."""
+        ts = self.clock()
+        service = data.get("service")
+        message = str(data.get("message", ""))
+        extra = {k: v for k, v in data.items() if k not in ("service", "message")}
+        event_id = None
+        if self.store is not None:
+            event_id = self.store.record_event(kind, service=service, message=message, data=extra, ts=ts)
+        event = {"id": event_id, "ts": ts.isoformat().replace("+00:00", "Z"), "kind": kind, **data}
+        for subscriber in list(self._subscribers):
+            subscriber._deliver(event)
+        return event
+
+    def subscribe(self, maxsize: int = DEFAULT_QUEUE_SIZE) -> Subscription:
+        """A new subscription; it sees every event published from now on."""
+        subscription = Subscription(self, maxsize)
+        self._subscribers.add(subscription)
+        return subscription
+
+    def close(self) -> None:
+        """End every subscription (their iterators stop after the events already queued)."""
+        for subscriber in list(self._subscribers):
+            subscriber.close()
