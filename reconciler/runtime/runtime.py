@@ -1,29 +1,54 @@
 """The runtime: observe → plan → apply, one pass at a time, with crash recovery.
 
-A pass reads the inventory from the store, expires leases whose time is up,
-observes the host, tidies the inventory against what it saw (dead instances
-are pruned, finished starts promoted), plans, holds back the starts of
-services that are backing off (and whatever needs them), and runs the rest
-of the plan's ``requires`` DAG with the executor. Passes never overlap.
+A pass (:meth:`Runtime.reconcile`) reads the inventory from the store,
+expires leases whose time is up, observes the host, tidies the inventory
+against what it saw (:mod:`.inventory`: the dead pruned, finished starts
+promoted), plans, holds back the starts of services that are backing off and
+whatever needs them (:mod:`.backoff`), and runs the rest of the plan's
+``requires`` DAG (:mod:`.executor`, :mod:`.actions`). Passes never overlap.
+:meth:`Runtime.recover` runs once at startup (:mod:`.recovery`);
+:meth:`Runtime.converge` repeats passes while they make progress.
+
+Two clocks: ``clock`` (wall time, UTC) is the planner's ``now`` and stamps the
+store (leases, backoff, idle times); ``monotonic``/``sleep`` time the waits
+(health, deadlines). Tests pass fakes for both.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from reconciler.core.plan import Plan
+from reconciler.core.plan import Action, Plan
+from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Snapshot
 from reconciler.host.gpu import GpuBackend
+from reconciler.host.observer import Observer
+from reconciler.host.probes import Prober
+from reconciler.runtime import inventory, recovery
+from reconciler.runtime.actions import Actuator
+from reconciler.runtime.backoff import BACKOFF_POLICY, hold_back
+from reconciler.runtime.driverset import DriverSet
 from reconciler.runtime.events import EventBus
-from reconciler.runtime.report import PassReport
-from reconciler.store.base import Store, utcnow as utc_now
+from reconciler.runtime.executor import Executor
+from reconciler.runtime.health import HealthWaiter
+from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
+from reconciler.runtime.report import Outcome, PassReport
+from reconciler.store.base import BackoffPolicy, Store, utcnow as utc_now
+
+QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only
+DRIVER_MARGIN_S = 130.0  # launching (docker run may pull an image), SIGKILL confirmation
+STARTING_POLL_S = 0.2  # converge: how often to look again while an instance is still starting
 
 
 class Runtime:
+    """Applies profiles to this host. One instance per state directory; call :meth:`aclose` at the end."""
+
     def __init__(
         self,
         *,
@@ -34,7 +59,11 @@ class Runtime:
         sim: bool = False,
         clock: Callable[[], datetime] = utc_now,
         events: EventBus | None = None,
-        drivers=None,
+        drivers: DriverSet | None = None,
+        policy: BackoffPolicy = BACKOFF_POLICY,
+        memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.store = store
         self.gpu_backend = gpu_backend
@@ -42,26 +71,117 @@ class Runtime:
         self.node = node
         self.sim = sim
         self.clock = clock
+        self.monotonic = monotonic
+        self.sleep = sleep
         self.events = events or EventBus(store, clock=clock)
-        self.drivers = drivers
+        self.drivers = drivers or DriverSet.default(self.state_dir)
+        self.prober = Prober()
+        self.lifecycle = Lifecycle(
+            store=store, drivers=self.drivers, gpu_backend=gpu_backend, events=self.events,
+            health=HealthWaiter(self.prober, clock=monotonic, sleep=sleep), clock=clock, sim=sim,
+            policy=policy, memory_timeout_s=memory_timeout_s,
+        )
         self.last_plan: Plan | None = None
         self.last_snapshot: Snapshot | None = None
+        self._observer: Observer | None = None
+        self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
+        self._deadline: float | None = None
+
+    # --- startup ------------------------------------------------------------------
 
     async def recover(self) -> None:
-        """Startup: resolve open intents, re-find our instances."""
-        raise NotImplementedError
+        """Startup: resolve open intents, re-find our instances (invariant 5)."""
+        async with self._pass_lock:
+            await recovery.recover(self.lifecycle)
+
+    # --- passes -------------------------------------------------------------------
 
     async def reconcile(self, profile: Profile) -> PassReport:
         """One observe → plan → apply pass."""
-        raise NotImplementedError
+        async with self._pass_lock:
+            return await self._pass(profile)
+
+    async def _pass(self, profile: Profile) -> PassReport:
+        store, now = self.store, self.clock()
+        self.lifecycle.eviction_timeout_s = profile.eviction_timeout_s
+        for lease in store.expire_leases(now):
+            self.events.publish("lease.expired", service=lease.service, lease=lease.id, holder=lease.holder)
+        state = store.state()
+        observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
+        snapshot = await inventory.tidy(self.lifecycle, profile, observed)
+        plan = make_plan(profile, snapshot)
+        deferred, stalled = hold_back(plan, profile, store, snapshot.now)
+        actuator = Actuator(self.lifecycle, profile, snapshot, self._deadline)
+        executor = Executor(
+            actuator, timeout_for=lambda a: self._timeout(profile, a), clock=self.monotonic,
+            on_start=self._on_start, on_finish=self._on_finish,
+        )
+        ran = await executor.run(a for a in plan.actions if a.id not in deferred)
+        outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
+        self.last_plan, self.last_snapshot = plan, snapshot
+        counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("done", "failed", "skipped", "deferred")}
+        self.events.publish("pass", message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
+                            profile=profile.name, actions=len(plan.actions), pending=len(plan.pending),
+                            stalled=sorted(stalled), **counts)
+        return PassReport(plan=plan, snapshot=snapshot, outcomes=outcomes, stalled=stalled)
 
     async def converge(self, profile: Profile, timeout_s: float) -> PassReport:
-        """Passes until no action is left to take now (pending may remain) or ``timeout_s`` passes."""
-        raise NotImplementedError
+        """Passes until nothing more can be done now (pending may remain) or ``timeout_s`` passes.
+
+        A pass that got something done is followed by another at once; one in
+        which nothing could be done (everything deferred, or failing) ends
+        it. While an instance is still ``starting``, it looks again every
+        0.2 s. Starts stop waiting for health at the deadline (their
+        instances stay ``starting`` for later passes).
+        """
+        deadline = self.monotonic() + timeout_s
+        history: list[PassReport] = []
+        async with self._pass_lock:
+            self._deadline = deadline
+            try:
+                while True:
+                    report = await self._pass(profile)
+                    progress = any(o.ok for o in report.outcomes.values())
+                    starting = not report.plan.actions and any(
+                        i.state == "starting" for i in self.store.instances())
+                    if self.monotonic() >= deadline or not (progress or starting):
+                        return replace(report, history=tuple(history))
+                    history.append(report)
+                    if starting and not progress:
+                        await self.sleep(STARTING_POLL_S)
+            finally:
+                self._deadline = None
+
+    def _timeout(self, profile: Profile, action: Action) -> float:
+        if action.kind in ("adopt", "lease", "release"):
+            return QUICK_ACTION_TIMEOUT_S
+        stop = profile.eviction_timeout_s + self.lifecycle.memory_timeout_s + DRIVER_MARGIN_S
+        if action.kind in ("stop", "evict"):
+            return stop
+        start = profile.services[action.service].start_timeout_s + DRIVER_MARGIN_S
+        return start + (stop if action.kind == "restart" else 0)
+
+    def _on_start(self, action: Action, _: Outcome | None) -> None:
+        self.events.publish("action.started", service=action.service, action=action.id, message=action.reason)
+
+    def _on_finish(self, action: Action, outcome: Outcome | None) -> None:
+        assert outcome is not None
+        self.events.publish("action.finished", service=action.service, action=action.id, status=outcome.status,
+                            duration_s=round(outcome.duration_s, 3), message=outcome.detail)
+
+    def _observer_for(self, profile: Profile) -> Observer:
+        if self._observer is None:
+            self._observer = Observer(profile, self.gpu_backend, node=self.node, clock=self.clock,
+                                      prober=self.prober)
+        else:
+            self._observer.update_profile(profile)
+        return self._observer
+
+    # --- the loop's hooks -----------------------------------------------------------
 
     def wake(self) -> None:
-        """Ask the loop for a pass soon."""
+        """Ask the loop for a pass soon (same thread as the event loop)."""
         self._woken.set()
 
     async def wait_woken(self, timeout_s: float | None = None) -> bool:
@@ -74,4 +194,13 @@ class Runtime:
         return True
 
     async def aclose(self) -> None:
-        raise NotImplementedError
+        """Close the probe client and the GPU backend; the instances keep running."""
+        self.events.close()
+        await self.prober.aclose()
+        self.gpu_backend.close()
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

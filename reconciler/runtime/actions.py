@@ -1,0 +1,121 @@
+"""One plan action → what the host and the store should do about it.
+
+:class:`Actuator` is the executor's handler for one pass: it knows the
+profile and the snapshot the plan came from. ``start``/``restart``/``stop``/
+``evict`` go through :class:`~.lifecycle.Lifecycle`; ``adopt``, ``lease`` and
+``release`` only touch the store:
+
+* adopt — an ``adopted`` instance: the listener's pid and create_time where
+  the snapshot shows it, the GPU the plan chose;
+* lease — granted atomically against ``max_concurrent``, removing its demand
+  in the same transaction (invariant 4); a refusal is a failure;
+* release — a lease ends; or an adopted instance whose service left the
+  profile is forgotten (its process keeps running, untouched).
+
+Each handler returns one line for the report, or raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from reconciler.core.plan import Action
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Instance, Lease, Snapshot
+from reconciler.core.world import capacity
+from reconciler.errors import DriverError, StoreError
+from reconciler.runtime.lifecycle import Lifecycle, who
+
+
+@dataclass
+class Actuator:
+    lifecycle: Lifecycle
+    profile: Profile
+    snapshot: Snapshot
+    deadline: float | None = None  # a clock value (monotonic) after which starts stop waiting for health
+
+    @property
+    def store(self):
+        return self.lifecycle.store
+
+    def now(self):
+        return self.lifecycle.clock()
+
+    async def __call__(self, action: Action) -> str:
+        handler = getattr(self, f"_{action.kind}")
+        return await handler(action)
+
+    # --- processes -----------------------------------------------------------------
+
+    async def _start(self, action: Action) -> str:
+        spec = self.profile.services[action.service]
+        return await self.lifecycle.start(action.service, spec, action.gpu, action.model, action.id, self.deadline)
+
+    async def _restart(self, action: Action) -> str:
+        stopped = await self._stop(action)
+        started = await self._start(action)
+        return f"{stopped}; then {started}"
+
+    async def _stop(self, action: Action) -> str:
+        instance = self.store.get_instance(action.service)
+        if instance is None:
+            return f"{action.service} is not in the inventory any more; nothing to stop"
+        return await self.lifecycle.stop(
+            instance, self.profile.services.get(action.service), action.kind, action.id, action.mb,
+            self.profile.eviction_timeout_s,
+        )
+
+    _evict = _stop
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    async def _adopt(self, action: Action) -> str:
+        spec = self.profile.services[action.service]
+        port = spec.probe_port
+        listener = next((p for p in self.snapshot.processes if port in p.listening), None)
+        instance = Instance(
+            service=action.service, gpu=action.gpu, origin="adopted",
+            pid=listener.pid if listener else None, create_time=listener.create_time if listener else None,
+            state="running", since=self.now(),
+        )
+        self.store.put_instance(instance)
+        self.lifecycle.events.publish("instance.adopted", service=action.service, message=f"adopted {who(instance)}")
+        return f"adopted {who(instance)} listening on port {port}; it is never signalled"
+
+    async def _lease(self, action: Action) -> str:
+        demand_id = action.lease or action.id.split(":", 1)[1]
+        demand = next((d for d in self.snapshot.demands if d.id == demand_id), None)
+        if demand is None:
+            if any(lease.id == demand_id for lease in self.store.leases(action.service)):
+                return f"lease {demand_id} was already granted"
+            raise StoreError(f"demand {demand_id} is gone (withdrawn meanwhile)")
+        now = self.now()
+        spec = self.profile.services[action.service]
+        lease = Lease(
+            id=demand.id, service=action.service, holder=demand.holder, gpu=action.gpu, mb=action.mb or 0,
+            model=action.model or demand.model,
+            expires_at=now + timedelta(seconds=demand.ttl_s) if demand.ttl_s is not None else None,
+        )
+        if not self.store.grant_lease(lease, capacity(spec), demand_id=demand.id, now=now):
+            raise StoreError(f"lease {demand.id} refused: {action.service} already holds {capacity(spec)} "
+                             f"lease(s) (max_concurrent)")
+        self.lifecycle.events.publish("lease.granted", service=action.service, lease=lease.id, holder=lease.holder)
+        until = f" until {lease.expires_at.isoformat(timespec='seconds')}" if lease.expires_at else ""
+        return f"granted lease {lease.id} on {action.service}{until}"
+
+    async def _release(self, action: Action) -> str:
+        if action.lease is not None:
+            lease = self.store.release_lease(action.lease, self.now())
+            if lease is None:
+                return f"lease {action.lease} had already ended"
+            self.lifecycle.events.publish("lease.released", service=action.service, lease=lease.id)
+            return f"released lease {lease.id}"
+        instance = self.store.get_instance(action.service)
+        if instance is None:
+            return f"{action.service} is not in the inventory any more"
+        if instance.origin != "adopted":
+            raise DriverError(f"{who(instance)} was started by us; a release never lets go of our own process")
+        self.store.remove_instance(action.service)
+        self.lifecycle.events.publish("instance.released", service=action.service, message=f"released {who(instance)}")
+        return f"forgot adopted {who(instance)}; it keeps running"

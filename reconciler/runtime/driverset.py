@@ -1,0 +1,69 @@
+"""Which driver acts on which instance.
+
+A managed ``process`` service starts with the :class:`ProcessDriver`, a
+``docker`` one with the :class:`DockerDriver`; an instance is stopped by the
+driver that started it (a container name means Docker). An adopted instance
+is never stopped; evicting one is allowed only where a driver can free its
+memory without killing it — an Ollama, through the :class:`OllamaDriver`,
+which unloads its models. Every driver enforces invariant 1 itself; nothing
+here signals anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from reconciler.core.profile import DockerSpec, ProcessSpec, Service
+from reconciler.core.snapshot import Instance
+from reconciler.drivers.docker import DockerDriver
+from reconciler.drivers.ollama import OllamaDriver
+from reconciler.drivers.process import ProcessDriver, is_alive
+from reconciler.errors import DriverError
+from reconciler.host.observer import is_ollama
+
+
+@dataclass
+class DriverSet:
+    process: ProcessDriver
+    docker: DockerDriver
+    ollama: Callable[[Service], OllamaDriver] = OllamaDriver.for_service
+
+    @classmethod
+    def default(cls, state_dir: Path) -> DriverSet:
+        return cls(process=ProcessDriver(state_dir), docker=DockerDriver())
+
+    def starter(self, name: str, spec: Service) -> ProcessDriver | DockerDriver:
+        if isinstance(spec.managed, ProcessSpec):
+            return self.process
+        if isinstance(spec.managed, DockerSpec):
+            return self.docker
+        raise DriverError(f"{name} has no `managed:` block: an unmanaged slot is never started")
+
+    def stopper(self, instance: Instance) -> ProcessDriver | DockerDriver:
+        """The driver that stops an instance we started."""
+        return self.docker if instance.container else self.process
+
+    def evicter(self, instance: Instance, spec: Service | None) -> OllamaDriver | None:
+        """For an adopted instance: the driver that frees its memory without killing it, if any."""
+        if spec is not None and is_ollama(spec) and spec.probe_port is not None:
+            return self.ollama(spec)
+        return None
+
+    async def alive(self, instance: Instance) -> bool:
+        """Whether an instance we started still runs (its pid and create_time, or our container)."""
+        if instance.container:
+            info = await self.docker.inspect(instance.container)
+            return bool(info and (info.get("State") or {}).get("Running"))
+        if instance.pid is None or instance.create_time is None:
+            return False
+        return is_alive(instance.pid, instance.create_time)
+
+    def exit_note(self, instance: Instance) -> str:
+        """' (exit status N; log: path)' for a process of ours that ended, where known."""
+        if instance.container or instance.pid is None:
+            return ""
+        code = self.process.exit_code(instance.pid)
+        status = f"exit status {code}; " if code is not None else ""
+        return f" ({status}log: {self.process.log_path(instance.service)})"

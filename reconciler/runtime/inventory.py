@@ -1,0 +1,64 @@
+"""Keeping the stored inventory true to the host, once per pass, before planning.
+
+* An instance whose ``(pid, create_time)`` is not alive any more (DESIGN §3
+  identity, ±1 s) leaves the store with an event; if we had started it, its
+  death counts as a failure for the service's backoff. An adopted instance
+  without a visible pid leaves once its probe fails. The planner still sees
+  the dead one, as ``failed``, so it can say "was pid N" and place the
+  replacement where the old one was.
+* A ``starting`` instance — one a cut-short pass or a restarted reconciler
+  left behind — becomes ``running`` once healthy, or is stopped and counted
+  as a failure once past its ``start_timeout_s``.
+* A healthy running instance of a service with failures on record is marked
+  healthy, so that ten healthy minutes clear its backoff.
+"""
+
+from __future__ import annotations
+
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Instance, Snapshot
+from reconciler.host.observer import is_alive
+from reconciler.runtime.lifecycle import Lifecycle, who
+from reconciler.store.base import spec_hash
+
+
+async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot) -> Snapshot:
+    """Bring the store up to date with ``snapshot``; returns the snapshot to plan from."""
+    store, now = lifecycle.store, snapshot.now
+    by_pid = {p.pid: p for p in snapshot.processes}
+    kept: list[Instance] = []
+    for instance in snapshot.instances:
+        name = instance.service
+        spec = profile.services.get(name)
+        probe = snapshot.probes.get(name)
+        healthy = bool(probe and probe.healthy)
+        if instance.pid is not None and not is_alive(instance, by_pid):
+            store.remove_instance(name)
+            lifecycle.events.publish("instance.gone", service=name, message=f"{who(instance)} is not running any more")
+            if instance.origin == "started" and instance.launch is not None:
+                lifecycle.failure(name, f"pid {instance.pid} exited unexpectedly", spec_hash(instance.launch))
+            kept.append(instance.model_copy(update={"state": "failed"}))
+            continue
+        if instance.origin == "adopted" and instance.pid is None and not healthy:
+            store.remove_instance(name)
+            lifecycle.events.publish("instance.gone", service=name, message=f"adopted {name} stopped answering")
+            continue
+        if instance.origin == "started" and instance.state == "starting" and spec is not None:
+            instance = await _settle_start(lifecycle, instance, spec.probe_port is None or healthy,
+                                           spec.start_timeout_s, now)
+        elif instance.origin == "started" and instance.state == "running" and instance.launch is not None:
+            if (spec is None or spec.probe_port is None or healthy) and store.get_backoff(name).failures:
+                store.record_healthy(name, spec_hash(instance.launch), now, lifecycle.policy)
+        kept.append(instance)
+    return snapshot.model_copy(update={"instances": kept})
+
+
+async def _settle_start(lifecycle: Lifecycle, instance: Instance, healthy: bool, timeout_s: float, now) -> Instance:
+    digest = spec_hash(instance.launch)
+    if healthy:
+        return lifecycle.promote(instance, digest)
+    started = instance.since or now
+    if (now - started).total_seconds() < timeout_s:
+        return instance
+    await lifecycle.discard(instance, f"not healthy within start_timeout_s {timeout_s:g} s", digest)
+    return instance.model_copy(update={"state": "failed"})

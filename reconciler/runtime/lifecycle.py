@@ -1,0 +1,196 @@
+"""Starting and stopping instances, with the intent discipline of invariant 5.
+
+Start: the intent is written *before* anything is launched; the driver
+launches; the intent gets the new process's ``(pid, create_time)`` (or the
+container) at once; the instance goes into the store as ``starting``; then
+the health wait. Healthy → ``running`` (and a healthy mark for the backoff).
+Exited or timed out → whatever was started is stopped (through the driver,
+which signals only what we started), the instance leaves the store, and the
+service's backoff counts a failure. A caller's deadline that comes first
+leaves the instance ``starting`` for a later pass to finish. A reconciler
+that dies at any step finds the intent on restart (:mod:`.recovery`).
+
+Stop and evict: intent, state ``stopping``, driver stop (SIGTERM to the
+group, ``eviction_timeout_s``, SIGKILL, confirm gone), then the wait for the
+GPU memory to come back (:mod:`.memory`), and out of the store. Evicting an
+adopted Ollama unloads its models instead — never a signal — and it stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from reconciler.core.launch import launch_spec
+from reconciler.core.profile import Service
+from reconciler.core.snapshot import Instance
+from reconciler.drivers.base import StartedContainer, StopResult
+from reconciler.errors import DriverError
+from reconciler.host.gpu import GpuBackend
+from reconciler.host.probes import Target
+from reconciler.runtime.backoff import BACKOFF_POLICY
+from reconciler.runtime.driverset import DriverSet
+from reconciler.runtime.events import EventBus
+from reconciler.runtime.executor import Deferred
+from reconciler.runtime.health import HealthWaiter
+from reconciler.runtime.memory import memory_watch
+from reconciler.store.base import BackoffPolicy, Store, spec_hash
+
+DEFAULT_MEMORY_TIMEOUT_S = 30.0
+
+
+def who(instance: Instance) -> str:
+    if instance.container:
+        return f"{instance.service} (container {instance.container})"
+    return f"{instance.service} (pid {instance.pid})" if instance.pid is not None else instance.service
+
+
+def health_target(spec: Service) -> Target | None:
+    if spec.managed is None or spec.probe_port is None:
+        return None
+    return Target(port=spec.probe_port, path=spec.managed.health_path, timeout_s=spec.probe_timeout_s)
+
+
+@dataclass
+class Lifecycle:
+    store: Store
+    drivers: DriverSet
+    gpu_backend: GpuBackend
+    events: EventBus
+    health: HealthWaiter
+    clock: Callable[[], datetime]
+    sim: bool = False
+    policy: BackoffPolicy = BACKOFF_POLICY
+    memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
+    eviction_timeout_s: float = 10.0  # the profile's, set by the runtime for each pass
+
+    # --- start ------------------------------------------------------------------
+
+    async def start(
+        self, name: str, spec: Service, gpu: int | None, model: str | None, action_id: str,
+        deadline: float | None = None,
+    ) -> str:
+        launch = launch_spec(name, spec, gpu, model)
+        digest = spec_hash(launch)
+        driver = self.drivers.starter(name, spec)
+        intent = self.store.begin_intent(action_id, "start", name, {
+            "gpu": gpu, "model": model, "launch": launch.model_dump(mode="json") if launch else None,
+        })
+        try:
+            started = await driver.start(name, spec, gpu, model, sim=self.sim)
+        except DriverError as exc:
+            self.store.finish_intent(intent, "failed", {"error": str(exc)})
+            self.failure(name, str(exc), digest)
+            raise
+        if isinstance(started, StartedContainer):
+            identity = {"container": started.container}
+        else:
+            identity = {"pid": started.pid, "create_time": started.create_time}
+        self.store.update_intent(intent, identity)
+        instance = Instance(
+            service=name, gpu=gpu, origin="started", model=model, launch=started.launch, state="starting",
+            since=self.clock(), **identity,
+        )
+        self.store.put_instance(instance)
+        self.events.publish("instance.launched", service=name, message=f"launched {who(instance)}", **identity)
+        try:
+            result = await self.health.wait(
+                health_target(spec), lambda: self.drivers.alive(instance), spec.start_timeout_s, deadline
+            )
+        except asyncio.CancelledError:
+            await self.discard(instance, "the start was cancelled", None)
+            self.store.finish_intent(intent, "cancelled")
+            raise
+        if result.healthy:
+            self.promote(instance, digest)
+            self.store.finish_intent(intent, "done")
+            return f"{who(instance)} {result.detail}"
+        if result.verdict == "deadline":
+            self.store.finish_intent(intent, "launched", {"note": "left starting for a later pass"})
+            raise Deferred(f"{who(instance)} {result.detail}; a later pass keeps waiting for its health "
+                           f"(start_timeout_s {spec.start_timeout_s:g})")
+        reason = result.detail + (self.drivers.exit_note(instance) if result.verdict == "exited" else "")
+        await self.discard(instance, reason, digest)
+        self.store.finish_intent(intent, "failed", {"error": reason})
+        raise DriverError(f"{who(instance)} {reason}")
+
+    def promote(self, instance: Instance, digest: str) -> Instance:
+        """A starting instance became healthy: ``running`` in the store, healthy for the backoff."""
+        current = self.store.get_instance(instance.service) or instance
+        running = current.model_copy(update={"state": "running", "since": self.clock()})
+        self.store.put_instance(running)
+        self.store.record_healthy(instance.service, digest, self.clock(), self.policy)
+        self.events.publish("instance.healthy", service=instance.service, message=f"{who(instance)} is healthy")
+        return running
+
+    async def discard(self, instance: Instance, reason: str, digest: str | None) -> None:
+        """A failed start: stop whatever runs of it, forget it, count a failure (unless ``digest`` is None)."""
+        try:
+            if await self.drivers.alive(instance):
+                await self.drivers.stopper(instance).stop(instance, self.eviction_timeout_s)
+        finally:
+            self.store.remove_instance(instance.service)
+            if digest is not None:
+                self.failure(instance.service, reason, digest)
+            self.events.publish("instance.failed", service=instance.service, message=f"{who(instance)} {reason}")
+
+    def failure(self, service: str, reason: str, digest: str) -> None:
+        backoff = self.store.record_failure(service, reason, digest, self.clock(), self.policy)
+        self.events.publish(
+            "backoff", service=service, failures=backoff.failures, stalled=backoff.stalled,
+            next_attempt_at=backoff.next_attempt_at.isoformat() if backoff.next_attempt_at else None,
+            message=f"{service} failed ({reason}); failure {backoff.failures}"
+            + ("; stalled" if backoff.stalled else ""),
+        )
+
+    # --- stop and evict -----------------------------------------------------------
+
+    async def stop(
+        self, instance: Instance, spec: Service | None, kind: str, action_id: str, reservation_mb: int | None,
+        timeout_s: float,
+    ) -> str:
+        """Stop (or evict) ``instance``; returns what happened, raises DriverError when refused."""
+        if instance.origin == "adopted":
+            return await self._unload(instance, spec, kind, reservation_mb, timeout_s)
+        identity = {"pid": instance.pid, "create_time": instance.create_time, "container": instance.container}
+        intent = self.store.begin_intent(action_id, kind, instance.service, identity)
+        self.store.put_instance(instance.model_copy(update={"state": "stopping", "since": self.clock()}))
+        try:
+            freed, expect_mb = await memory_watch(self.gpu_backend, instance, reservation_mb)
+            result = await self.drivers.stopper(instance).stop(instance, timeout_s, freed, self.memory_timeout_s)
+        except BaseException as exc:
+            self.store.put_instance(instance)  # still ours and (as far as we know) running
+            self.store.finish_intent(intent, "failed", {"error": str(exc) or type(exc).__name__})
+            raise
+        self.store.remove_instance(instance.service)
+        self.store.finish_intent(intent, result.outcome, {"reason": result.reason})
+        if not result.ok:  # not identifiable as ours: forget it, never signal it
+            self.events.publish("instance.forgotten", service=instance.service, message=result.reason)
+            raise DriverError(f"refused to stop {who(instance)}: {result.reason}; it is forgotten, not signalled")
+        detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
+        self.events.publish("instance.stopped", service=instance.service, message=detail, outcome=result.outcome)
+        return detail
+
+    async def _unload(
+        self, instance: Instance, spec: Service | None, kind: str, reservation_mb: int | None, timeout_s: float
+    ) -> str:
+        driver = self.drivers.evicter(instance, spec)
+        if kind != "evict" or driver is None:
+            raise DriverError(
+                f"{who(instance)} is adopted: it is never signalled, and no driver frees its memory without killing it"
+            )
+        freed, expect_mb = await memory_watch(self.gpu_backend, instance, reservation_mb)
+        result = await driver.stop(instance, timeout_s, freed, self.memory_timeout_s)
+        detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
+        self.events.publish("instance.unloaded", service=instance.service, message=detail)
+        return detail
+
+
+def memory_note(result: StopResult, expect_mb: int, gpu: int | None, timeout_s: float) -> str:
+    if result.memory_freed is None:
+        return ""
+    if result.memory_freed:
+        return f"; {expect_mb} MB back on GPU {gpu} after {result.memory_wait_s:.1f} s"
+    return ""  # the driver's reason already says "memory not freed within … s"

@@ -1,0 +1,80 @@
+"""Crash recovery (invariant 5): finish what a previous reconciler left half done.
+
+Every start and stop writes an intent first (:mod:`.lifecycle`). At startup
+the open ones are resolved, oldest first:
+
+* a start whose intent holds the ``(pid, create_time)`` of a live process
+  (or a running container of ours) is our instance: it goes (back) into the
+  store as ``starting``, and the next pass waits for its health — so a later
+  pass sees it and never starts a second copy; a start whose process is dead,
+  or that never got as far as launching, is dropped;
+* a stop, evict or restart is re-checked: a process that is gone leaves the
+  store, one that still runs is ``running`` again, and the next pass plans
+  whatever is still needed.
+
+Every intent is finished with what was found. Instances merely recorded
+(no open intent) need nothing here: each pass prunes the dead (identity rule).
+"""
+
+from __future__ import annotations
+
+from reconciler.core.snapshot import Instance, Launch
+from reconciler.runtime.lifecycle import Lifecycle, who
+from reconciler.store.base import Intent
+
+
+async def recover(lifecycle: Lifecycle) -> list[str]:
+    """Resolve every open intent; returns one line per intent, for the log."""
+    lines = []
+    for intent in lifecycle.store.open_intents():
+        if intent.kind == "start":
+            outcome, line = await _recover_start(lifecycle, intent)
+        else:
+            outcome, line = await _recover_stop(lifecycle, intent)
+        lifecycle.store.finish_intent(intent.id, outcome, {"recovered": line})
+        lifecycle.events.publish("intent.recovered", service=intent.service, action=intent.action_id,
+                                 outcome=outcome, message=line)
+        lines.append(line)
+    return lines
+
+
+async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]:
+    data, name = intent.data, intent.service
+    identity = {k: data.get(k) for k in ("pid", "create_time", "container") if data.get(k) is not None}
+    if not identity:
+        return "abandoned", f"{intent.action_id}: interrupted before anything was launched"
+    launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
+    candidate = Instance(
+        service=name, gpu=data.get("gpu"), origin="started", model=data.get("model"), launch=launch,
+        state="starting", since=intent.started_at, **identity,
+    )
+    store = lifecycle.store
+    recorded = store.get_instance(name)
+    if not await lifecycle.drivers.alive(candidate):
+        if recorded is not None and _same(recorded, candidate):
+            store.remove_instance(name)
+        return "abandoned", f"{intent.action_id}: {who(candidate)} is not running any more"
+    if recorded is None or not _same(recorded, candidate):
+        store.put_instance(candidate)
+        return "recovered", f"{intent.action_id}: found {who(candidate)} running; kept as starting"
+    return "recovered", f"{intent.action_id}: {who(recorded)} was already recorded ({recorded.state})"
+
+
+async def _recover_stop(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]:
+    store, name = lifecycle.store, intent.service
+    recorded = store.get_instance(name) if name else None
+    if recorded is None:
+        return "gone", f"{intent.action_id}: nothing left in the inventory"
+    if recorded.origin == "started" and not await lifecycle.drivers.alive(recorded):
+        store.remove_instance(name)
+        return "gone", f"{intent.action_id}: {who(recorded)} is gone"
+    if recorded.state == "stopping":
+        store.put_instance(recorded.model_copy(update={"state": "running"}))
+    return "interrupted", f"{intent.action_id}: {who(recorded)} still runs; the next pass decides again"
+
+
+def _same(a: Instance, b: Instance) -> bool:
+    if a.container or b.container:
+        return a.container == b.container
+    return a.pid == b.pid and a.create_time is not None and b.create_time is not None and abs(
+        a.create_time - b.create_time) <= 1.0
