@@ -1,0 +1,147 @@
+"""``reconciler apply``: make the host match the profile, now.
+
+    reconciler apply --profile P [--gpu nvml|auto|sim:…] [--state-dir D] [--node N]
+                     [--wait] [--timeout S] [--dry-run] [--allow-empty] [--format text|json]
+
+Loads the profile (an invalid one exits 1 with ``file:line:col`` messages and
+touches nothing), refuses a profile without services unless ``--allow-empty``
+(it would stop everything), recovers what a previous run left half done, and
+runs one pass — or, with ``--wait``, passes until nothing more can be done or
+``--timeout`` seconds pass. Services it starts keep running after it exits
+(their own session and process group); ``reconciler watch`` keeps them so.
+``--dry-run`` observes and prints the plan without acting.
+
+Exit codes: ``0`` converged (every action done, nothing pending); ``2``
+actions remain (failed, skipped, deferred, or not yet confirmed); ``3``
+something wanted is pending; ``1`` an error; ``64`` a usage error. With
+``--dry-run``, the codes of ``reconciler plan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from reconciler.core.plan import Plan
+from reconciler.core.planner import plan as make_plan
+from reconciler.core.profile import Profile
+from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
+from reconciler.host.sim import SimBackend
+from reconciler.loading import load_profile
+from reconciler.runtime import PassReport, Runtime, check_profile_guard
+from reconciler.runtime.lock import StateLock
+from reconciler.store import default_state_dir, open_store
+
+DEFAULT_TIMEOUT_S = 300.0
+SYMBOLS = {"adopt": "=", "start": "+", "restart": "~", "stop": "-", "evict": "!", "lease": ">", "release": "<"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "apply",
+        help="make the host match the profile (one pass, or until converged with --wait)",
+        description="Observe, plan and act once (or until converged with --wait). Exit 0: converged; "
+        "2: actions remain; 3: something pending; 1: error; 64: usage.",
+    )
+    parser.add_argument("--profile", required=True, metavar="FILE", help="the profile (YAML)")
+    parser.add_argument("--gpu", default="auto", metavar="SPEC", help=f"GPU backend; {SPEC_HELP} (default: auto)")
+    parser.add_argument("--state-dir", metavar="DIR", help="state directory (default: the reconciler's own)")
+    parser.add_argument("--node", default="local", help="node name (default: local)")
+    parser.add_argument("--wait", action="store_true", help="repeat passes until nothing more can be done")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help=f"with --wait: give up after S seconds (default: {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="apply a profile without services (stops every service the reconciler runs)")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)
+    check_profile_guard(profile, args.allow_empty)
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    if args.dry_run:
+        plan = asyncio.run(_dry_run(profile, args, state_dir))
+        _write(_render_plan(plan, args.format))
+        return plan.exit_code
+    with StateLock(state_dir, purpose="apply"):
+        report = asyncio.run(_apply(profile, args, state_dir))
+    _write(render_report(report, args.format))
+    return report.exit_code
+
+
+async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) -> PassReport:
+    backend = open_gpu_backend(args.gpu, default_sim_mb=profile.vram_total_mb)
+    store = open_store(state_dir)
+    try:
+        runtime = Runtime(store=store, gpu_backend=backend, state_dir=state_dir, node=args.node,
+                          sim=isinstance(backend, SimBackend))
+        try:
+            await runtime.recover()
+            if args.wait:
+                return await runtime.converge(profile, args.timeout)
+            return await runtime.reconcile(profile)
+        finally:
+            await runtime.aclose()
+    finally:
+        store.close()
+
+
+async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
+    from reconciler.cli.observe_cmd import observe_once, read_inventory
+
+    snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
+    return make_plan(profile, snapshot)
+
+
+def _render_plan(plan: Plan, fmt: str) -> str:
+    try:
+        from reconciler.render import render
+    except ImportError:  # the renderers are another module's; keep a plain fallback
+        if fmt == "json":
+            return json.dumps(plan.to_json_dict(), indent=2) + "\n"
+        lines = [f"  {SYMBOLS[a.kind]} {a.id}: {a.reason}" for a in plan.actions]
+        lines += [f"  ? {p.service}: {p.reason}" for p in plan.pending]
+        return "\n".join(lines or ["No changes."]) + "\n"
+    return render(plan, fmt)
+
+
+def render_report(report: PassReport, fmt: str) -> str:
+    """What apply did: one line per action and pass, pending and stalled services, a summary."""
+    if fmt == "json":
+        return json.dumps(report.to_json_dict(), indent=2) + "\n"
+    lines: list[str] = []
+    for number, one in enumerate(report.passes, 1):
+        if not one.plan.actions:
+            continue
+        lines.append(f"Pass {number}:")
+        for action in one.plan.actions:
+            outcome = one.outcomes[action.id]
+            took = f" in {outcome.duration_s:.1f} s" if outcome.status in ("done", "failed") else ""
+            lines.append(f"  {SYMBOLS[action.kind]} {action.id}  {outcome.status}{took}: {outcome.detail}")
+    if report.plan.pending:
+        lines.append("Pending:")
+        lines += [f"  ? {p.service}" + (f" (demand {p.demand})" if p.demand else "") + f": {p.reason}"
+                  for p in report.plan.pending]
+    if report.stalled:
+        lines.append("Stalled:")
+        lines += [f"  {service}: {why}" for service, why in sorted(report.stalled.items())]
+    counts = report.counts()
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    verdict = {0: "converged", 2: "actions remain", 3: "something is pending"}[report.exit_code]
+    if not any(counts.values()):
+        lines.append(f"No changes. The host matches the profile{'' if not report.plan.pending else ' where it can'}.")
+    lines.append(f"Apply: {summary}; {len(report.plan.pending)} pending — {verdict}.")
+    return "\n".join(lines) + "\n"
+
+
+def _write(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
