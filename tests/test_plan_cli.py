@@ -1,0 +1,158 @@
+"""``reconciler plan``: output formats and DESIGN §4 exit codes (0, 2, 3, 1, 64)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import main
+from reconciler.cli import plan_cmd
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "golden"
+SEED = GOLDEN / "01-seed-ollama-adopted-vllm-pending"  # pending → 3
+CONVERGED = GOLDEN / "02-converged-no-changes"  # → 0
+START = GOLDEN / "03-start-always-on"  # actions → 2
+EVICT = GOLDEN / "13-evict-for-more-important"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+RECONCILER = Path(sys.executable).with_name("reconciler")
+
+
+def plan_args(scenario: Path, *extra: str) -> list[str]:
+    return ["plan", "--profile", str(scenario / "profile.yaml"), "--snapshot", str(scenario / "snapshot.yaml"), *extra]
+
+
+@pytest.mark.parametrize(("scenario", "code"), [(CONVERGED, 0), (START, 2), (SEED, 3)])
+def test_exit_codes(scenario, code, capsys):
+    assert main(plan_args(scenario)) == code
+    out, err = capsys.readouterr()
+    assert out == (scenario / "plan.txt").read_text(encoding="utf-8")
+    assert err == ""
+
+
+def test_pending_wins_over_actions(capsys):
+    # The seed case adopts Ollama (an action) and leaves vllm pending: 3, not 2.
+    assert main(plan_args(SEED, "--format", "json")) == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["actions"] and data["pending"]
+
+
+def test_json_format_is_the_golden_json(capsys):
+    assert main(plan_args(EVICT, "--format", "json")) == 2
+    assert capsys.readouterr().out == (EVICT / "plan.json").read_text(encoding="utf-8")
+
+
+def test_markdown_format_has_a_table(capsys):
+    assert main(plan_args(EVICT, "--format", "markdown")) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("### reconciler plan: 1 to start, 1 to evict, 1 lease to grant; 0 pending\n")
+    assert "| | Action | Kind | Service | GPU | MB | After | Reason |" in out
+    assert "| ! | `evict:comfyui` | evict | `comfyui` | 0 | 6144 |" in out
+
+
+def test_invalid_profile_exits_1_with_a_located_error(tmp_path, capsys):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("schema_version: 1\nname: x\nservices:\n  a:\n    max_mb: 10\n    priorty: 1\n")
+    assert main(["plan", "--profile", str(profile), "--snapshot", str(START / "snapshot.yaml")]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.search(rf"^{re.escape(str(profile))}:6:5: .*priorty", err, re.M), err
+    assert "Traceback" not in err
+
+
+def test_invalid_snapshot_exits_1_with_a_located_error(tmp_path, capsys):
+    snapshot = tmp_path / "snapshot.yaml"
+    snapshot.write_text('format_version: 1\nnode: local\nnow: "2026-11-22T16:00:00Z"\ngpus: [{index: -1, total_mb: 8}]\n')
+    assert main(["plan", "--profile", str(START / "profile.yaml"), "--snapshot", str(snapshot)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"{snapshot}:4:")
+
+
+def test_missing_file_exits_1(tmp_path, capsys):
+    assert main(["plan", "--profile", str(tmp_path / "nope.yaml"), "--snapshot", str(START / "snapshot.yaml")]) == 1
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan"],
+        ["plan", "--profile", "p.yaml"],
+        plan_args(START, "--format", "yaml"),
+        plan_args(START, "--color", "sometimes"),
+        plan_args(START, "--bogus"),
+    ],
+    ids=["nothing", "no-snapshot", "bad-format", "bad-color", "unknown-option"],
+)
+def test_usage_errors_exit_64(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 64
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_no_colour_when_not_a_tty(capsys):
+    main(plan_args(EVICT))  # capsys' stdout is not a TTY
+    assert not ANSI.search(capsys.readouterr().out)
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colour_on_a_tty_unless_no_color(monkeypatch):
+    for no_color, coloured in (("", True), ("1", False)):
+        stream = _Tty()
+        monkeypatch.setattr(sys, "stdout", stream)
+        monkeypatch.setenv("NO_COLOR", no_color)
+        main(plan_args(EVICT))
+        assert bool(ANSI.search(stream.getvalue())) is coloured
+
+
+def test_color_flag_overrides_detection(capsys, monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    main(plan_args(EVICT, "--color", "always"))
+    assert ANSI.search(capsys.readouterr().out)
+    monkeypatch.setattr(sys, "stdout", _Tty())
+    main(plan_args(EVICT, "--color", "never"))
+    assert not ANSI.search(sys.stdout.getvalue())
+
+
+def test_json_and_markdown_are_never_coloured(capsys):
+    for fmt in ("json", "markdown"):
+        main(plan_args(EVICT, "--format", fmt, "--color", "always"))
+        assert not ANSI.search(capsys.readouterr().out)
+
+
+def test_a_closed_pipe_is_not_an_error(monkeypatch):
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(plan_args(EVICT)) == 2
+    plan_cmd.write_stdout("more")  # no exception either
+
+
+def test_installed_command(tmp_path):
+    result = subprocess.run([str(RECONCILER), *plan_args(SEED)], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == (SEED / "plan.txt").read_text(encoding="utf-8")
+    assert result.stderr == ""
+
+
+def test_installed_command_survives_a_reader_that_goes_away():
+    # `reconciler plan | head -0`: the pipe is closed before the plan is written.
+    proc = subprocess.Popen([str(RECONCILER), *plan_args(EVICT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode == 2
