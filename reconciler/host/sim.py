@@ -12,6 +12,11 @@ attributed to no process. ``used_mb`` is foreign plus the carriers' sum and may
 exceed the total (an over-committed simulation shows as 0 MB free rather than
 hiding a process). The process driver sets both variables when it launches
 under sim; a demo can start a fake Ollama with them to play an adopted one.
+
+Scopes keep simulations on one machine apart (a demo and a test run, tests
+in parallel): a backend counts only the carriers whose ``RECONCILER_SIM_SCOPE``
+equals the one in its own environment when it was created (unset matches
+unset). What the reconciler launches inherits its environment, scope included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from reconciler.core.snapshot import Gpu, GpuProcess
 from reconciler.errors import GpuBackendError
 
 SIM_MB_ENV = "RECONCILER_SIM_GPU_MB"
+SCOPE_ENV = "RECONCILER_SIM_SCOPE"
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 # A process's environment can still change by exec() just after fork(); only
 # cache "declares nothing" for processes older than this.
@@ -90,7 +96,7 @@ class SimBackend:
         if not gpus:
             raise GpuBackendError("a simulated host needs at least one GPU")
         self.gpus = list(gpus)
-        self._scanner = scanner or EnvScanner()
+        self._scanner = scanner or EnvScanner(scope=os.environ.get(SCOPE_ENV) or None)
 
     def uuid(self, index: int) -> str:
         return self.gpus[index].uuid or f"SIM-GPU-{index}"
@@ -135,10 +141,12 @@ class EnvScanner:
 
     Scans only processes it may read (all when running as root, else the same
     user's), skips the ones that vanish or deny access, and caches each
-    process's declaration by ``(pid, create_time)``.
+    process's declaration by ``(pid, create_time)``. Only carriers in ``scope``
+    (their ``RECONCILER_SIM_SCOPE``; None = unset) count.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str | None = None) -> None:
+        self.scope = scope
         self._cache: dict[tuple[int, float], Declaration | None] = {}
 
     def scan(self) -> dict[int, Declaration]:
@@ -158,7 +166,7 @@ class EnvScanner:
             if key in self._cache:
                 declaration = self._cache[key]
             else:
-                declaration = _declaration(proc)
+                declaration = _declaration(proc, self.scope)
                 if declaration is not None or now - info["create_time"] > _EXEC_GRACE_S:
                     self._cache[key] = declaration
             if declaration is not None:
@@ -170,13 +178,13 @@ class EnvScanner:
         return {pid: d for pid, d in found.items() if found.get(parents[pid]) != d}
 
 
-def _declaration(proc: psutil.Process) -> Declaration | None:
+def _declaration(proc: psutil.Process, scope: str | None = None) -> Declaration | None:
     try:
         env = proc.environ()
     except (psutil.Error, OSError):
         return None
     raw = env.get(SIM_MB_ENV)
-    if raw is None:
+    if raw is None or (env.get(SCOPE_ENV) or None) != scope:
         return None
     try:
         mb = int(float(raw))
