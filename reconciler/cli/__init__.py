@@ -16,7 +16,7 @@ EXIT_USAGE = 64
 EXIT_ERROR = 1
 
 # Each module defines register(subparsers); order is the order of --help.
-COMMANDS = ("validate", "plan", "apply", "schema", "observe")
+COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch")
 
 
 class _Parser(argparse.ArgumentParser):
