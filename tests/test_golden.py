@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.core.planner import plan
+from reconciler.core.simulate import simulate
 from reconciler.loading import load_profile, load_snapshot
 from reconciler.render import render_json, render_text
 
@@ -80,6 +81,17 @@ def test_golden_plan(scenario: Path, request: pytest.FixtureRequest) -> None:
     if problems:
         pytest.fail(f"{scenario.name}: the plan differs from the golden files "
                     f"(--regen-golden rewrites them):\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_applying_the_plan_converges(scenario: Path) -> None:
+    """DESIGN §3, minimality: planning the host the plan leaves behind plans nothing."""
+    profile = load_profile(scenario / "profile.yaml", environ={})
+    snapshot = load_snapshot(scenario / "snapshot.yaml")
+    first = plan(profile, snapshot)
+    second = plan(profile, simulate(profile, snapshot, first))
+    assert second.actions == [], [f"{a.id}: {a.reason}" for a in second.actions]
+    assert [(p.service, p.demand) for p in second.pending] == [(p.service, p.demand) for p in first.pending]
 
 
 def test_there_are_enough_scenarios() -> None:
