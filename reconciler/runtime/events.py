@@ -30,7 +30,7 @@ class Subscription:
         self.dropped = 0
         self.closed = False
 
-    def _deliver(self, event: dict[str, Any] | None) -> None:
+    def _deliver(self, event: dict[str, Any]) -> None:
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
@@ -51,7 +51,8 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._bus._subscribers.discard(self)
-            self._deliver(None)
+            if not self._queue.full():  # wake a reader waiting on an empty queue; a full one drains first
+                self._queue.put_nowait(None)
 
     async def __aenter__(self) -> Subscription:
         return self

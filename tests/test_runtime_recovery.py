@@ -1,0 +1,104 @@
+"""Invariant 5: a reconciler that crashed finds its own processes again — no duplicate, no orphan."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from reconciler.core.snapshot import Instance
+from reconciler.testing.ports import free_port
+from tests.runtime_support import env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
+
+
+class SimulatedCrash(BaseException):
+    """Not an Exception: nothing in the runtime catches it, as nothing survives a real crash."""
+
+
+def crash_before_recording(env, profile):
+    """Run a pass that dies after launching and writing the intent, before the instance is stored."""
+
+    async def main():
+        async with env.runtime() as rt:
+            def crash(instance):
+                raise SimulatedCrash
+            rt.store.put_instance = crash
+            await rt.reconcile(profile)
+
+    with pytest.raises(SimulatedCrash):
+        asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while not listeners(profile.services["svc"].probe_port):  # the process outlived the crash
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_start_interrupted_after_launch_is_found_again_and_not_started_twice(env):
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+    crash_before_recording(env, profile)
+    [launched] = listeners(port)
+
+    async def main():
+        async with env.runtime() as rt:
+            assert rt.store.instances() == [] and len(rt.store.open_intents()) == 1
+            await rt.recover()
+            recovered = rt.store.get_instance("svc")
+            first = await rt.reconcile(profile)
+            second = await rt.reconcile(profile)
+            return rt, recovered, first, second
+
+    rt, recovered, first, second = asyncio.run(main())
+    assert recovered.pid == launched and recovered.state == "starting" and recovered.origin == "started"
+    assert recovered.launch is not None and recovered.launch.port == port
+    assert first.plan.actions == [] and second.plan.actions == []
+    assert rt.store.get_instance("svc").state == "running"  # the pass saw it healthy
+    assert listeners(port) == [launched] and env.launches("svc") == 1  # one process, never a second
+    assert rt.store.open_intents() == []
+    assert any(e.kind == "intent.recovered" for e in rt.store.events(limit=1000))
+
+
+def test_an_interrupted_start_whose_process_died_is_dropped_and_started_again(env):
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+    crash_before_recording(env, profile)
+    [launched] = listeners(port)
+    os.killpg(launched, signal.SIGKILL)
+
+    async def main():
+        async with env.runtime() as rt:
+            await rt.recover()
+            assert rt.store.instances() == [] and rt.store.open_intents() == []
+            return await rt.reconcile(profile)
+
+    report = asyncio.run(main())
+    assert report.outcomes["start:svc"].status == "done"
+    assert len(listeners(port)) == 1 and listeners(port) != [launched]
+
+
+def test_an_interrupted_stop_is_checked_again(env):
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+
+    async def main():
+        async with env.runtime() as rt:
+            await rt.reconcile(profile)
+            instance = rt.store.get_instance("svc")
+            # what a crash in the middle of a stop leaves: an open intent, the instance marked stopping
+            rt.store.begin_intent("stop:svc", "stop", "svc", {"pid": instance.pid, "create_time": instance.create_time})
+            rt.store.put_instance(instance.model_copy(update={"state": "stopping"}))
+            ghost = Instance(service="ghost", origin="started", pid=instance.pid, create_time=instance.create_time - 50,
+                             state="stopping")
+            rt.store.put_instance(ghost)
+            rt.store.begin_intent("evict:ghost", "evict", "ghost", {"pid": ghost.pid, "create_time": ghost.create_time})
+        async with env.runtime() as rt:
+            await rt.recover()
+            return rt, {i.service: i.state for i in rt.store.instances()}, rt.store.open_intents()
+
+    rt, states, still_open = asyncio.run(main())
+    assert states == {"svc": "running"}  # alive: ours again; the ghost's process is gone: forgotten
+    assert still_open == []
+    assert len(listeners(port)) == 1
