@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.docker import DockerDriver
+from reconciler.drivers.docker import MANAGED_LABEL, SERVICE_LABEL, DockerDriver
 from reconciler.drivers.ollama import OllamaDriver
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
@@ -52,13 +54,32 @@ class DriverSet:
         return None
 
     async def alive(self, instance: Instance) -> bool:
-        """Whether an instance we started still runs (its pid and create_time, or our container)."""
+        """Whether an instance we started still runs: its pid with its create_time, or a running
+        container carrying our labels."""
         if instance.container:
             info = await self.docker.inspect(instance.container)
-            return bool(info and (info.get("State") or {}).get("Running"))
+            labels = ((info or {}).get("Config") or {}).get("Labels") or {}
+            ours = labels.get(MANAGED_LABEL) == "true" and labels.get(SERVICE_LABEL) == instance.service
+            return ours and bool((info.get("State") or {}).get("Running"))
         if instance.pid is None or instance.create_time is None:
             return False
         return is_alive(instance.pid, instance.create_time)
+
+    async def container_identity(self, container: str) -> dict:
+        """``container``, plus its main process's pid and create_time where this host can see it.
+
+        With those, a container is alive or dead by the same identity rule as a
+        process (DESIGN §3), with or without a port to probe.
+        """
+        identity: dict = {"container": container}
+        info = await self.docker.inspect(container)
+        pid = ((info or {}).get("State") or {}).get("Pid") or 0
+        if pid > 0:
+            try:
+                identity.update(pid=pid, create_time=psutil.Process(pid).create_time())
+            except psutil.Error:
+                pass  # another PID namespace (a remote daemon): the probe decides
+        return identity
 
     def exit_note(self, instance: Instance) -> str:
         """' (exit status N; log: path)' for a process of ours that ended, where known."""

@@ -85,7 +85,7 @@ class Lifecycle:
             self.failure(name, str(exc), digest)
             raise
         if isinstance(started, StartedContainer):
-            identity = {"container": started.container}
+            identity = await self.drivers.container_identity(started.container)
         else:
             identity = {"pid": started.pid, "create_time": started.create_time}
         self.store.update_intent(intent, identity)

@@ -7,7 +7,9 @@ the open ones are resolved, oldest first:
   (or a running container of ours) is our instance: it goes (back) into the
   store as ``starting``, and the next pass waits for its health — so a later
   pass sees it and never starts a second copy; a start whose process is dead,
-  or that never got as far as launching, is dropped;
+  or that never got as far as launching, is dropped (a container start that
+  died before its name was written is looked for under our container name —
+  the driver checks our labels before it ever stops one);
 * a stop, evict or restart is re-checked: a process that is gone leaves the
   store, one that still runs is ``running`` again, and the next pass plans
   whatever is still needed.
@@ -19,6 +21,7 @@ Every intent is finished with what was found. Instances merely recorded
 from __future__ import annotations
 
 from reconciler.core.snapshot import Instance, Launch
+from reconciler.drivers.docker import container_name
 from reconciler.runtime.lifecycle import Lifecycle, who
 from reconciler.store.base import Intent
 
@@ -41,9 +44,11 @@ async def recover(lifecycle: Lifecycle) -> list[str]:
 async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]:
     data, name = intent.data, intent.service
     identity = {k: data.get(k) for k in ("pid", "create_time", "container") if data.get(k) is not None}
+    launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
+    if not identity and launch is not None and launch.image is not None:
+        identity = {"container": container_name(name)}  # docker run may have gone through: look for it
     if not identity:
         return "abandoned", f"{intent.action_id}: interrupted before anything was launched"
-    launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
     candidate = Instance(
         service=name, gpu=data.get("gpu"), origin="started", model=data.get("model"), launch=launch,
         state="starting", since=intent.started_at, **identity,
@@ -54,6 +59,8 @@ async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str
         if recorded is not None and _same(recorded, candidate):
             store.remove_instance(name)
         return "abandoned", f"{intent.action_id}: {who(candidate)} is not running any more"
+    if candidate.container and candidate.pid is None:
+        candidate = candidate.model_copy(update=await lifecycle.drivers.container_identity(candidate.container))
     if recorded is None or not _same(recorded, candidate):
         store.put_instance(candidate)
         return "recovered", f"{intent.action_id}: found {who(candidate)} running; kept as starting"
