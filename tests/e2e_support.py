@@ -156,6 +156,11 @@ class WatchRun:
             timeout_s, what=f"{kind} {match}",
         )
 
+    def seen(self, kind: str, **match: Any) -> list[Event]:
+        """The events of ``kind`` (matching ``match``) returned so far."""
+        return [e for e in self.events[: self._seen]
+                if e.get("kind") == kind and all(e.get(k) == v for k, v in match.items())]
+
     def wait_converged(self, timeout_s: float = WAIT_S) -> Event:
         """The next pass that had nothing to do and nothing pending: the host matches the profile."""
         return self.wait_for(
