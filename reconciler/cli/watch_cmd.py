@@ -111,9 +111,13 @@ def run(args: argparse.Namespace) -> int:
 class Printer:
     """Writes events to stdout as text lines or JSON lines, flushing each."""
 
-    def __init__(self, fmt: str, out: TextIO = sys.stdout):
+    def __init__(self, fmt: str, out: TextIO | None = None):
         self.fmt = fmt
-        self.out = out
+        self._out = out
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.fmt == "json":

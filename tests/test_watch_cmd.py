@@ -1,0 +1,192 @@
+"""``reconciler watch`` in process: what triggers a pass, what a rejected edit does, how it prints.
+
+The runtime is replaced by a fake that records the profiles it is asked to
+apply, so these tests are about the loop itself (start, profile change,
+resync, wake, rejection, signals); the end-to-end tests drive the real thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from reconciler.cli import watch_cmd
+from reconciler.core.plan import Plan
+from reconciler.core.snapshot import Snapshot
+from reconciler.runtime import EventBus, PassReport
+
+PROFILE = """\
+schema_version: 1
+name: {name}
+services:
+  a: {{max_mb: 0, priority: 1, probe_interval_s: 60}}
+"""
+
+
+class FakeStore:
+    def instances(self) -> list:
+        return []
+
+
+class FakeRuntime:
+    """Stands in for :class:`reconciler.runtime.Runtime`: passes do nothing, instantly."""
+
+    def __init__(self, *, store, gpu_backend, state_dir, node, sim, events: EventBus) -> None:
+        self.events = events
+        self.store = FakeStore()
+        self.applied: list[str] = []
+        self.recovered = False
+        self._woken = asyncio.Event()
+        FakeRuntime.last = self
+
+    def clock(self) -> datetime:
+        return datetime.now(timezone.utc)
+
+    async def recover(self) -> None:
+        self.recovered = True
+
+    async def converge(self, profile, timeout_s: float) -> PassReport:
+        self.applied.append(profile.name)
+        plan = Plan(node="local", profile=profile.name, changes=False, actions=[], pending=[], gpus=[], summary={})
+        snapshot = Snapshot(format_version=1, node="local", now=self.clock(), gpus=[])
+        return PassReport(plan=plan, snapshot=snapshot, outcomes={})
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    async def wait_woken(self, timeout_s: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self._woken.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        self._woken.clear()
+        return True
+
+    async def aclose(self) -> None:
+        self.events.close()
+
+
+def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
+    values = dict(profile=str(tmp_path / "p.yaml"), profiles=None, gpu="none", state_dir=str(tmp_path / "state"),
+                  node="local", resync=3600.0, events="json", allow_empty=False)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def _events(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_passes_on_start_change_and_wake_rejections_keep_the_last_good(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(watch_cmd, "Runtime", FakeRuntime)
+    path = tmp_path / "p.yaml"
+    path.write_text(PROFILE.format(name="one"))
+    watch = watch_cmd.Watch(_args(tmp_path))
+    seen: list[dict] = []
+
+    def kinds(kind: str) -> list[dict]:
+        return [e for e in seen if e["kind"] == kind]
+
+    async def main() -> int:
+        task = asyncio.ensure_future(watch.main())
+        await _until(lambda: getattr(FakeRuntime, "last", None) is not None)
+        runtime = FakeRuntime.last
+        subscription = runtime.events.subscribe()
+        collecting = asyncio.ensure_future(_collect(subscription, seen))
+        await _until(lambda: runtime.applied == ["one"])
+        assert runtime.recovered
+        path.write_text(PROFILE.format(name="two"))
+        await _until(lambda: runtime.applied == ["one", "two"])
+        path.write_text("schema_version: 1\nname: three\nservices: {a: {max_mb: 0}}\n")  # no priority
+        await _until(lambda: len(kinds("profile.rejected")) == 1)
+        path.write_text("schema_version: 1\nname: empty\nservices: {}\n")
+        await _until(lambda: len(kinds("profile.rejected")) == 2)
+        runtime.wake()
+        await _until(lambda: len(runtime.applied) == 3)
+        assert runtime.applied == ["one", "two", "two"]  # the last good profile is still the one applied
+        path.write_text(PROFILE.format(name="five"))
+        await _until(lambda: runtime.applied[-1] == "five")
+        watch._on_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(collecting, 5)
+        return code
+
+    FakeRuntime.last = None
+    assert asyncio.run(main()) == 0
+    events = _events(capsys)
+    assert events[0]["kind"] == "watch.started" and events[-1]["kind"] == "watch.stopped"
+    reasons = [e["reason"] for e in events if e["kind"] == "pass.started"]
+    assert reasons == ["start", "profile", "wake", "profile"]
+    invalid, empty = [e for e in events if e["kind"] == "profile.rejected"]
+    assert invalid["keeping"] == empty["keeping"] == "profile two"
+    assert [(d["file"], d["line"]) for d in invalid["diagnostics"]] == [(str(path), 3)]
+    assert "priority" in invalid["diagnostics"][0]["message"]
+    assert "--allow-empty" in empty["message"] and empty["diagnostics"] == []
+    assert events[-1]["signal"] == "SIGTERM"
+
+
+async def _collect(subscription, into: list[dict]) -> None:
+    async for event in subscription:
+        into.append(event)
+
+
+def test_resync_ticks_pass_again(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(watch_cmd, "Runtime", FakeRuntime)
+    (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
+    watch = watch_cmd.Watch(_args(tmp_path, resync=0.05))
+
+    async def main() -> int:
+        task = asyncio.ensure_future(watch.main())
+        await _until(lambda: getattr(FakeRuntime, "last", None) and len(FakeRuntime.last.applied) >= 3)
+        watch._on_signal(signal.SIGINT)
+        return await asyncio.wait_for(task, 5)
+
+    FakeRuntime.last = None
+    assert asyncio.run(main()) == 0
+    reasons = [e["reason"] for e in _events(capsys) if e["kind"] == "pass.started"]
+    assert reasons[0] == "start" and set(reasons[1:]) == {"resync"}
+
+
+def test_a_second_watch_on_the_same_state_dir_is_refused(tmp_path, monkeypatch) -> None:
+    from reconciler.errors import GuardError
+    from reconciler.runtime.lock import StateLock
+
+    (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
+    with StateLock(tmp_path / "state"):
+        with pytest.raises(GuardError, match="another reconciler"):
+            asyncio.run(watch_cmd.Watch(_args(tmp_path)).main())
+
+
+def test_text_lines() -> None:
+    ts = "2026-11-22T16:00:01.5Z"
+    fmt = watch_cmd.format_text
+    assert fmt({"kind": "pass.started", "ts": ts}) is None
+    assert fmt({"kind": "pass", "ts": ts}) is None
+    assert fmt({"kind": "pass.finished", "ts": ts, "quiet": True}) is None
+    assert fmt({"kind": "action.started", "ts": ts, "action": "start:a", "message": "wanted"}) == (
+        "16:00:01   → start:a: wanted")
+    assert fmt({"kind": "action.finished", "ts": ts, "action": "start:a", "status": "failed",
+                "duration_s": 0.5, "message": "exited"}) == "16:00:01   ✗ start:a failed in 0.5 s: exited"
+    line = fmt({"kind": "pass.finished", "ts": ts, "pass": 3, "reason": "profile", "duration_s": 0.2,
+                "outcomes": {"done": 1}, "pending": [{"service": "b", "reason": "port 80 held by pid 7"}],
+                "stalled": {"c": "stalled after 5 failures"}})
+    assert line == ("16:00:01 pass 3 (profile) in 0.2 s: 1 done; pending b: port 80 held by pid 7; "
+                    "stalled c: stalled after 5 failures")
+    rejected = fmt({"kind": "profile.rejected", "ts": ts, "keeping": "profile demo", "message": "p.yaml is invalid",
+                    "diagnostics": [{"file": "p.yaml", "line": 3, "col": 5, "message": "unknown key"}]})
+    assert rejected.splitlines() == ["16:00:01 profile rejected, profile demo stays: p.yaml is invalid",
+                                     "    p.yaml:3:5: unknown key"]
+    assert fmt({"kind": "backoff", "ts": ts, "service": "a", "failures": 2}) == "16:00:01     backoff: failures=2"
