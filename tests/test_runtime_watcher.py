@@ -313,3 +313,32 @@ def test_profile_directory_redetects_and_blocks_on_invalid_files(tmp_path: Path)
     blocked = source.read()
     assert blocked.profile is None and blocked.diagnostics[0].file == str(tmp_path / "broken.yml")
     assert source.relevant("/x/broken.yml") and not source.relevant("/x/.hidden.yaml")
+
+
+def test_unchanged_bytes_are_not_parsed_again(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(good(1))
+
+    class Counting(ProfileFile):
+        reads = 0
+
+        def read(self) -> ProfileChange:
+            Counting.reads += 1
+            return super().read()
+
+    async def main() -> None:
+        batches, ticks = Manual(), Manual()
+        watcher = ProfileWatcher(Counting(path), batches=batches, ticks=ticks)
+        watcher.load()
+        events = Collected(watcher)
+        for _ in range(3):
+            batches.push()
+            ticks.push()
+        assert isinstance(await events.next(), Resync)
+        path.write_text(good(2))
+        batches.push()
+        assert (await events.next()).profile.services["a"].priority == 2
+        await events.close()
+
+    asyncio.run(main())
+    assert Counting.reads == 2  # load() and the one real change

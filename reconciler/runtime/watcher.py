@@ -4,11 +4,12 @@
 recursive), so every way an editor saves is seen: in place, by atomic rename
 (write ``x.tmp``, rename over ``profile.yaml``) and vim-style (rename the file
 to a backup, write a new one, delete the backup). Events are only a hint: a
-burst is coalesced (``debounce_ms`` of quiet, 50 ms by default, so that a save
+burst is coalesced (``debounce_ms`` of quiet, 30 ms by default, so that a save
 reaches the first action well under 200 ms) and then the file is *re-read*;
-what it holds decides, never the event type. A :class:`ProfileChange` is
-yielded only when the content differs from what was last seen (SHA-256), so
-``touch`` or a save without edits costs nothing.
+what it holds decides, never the event type. It is parsed only when its bytes
+changed (SHA-256), and a :class:`ProfileChange` is yielded only when the
+outcome differs from the last one, so ``touch`` or a save without edits costs
+nothing.
 
 An invalid file yields a change with ``profile=None`` and its located
 diagnostics; the caller keeps the last good profile in force (invariant 2).
@@ -52,7 +53,7 @@ from reconciler.core.profile import Profile
 from reconciler.errors import Diagnostic, ProfileError
 from reconciler.loading import load_profile
 
-DEBOUNCE_MS = 50
+DEBOUNCE_MS = 30
 MAX_BATCH_MS = 500  # a stream of writes is still cut into batches this long
 RESYNC_S = 30.0
 SETTLE_S = 0.3  # how long a missing file may stay missing before it is reported
@@ -92,10 +93,15 @@ WatchEvent = ProfileChange | Resync
 
 
 class ProfileSource(Protocol):
-    """Where profiles come from: the directories to watch, which names matter, how to read."""
+    """Where profiles come from: the directories to watch, which names matter, how to read.
+
+    ``fingerprint()`` is cheap (bytes, no parsing): while it is unchanged,
+    ``read()`` — which parses and validates — is not called again.
+    """
 
     def directories(self) -> list[Path]: ...
     def relevant(self, path: str) -> bool: ...
+    def fingerprint(self) -> str: ...
     def read(self) -> ProfileChange: ...
 
 
@@ -136,6 +142,10 @@ class ProfileFile:
     def relevant(self, path: str) -> bool:
         return Path(path).name in {self.path.name, self.path.resolve().name}
 
+    def fingerprint(self) -> str:
+        data = _read_bytes(self.path)
+        return _digest(data) if data is not None else "missing"
+
     def read(self) -> ProfileChange:
         data = _read_bytes(self.path)
         profile, diagnostics = _load(self.path, self.environ)
@@ -162,6 +172,16 @@ class ProfileDirectory:
     def relevant(self, path: str) -> bool:
         name = Path(path).name
         return name.endswith(PROFILE_SUFFIXES) and not name.startswith(".")
+
+    def fingerprint(self) -> str:
+        try:
+            files = self.files()
+        except ProfileError:
+            return "unlistable"
+        parts = [str(self.gpu_total_mb()).encode()]
+        for path in files:
+            parts += [path.name.encode(), _read_bytes(path) or b""]
+        return _digest(*parts)
 
     def files(self) -> list[Path]:
         try:
@@ -255,22 +275,32 @@ class ProfileWatcher:
         self.settle_s = settle_s
         self._batches = batches or self._watch
         self._ticks = ticks or self._timer
-        self._last: str | None = None
+        self._last: str | None = None  # digest of the last outcome yielded (or loaded)
+        self._seen: str | None = None  # fingerprint of the source when it was last read
         self._stop = asyncio.Event()
 
     def load(self) -> ProfileChange:
         """Read the source now (start-up); later changes are relative to this."""
+        self._seen = self.source.fingerprint()
         change = self.source.read()
         self._last = change.digest
         return change
 
     def check(self) -> ProfileChange | None:
         """Re-read the source; the change when its content differs from what was last seen."""
-        change = self.source.read()
-        if change.digest == self._last:
+        change = self._read()
+        if change is None or change.digest == self._last:
             return None
         self._last = change.digest
         return change
+
+    def _read(self) -> ProfileChange | None:
+        """The source's content, parsed; None when its fingerprint has not changed since the last read."""
+        fingerprint = self.source.fingerprint()
+        if fingerprint == self._seen:
+            return None
+        self._seen = fingerprint
+        return self.source.read()
 
     def stop(self) -> None:
         self._stop.set()
@@ -314,14 +344,14 @@ class ProfileWatcher:
 
     async def _settled(self, queue: asyncio.Queue[str], kinds: set[str]) -> ProfileChange | None:
         """Re-read; a missing file gets ``settle_s`` for the rename in progress to finish."""
-        change = self.source.read()
-        while change.missing and self.settle_s > 0:
+        change = self._read()
+        while change is not None and change.missing and self.settle_s > 0:
             try:
                 kinds.add(await asyncio.wait_for(queue.get(), self.settle_s))
             except TimeoutError:
                 break
-            change = self.source.read()
-        if change.digest == self._last:
+            change = self._read() or change
+        if change is None or change.digest == self._last:
             return None
         self._last = change.digest
         return change
