@@ -52,3 +52,20 @@ def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:  #
         assert store.open_intents() == []
     second.signal(signal.SIGTERM)
     assert second.wait_exit() == 0
+
+
+def test_sigterm_mid_start_exits_0_and_the_next_watch_finishes_it(host: Host) -> None:  # noqa: F811
+    port = host.port()
+    host.write(profile_text(service_block("slow", port, args="--startup-delay 4", start_timeout_s=15)))
+    first = host.watch()
+    launched = first.wait_kind("instance.launched", service="slow")
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0  # within its grace: the pass stops waiting at its budget
+    assert first.events[-1]["kind"] == "watch.stopped" and alive(launched["pid"])
+
+    second = host.watch()
+    second.wait_kind("instance.healthy", service="slow")
+    assert not second.seen("instance.launched")
+    assert host.pids() == {"slow": launched["pid"]} and host.listeners(port) == [launched["pid"]]
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit() == 0

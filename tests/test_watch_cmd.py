@@ -160,6 +160,40 @@ def test_resync_ticks_pass_again(tmp_path, monkeypatch, capsys) -> None:
     assert reasons[0] == "start" and set(reasons[1:]) == {"resync"}
 
 
+def test_a_failing_pass_is_reported_and_retried(tmp_path, monkeypatch, capsys) -> None:
+    from reconciler.errors import StoreError
+
+    class Flaky(FakeRuntime):
+        failures = 2
+
+        async def converge(self, profile, timeout_s: float) -> PassReport:
+            if Flaky.failures:
+                Flaky.failures -= 1
+                raise StoreError("database is locked") if Flaky.failures else RuntimeError("a bug")
+            return await super().converge(profile, timeout_s)
+
+    monkeypatch.setattr(watch_cmd, "Runtime", Flaky)
+    monkeypatch.setattr(watch_cmd, "RETRY_AFTER_ERROR_S", 0.01)
+    (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
+    watch = watch_cmd.Watch(_args(tmp_path))
+
+    async def main() -> int:
+        task = asyncio.ensure_future(watch.main())
+        await _until(lambda: getattr(FakeRuntime, "last", None) and FakeRuntime.last.applied == ["one"])
+        watch._on_signal(signal.SIGTERM)
+        return await asyncio.wait_for(task, 5)
+
+    FakeRuntime.last = None
+    assert asyncio.run(main()) == 0
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    failed = [e for e in events if e["kind"] == "pass.failed"]
+    assert [(e["reason"], e["error"]) for e in failed] == [("start", "StoreError"), ("retry", "RuntimeError")]
+    assert "database is locked" in failed[0]["message"]
+    assert "Traceback" in captured.err and "a bug" in captured.err  # a bug shows its traceback; StoreError not
+    assert [e["reason"] for e in events if e["kind"] == "pass.finished"] == ["retry"]
+
+
 def test_a_second_watch_on_the_same_state_dir_is_refused(tmp_path, monkeypatch) -> None:
     from reconciler.errors import GuardError
     from reconciler.runtime.lock import StateLock

@@ -41,11 +41,12 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
 from reconciler.core.profile import Profile
-from reconciler.errors import Diagnostic, GuardError, ProfileError
+from reconciler.errors import Diagnostic, GuardError, ProfileError, ReconcilerError
 from reconciler.host.gpu import SPEC_HELP, GpuBackend, open_gpu_backend
 from reconciler.host.sim import SimBackend
 from reconciler.runtime import EventBus, PassReport, Runtime, check_profile_guard
@@ -65,6 +66,7 @@ PASS_BUDGET_S = 2.0  # a pass stops waiting for slow starts after this; later pa
 STARTING_POLL_S = 0.3  # how soon to look again while an instance is still starting
 STOP_GRACE_S = 5.0  # after SIGINT/SIGTERM, a pass in flight gets this long (plus eviction_timeout_s)
 MIN_LIVENESS_S = 0.25
+RETRY_AFTER_ERROR_S = 5.0  # after a pass that raised
 CANCELLED = object()
 
 
@@ -164,7 +166,7 @@ def format_text(event: dict[str, Any]) -> str | None:
         bits += [f"pending {p['service']}: {p['reason']}" for p in event.get("pending", [])]
         bits += [f"stalled {name}: {why}" for name, why in (event.get("stalled") or {}).items()]
         return f"{ts} pass {event.get('pass')} ({event.get('reason')}) in {event.get('duration_s')} s: " + "; ".join(bits)
-    if kind == "watch.stopped":
+    if kind in ("watch.stopped", "watch.degraded", "pass.failed"):
         return f"{ts} {message}"
     detail = message or " ".join(
         f"{k}={v}" for k, v in event.items() if k not in ("id", "ts", "kind", "service", "message"))
@@ -275,9 +277,10 @@ class Watch:
             reason: str | None = "start"
             while reason is not None and not self.stopping.is_set():
                 report = await self._pass(runtime, profile, reason, bus)
-                if report is None:
+                if report is CANCELLED:
                     return
-                reason, profile = await self._next(runtime, triggers, profile, bus, self._due_in(runtime, profile, report))
+                due = self._due_in(runtime, profile, report) if report is not None else ("retry", RETRY_AFTER_ERROR_S)
+                reason, profile = await self._next(runtime, triggers, profile, bus, due)
         finally:
             watcher.stop()
             watching.cancel()
@@ -316,16 +319,30 @@ class Watch:
             stop.cancel()
             hurry.cancel()
 
-    async def _pass(self, runtime: Runtime, profile: Profile, reason: str, bus: EventBus) -> PassReport | None:
+    async def _pass(self, runtime: Runtime, profile: Profile, reason: str, bus: EventBus) -> Any:
+        """One bounded pass with its events: the report, None when it failed, or ``CANCELLED``.
+
+        A failing pass (the GPU or the store unreadable for a moment, or a bug)
+        is reported as ``pass.failed`` and retried later; the services are not
+        touched by it, so watching goes on.
+        """
         self.passes += 1
         number = self.passes
         bus.publish("pass.started", message=f"pass {number} ({reason})", reason=reason, profile=profile.name,
                     **{"pass": number})
         started = time.monotonic()
         self.grace_s = STOP_GRACE_S + profile.eviction_timeout_s
-        report = await self._run(runtime.converge(profile, PASS_BUDGET_S))
-        if report is CANCELLED:
+        try:
+            report = await self._run(runtime.converge(profile, PASS_BUDGET_S))
+        except Exception as exc:  # noqa: BLE001 - a daemon reports, waits, and tries again
+            if not isinstance(exc, ReconcilerError):
+                traceback.print_exc(file=sys.stderr)
+            bus.publish("pass.failed", message=f"pass {number} ({reason}) failed: {exc}; retrying in "
+                        f"{RETRY_AFTER_ERROR_S:g} s", reason=reason, error=type(exc).__name__,
+                        duration_s=round(time.monotonic() - started, 3), **{"pass": number})
             return None
+        if report is CANCELLED:
+            return CANCELLED
         counts = {k: v for k, v in report.counts().items() if v}
         bus.publish(
             "pass.finished",
