@@ -7,9 +7,11 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from reconciler.core.snapshot import Instance
+from reconciler.drivers.process import is_alive
 from reconciler.testing.ports import free_port
 from tests.runtime_support import env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
 
@@ -66,7 +68,10 @@ def test_an_interrupted_start_whose_process_died_is_dropped_and_started_again(en
     profile = make_profile({"svc": fake_service(port, always_on=True)})
     crash_before_recording(env, profile)
     [launched] = listeners(port)
+    create_time = psutil.Process(launched).create_time()
     os.killpg(launched, signal.SIGKILL)
+    while is_alive(launched, create_time):  # a signal takes a moment to land
+        time.sleep(0.01)
 
     async def main():
         async with env.runtime() as rt:

@@ -100,8 +100,10 @@ class Lifecycle:
                 health_target(spec), lambda: self.drivers.alive(instance), spec.start_timeout_s, deadline
             )
         except asyncio.CancelledError:
-            await self.discard(instance, "the start was cancelled", None)
-            self.store.finish_intent(intent, "cancelled")
+            try:
+                await self.discard(instance, "the start was cancelled", None)
+            finally:
+                self.store.finish_intent(intent, "cancelled")
             raise
         if result.healthy:
             self.promote(instance, digest)
@@ -112,8 +114,10 @@ class Lifecycle:
             raise Deferred(f"{who(instance)} {result.detail}; a later pass keeps waiting for its health "
                            f"(start_timeout_s {spec.start_timeout_s:g})")
         reason = result.detail + (self.drivers.exit_note(instance) if result.verdict == "exited" else "")
-        await self.discard(instance, reason, digest)
-        self.store.finish_intent(intent, "failed", {"error": reason})
+        try:
+            await self.discard(instance, reason, digest)
+        finally:
+            self.store.finish_intent(intent, "failed", {"error": reason})
         raise DriverError(f"{who(instance)} {reason}")
 
     def promote(self, instance: Instance, digest: str) -> Instance:
@@ -126,15 +130,17 @@ class Lifecycle:
         return running
 
     async def discard(self, instance: Instance, reason: str, digest: str | None) -> None:
-        """A failed start: stop whatever runs of it, forget it, count a failure (unless ``digest`` is None)."""
-        try:
-            if await self.drivers.alive(instance):
-                await self.drivers.stopper(instance).stop(instance, self.eviction_timeout_s)
-        finally:
-            self.store.remove_instance(instance.service)
-            if digest is not None:
-                self.failure(instance.service, reason, digest)
-            self.events.publish("instance.failed", service=instance.service, message=f"{who(instance)} {reason}")
+        """A failed start: stop whatever runs of it, forget it, count a failure (unless ``digest`` is None).
+
+        If the stop itself fails, the instance stays recorded (``starting``), so
+        that nothing of ours runs unaccounted for; a later pass tries again.
+        """
+        if digest is not None:
+            self.failure(instance.service, reason, digest)
+        self.events.publish("instance.failed", service=instance.service, message=f"{who(instance)} {reason}")
+        if await self.drivers.alive(instance):
+            await self.drivers.stopper(instance).stop(instance, self.eviction_timeout_s)
+        self.store.remove_instance(instance.service)
 
     def failure(self, service: str, reason: str, digest: str) -> None:
         backoff = self.store.record_failure(service, reason, digest, self.clock(), self.policy)
