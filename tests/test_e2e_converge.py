@@ -85,3 +85,20 @@ def test_converge_restart_only_what_changed_stop_and_exit(host: Host) -> None:  
     again.signal(signal.SIGINT)
     assert again.wait_exit() == 0
     wait_until(lambda: alive(after["alpha"]), what="alpha still running")
+
+
+def test_uneventful_passes_are_shown_but_not_logged_in_the_store(host: Host) -> None:  # noqa: F811
+    from reconciler.store import open_store
+
+    host.write(profile_text(service_block("alpha", host.port())))
+    run = host.watch()
+    run.wait_converged()
+    for _ in range(3):
+        run.wait_kind("pass.finished", reason="liveness")
+    run.signal(signal.SIGTERM)
+    assert run.wait_exit() == 0
+    with open_store(host.state_dir) as store:
+        logged = [e.kind for e in store.events(limit=10_000)]
+    assert "pass.started" not in logged
+    assert logged.count("pass.finished") == 1  # the start pass, which started alpha
+    assert {"watch.started", "action.started", "action.finished", "watch.stopped"} <= set(logged)

@@ -177,6 +177,22 @@ def diagnostics_data(diagnostics: tuple[Diagnostic, ...] | list[Diagnostic]) -> 
     return [{"file": d.file, "line": d.line, "col": d.col, "message": d.message} for d in diagnostics]
 
 
+class WatchBus(EventBus):
+    """The runtime's bus, plus events for the output only (not written to the store's event log).
+
+    A watch passes every few seconds; logging each uneventful pass would grow
+    the store's log forever, so ``pass.started`` and passes that found nothing
+    to do are only shown, never recorded.
+    """
+
+    def announce(self, kind: str, **data: Any) -> dict[str, Any]:
+        store, self.store = self.store, None
+        try:
+            return self.publish(kind, **data)
+        finally:
+            self.store = store
+
+
 class Watch:
     """The watch loop: one instance per command invocation."""
 
@@ -197,7 +213,7 @@ class Watch:
         lock = StateLock(self.state_dir, purpose="watch")
         lock.acquire()
         store = open_store(self.state_dir)
-        bus = EventBus(store)
+        bus = WatchBus(store)
         runtime = Runtime(
             store=store,
             gpu_backend=backend,
@@ -268,7 +284,7 @@ class Watch:
         async for event in subscription:
             self.print(event)
 
-    async def _loop(self, runtime: Runtime, watcher: ProfileWatcher, profile: Profile, bus: EventBus) -> None:
+    async def _loop(self, runtime: Runtime, watcher: ProfileWatcher, profile: Profile, bus: WatchBus) -> None:
         triggers: asyncio.Queue[ProfileChange | Resync] = asyncio.Queue()
         watching = asyncio.ensure_future(self._watch(watcher, triggers, bus))
         try:
@@ -319,7 +335,7 @@ class Watch:
             stop.cancel()
             hurry.cancel()
 
-    async def _pass(self, runtime: Runtime, profile: Profile, reason: str, bus: EventBus) -> Any:
+    async def _pass(self, runtime: Runtime, profile: Profile, reason: str, bus: WatchBus) -> Any:
         """One bounded pass with its events: the report, None when it failed, or ``CANCELLED``.
 
         A failing pass (the GPU or the store unreadable for a moment, or a bug)
@@ -328,8 +344,8 @@ class Watch:
         """
         self.passes += 1
         number = self.passes
-        bus.publish("pass.started", message=f"pass {number} ({reason})", reason=reason, profile=profile.name,
-                    **{"pass": number})
+        bus.announce("pass.started", message=f"pass {number} ({reason})", reason=reason, profile=profile.name,
+                     **{"pass": number})
         started = time.monotonic()
         self.grace_s = STOP_GRACE_S + profile.eviction_timeout_s
         try:
@@ -344,7 +360,8 @@ class Watch:
         if report is CANCELLED:
             return CANCELLED
         counts = {k: v for k, v in report.counts().items() if v}
-        bus.publish(
+        quiet = not any(r.plan.actions for r in report.passes) and not report.plan.pending and not report.stalled
+        (bus.announce if quiet else bus.publish)(
             "pass.finished",
             message=f"pass {number} ({reason})",
             reason=reason,
@@ -354,8 +371,7 @@ class Watch:
             pending=[p.model_dump(mode="json", exclude_none=True) for p in report.plan.pending],
             stalled=dict(report.stalled),
             converged=report.converged,
-            quiet=not any(r.plan.actions for r in report.passes) and not report.plan.pending
-            and not report.stalled and number > 1,
+            quiet=quiet and number > 1,
             **{"pass": number},
         )
         return report
