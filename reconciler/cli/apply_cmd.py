@@ -22,21 +22,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from pathlib import Path
 
+from reconciler.cli.observe_cmd import observe_once, read_inventory
+from reconciler.cli.plan_cmd import write_stdout
 from reconciler.core.plan import Plan
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
 from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
 from reconciler.host.sim import SimBackend
 from reconciler.loading import load_profile
+from reconciler.render import render
+from reconciler.render.common import PENDING_SYMBOL, SYMBOLS, pending_subject
 from reconciler.runtime import PassReport, Runtime, check_profile_guard
 from reconciler.runtime.lock import StateLock
 from reconciler.store import default_state_dir, open_store
 
 DEFAULT_TIMEOUT_S = 300.0
-SYMBOLS = {"adopt": "=", "start": "+", "restart": "~", "stop": "-", "evict": "!", "lease": ">", "release": "<"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     if args.dry_run:
         plan = asyncio.run(_dry_run(profile, args, state_dir))
-        _write(_render_plan(plan, args.format))
+        write_stdout(render(plan, args.format))
         return plan.exit_code
     with StateLock(state_dir, purpose="apply"):
         report = asyncio.run(_apply(profile, args, state_dir))
-    _write(render_report(report, args.format))
+    write_stdout(render_report(report, args.format))
     return report.exit_code
 
 
@@ -92,22 +94,8 @@ async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) ->
 
 
 async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
-    from reconciler.cli.observe_cmd import observe_once, read_inventory
-
     snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
     return make_plan(profile, snapshot)
-
-
-def _render_plan(plan: Plan, fmt: str) -> str:
-    try:
-        from reconciler.render import render
-    except ImportError:  # the renderers are another module's; keep a plain fallback
-        if fmt == "json":
-            return json.dumps(plan.to_json_dict(), indent=2) + "\n"
-        lines = [f"  {SYMBOLS[a.kind]} {a.id}: {a.reason}" for a in plan.actions]
-        lines += [f"  ? {p.service}: {p.reason}" for p in plan.pending]
-        return "\n".join(lines or ["No changes."]) + "\n"
-    return render(plan, fmt)
 
 
 def render_report(report: PassReport, fmt: str) -> str:
@@ -125,8 +113,7 @@ def render_report(report: PassReport, fmt: str) -> str:
             lines.append(f"  {SYMBOLS[action.kind]} {action.id}  {outcome.status}{took}: {outcome.detail}")
     if report.plan.pending:
         lines.append("Pending:")
-        lines += [f"  ? {p.service}" + (f" (demand {p.demand})" if p.demand else "") + f": {p.reason}"
-                  for p in report.plan.pending]
+        lines += [f"  {PENDING_SYMBOL} {pending_subject(p)}: {p.reason}" for p in report.plan.pending]
     if report.stalled:
         lines.append("Stalled:")
         lines += [f"  {service}: {why}" for service, why in sorted(report.stalled.items())]
@@ -137,11 +124,3 @@ def render_report(report: PassReport, fmt: str) -> str:
         lines.append(f"No changes. The host matches the profile{'' if not report.plan.pending else ' where it can'}.")
     lines.append(f"Apply: {summary}; {len(report.plan.pending)} pending — {verdict}.")
     return "\n".join(lines) + "\n"
-
-
-def _write(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
