@@ -97,7 +97,7 @@ def test_a_deadline_leaves_a_slow_start_starting_for_a_later_pass(env):
             while not answers(port):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
-            later = await rt.reconcile(profile)
+            later = await rt.reconcile(profile, health_wait_s=0.5)
             return rt, report, state, later
 
     rt, report, state, later = asyncio.run(main())
@@ -153,3 +153,16 @@ def test_wake_ends_a_wait():
         return Runtime(store=None, gpu_backend=NoGpuBackend(), state_dir=__import__("pathlib").Path("/nonexistent"))
 
     asyncio.run(main(factory))
+
+
+def test_a_pass_can_bound_its_wait_for_health(env):
+    profile = make_profile({"slow": fake_service(free_port(), always_on=True, startup_delay=30)})
+    fake = FakeMonotonic()
+
+    async def main():
+        async with env.runtime(monotonic=fake, sleep=fake.sleep) as rt:
+            report = await rt.reconcile(profile, health_wait_s=0.3)
+            return report, rt.store.get_instance("slow")
+
+    report, instance = asyncio.run(main())
+    assert report.outcomes["start:slow"].status == "deferred" and instance.state == "starting"

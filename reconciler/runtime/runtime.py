@@ -97,10 +97,22 @@ class Runtime:
 
     # --- passes -------------------------------------------------------------------
 
-    async def reconcile(self, profile: Profile) -> PassReport:
-        """One observe → plan → apply pass."""
+    async def reconcile(self, profile: Profile, *, health_wait_s: float | None = None) -> PassReport:
+        """One observe → plan → apply pass.
+
+        ``health_wait_s``: starts stop waiting for health after this long (their
+        outcome is ``deferred``, their instances stay ``starting``, and later
+        passes promote or fail them), so that a slow start does not hold up the
+        pass; by default a start waits up to its ``start_timeout_s``.
+        """
         async with self._pass_lock:
-            return await self._pass(profile)
+            if health_wait_s is None:
+                return await self._pass(profile)
+            self._deadline = self.monotonic() + health_wait_s
+            try:
+                return await self._pass(profile)
+            finally:
+                self._deadline = None
 
     async def _pass(self, profile: Profile) -> PassReport:
         store, now = self.store, self.clock()
