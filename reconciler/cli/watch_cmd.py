@@ -147,8 +147,8 @@ def format_text(event: dict[str, Any]) -> str | None:
     if kind in _SILENT or (kind == "pass.finished" and event.get("quiet")):
         return None
     if kind == "watch.started":
-        return f"{ts} watching {event.get('path')}: {message}" + (
-            f" ({event['detected']})" if event.get("detected") else "")
+        return (f"{ts} watching {event.get('path')}: profile {event.get('profile')}, GPU {event.get('gpu')}, "
+                f"state {event.get('state_dir')}" + (f" ({event['detected']})" if event.get("detected") else ""))
     if kind == "profile.rejected":
         lines = [f"{ts} profile rejected, {event.get('keeping') or 'the last good profile'} stays: {message}"]
         lines += [f"    {d['file']}:{d['line']}:{d['col']}: {d['message']}" for d in event.get("diagnostics", [])]
