@@ -1,0 +1,179 @@
+"""Bodies of the native ``/v1`` API: lease requests and answers, and the status document.
+
+Every request body forbids unknown keys (a misspelt ``ttl`` is a 422 naming it,
+not a silently ignored field) and bounds its numbers, so that no input can
+overflow a date or a timer into a 500. The status document
+(:class:`Status`) is what the dashboard and ``reconciler status`` read; its
+shape is documented field by field here and in ``reconciler/api/README.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_TTL_S = 30 * 24 * 3600.0  # a month: longer is a mistake (and would overflow nothing, but still)
+MAX_WAIT_S = 600.0
+DEFAULT_TTL_S = 300.0
+DEFAULT_WAIT_S = 120.0
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Holder = Annotated[str, StringConstraints(max_length=200)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- leases ---------------------------------------------------------------------------
+
+
+class LeaseRequest(_Request):
+    """``POST /v1/leases``: hold a service (an instance of it, healthy) for ``ttl_s`` seconds."""
+
+    service: Name = Field(description="A service of the profile in force.")
+    holder: Holder = Field("", description="Who asks (shown in the status and the events).")
+    model: Name | None = Field(None, description="Model it must serve; none = whatever it serves.")
+    ttl_s: float = Field(DEFAULT_TTL_S, gt=0, le=MAX_TTL_S, description="Lifetime once granted; renew to extend.")
+    gpu: int | None = Field(None, ge=0, le=1024, description="GPU index it must be on; none = any.")
+    wait_s: float = Field(
+        DEFAULT_WAIT_S, ge=0, le=MAX_WAIT_S,
+        description="How long to wait for a start (or a free slot) before answering 503 with the reason.",
+    )
+
+
+class RenewRequest(_Request):
+    """``POST /v1/leases/{id}/renew``: the lease ends ``ttl_s`` from now."""
+
+    ttl_s: float = Field(DEFAULT_TTL_S, gt=0, le=MAX_TTL_S, description="New lifetime from now.")
+
+
+class LeaseOut(_Response):
+    """A granted lease: where to reach the service and until when."""
+
+    id: str
+    service: str
+    holder: str = ""
+    url: str | None = Field(None, description="http://127.0.0.1:{host_port} of the instance; none for slots.")
+    gpu: int | None = None
+    mb: int = Field(0, description="VRAM that backs the lease: the service's reservation (max_mb), or a VRAM lease's mb.")
+    model: str | None = None
+    expires_at: str | None = Field(None, description="ISO 8601 UTC; none = until released.")
+    kind: Literal["service", "vram"] = "service"
+
+
+class Released(_Response):
+    released: bool = True
+    id: str
+
+
+class Problem(_Response):
+    """Every error answer: ``detail`` says what is wrong in words (422: a list of located messages)."""
+
+    detail: Any
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+class GpuStatus(_Response):
+    """One GPU. ``reserved_started_mb + adopted_mb + leased_mb + foreign_mb + free_mb ≤ total_mb``
+    (``free_mb`` is also capped by what NVML reports free)."""
+
+    index: int
+    name: str = ""
+    total_mb: int
+    reserved_started_mb: int = Field(description="Reserved by instances the reconciler started (max(max_mb, used)).")
+    adopted_mb: int = Field(description="Held by adopted instances (their observed usage, else max_mb).")
+    leased_mb: int = Field(description="Held by VRAM leases (cf-orch /api/leases) and leased unmanaged slots.")
+    foreign_mb: int = Field(description="Used by processes no instance accounts for.")
+    free_mb: int = Field(description="What a start could still take (DESIGN §3 free).")
+    used_mb: int = Field(description="What NVML reports used.")
+
+
+class InstanceStatus(_Response):
+    service: str
+    state: str = Field(description="starting | running | stopping | failed (the inventory's state).")
+    healthy: bool = Field(description="The last health probe answered 2xx.")
+    url: str | None = Field(None, description="http://127.0.0.1:{host_port}, when the service has a port.")
+    gpu: int | None = None
+    origin: Literal["started", "adopted"]
+    pid: int | None = None
+    model: str | None = None
+    leases: int = Field(description="Leases held on it now.")
+    max_concurrent: int = Field(description="Most leases it may hold at once.")
+    uptime_s: float | None = Field(None, description="Seconds since it entered its state.")
+    last_error: str | None = Field(None, description="The last failure (start, health), when there was one.")
+    stalled: bool = Field(False, description="Backing off after repeated failures (invariant 6).")
+
+
+class ServiceStatus(_Response):
+    """A service of the profile, running or not."""
+
+    service: str
+    priority: int
+    max_mb: int
+    managed: Literal["process", "docker", "unmanaged"]
+    always_on: bool
+    max_concurrent: int
+    url: str | None = None
+    running: bool = Field(description="It has a live instance.")
+
+
+class LeaseStatus(_Response):
+    id: str
+    kind: Literal["service", "vram"]
+    service: str
+    holder: str
+    gpu: int | None
+    mb: int
+    model: str | None
+    expires_at: str | None
+    remaining_s: float | None = Field(description="Seconds left; none = until released.")
+
+
+class DemandStatus(_Response):
+    id: str
+    service: str
+    holder: str
+    model: str | None
+    requested_at: str | None
+    waited_s: float | None
+    reason: str = Field(description="Why it waits: the plan's pending reason, or what the plan does for it.")
+
+
+class PendingStatus(_Response):
+    service: str
+    demand: str | None = None
+    reason: str
+
+
+class Condition(_Response):
+    """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
+
+    type: Literal["converged", "pending", "stalled", "observed"]
+    ok: bool
+    service: str | None = None
+    message: str
+
+
+class Status(_Response):
+    """``GET /v1/status``."""
+
+    node: str
+    profile: str
+    observed_at: str | None = Field(description="When the host was last observed (the last pass's snapshot).")
+    now: str = Field(description="The server's clock when this document was made.")
+    gpus: list[GpuStatus]
+    services: list[ServiceStatus]
+    instances: list[InstanceStatus]
+    leases: list[LeaseStatus]
+    demands: list[DemandStatus]
+    pending: list[PendingStatus] = Field(description="The plan's pending items (demands and services).")
+    plan: dict[str, Any] | None = Field(description="The last pass's plan, as `reconciler plan --format json`.")
+    conditions: list[Condition]
