@@ -1,0 +1,417 @@
+// The reconciler dashboard: GET v1/status on load, then live from the SSE stream v1/events.
+//
+// Every value from the server reaches the page as text (textContent, text nodes, setAttribute
+// on fixed attribute names); nothing is ever parsed as HTML. Links are made only for http(s) URLs.
+"use strict";
+
+(function () {
+  const EVENTS_MAX = 200;          // event log entries kept (newest first)
+  const REFRESH_DEBOUNCE_MS = 120; // events arriving together cause one status fetch
+  const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
+  const TICK_MS = 250;             // countdowns (lease TTL, uptime)
+
+  // Event kinds the server may name in "event: <kind>" lines. EventSource delivers a named
+  // event only to a listener for that name, so we listen to each of these and to unnamed ones.
+  const KINDS = [
+    "action.started", "action.finished", "instance.adopted", "instance.failed", "instance.forgotten",
+    "instance.gone", "instance.healthy", "instance.launched", "instance.released", "instance.stopped",
+    "instance.unloaded", "instance.stalled", "intent.recovered", "lease.granted", "lease.renewed",
+    "lease.released", "lease.expired", "lease.denied", "demand.added", "demand.withdrawn", "demand.created", "demand.queued", "demand.dropped",
+    "demand.pending", "demand.granted", "demand.failed", "demand.cancelled", "pass", "pass.started",
+    "pass.finished", "pass.failed", "profile.reloaded", "profile.rejected", "watch.started",
+    "watch.degraded", "watch.stopped", "plan", "plan.changed", "status", "status.changed", "condition",
+    "conditions", "allocation.created", "allocation.released", "message",
+  ];
+  // Kinds that change nothing the page shows: logged, but no status re-fetch.
+  const QUIET = new Set(["ping", "heartbeat", "keepalive", "hello"]);
+
+  const state = {
+    status: null,
+    fetchedAt: 0,      // performance.now() when `status` arrived
+    renders: 0,        // how many times the page was rendered from a status (tests read it)
+    events: 0,         // events received on the stream
+    fetching: false,
+    again: false,
+    timer: null,
+    source: null,
+  };
+  window.reconcilerDashboard = state;
+
+  // ---- DOM helpers (text only) ------------------------------------------------------------
+
+  function $(id) { return document.getElementById(id); }
+
+  // el("td", {class: "x", title: "…"}, "text", otherNode, …): strings become text nodes.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "dataset") Object.assign(node.dataset, value);
+      else node.setAttribute(name, String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function setText(id, value) { $(id).textContent = value === null || value === undefined ? "—" : String(value); }
+
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+
+  function show(id, visible) { $(id).hidden = !visible; }
+
+  function list(value) { return Array.isArray(value) ? value : []; }
+
+  function dash(value) { return value === null || value === undefined || value === "" ? "—" : String(value); }
+
+  // ---- formatting -------------------------------------------------------------------------
+
+  const number = new Intl.NumberFormat("en-US");
+  function mb(value) { return number.format(Math.round(Number(value) || 0)) + " MB"; }
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined || !isFinite(seconds)) return "—";
+    let s = Math.max(0, Math.floor(seconds));
+    const d = Math.floor(s / 86400); s -= d * 86400;
+    const h = Math.floor(s / 3600); s -= h * 3600;
+    const m = Math.floor(s / 60); s -= m * 60;
+    if (d) return `${d}d ${h}h`;
+    if (h) return `${h}h ${String(m).padStart(2, "0")}m`;
+    if (m) return `${m}m ${String(s).padStart(2, "0")}s`;
+    return `${s}s`;
+  }
+
+  function clock(ts) {
+    const date = ts ? new Date(ts) : new Date();
+    if (isNaN(date.getTime())) return String(ts);
+    return date.toLocaleTimeString("en-GB", { hour12: false });
+  }
+
+  // seconds since the status arrived, for values that count on between fetches
+  function elapsed() { return (performance.now() - state.fetchedAt) / 1000; }
+
+  function safeUrl(url) {
+    if (typeof url !== "string") return null;
+    try {
+      const parsed = new URL(url, window.location.href);
+      return parsed.protocol === "http:" || parsed.protocol === "https:" ? parsed.href : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // ---- rendering --------------------------------------------------------------------------
+
+  function render(status) {
+    setText("node", status.node);
+    setText("profile", status.profile);
+    setText("updated", clock());
+    renderConditions(status.conditions);
+    renderGpus(list(status.gpus), list(status.instances));
+    renderInstances(list(status.instances), list(status.services));
+    renderLeases(list(status.leases));
+    renderPending(list(status.demands), list(status.pending));
+    renderPlan(status.plan);
+    state.renders += 1;
+    document.body.dataset.renders = String(state.renders);
+  }
+
+  // conditions: [{type, ok, service, message}] (reconciler/api/README.md); pending ones are in "Pending"
+  function renderConditions(conditions) {
+    const ul = $("conditions");
+    clear(ul);
+    let shown = 0;
+    for (const c of list(conditions)) {
+      if (!c || typeof c !== "object" || c.type === "pending") continue;
+      const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet" })[c.type] || dash(c.type);
+      ul.append(el("li", { class: c.ok ? "cond cond-ok" : "cond cond-bad", dataset: { type: String(c.type) } },
+        el("strong", {}, name), c.service ? ` ${c.service}` : "", c.message ? ` · ${c.message}` : ""));
+      shown += 1;
+    }
+    ul.hidden = shown === 0;
+  }
+
+  function renderGpus(gpus, instances) {
+    const box = $("gpus");
+    clear(box);
+    if (!gpus.length) {
+      box.append(el("p", { class: "empty" }, "No GPUs reported."));
+      return;
+    }
+    for (const gpu of gpus) {
+      const total = Math.max(0, Number(gpu.total_mb) || 0);
+      const parts = [
+        ["started", "reserved by started services", Number(gpu.reserved_started_mb) || 0],
+        ["adopted", "adopted", Number(gpu.adopted_mb) || 0],
+        ["leased", "VRAM leases", Number(gpu.leased_mb) || 0],
+        ["foreign", "foreign", Number(gpu.foreign_mb) || 0],
+        ["free", "free", Number(gpu.free_mb) || 0],
+      ];
+      const onGpu = instances.filter((i) => i.gpu === gpu.index);
+      const names = (origin) => onGpu.filter((i) => i.origin === origin).map((i) => i.service);
+      const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${gpu.index} memory` });
+      const scale = Math.max(total, parts.reduce((sum, p) => sum + p[2], 0)) || 1;
+      for (const [key, label, value] of parts) {
+        if (value <= 0) continue;
+        const who = key === "started" || key === "adopted" ? names(key) : [];
+        const pct = (100 * value) / scale;
+        const seg = el("div", {
+          class: `seg seg-${key}`,
+          title: `${label}: ${mb(value)}${who.length ? " (" + who.join(", ") + ")" : ""}`,
+          dataset: { part: key, mb: String(value) },
+        });
+        seg.style.width = `${pct.toFixed(3)}%`; // CSSOM, not a style attribute: allowed by a strict CSP
+        if (pct >= 9) seg.append(el("span", { class: "seg-label" }, mb(value)));
+        bar.append(seg);
+      }
+      const numbers = el("ul", { class: "gpu-numbers" });
+      for (const [key, label, value] of parts) {
+        const who = key === "started" || key === "adopted" ? names(key) : [];
+        numbers.append(el("li", { dataset: { part: key } }, el("span", { class: `swatch seg-${key}` }),
+          `${label} `, el("b", {}, mb(value)), who.length ? ` · ${who.join(", ")}` : ""));
+      }
+      box.append(el("div", { class: "gpu", dataset: { gpu: String(gpu.index) } },
+        el("div", { class: "gpu-head" },
+          el("span", { class: "gpu-name" }, `GPU ${dash(gpu.index)}`, gpu.name ? el("span", { class: "muted" }, ` · ${gpu.name}`) : null),
+          el("span", { class: "gpu-total" }, `${mb(gpu.free_mb)} free of ${mb(total)}`)),
+        bar, numbers));
+    }
+  }
+
+  function stateBadge(value) {
+    const text = dash(value);
+    return el("span", { class: `badge state-${text.replace(/[^a-z0-9_-]/gi, "")}` }, text);
+  }
+
+  // one row per instance, then the profile's services that have none (greyed)
+  function renderInstances(instances, services) {
+    const tbody = $("instances").querySelector("tbody");
+    clear(tbody);
+    const sorted = instances.slice().sort((a, b) => String(a.service).localeCompare(String(b.service)));
+    const running = new Set(sorted.map((i) => i.service));
+    const idle = services.filter((s) => !running.has(s.service))
+      .sort((a, b) => String(a.service).localeCompare(String(b.service)));
+    for (const inst of sorted) {
+      const href = safeUrl(inst.url);
+      const url = href ? el("a", { href, target: "_blank", rel: "noopener noreferrer" }, inst.url) : dash(inst.url);
+      const leases = Array.isArray(inst.leases) ? inst.leases.length : inst.leases;
+      const uptime = el("td", { class: "num uptime" }, duration(inst.uptime_s));
+      if (typeof inst.uptime_s === "number") uptime.dataset.base = String(inst.uptime_s);
+      const error = inst.last_error ? el("td", { class: "error", title: inst.last_error }, inst.last_error)
+        : el("td", { class: "error muted" }, "—");
+      const badges = [stateBadge(inst.state)];
+      if (inst.healthy === false && inst.state === "running") badges.push(" ", el("span", { class: "badge state-failed" }, "unhealthy"));
+      if (inst.stalled) badges.push(" ", el("span", { class: "badge state-stalled" }, "stalled"));
+      tbody.append(el("tr", { dataset: { service: String(inst.service) } },
+        el("td", { class: "service" }, dash(inst.service)),
+        el("td", { class: "state" }, ...badges),
+        el("td", { class: "url" }, url),
+        el("td", { class: "num gpu" }, dash(inst.gpu)),
+        el("td", { class: "origin" }, el("span", { class: `tag origin-${inst.origin === "adopted" ? "adopted" : "started"}` }, dash(inst.origin))),
+        el("td", { class: "model" }, dash(inst.model)),
+        el("td", { class: "num leases" }, typeof inst.max_concurrent === "number" ? `${dash(leases)}/${inst.max_concurrent}` : dash(leases)),
+        uptime,
+        error));
+    }
+    for (const svc of idle) {
+      tbody.append(el("tr", { class: "idle", dataset: { service: String(svc.service) } },
+        el("td", { class: "service" }, dash(svc.service)),
+        el("td", { class: "state" }, el("span", { class: "badge" }, "not running")),
+        el("td", { class: "url" }, dash(svc.url)),
+        el("td", { class: "num gpu" }, "—"),
+        el("td", { class: "origin muted" }, svc.managed === "unmanaged" ? "unmanaged slot" : "—"),
+        el("td", { class: "model" }, "—"),
+        el("td", { class: "num leases" }, `0/${dash(svc.max_concurrent)}`),
+        el("td", { class: "num uptime" }, "—"),
+        el("td", { class: "error muted" }, "—")));
+    }
+    setText("instances-count", instances.length ? `${instances.length} running of ${instances.length + idle.length}` : "");
+    show("instances-empty", !instances.length && !idle.length);
+  }
+
+  function remainingOf(lease) {
+    if (typeof lease.remaining_s === "number") return lease.remaining_s;
+    if (lease.expires_at) return (Date.parse(lease.expires_at) - Date.now()) / 1000;
+    return null;
+  }
+
+  function renderLeases(leases) {
+    const tbody = $("leases").querySelector("tbody");
+    clear(tbody);
+    for (const lease of leases) {
+      const remaining = remainingOf(lease);
+      const cell = el("td", { class: "num remaining", title: lease.expires_at ? `expires ${lease.expires_at}` : null },
+        remaining === null ? "no expiry" : duration(remaining));
+      if (remaining !== null) cell.dataset.base = String(remaining);
+      tbody.append(el("tr", { dataset: { lease: String(lease.id) } },
+        el("td", { class: "id mono" }, dash(lease.id)),
+        el("td", { class: "service" }, dash(lease.service)),
+        el("td", { class: "holder" }, dash(lease.holder)),
+        el("td", { class: "num gpu" }, dash(lease.gpu)),
+        el("td", { class: "model" }, dash(lease.model)),
+        cell));
+    }
+    setText("leases-count", leases.length ? String(leases.length) : "");
+    show("leases-empty", !leases.length);
+  }
+
+  // waiting demands (with holder and reason), then the plan's other pending items (a service
+  // whose port a squatter holds, one that does not fit, …)
+  function renderPending(demands, pending) {
+    const items = demands.map((d) => ({ id: d.id, service: d.service, holder: d.holder, reason: d.reason, waited: d.waited_s }));
+    const ids = new Set(items.map((d) => d.id));
+    for (const p of pending) {
+      if (!(p.demand && ids.has(p.demand))) items.push({ id: p.demand, service: p.service, holder: null, reason: p.reason });
+    }
+    const ul = $("pending");
+    clear(ul);
+    for (const item of items) {
+      ul.append(el("li", { dataset: { service: String(item.service) } },
+        el("div", { class: "pending-head" },
+          el("strong", {}, dash(item.service)),
+          item.holder ? el("span", { class: "muted" }, ` for ${item.holder}`) : null,
+          typeof item.waited === "number" ? el("span", { class: "muted" }, ` · waiting ${duration(item.waited)}`) : null),
+        el("div", { class: "reason" }, dash(item.reason))));
+    }
+    setText("pending-count", items.length ? String(items.length) : "");
+    show("pending-empty", !items.length);
+  }
+
+  const SYMBOLS = { adopt: "⇐", start: "+", restart: "↻", stop: "−", evict: "✕", lease: "→", release: "←" };
+
+  function renderPlan(plan) {
+    const ol = $("plan");
+    clear(ol);
+    const actions = list(plan && plan.actions);
+    for (const action of actions) {
+      const kind = String(action.kind || "");
+      const bits = [];
+      if (action.gpu !== undefined && action.gpu !== null) bits.push(`GPU ${action.gpu}`);
+      if (action.mb) bits.push(mb(action.mb));
+      if (list(action.requires).length) bits.push(`after ${action.requires.join(", ")}`);
+      ol.append(el("li", { class: `action kind-${kind.replace(/[^a-z]/g, "")}`, dataset: { action: String(action.id || kind) } },
+        el("span", { class: "symbol", "aria-hidden": "true" }, SYMBOLS[kind] || "•"),
+        el("div", {},
+          el("div", {}, el("strong", {}, kind), " ", dash(action.service),
+            bits.length ? el("span", { class: "muted" }, ` · ${bits.join(" · ")}`) : null),
+          el("div", { class: "reason" }, dash(action.reason)))));
+    }
+    const summary = plan && plan.summary && typeof plan.summary === "object"
+      ? Object.entries(plan.summary).filter(([, n]) => n).map(([k, n]) => `${n} ${k}`).join(", ") : "";
+    setText("plan-summary", summary);
+    show("plan-empty", !actions.length);
+  }
+
+  // countdowns between fetches: lease TTLs go down, uptimes go up
+  function tick() {
+    if (!state.status) return;
+    const dt = elapsed();
+    for (const cell of document.querySelectorAll("#leases td.remaining[data-base]")) {
+      const left = Number(cell.dataset.base) - dt;
+      cell.textContent = left > 0 ? duration(left) : "expired";
+      cell.classList.toggle("soon", left > 0 && left < 30);
+      cell.classList.toggle("expired", left <= 0);
+    }
+    for (const cell of document.querySelectorAll("#instances td.uptime[data-base]")) {
+      cell.textContent = duration(Number(cell.dataset.base) + dt);
+    }
+  }
+
+  // ---- events -----------------------------------------------------------------------------
+
+  function summarize(data) {
+    if (data === null || data === undefined) return "";
+    if (typeof data !== "object") return String(data);
+    if (data.message) return String(data.message);
+    const skip = new Set(["id", "ts", "kind", "service", "message"]);
+    const parts = [];
+    for (const [key, value] of Object.entries(data)) {
+      if (skip.has(key) || value === null || value === undefined || value === "") continue;
+      if (Array.isArray(value) && !value.length) continue;
+      parts.push(`${key}=${typeof value === "object" ? JSON.stringify(value) : value}`);
+    }
+    const text = parts.join(" ");
+    return text.length > 240 ? text.slice(0, 239) + "…" : text;
+  }
+
+  function logEvent(kind, raw) {
+    let data = raw;
+    try { data = JSON.parse(raw); } catch (e) { /* plain text data */ }
+    const obj = data && typeof data === "object" ? data : {};
+    kind = kind && kind !== "message" ? kind : (obj.kind || "message");
+    const ol = $("events");
+    const severity = /fail|reject|degrad|error|stall|denied/.test(kind) ? "bad" : /granted|healthy|adopted|reloaded/.test(kind) ? "good" : "";
+    ol.prepend(el("li", { class: severity ? `ev ev-${severity}` : "ev", dataset: { kind } },
+      el("time", { class: "mono muted" }, clock(obj.ts)),
+      el("span", { class: "ev-kind mono" }, kind),
+      obj.service ? el("span", { class: "ev-service" }, String(obj.service)) : null,
+      el("span", { class: "ev-text" }, summarize(data))));
+    while (ol.children.length > EVENTS_MAX) ol.removeChild(ol.lastChild);
+    show("events-empty", false);
+    state.events += 1;
+    if (!QUIET.has(kind)) scheduleRefresh();
+  }
+
+  function connect() {
+    if (!window.EventSource) {
+      setConn("bad", "no live updates (polling)");
+      return;
+    }
+    const source = new EventSource("v1/events");
+    state.source = source;
+    source.onopen = () => { setConn("ok", "live"); scheduleRefresh(); };
+    source.onerror = () => setConn(source.readyState === EventSource.CLOSED ? "bad" : "wait",
+      source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…");
+    source.onmessage = (e) => logEvent(null, e.data);
+    for (const kind of KINDS) {
+      if (kind !== "message") source.addEventListener(kind, (e) => logEvent(kind, e.data));
+    }
+  }
+
+  function setConn(kind, text) {
+    const node = $("conn");
+    node.className = `conn conn-${kind}`;
+    node.textContent = text;
+  }
+
+  // ---- status fetching --------------------------------------------------------------------
+
+  function scheduleRefresh() {
+    if (state.timer !== null) return;
+    state.timer = setTimeout(() => { state.timer = null; refresh(); }, REFRESH_DEBOUNCE_MS);
+  }
+
+  async function refresh() {
+    if (state.fetching) { state.again = true; return; }
+    state.fetching = true;
+    try {
+      const response = await fetch("v1/status", { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (!response.ok) throw new Error(`GET /v1/status: ${response.status}`);
+      const status = await response.json();
+      state.status = status;
+      state.fetchedAt = performance.now();
+      render(status);
+      tick();
+      document.body.classList.remove("stale");
+    } catch (err) {
+      document.body.classList.add("stale");
+      setText("updated", `failed: ${err && err.message ? err.message : err}`);
+    } finally {
+      state.fetching = false;
+      if (state.again) { state.again = false; scheduleRefresh(); }
+    }
+  }
+
+  function init() {
+    setText("events-max", String(EVENTS_MAX));
+    refresh();
+    connect();
+    setInterval(tick, TICK_MS);
+    setInterval(refresh, FALLBACK_POLL_MS);
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
