@@ -336,7 +336,19 @@
     return text.length > 240 ? text.slice(0, 239) + "…" : text;
   }
 
-  function logEvent(kind, raw) {
+  // a reconnecting EventSource sends Last-Event-ID and the server replays what came after it:
+  // skip what we already logged
+  const seenIds = new Set();
+  function fresh(id) {
+    if (!id) return true;
+    if (seenIds.has(id)) return false;
+    seenIds.add(id);
+    if (seenIds.size > 4 * EVENTS_MAX) seenIds.delete(seenIds.values().next().value);
+    return true;
+  }
+
+  function logEvent(kind, raw, id) {
+    if (!fresh(id)) return;
     let data = raw;
     try { data = JSON.parse(raw); } catch (e) { /* plain text data */ }
     const obj = data && typeof data === "object" ? data : {};
@@ -364,9 +376,9 @@
     source.onopen = () => { setConn("ok", "live"); scheduleRefresh(); };
     source.onerror = () => setConn(source.readyState === EventSource.CLOSED ? "bad" : "wait",
       source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…");
-    source.onmessage = (e) => logEvent(null, e.data);
+    source.onmessage = (e) => logEvent(null, e.data, e.lastEventId);
     for (const kind of KINDS) {
-      if (kind !== "message") source.addEventListener(kind, (e) => logEvent(kind, e.data));
+      if (kind !== "message") source.addEventListener(kind, (e) => logEvent(kind, e.data, e.lastEventId));
     }
   }
 
