@@ -33,17 +33,7 @@ MODELINES = {
 }
 
 # scenario directory name → what the planner does differently from DESIGN.
-KNOWN_DISCREPANCIES: dict[str, str] = {
-    "42-dead-instance-pid-reused": "planner: the start's reason says pid 2001 'is gone', but it exists "
-    "(reused by another process, create_time differs); the reason must say so",
-    "48-restart-needs-more-memory": "planner: a restart reserves the new max_mb without checking that it fits "
-    "(8644 MB reserved on an 8192 MB GPU); DESIGN §3 requires evicting comfyui (priority 4) first",
-    "59-container-memory-is-not-foreign": "planner: a started container (no pid, memory unattributed) "
-    "reserves 6144 MB and its 6000 MB of usage is counted again as foreign (free 0, not 2048), so "
-    "embed is pending instead of started",
-    "53-evict-cpu-dependent": "planner: evicting a CPU-only dependent reads 'frees 0 MB on GPU None'; "
-    "the reason must say it goes with the service it depends on",
-}
+KNOWN_DISCREPANCIES: dict[str, str] = {}
 
 
 def _param(scenario: Path):

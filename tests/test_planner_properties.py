@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 
 from reconciler.core.planner import plan
@@ -9,7 +11,7 @@ from reconciler.core.simulate import simulate
 from reconciler.core.world import World, capacity
 from tests.strategies import worlds
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def committed(world: World, gpu: int) -> int:
@@ -65,7 +67,11 @@ def test_planning_the_simulated_result_converges_in_one_step(case):
     profile, snapshot = case
     first = plan(profile, snapshot)
     second = plan(profile, simulate(profile, snapshot, first))
-    assert second.actions == [], [f"{a.id}: {a.reason}" for a in second.actions]
+    assert second.actions == [], "\n".join([
+        profile.model_dump_json(exclude_defaults=True), snapshot.model_dump_json(exclude_defaults=True),
+        *(f"first: {a.id}: {a.reason}" for a in first.actions),
+        *(f"first pending: {p.service}: {p.reason}" for p in first.pending),
+        *(f"second: {a.id}: {a.reason}" for a in second.actions)])
     if not second.pending:
         assert second.exit_code == 0
     else:

@@ -52,7 +52,7 @@ def place(
         options = options_on(gpu)
         choice = choose_eviction(options.candidates, options.closures, need - free[gpu])
         if choice is None:
-            refusals.append(_refusal(need, gpu, free[gpu], options))
+            refusals.append(refusal(need, gpu, free[gpu], options))
             continue
         key = (cost_key(choice, options.candidates), gpu)
         if best_key is None or key < best_key:
@@ -60,7 +60,7 @@ def place(
     return best if best is not None else " | ".join(refusals)
 
 
-def _refusal(need: int, gpu: int, free: int, options: EvictionOptions) -> str:
+def refusal(need: int, gpu: int, free: int, options: EvictionOptions) -> str:
     parts = [f"needs {need} MB on GPU {gpu}, {free} free"]
     if options.candidates:
         freed = sum(c.mb for c in options.candidates.values())

@@ -24,11 +24,11 @@ from __future__ import annotations
 import networkx as nx
 
 from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
-from reconciler.core.eviction import Candidate
+from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.launch import launch_spec
-from reconciler.core.placement import EvictionOptions, Placement, place
+from reconciler.core.placement import EvictionOptions, Placement, refusal, place
 from reconciler.core.plan import ACTION_KINDS, Action, GpuSummary, Pending, Plan
-from reconciler.core.profile import Profile, Service
+from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.snapshot import Demand, Instance, Snapshot
 from reconciler.core.templates import find_placeholders
 from reconciler.core.wanted import compute_wanted
@@ -69,6 +69,7 @@ class Planner:
         self.pending: list[Pending] = []
         self.free: dict[int, int] = {}
         self.granted: dict[str, int] = {}  # service → leases granted in this plan
+        self.released: set[str] = set()  # lease ids released in this plan
         self.ready: dict[str, str | None] = {}  # service → action it waits for (None: live already)
         self.models: dict[str, str | None] = {}  # service → model it will serve
         self.gpu_of: dict[str, int | None] = {}
@@ -85,6 +86,11 @@ class Planner:
 
     def wait(self, service: str, reason: str, demand: str | None = None) -> None:
         self.pending.append(Pending(service=service, demand=demand, reason=reason))
+
+    def held(self, service: str) -> int:
+        """Leases the service holds once this plan is applied so far (kept + granted − released)."""
+        kept = [lease for lease in self.world.leases_of(service) if lease.id not in self.released]
+        return len(kept) + self.granted.get(service, 0)
 
     def reservation(self, service: str) -> int:
         gpu = self.gpu_of.get(service)
@@ -182,14 +188,23 @@ class Planner:
         if desired is not None and desired != instance.launch:
             self._restart(name, instance, instance.model, _describe_launch_change(instance.launch, desired))
 
-    def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str:
+    def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
+        """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
         spec = self.profile.services[name]
         gpu = instance.gpu
-        if gpu is not None:
-            self.free[gpu] += self.reservation(name) - spec.max_mb
         requires = [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
+        if gpu is not None:
+            room = self.free[gpu] + self.reservation(name)
+            if room < spec.max_mb:
+                options = self._eviction_options(name, gpu, spec.priority)
+                choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room)
+                if choice is None:
+                    self.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
+                    return None
+                requires += self._evict(Placement(gpu, choice), name, spec.priority)
+            self.free[gpu] += self.reservation(name) - spec.max_mb
         action_id = self.add("restart", name, name, reason, gpu=gpu, mb=spec.max_mb if gpu is not None else None,
-                             model=model, requires=requires)
+                             model=model, requires=sorted(set(requires)))
         self.ready[name] = action_id
         self.models[name] = model
         self.touched.add(name)
@@ -215,16 +230,20 @@ class Planner:
             spec = self.profile.services[name]
             queue = demands.pop(name, [])
             self.restart_if_changed(name)
-            if name not in self.world.instances and spec.managed is not None:
+            if spec.managed is not None and (name not in self.world.instances or self._moved(name, queue)):
                 self.start(name, spec, wanted[name], queue, effective[name])
             if spec.managed is None:
                 self.grant_slot(name, spec, queue, effective[name])
             else:
-                for demand in queue:
-                    self.grant(name, spec, demand)
+                self.grant_all(name, spec, queue)
         for name, queue in demands.items():
             for demand in queue:
                 self.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
+
+    def _moved(self, name: str, queue: list[Demand]) -> bool:
+        """An instance of ours evicted earlier in this pass that still has demands: start it elsewhere."""
+        instance = self.world.instances[name]
+        return bool(queue) and f"evict:{name}" in self.actions and instance.origin == "started"
 
     def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
         blocked = [d for d in spec.depends_on if d in self.failed]
@@ -238,6 +257,8 @@ class Planner:
         if conflict:
             return self._unreachable(name, queue, conflict)
         gpu, requires = None, [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
+        if f"evict:{name}" in self.actions:
+            requires.append(f"evict:{name}")  # the evicted instance still holds the port until it is gone
         if spec.max_mb > 0:
             if not self.world.gpus:
                 return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
@@ -250,7 +271,15 @@ class Planner:
             if self.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
                 requires += [a.id for a in stops]  # it needs the memory those stops give back
             self.free[gpu] -= spec.max_mb
-        detail = f"; was pid {dead.pid}, which is gone" if dead and dead.pid else ""
+        detail = ""
+        if dead is not None and dead.pid is not None:
+            process = self.world.processes.get(dead.pid)
+            if process is None:
+                detail = f"; was pid {dead.pid}, which is gone"
+            elif dead.create_time is not None and abs(process.create_time - dead.create_time) > 1:
+                detail = f"; was pid {dead.pid}, which now belongs to another process"
+            else:
+                detail = f"; its last instance (pid {dead.pid}) failed"
         where = f" on GPU {gpu} ({spec.max_mb} MB, {self.free[gpu]} MB left free)" if gpu is not None else ""
         self.ready[name] = self.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
                                     gpu=gpu, mb=spec.max_mb if gpu is not None else None, model=model,
@@ -273,7 +302,7 @@ class Planner:
             return None
         ours = {i.pid for i in self.world.instances.values() if i.pid is not None}
         holder = self.world.listener(port)
-        if holder is not None and holder.pid not in ours:
+        if holder is not None and self.world.owner_pid(holder.pid, ours) is None:
             command = " ".join(holder.cmdline[:3]) or "unknown command"
             return f"port {port} is held by pid {holder.pid} ({command}), which is not {name}'s instance"
         if holder is None and self.world.probe_healthy(name):
@@ -287,20 +316,25 @@ class Planner:
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:
         protected = dependencies_closure(self.graph, [requester])
         live = {n: i for n, i in self.world.instances.items() if n not in self.gone}
+        # leased unmanaged slots hold memory no driver can free: they are never evicted, and
+        # neither is anything they depend on
+        held_slots = {n for n, spec in self.profile.services.items()
+                      if spec.managed is None and self.held(n)}
 
         def evictable(name: str) -> bool:
             spec = self.profile.services.get(name)
-            return (spec is not None and spec.priority > priority and not spec.always_on
+            return (name in live and spec is not None and spec.priority > priority and not spec.always_on
                     and name not in self.touched and name not in protected and self._can_free(name, live[name]))
 
-        closures = {n: frozenset(dependents_closure(self.graph, [n]) & set(live)) for n in live}
+        holders = set(live) | held_slots
+        closures = {n: frozenset(dependents_closure(self.graph, [n]) & holders) for n in live}
         candidates: dict[str, Candidate] = {}
         blockers: list[str] = []
         for name in sorted(live):
             spec = self.profile.services.get(name)
             blocked = [m for m in sorted(closures[name]) if not evictable(m)]
             if not blocked:
-                busy = bool(self.world.leases_of(name)) or self.granted.get(name, 0) > 0
+                busy = self.held(name) > 0
                 mb = self.reservation(name) if live[name].gpu == gpu else 0
                 candidates[name] = Candidate(name, spec.priority, busy, mb)
             elif live[name].gpu == gpu and spec is not None:
@@ -321,9 +355,7 @@ class Planner:
         """Adopted instances are evictable only where a driver frees memory without killing (Ollama)."""
         if instance.origin == "started":
             return True
-        managed = self.profile.services[name].managed
-        exec_name = getattr(managed, "exec_path", "").rsplit("/", 1)[-1]
-        return exec_name == "ollama"
+        return is_ollama(self.profile.services[name])
 
     def _evict(self, placement: Placement, requester: str, priority: int) -> list[str]:
         ids = []
@@ -333,10 +365,14 @@ class Planner:
             how = " (its models are unloaded; the process keeps running)" if instance.origin == "adopted" else ""
             mb = self.reservation(name)
             adopting = [self.ready[name]] if (self.ready.get(name) or "").startswith("adopt:") else []
+            evicted_deps = [d for d in spec.depends_on if d in placement.eviction.services]
+            if instance.gpu == placement.gpu or not evicted_deps:
+                where = f"GPU {instance.gpu}" if instance.gpu is not None else "no GPU"
+                why = f"frees {mb} MB on {where} for {requester} (priority {priority})"
+            else:
+                why = f"depends on {', '.join(evicted_deps)}, which is evicted for {requester} (priority {priority})"
             action_id = self.add(
-                "evict", name, name,
-                f"frees {mb} MB on GPU {instance.gpu} for {requester} (priority {priority}); "
-                f"{name} has priority {spec.priority}{how}",
+                "evict", name, name, f"{why}; {name} has priority {spec.priority}{how}",
                 gpu=instance.gpu, mb=mb, requires=adopting,
             )
             self._free_up(name)
@@ -344,6 +380,7 @@ class Planner:
                 self.ready[name] = action_id
             ids.append(action_id)
             for lease in self.world.leases_of(name):
+                self.released.add(lease.id)
                 self.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
                          gpu=lease.gpu, lease=lease.id, requires=[action_id])
         for action_id in ids:  # dependents go first
@@ -353,16 +390,29 @@ class Planner:
             self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": requires})
         return ids
 
+    def grant_all(self, name: str, spec: Service, queue: list[Demand]) -> None:
+        """Grant in request order; when a grant restarts the instance, the ones that waited get another go."""
+        mark, ready_before = len(self.pending), self.ready.get(name)
+        for demand in queue:
+            self.grant(name, spec, demand)
+        if self.ready.get(name) != ready_before and len(self.pending) > mark:
+            waited = {item.demand for item in self.pending[mark:]}
+            del self.pending[mark:]
+            for demand in queue:
+                if demand.id in waited:
+                    self.grant(name, spec, demand)
+
     def grant(self, name: str, spec: Service, demand: Demand) -> None:
         if name in self.failed:
             return self.wait(name, self.failed[name], demand.id)
         instance = self.world.instances.get(name)
         unloaded = instance is not None and instance.origin == "adopted" and f"evict:{name}" in self.actions
-        if name in self.gone and not unloaded:  # an unloaded Ollama keeps running and serving
+        moved = (self.ready.get(name) or "").startswith("start:")
+        if name in self.gone and not unloaded and not moved:  # an unloaded Ollama keeps running and serving
             return self.wait(name, f"demand {demand.id} waits: {name} is evicted by this plan", demand.id)
         if instance is None and name not in self.ready:
             return self.wait(name, f"demand {demand.id}: {name} is not running", demand.id)
-        held = len(self.world.leases_of(name)) + self.granted.get(name, 0)
+        held = self.held(name)
         cap = capacity(spec)
         model = self.models.get(name, instance.model if instance else None)
         if model_bound(spec) and demand.model is not None and demand.model != model:
@@ -397,8 +447,9 @@ class Planner:
             self.actions[planned.id] = planned.model_copy(update={
                 "model": demand.model, "reason": f"{reason}; {_describe_launch_change(instance.launch, desired)}"})
             self.models[name] = demand.model
-        else:
-            self._restart(name, instance, demand.model, reason)
+        elif self._restart(name, instance, demand.model, reason) is None:
+            self.pending[-1] = Pending(service=name, demand=demand.id, reason=self.pending[-1].reason)
+            return False
         return True
 
     def grant_slot(self, name: str, spec: Service, queue: list[Demand], priority: int) -> None:
@@ -406,7 +457,7 @@ class Planner:
         held_leases = self.world.leases_of(name)
         cap = capacity(spec)
         for demand in queue:
-            held = len(held_leases) + self.granted.get(name, 0)
+            held = self.held(name)
             if held >= cap:
                 self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
                 continue
@@ -424,8 +475,10 @@ class Planner:
                 self.free[gpu] -= spec.max_mb
                 self.gpu_of[name] = gpu
             self.granted[name] = self.granted.get(name, 0) + 1
-            self.add("lease", demand.id, name, f"grant demand {demand.id}: unmanaged slot {name} "
-                     f"({spec.max_mb} MB reserved), {held + 1}/{cap} leases held", gpu=gpu, lease=demand.id,
+            holder = f" from {demand.holder}" if demand.holder else ""
+            reserved = f"{spec.max_mb} MB reserved" if gpu is not None else "no GPU memory"
+            self.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: unmanaged slot {name} "
+                     f"({reserved}), {held + 1}/{cap} leases held", gpu=gpu, lease=demand.id,
                      mb=spec.max_mb if gpu is not None else None, model=demand.model, requires=requires)
             self.touched.add(name)
 
@@ -437,7 +490,7 @@ class Planner:
         self.release_leases()
         self.adopt()
         self.world.account()
-        self.free = {g: view.free for g, view in self.world.gpus.items()}
+        self.free = {g: view.headroom for g, view in self.world.gpus.items()}
         self.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
         for holder_gpu, view in self.world.gpus.items():
             for key, holder in view.holders.items():

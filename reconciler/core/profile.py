@@ -12,6 +12,7 @@ references) is the loader's job, in :mod:`reconciler.loading`.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -151,6 +152,22 @@ class Service(_Strict):
     @property
     def adoptable(self) -> bool:
         return isinstance(self.managed, ProcessSpec) and self.managed.adopt
+
+
+def is_ollama(service: Service) -> bool:
+    """Ollama, by backend name, executable, image, or its characteristic health path.
+
+    An adopted Ollama is the one adopted service whose memory can be freed
+    without killing it (unload its models through its API), so it alone may be evicted.
+    """
+    managed = service.managed
+    if (service.backend or "").lower() == "ollama":
+        return True
+    if isinstance(managed, ProcessSpec) and PurePath(managed.exec_path).name.startswith("ollama"):
+        return True
+    if isinstance(managed, DockerSpec) and "ollama" in managed.image.split(":")[0].lower():
+        return True
+    return managed is not None and managed.health_path.rstrip("/") == "/api/tags"
 
 
 class Node(_Strict):

@@ -15,7 +15,7 @@ from datetime import timedelta
 from reconciler.core.launch import launch_spec
 from reconciler.core.plan import Action, Plan
 from reconciler.core.profile import Profile
-from reconciler.core.snapshot import Gpu, GpuProcess, Instance, Lease, Probe, Process, Snapshot
+from reconciler.core.snapshot import GpuProcess, Instance, Lease, Probe, Process, Snapshot
 
 
 class _Host:
@@ -54,7 +54,13 @@ class _Host:
             self.gpus[index] = g.model_copy(update={"processes": kept + add, "used_mb": used, "free_mb": None})
 
     def kill(self, instance: Instance) -> None:
-        if instance.pid is None:
+        if instance.pid is None:  # a container we cannot see into: its memory was unattributed
+            gpu = self.gpus.get(instance.gpu)
+            if gpu is not None:
+                unattributed = max(0, gpu.used_mb - sum(p.used_mb for p in gpu.processes))
+                spec = self.profile.services.get(instance.service)
+                freed = min(unattributed, spec.max_mb if spec else 0)
+                self.gpus[gpu.index] = gpu.model_copy(update={"used_mb": gpu.used_mb - freed, "free_mb": None})
             return
         tree = self._tree(instance.pid)
         self._set_usage(tree, None, None)

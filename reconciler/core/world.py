@@ -15,7 +15,9 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
   observed usage, or ``max_mb`` when NVML attributes nothing to it.
 * An adopted instance that NVML attributes nothing to reserves ``max_mb`` and
   absorbs up to that much of the unattributed usage, which is then not also
-  counted as foreign (DESIGN §3).
+  counted as foreign (DESIGN §3). So does a started instance without a pid
+  (a container whose processes this host cannot see): it is ours, and its
+  memory is what NVML shows unattributed.
 * Leased unmanaged slots reserve ``max_mb`` and VRAM-only leases their ``mb``.
   Their processes are not ours, so once they allocate, that usage is foreign
   *as well*: counted twice, on purpose. A lease is granted before its holder
@@ -44,6 +46,7 @@ class Holder:
     reservation: int
     attributed: bool
     origin: str  # started | adopted | slot | vram
+    absorbs: bool = False  # its usage shows up unattributed: it is not also foreign
 
 
 @dataclass
@@ -65,8 +68,13 @@ class GpuView:
         return sum(h.reservation for h in self.holders.values())
 
     @property
+    def headroom(self) -> int:
+        """``min(nvml_free, total − Σ reservations − foreign)``; negative when over-committed."""
+        return min(self.gpu.nvml_free_mb, self.total - self.reserved - self.foreign)
+
+    @property
     def free(self) -> int:
-        return max(0, min(self.gpu.nvml_free_mb, self.total - self.reserved - self.foreign))
+        return max(0, self.headroom)
 
 
 def is_alive(instance: Instance, snapshot: Snapshot, probe_healthy: bool) -> bool:
@@ -180,7 +188,8 @@ class World:
             if instance.gpu is None or instance.gpu not in self.gpus:
                 continue
             mb, attributed = self.reservation_for(service, instance, usage.get(service, {}))
-            holders.append(Holder(service, instance.gpu, mb, attributed, instance.origin))
+            absorbs = not attributed and (instance.origin == "adopted" or instance.pid is None)
+            holders.append(Holder(service, instance.gpu, mb, attributed, instance.origin, absorbs))
         holders.extend(self.lease_holders())
         for holder in holders:
             if holder.gpu in self.gpus:
@@ -192,7 +201,7 @@ class World:
                 p.used_mb for p in view.gpu.processes if self.owner_pid(p.pid, attributed_pids) is None
             )
             raw = unowned + max(0, view.gpu.used_mb - per_process)
-            absorbed = sum(h.reservation for h in view.holders.values() if h.origin == "adopted" and not h.attributed)
+            absorbed = sum(h.reservation for h in view.holders.values() if h.absorbs)
             view.foreign = max(0, raw - absorbed)
 
     def lease_holders(self) -> list[Holder]:

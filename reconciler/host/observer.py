@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
-from pathlib import PurePath
 
-from reconciler.core.profile import DockerSpec, ProcessSpec, Profile, Service
+from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.snapshot import (
     Demand,
     Gpu,
@@ -198,18 +197,6 @@ def is_alive(instance: Instance, by_pid: dict[int, Process]) -> bool:
     if process is None or instance.create_time is None:
         return False
     return abs(process.create_time - instance.create_time) <= IDENTITY_TOLERANCE_S
-
-
-def is_ollama(service: Service) -> bool:
-    """Ollama, by backend name, executable, image, or its characteristic health path."""
-    managed = service.managed
-    if (service.backend or "").lower() == "ollama":
-        return True
-    if isinstance(managed, ProcessSpec) and PurePath(managed.exec_path).name.startswith("ollama"):
-        return True
-    if isinstance(managed, DockerSpec) and "ollama" in managed.image.split(":")[0].lower():
-        return True
-    return managed is not None and managed.health_path.rstrip("/") == "/api/tags"
 
 
 def _collect(profile: Profile, instances: list[Instance], gpus: list[Gpu]) -> list[Process]:
