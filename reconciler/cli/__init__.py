@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from reconciler.errors import InputError, ReconcilerError
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Profiles (the demo's among them) may run Python services as ${RECONCILER_PYTHON}: the
+    # interpreter running the reconciler, for every command, so plan and apply agree with watch.
+    os.environ.setdefault("RECONCILER_PYTHON", sys.executable)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
