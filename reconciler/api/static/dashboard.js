@@ -126,8 +126,10 @@
     for (const c of list(conditions)) {
       if (!c || typeof c !== "object" || c.type === "pending") continue;
       const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet" })[c.type] || dash(c.type);
+      // "converged: nothing to do" under "converged" says it twice
+      const message = String(c.message || "").replace(new RegExp(`^${String(c.type).replace(/\W/g, "")}:\\s*`), "");
       ul.append(el("li", { class: c.ok ? "cond cond-ok" : "cond cond-bad", dataset: { type: String(c.type) } },
-        el("strong", {}, name), c.service ? ` ${c.service}` : "", c.message ? ` · ${c.message}` : ""));
+        el("strong", {}, name), c.service ? ` ${c.service}` : "", message ? ` · ${message}` : ""));
       shown += 1;
     }
     ul.hidden = shown === 0;
@@ -231,6 +233,12 @@
     show("instances-empty", !instances.length && !idle.length);
   }
 
+  // a UUID's first block is enough to tell leases apart on one screen (the full id is the tooltip)
+  function shortId(id) {
+    const text = dash(id);
+    return /^[0-9a-f]{8}-[0-9a-f-]{27}$/i.test(text) ? text.slice(0, 8) : text;
+  }
+
   function remainingOf(lease) {
     if (typeof lease.remaining_s === "number") return lease.remaining_s;
     if (lease.expires_at) return (Date.parse(lease.expires_at) - Date.now()) / 1000;
@@ -246,7 +254,7 @@
         remaining === null ? "no expiry" : duration(remaining));
       if (remaining !== null) cell.dataset.base = String(remaining);
       tbody.append(el("tr", { dataset: { lease: String(lease.id) } },
-        el("td", { class: "id mono" }, dash(lease.id)),
+        el("td", { class: "id mono", title: String(lease.id) }, shortId(lease.id)),
         el("td", { class: "service" }, dash(lease.service)),
         el("td", { class: "holder" }, dash(lease.holder)),
         el("td", { class: "num gpu" }, dash(lease.gpu)),
