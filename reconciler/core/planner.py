@@ -16,7 +16,9 @@ The planner walks the world once, in a fixed order, keeping a running per-GPU
    earlier in the pass is left alone.
 
 Anything wanted that cannot be reached goes to ``pending`` with a reason that
-names the numbers. The planner imports nothing that touches the host.
+names the numbers. Granting demands lives in :mod:`.granting`, the eviction
+choice in :mod:`.eviction`, placement in :mod:`.placement`. The planner
+imports nothing that touches the host.
 """
 
 from __future__ import annotations
@@ -25,41 +27,21 @@ import networkx as nx
 
 from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
 from reconciler.core.eviction import Candidate, choose_eviction
+from reconciler.core.granting import DemandGranting, describe_launch_change, model_bound
 from reconciler.core.launch import launch_spec
 from reconciler.core.placement import EvictionOptions, Placement, refusal, place
 from reconciler.core.plan import ACTION_KINDS, Action, GpuSummary, Pending, Plan
 from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.snapshot import Demand, Instance, Snapshot
-from reconciler.core.templates import find_placeholders
 from reconciler.core.wanted import compute_wanted
-from reconciler.core.world import World, capacity
+from reconciler.core.world import World
 
 
 def plan(profile: Profile, snapshot: Snapshot) -> Plan:
     return Planner(profile, snapshot).run()
 
 
-def model_bound(spec: Service) -> bool:
-    """Whether the launch spec uses ``{model}``: only then does a demand's model matter."""
-    managed = spec.managed
-    if managed is None:
-        return False
-    texts = [getattr(managed, "args_template", ""), getattr(managed, "command_template", ""), *managed.env.values()]
-    return any("model" in find_placeholders(t) for t in texts)
-
-
-def _describe_launch_change(old, new) -> str:
-    changes = []
-    for field in ("argv", "cwd", "env", "port", "image"):
-        before, after = getattr(old, field), getattr(new, field)
-        if before != after:
-            if field == "argv":
-                before, after = " ".join(before), " ".join(after)
-            changes.append(f"{field} {before!r} → {after!r}")
-    return "launch spec changed: " + "; ".join(changes)
-
-
-class Planner:
+class Planner(DemandGranting):
     def __init__(self, profile: Profile, snapshot: Snapshot):
         self.profile = profile
         self.snapshot = snapshot
@@ -186,7 +168,7 @@ class Planner:
             return
         desired = launch_spec(name, self.profile.services[name], instance.gpu, instance.model)
         if desired is not None and desired != instance.launch:
-            self._restart(name, instance, instance.model, _describe_launch_change(instance.launch, desired))
+            self._restart(name, instance, instance.model, describe_launch_change(instance.launch, desired))
 
     def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
@@ -389,98 +371,6 @@ class Planner:
             requires = sorted(set(self.actions[action_id].requires) | set(deps))
             self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": requires})
         return ids
-
-    def grant_all(self, name: str, spec: Service, queue: list[Demand]) -> None:
-        """Grant in request order; when a grant restarts the instance, the ones that waited get another go."""
-        mark, ready_before = len(self.pending), self.ready.get(name)
-        for demand in queue:
-            self.grant(name, spec, demand)
-        if self.ready.get(name) != ready_before and len(self.pending) > mark:
-            waited = {item.demand for item in self.pending[mark:]}
-            del self.pending[mark:]
-            for demand in queue:
-                if demand.id in waited:
-                    self.grant(name, spec, demand)
-
-    def grant(self, name: str, spec: Service, demand: Demand) -> None:
-        if name in self.failed:
-            return self.wait(name, self.failed[name], demand.id)
-        instance = self.world.instances.get(name)
-        unloaded = instance is not None and instance.origin == "adopted" and f"evict:{name}" in self.actions
-        moved = (self.ready.get(name) or "").startswith("start:")
-        if name in self.gone and not unloaded and not moved:  # an unloaded Ollama keeps running and serving
-            return self.wait(name, f"demand {demand.id} waits: {name} is evicted by this plan", demand.id)
-        if instance is None and name not in self.ready:
-            return self.wait(name, f"demand {demand.id}: {name} is not running", demand.id)
-        held = self.held(name)
-        cap = capacity(spec)
-        model = self.models.get(name, instance.model if instance else None)
-        if model_bound(spec) and demand.model is not None and demand.model != model:
-            if not self._switch_model(name, instance, demand, model, held, cap):
-                return
-            model = demand.model
-        if held >= cap:
-            return self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
-        waits_for = self.ready.get(name)
-        if waits_for is None and not self.world.healthy(name):
-            state = instance.state if instance.state != "running" else "not healthy"
-            return self.wait(name, f"demand {demand.id} waits: {name} is {state}", demand.id)
-        self.granted[name] = self.granted.get(name, 0) + 1
-        how = f"once {waits_for} is done" if waits_for else f"{name} is running and healthy"
-        holder = f" from {demand.holder}" if demand.holder else ""
-        self.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: {how}, {held + 1}/{cap} leases held",
-                 gpu=self.gpu_of.get(name), lease=demand.id, model=model,
-                 requires=[waits_for] if waits_for else [])
-        self.touched.add(name)
-
-    def _switch_model(self, name, instance, demand, model, held, cap) -> bool:
-        """Restart an idle instance of ours for the demand's model; a busy one keeps serving."""
-        planned = self.actions.get(self.ready.get(name) or "")
-        if held > 0 or instance is None or instance.origin != "started" or (planned and planned.kind == "start"):
-            who = "adopted and serves" if instance is not None and instance.origin == "adopted" else "serves"
-            self.wait(name, f"demand {demand.id} needs model {demand.model}; {name} {who} {model} "
-                            f"with {held}/{cap} leases held, so it waits", demand.id)
-            return False
-        reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {model}"
-        if planned is not None and planned.kind == "restart":
-            desired = launch_spec(name, self.profile.services[name], instance.gpu, demand.model)
-            self.actions[planned.id] = planned.model_copy(update={
-                "model": demand.model, "reason": f"{reason}; {_describe_launch_change(instance.launch, desired)}"})
-            self.models[name] = demand.model
-        elif self._restart(name, instance, demand.model, reason) is None:
-            self.pending[-1] = Pending(service=name, demand=demand.id, reason=self.pending[-1].reason)
-            return False
-        return True
-
-    def grant_slot(self, name: str, spec: Service, queue: list[Demand], priority: int) -> None:
-        """Leases on an unmanaged slot: the first one reserves max_mb on a GPU, nothing is started."""
-        held_leases = self.world.leases_of(name)
-        cap = capacity(spec)
-        for demand in queue:
-            held = self.held(name)
-            if held >= cap:
-                self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
-                continue
-            gpu, requires = (held_leases[0].gpu if held_leases else self.gpu_of.get(name)), []
-            if gpu is None and spec.max_mb > 0:
-                if not self.world.gpus:
-                    self.wait(name, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU", demand.id)
-                    continue
-                placement = self._place(name, spec, demand, priority, None)
-                if isinstance(placement, str):
-                    self.wait(name, placement, demand.id)
-                    continue
-                gpu = placement.gpu
-                requires = self._evict(placement, name, priority)
-                self.free[gpu] -= spec.max_mb
-                self.gpu_of[name] = gpu
-            self.granted[name] = self.granted.get(name, 0) + 1
-            holder = f" from {demand.holder}" if demand.holder else ""
-            reserved = f"{spec.max_mb} MB reserved" if gpu is not None else "no GPU memory"
-            self.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: unmanaged slot {name} "
-                     f"({reserved}), {held + 1}/{cap} leases held", gpu=gpu, lease=demand.id,
-                     mb=spec.max_mb if gpu is not None else None, model=demand.model, requires=requires)
-            self.touched.add(name)
 
     # --- the whole pass --------------------------------------------------------
 
