@@ -17,7 +17,7 @@ EXIT_USAGE = 64
 EXIT_ERROR = 1
 
 # Each module defines register(subparsers); order is the order of --help.
-COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch")
+COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why")
 
 
 class _Parser(argparse.ArgumentParser):

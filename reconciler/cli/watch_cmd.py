@@ -62,6 +62,7 @@ from reconciler.runtime.watcher import (
 from reconciler.store import default_state_dir, open_store
 
 PYTHON_ENV = "RECONCILER_PYTHON"
+DEFAULT_LISTEN = "127.0.0.1:7700"  # the API's (reconciler.api.auth.DEFAULT_LISTEN; not imported: watch stays light)
 PASS_BUDGET_S = 2.0  # a pass stops waiting for slow starts after this; later passes finish them
 STARTING_POLL_S = 0.3  # how soon to look again while an instance is still starting
 STOP_GRACE_S = 5.0  # after SIGINT/SIGTERM, a pass in flight gets this long (plus eviction_timeout_s)
@@ -77,6 +78,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Converge the host to the profile, then again on every saved change, every --resync "
         "seconds and whenever a service dies. Ctrl-C exits and leaves the services running.",
     )
+    add_arguments(parser)
+    parser.add_argument(
+        "--api", nargs="?", const=DEFAULT_LISTEN, default=None, metavar="HOST:PORT",
+        help=f"also serve the HTTP API and dashboard (default address {DEFAULT_LISTEN}); see `reconciler serve`",
+    )
+    add_token_argument(parser)
+    parser.set_defaults(func=run)
+
+
+def add_token_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token-file", metavar="FILE",
+        help="a file holding the API token: mutating calls then need 'Authorization: Bearer <token>' "
+        "(required to listen off loopback)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The watch loop's options (``watch`` and ``serve`` share them)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", metavar="FILE", help="the profile (YAML)")
     source.add_argument(
@@ -92,7 +112,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-empty", action="store_true", help="accept a profile without services (it stops everything)"
     )
-    parser.set_defaults(func=run)
 
 
 def _positive(text: str) -> float:
@@ -205,13 +224,21 @@ class Watch:
         self.grace_s = STOP_GRACE_S
         self.signal_name: str | None = None
         self.passes = 0
+        self.profile: Profile | None = None  # the profile in force (the API reads it)
 
     async def main(self) -> int:
+        api = self._api()
         backend, watcher, first = self._load()
-        profile = first.profile
+        profile = self.profile = first.profile
         assert profile is not None
         lock = StateLock(self.state_dir, purpose="watch")
         lock.acquire()
+        if api is not None:
+            try:
+                api.bind()
+            except BaseException:
+                lock.release()
+                raise
         store = open_store(self.state_dir)
         bus = WatchBus(store)
         runtime = Runtime(
@@ -238,6 +265,8 @@ class Watch:
                 pid=os.getpid(),
                 **({"detected": first.note} if first.note else {}),
             )
+            if api is not None:
+                await api.start(runtime, lambda: self.profile)
             await self._loop(runtime, watcher, profile, bus)
             bus.publish("watch.stopped", message=f"{self.signal_name or 'stopped'}: services left running",
                         signal=self.signal_name)
@@ -246,6 +275,8 @@ class Watch:
                 loop.remove_signal_handler(sig)
             watcher.stop()
             try:
+                if api is not None:
+                    await api.stop()
                 await runtime.aclose()
             finally:
                 subscription.close()
@@ -253,6 +284,19 @@ class Watch:
                 store.close()
                 lock.release()
         return 0
+
+    def _api(self):
+        """The API server when ``--api``/``serve`` asks for one (refused off loopback without a token)."""
+        listen = getattr(self.args, "api", None)
+        token_file = getattr(self.args, "token_file", None)
+        if not listen:
+            if token_file:
+                raise GuardError("--token-file is for the API: add --api (or use `reconciler serve`)")
+            return None
+        from reconciler.api.auth import parse_listen, read_token  # the API's imports only when it is wanted
+        from reconciler.api.server import ApiServer
+
+        return ApiServer(parse_listen(listen), read_token(token_file) if token_file else None)
 
     def _load(self) -> tuple[GpuBackend, ProfileWatcher, ProfileChange]:
         """The GPU backend, the watcher and the first profile; exit 1 (raise) when the profile is not usable."""
@@ -297,6 +341,7 @@ class Watch:
                     return
                 due = self._due_in(runtime, profile, report) if report is not None else ("retry", RETRY_AFTER_ERROR_S)
                 reason, profile = await self._next(runtime, triggers, profile, bus, due)
+                self.profile = profile
         finally:
             watcher.stop()
             watching.cancel()

@@ -192,6 +192,15 @@ class Runtime:
 
     # --- the loop's hooks -----------------------------------------------------------
 
+    def exclusive(self) -> asyncio.Lock:
+        """The lock every pass holds: ``async with runtime.exclusive():`` to act between passes.
+
+        The HTTP API takes it to grant a lease without planning (no pass is
+        deciding meanwhile to stop that instance) and to withdraw a demand (no
+        pass is granting it meanwhile).
+        """
+        return self._pass_lock
+
     def wake(self) -> None:
         """Ask the loop for a pass soon (same thread as the event loop)."""
         self._woken.set()

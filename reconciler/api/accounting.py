@@ -1,0 +1,65 @@
+"""GPU memory between passes: the last observation, the last plan's effects, the leases held now.
+
+The runtime observes the host once per pass; the API answers in between. What
+it knows then: the last pass's snapshot (observed before that pass acted), the
+plan that pass carried out, and the store's leases, which change at any
+moment (a VRAM lease granted a millisecond ago must count at once). So:
+
+* :func:`world_now` is the snapshot with the store's leases and the current
+  time — the accounting behind ``GET /v1/status``;
+* :func:`free_now` is that ``free`` less what the last plan's starts and
+  restarts reserve (a start that pass carried out holds its reservation
+  though the snapshot predates it; a failed one counts until the next pass
+  sees it gone; a stop frees nothing until a pass sees the memory back) —
+  what a VRAM lease may take. Conservative both ways, so reservations never
+  exceed a GPU's total (invariant 4).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from reconciler.core.plan import Plan
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Lease, Snapshot
+from reconciler.core.world import World
+
+
+def world_now(profile: Profile, snapshot: Snapshot, leases: list[Lease], now: datetime) -> World:
+    """The accounted world of ``snapshot`` with ``leases`` in place of its own, at ``now``."""
+    current = snapshot.model_copy(update={"leases": list(leases), "now": max(now, snapshot.now)})
+    world = World(profile, current)
+    world.account()
+    return world
+
+
+def free_now(
+    profile: Profile, snapshot: Snapshot, plan: Plan | None, leases: list[Lease], now: datetime
+) -> dict[int, int]:
+    """GPU index → MB a new reservation may take now (see the module docstring)."""
+    world = world_now(profile, snapshot, leases, now)
+    free = {index: view.free for index, view in world.gpus.items()}
+    for index, mb in planned_reservations(world, plan).items():
+        if index in free:
+            free[index] = max(0, free[index] - mb)
+    return free
+
+
+def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
+    """GPU index → MB that the plan's starts and restarts reserve beyond what ``world`` counts.
+
+    A plan is made from the snapshot it is carried out on, so its starts are
+    not in that snapshot; its restarts may raise a reservation. Stops are
+    ignored (memory counts until a pass sees it given back), and so are
+    leases (the store's leases are already counted).
+    """
+    extra: dict[int, int] = {}
+    for action in plan.actions if plan is not None else ():
+        if action.kind not in ("start", "restart") or action.gpu is None or not action.mb:
+            continue
+        view = world.gpus.get(action.gpu)
+        held = view.holders.get(action.service) if view is not None else None
+        mb = action.mb - (held.reservation if held is not None else 0)
+        if mb > 0:
+            extra[action.gpu] = extra.get(action.gpu, 0) + mb
+    return extra

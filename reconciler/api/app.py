@@ -1,0 +1,90 @@
+"""The application factory: routes, middleware, error answers, the dashboard's files.
+
+Layers, outermost first: :class:`.auth.BearerAuth` (a mutating call without
+the token never reaches anything else), :class:`.limits.BodyLimit`, then
+FastAPI's routing and validation. Every error is ``{"detail": ...}``; an
+unexpected exception is a 500 that says what went wrong, and a store or host
+error a 503 (try again), never a dropped connection.
+
+``GET /`` serves ``static/index.html`` (the dashboard) and ``/static/…`` the
+files beside it, when they exist; ``GET /openapi.json`` the API's OpenAPI
+document, generated from the request and response models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+import reconciler
+from reconciler.api import compat, native
+from reconciler.api.auth import BearerAuth
+from reconciler.api.context import ApiContext
+from reconciler.api.limits import BodyLimit
+from reconciler.errors import ReconcilerError
+
+STATIC_DIR = Path(__file__).parent / "static"
+ECHO_CHARS = 200  # how much of a bad input a 422 repeats
+log = logging.getLogger("reconciler.api")
+
+
+def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
+    app = FastAPI(
+        title="reconciler",
+        version=getattr(reconciler, "__version__", "0"),
+        description="Leases, status and events of a declarative reconciler for GPU services; "
+        "cf-orch compatible routes under /api.",
+        docs_url="/docs", redoc_url=None,
+    )
+    app.state.context = context
+    app.include_router(native.router)
+    app.include_router(compat.router)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": [problem(e) for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(ReconcilerError)
+    async def _host_error(request: Request, exc: ReconcilerError) -> JSONResponse:
+        return JSONResponse({"detail": f"the reconciler could not do it now: {exc}"}, status_code=503)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    index = STATIC_DIR / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard():
+        if not index.is_file():
+            return JSONResponse({"detail": "no dashboard installed; see /docs and /v1/status"}, status_code=404)
+        return FileResponse(index, media_type="text/html")
+
+    if STATIC_DIR.is_dir():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    app.add_middleware(BodyLimit)
+    app.add_middleware(BearerAuth, token=token)
+    return app
+
+
+def problem(error: dict[str, Any]) -> dict[str, Any]:
+    """One validation error as ``{type, loc, msg, input}``, in words a client author can act on."""
+    loc = list(error.get("loc", ()))
+    out: dict[str, Any] = {"type": error.get("type"), "loc": loc, "msg": error.get("msg", "invalid")}
+    if loc == ["body"] and error.get("type") == "model_attributes_type":
+        out["msg"] = "the body must be a JSON object, sent with Content-Type: application/json"
+    elif loc == ["body"] and error.get("type") == "missing":
+        out["msg"] = "a JSON object body is required"
+    elif "input" in error:
+        text = json.dumps(error["input"], default=str)
+        out["input"] = error["input"] if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
+    return out

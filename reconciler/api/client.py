@@ -1,0 +1,96 @@
+"""A small client of the native API, for ``reconciler status``, ``lease`` and ``why``.
+
+The server is ``--url``, else ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``.
+The token (for mutating calls, when the server has one) comes from
+``--token-file``, else ``$RECONCILER_TOKEN``. Every failure is an
+:class:`ApiError` (a :class:`~reconciler.errors.ReconcilerError`, so the CLI
+prints it as one line): no server there, or the server's ``detail``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from reconciler.errors import ReconcilerError
+
+DEFAULT_URL = "http://127.0.0.1:7700"
+URL_ENV = "RECONCILER_URL"
+TOKEN_ENV = "RECONCILER_TOKEN"
+
+
+class ApiError(ReconcilerError):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def default_url() -> str:
+    return os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def load_token(token_file: str | None) -> str | None:
+    if token_file:
+        try:
+            return open(token_file, encoding="utf-8").read().strip() or None
+        except OSError as exc:
+            raise ApiError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def describe(detail: Any) -> str:
+    """A ``detail`` in one line: a string as it is, a validation list as ``loc: msg; …``."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return str(detail)
+
+
+class ApiClient:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 10.0):
+        self.url = (url or default_url()).rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, *, json: Any = None, timeout_s: float | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=json,
+                                          timeout=timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.TimeoutException:
+            raise ApiError(f"{self.url}{path}: no answer in time") from None
+        except httpx.HTTPError as exc:
+            raise ApiError(f"no reconciler API at {self.url} ({exc}); start one with `reconciler serve`, "
+                           f"or point --url / ${URL_ENV} at it") from None
+        if response.is_success:
+            return response.json()
+        try:
+            detail = describe(response.json().get("detail"))
+        except ValueError:
+            detail = response.text[:200] or response.reason_phrase
+        raise ApiError(f"{method} {path}: {response.status_code} {detail}", status=response.status_code)
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any = None, *, timeout_s: float | None = None) -> Any:
+        return self.request("POST", path, json=body, timeout_s=timeout_s)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

@@ -1,0 +1,189 @@
+"""cf-orch compatible routes, ``/api/...``: applications written against cf-orch's client work unchanged.
+
+Same paths, bodies, answers and status codes as cf-orch's coordinator (its
+error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
+
+* ``POST /api/leases`` grants a *VRAM lease* (``kind: vram``) of ``mb`` on
+  ``gpu_id`` only when that much is free now, and the planner counts it as a
+  reservation, so it blocks competing starts until released or expired.
+  ``ttl_s`` 0 = until released. ``expires_at`` is seconds since the epoch,
+  0.0 for none (as cf-orch writes it). ``priority`` is echoed back; it does
+  not evict anything (and is forgotten when the server restarts: 2).
+* ``POST /api/services/{svc}/allocate`` is a service lease through the same
+  path as ``POST /v1/leases``: the candidates are tried in order, and one the
+  reconciler cannot grant now (the plan leaves it pending) falls through to
+  the next; the last one waits for its start. ``warm``: an instance was
+  already running and compatible; ``started``: the reverse.
+* ``node_id`` is this reconciler's node name (``--node``, default ``local``);
+  ``agent_url`` is this server's URL; ``last_heartbeat`` the last observation.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from reconciler.api.broker import Disconnected, Refused
+from reconciler.api.context import ApiContext, context, disconnected
+from reconciler.api.models import MAX_TTL_S, LeaseRequest, Problem
+from reconciler.api.native import CLIENT_CLOSED
+from reconciler.api.status import service_url
+from reconciler.core.snapshot import Lease
+from reconciler.core.world import World
+
+router = APIRouter(prefix="/api", tags=["cf-orch"])
+Ctx = Annotated[ApiContext, Depends(context)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+ALLOCATE_WAIT_S = 110.0  # cf-orch's client gives up after 120 s
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # as cf-orch's models: extra keys ignored
+
+
+class VramLeaseRequest(_Body):
+    node_id: Name
+    gpu_id: int = Field(ge=0, le=1024)
+    mb: int = Field(gt=0, le=16 * 1024 * 1024)
+    service: Name
+    priority: int = Field(2, ge=-1_000_000, le=1_000_000)
+    ttl_s: float = Field(0.0, ge=0, le=MAX_TTL_S)
+
+
+class AllocateRequest(_Body):
+    model_candidates: list[Name] = Field(default_factory=list, max_length=64)
+    gpu_id: int | None = Field(None, ge=0, le=1024)
+    params: dict[str, str] = Field(default_factory=dict)
+    ttl_s: float = Field(3600.0, gt=0, le=MAX_TTL_S)
+    caller: Annotated[str, StringConstraints(max_length=200)] = ""
+
+
+def _epoch(lease: Lease) -> float:
+    return lease.expires_at.timestamp() if lease.expires_at else 0.0
+
+
+def _vram_lease(lease: Lease, ctx: ApiContext) -> dict[str, Any]:
+    return {
+        "lease_id": lease.id, "node_id": ctx.node, "gpu_id": lease.gpu, "mb_granted": lease.mb,
+        "holder_service": lease.service, "priority": ctx.broker.vram_priority.get(lease.id, 2),
+        "expires_at": _epoch(lease),
+    }
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/nodes")
+async def nodes(ctx: Ctx) -> dict[str, Any]:
+    snapshot = ctx.runtime.last_snapshot
+    if snapshot is None:
+        return {"nodes": [{"node_id": ctx.node, "agent_url": ctx.base_url, "last_heartbeat": 0.0, "gpus": []}]}
+    free = ctx.broker.free_mb()
+    return {"nodes": [{
+        "node_id": snapshot.node, "agent_url": ctx.base_url, "last_heartbeat": snapshot.now.timestamp(),
+        "gpus": [{"gpu_id": g.index, "name": g.name, "vram_total_mb": g.total_mb, "vram_used_mb": g.used_mb,
+                  "vram_free_mb": free.get(g.index, 0)} for g in snapshot.gpus],
+    }]}
+
+
+@router.get("/leases")
+async def leases(ctx: Ctx) -> dict[str, Any]:
+    return {"leases": [_vram_lease(lease, ctx) for lease in ctx.runtime.store.leases() if lease.kind == "vram"]}
+
+
+@router.post("/leases", responses={422: {"model": Problem}, 503: {"model": Problem}})
+async def request_lease(body: VramLeaseRequest, ctx: Ctx) -> dict[str, Any]:
+    if body.node_id != ctx.node:
+        raise HTTPException(422, f"Unknown node_id {body.node_id!r} — this reconciler is node {ctx.node!r}")
+    try:
+        lease = await ctx.broker.vram_lease(body.gpu_id, body.mb, body.service, body.priority, body.ttl_s)
+    except Refused as refused:
+        raise HTTPException(refused.status, refused.detail) from None
+    return {"lease": _vram_lease(lease, ctx)}
+
+
+@router.delete("/leases/{lease_id}", responses={404: {"model": Problem}})
+async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
+    lease = ctx.broker.lease_by_id(lease_id)
+    if lease is None or lease.kind != "vram" or ctx.broker.release(lease_id) is None:
+        raise HTTPException(404, f"Lease {lease_id!r} not found")
+    return {"released": True, "lease_id": lease_id}
+
+
+@router.post("/services/{service}/allocate", responses={422: {"model": Problem}, 503: {"model": Problem}})
+async def allocate(service: str, body: AllocateRequest, request: Request, ctx: Ctx):
+    if not body.model_candidates:
+        raise HTTPException(422, "model_candidates must be non-empty")
+    if service not in ctx.profile().services:
+        raise HTTPException(422, f"Unknown service {service!r} — not in profile {ctx.profile().name!r}")
+    reasons = []
+    for position, model in enumerate(body.model_candidates):
+        last = position == len(body.model_candidates) - 1
+        lease_request = LeaseRequest(service=service, holder=body.caller, model=model, ttl_s=body.ttl_s,
+                                     gpu=body.gpu_id, wait_s=ALLOCATE_WAIT_S)
+        try:
+            granted = await ctx.broker.lease(lease_request, disconnected=lambda: disconnected(request),
+                                             fall_through=not last)
+        except Refused as refused:
+            if refused.status in (404, 422):
+                raise HTTPException(422, refused.detail) from None
+            reasons.append(f"{model}: {refused.detail}")
+            continue
+        except Disconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        lease = granted.lease
+        return {
+            "allocation_id": lease.id, "service": service, "node_id": ctx.node, "gpu_id": lease.gpu,
+            "model": lease.model, "url": service_url(ctx.profile().services.get(service)),
+            "started": not granted.warm, "warm": granted.warm,
+        }
+    raise HTTPException(503, f"All model candidates exhausted for {service!r}: " + "; ".join(reasons))
+
+
+@router.delete("/services/{service}/allocations/{allocation_id}", responses={404: {"model": Problem}})
+async def release_allocation(service: str, allocation_id: str, ctx: Ctx) -> dict[str, Any]:
+    lease = ctx.broker.lease_by_id(allocation_id)
+    if lease is None or lease.kind != "service" or lease.service != service:
+        raise HTTPException(404, f"Allocation {allocation_id!r} not found for service {service!r}")
+    if ctx.broker.release(allocation_id) is None:
+        raise HTTPException(404, f"Allocation {allocation_id!r} not found")
+    return {"released": True, "allocation_id": allocation_id}
+
+
+def _instances(ctx: ApiContext, service: str | None = None) -> list[dict[str, Any]]:
+    profile, snapshot = ctx.profile(), ctx.runtime.last_snapshot
+    world = World(profile, snapshot) if snapshot is not None else None
+    out = []
+    for instance in ctx.runtime.store.instances():
+        if service is not None and instance.service != service:
+            continue
+        healthy = world is not None and world.healthy(instance.service)
+        state = "unhealthy" if instance.state == "running" and not healthy else instance.state
+        out.append({
+            "service": instance.service, "node_id": ctx.node, "gpu_id": instance.gpu, "state": state,
+            "model": instance.model, "url": service_url(profile.services.get(instance.service)),
+            "idle_since": instance.idle_since.timestamp() if instance.idle_since else None,
+        })
+    return out
+
+
+@router.get("/services/{service}/status", responses={404: {"model": Problem}})
+async def service_status(service: str, ctx: Ctx) -> dict[str, Any]:
+    profile = ctx.profile()
+    if service not in profile.services:
+        raise HTTPException(404, f"Unknown service {service!r} — not in profile {profile.name!r}")
+    url = service_url(profile.services[service])
+    allocations = [{
+        "allocation_id": lease.id, "node_id": ctx.node, "gpu_id": lease.gpu, "model": lease.model,
+        "caller": lease.holder, "url": url, "expires_at": _epoch(lease),
+    } for lease in ctx.runtime.store.leases(service) if lease.kind == "service"]
+    return {"service": service, "instances": _instances(ctx, service), "allocations": allocations}
+
+
+@router.get("/services")
+async def services(ctx: Ctx) -> dict[str, Any]:
+    return {"services": [{k: v for k, v in i.items() if k != "idle_since"} for i in _instances(ctx)]}

@@ -1,0 +1,40 @@
+"""What every route needs: the runtime, the profile in force, the lease broker, metrics, where we listen."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from reconciler.api.broker import Broker
+from reconciler.api.metrics import Metrics
+from reconciler.core.profile import Profile
+from reconciler.runtime import Runtime
+
+
+@dataclass
+class ApiContext:
+    runtime: Runtime
+    profile: Callable[[], Profile]  # the profile in force now (a saved edit replaces it)
+    broker: Broker
+    metrics: Metrics
+    base_url: str  # http://host:port of this server (cf-orch's agent_url)
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def node(self) -> str:
+        return self.runtime.node
+
+
+def context(request: Request) -> ApiContext:
+    return request.app.state.context
+
+
+async def disconnected(request: Request) -> None:
+    """Finishes when the client goes away (its body was read already: what comes next is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

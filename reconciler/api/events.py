@@ -1,0 +1,83 @@
+"""``GET /v1/events``: the runtime's event bus as server-sent events.
+
+Each event is one SSE message: ``id: <n>`` when the event is in the store's
+log (shown-only events such as ``pass.started`` have none), ``event: <kind>``
+and one ``data:`` line holding the event as a JSON object (``kind``
+included). ``?since=N`` (or the ``Last-Event-ID`` header a reconnecting
+browser sends) first replays the stored events after id N, then goes on
+live without gaps or repeats (the subscription is taken before the replay).
+A comment (``: keep-alive``) every :data:`KEEPALIVE_S` keeps proxies from
+closing an idle stream. The stream ends when the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from reconciler.runtime import EventBus
+from reconciler.store.base import Event, Store
+
+KEEPALIVE_S = 15.0
+REPLAY_LIMIT = 1000
+
+
+def sse(event: dict[str, Any]) -> str:
+    """One SSE message; JSON keeps the data on one line."""
+    lines = []
+    if event.get("id") is not None:
+        lines.append(f"id: {event['id']}")
+    kind = str(event.get("kind", "message")).replace("\n", " ").replace("\r", " ")
+    lines.append(f"event: {kind}")
+    lines.append("data: " + json.dumps(event, default=str, ensure_ascii=False))
+    return "\n".join(lines) + "\n\n"
+
+
+def stored(event: Event) -> dict[str, Any]:
+    """A logged event in the bus's shape: ``{"id", "ts", "kind", ...data}``."""
+    out: dict[str, Any] = {"id": event.id, "ts": event.ts.isoformat().replace("+00:00", "Z"), "kind": event.kind}
+    if event.service is not None:
+        out["service"] = event.service
+    if event.message:
+        out["message"] = event.message
+    out.update(event.data)
+    return out
+
+
+async def stream(
+    bus: EventBus, store: Store, since: int | None, closing: asyncio.Event, keepalive_s: float = KEEPALIVE_S
+) -> AsyncIterator[str]:
+    subscription = bus.subscribe()
+    last = since or 0
+    getting: asyncio.Future | None = None
+    stop = asyncio.ensure_future(closing.wait())
+    try:
+        yield ": connected\n\n"
+        if since is not None:
+            for event in store.events(since_id=since, limit=REPLAY_LIMIT):
+                last = event.id
+                yield sse(stored(event))
+        while not closing.is_set():
+            if getting is None:
+                getting = asyncio.ensure_future(subscription.__anext__())
+            done, _ = await asyncio.wait({getting, stop}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+            if getting in done:
+                try:
+                    event = getting.result()
+                except StopAsyncIteration:
+                    return
+                getting = None
+                if event.get("id") is not None and event["id"] <= last:
+                    continue  # already replayed
+                yield sse(event)
+            elif stop in done:
+                return
+            else:
+                yield ": keep-alive\n\n"
+    finally:
+        stop.cancel()
+        if getting is not None:
+            getting.cancel()
+        subscription.close()

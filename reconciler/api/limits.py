@@ -1,0 +1,72 @@
+"""Request bodies have a size limit: a huge body is refused (413) before it is read into memory.
+
+Every body this API takes is a small JSON object, so :data:`MAX_BODY_BYTES`
+is generous. A declared ``Content-Length`` over the limit is refused at once;
+a chunked body is counted as it arrives and refused once it passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.exceptions import HTTPException
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class _TooLarge(HTTPException):
+    """Raised from ``receive``; an HTTPException, so the framework answers it (413) like its own."""
+
+
+class BodyLimit:
+    """ASGI middleware enforcing :data:`MAX_BODY_BYTES` on request bodies."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await self._refuse(send, 400, "Content-Length is not a number")
+                if declared > self.max_bytes:
+                    return await self._refuse(send, 413, self._message())
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge(413, self._message())
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, 413, self._message())
+
+    def _message(self) -> str:
+        return f"request body over {self.max_bytes} bytes; this API takes small JSON objects"
+
+    @staticmethod
+    async def _refuse(send, status: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,109 @@
+"""``GET /metrics``: Prometheus metrics, in a registry of the server's own.
+
+State, read at scrape time (from the same sources as the status document):
+
+- ``reconciler_gpu_memory_mb{gpu, kind}``: kind = total, used, reserved_started, adopted, leased, foreign, free
+- ``reconciler_instances{state}``: instances by state (starting, running, stopping, failed)
+- ``reconciler_leases{service, kind}``, ``reconciler_demands{service}``
+- ``reconciler_pending``: items the last plan could not reach
+
+Counted from the event bus and the lease broker:
+
+- ``reconciler_actions_total{kind, outcome}``: plan actions carried out (outcome: done, failed, skipped, deferred)
+- ``reconciler_reconcile_duration_seconds``: one reconcile (the watch loop's converge: passes until settled)
+- ``reconciler_lease_wait_seconds{path, result}``: a lease request's wait; path fast|queued,
+  result granted|timeout|queue_full|refused|disconnected
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from reconciler.api.status import build_status
+from reconciler.core.profile import Profile
+from reconciler.runtime import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATES = ("starting", "running", "stopping", "failed")
+
+
+class StateCollector:
+    """Gauges computed at scrape time from the status document."""
+
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile]):
+        self.runtime = runtime
+        self.profile = profile
+
+    def collect(self):
+        status = build_status(self.runtime, self.profile())
+        memory = GaugeMetricFamily("reconciler_gpu_memory_mb", "GPU memory by use, MB", labels=["gpu", "kind"])
+        for gpu in status.gpus:
+            for kind in ("total", "used", "reserved_started", "adopted", "leased", "foreign", "free"):
+                memory.add_metric([str(gpu.index), kind], getattr(gpu, f"{kind}_mb"))
+        yield memory
+        instances = GaugeMetricFamily("reconciler_instances", "Service instances by state", labels=["state"])
+        for state in STATES:
+            instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
+        yield instances
+        leases = GaugeMetricFamily("reconciler_leases", "Leases held, by service and kind", labels=["service", "kind"])
+        counts: dict[tuple[str, str], int] = {}
+        for lease in status.leases:
+            counts[(lease.service, lease.kind)] = counts.get((lease.service, lease.kind), 0) + 1
+        for (service, kind), n in sorted(counts.items()):
+            leases.add_metric([service, kind], n)
+        yield leases
+        demands = GaugeMetricFamily("reconciler_demands", "Lease requests waiting, by service", labels=["service"])
+        waiting: dict[str, int] = {}
+        for demand in status.demands:
+            waiting[demand.service] = waiting.get(demand.service, 0) + 1
+        for service, n in sorted(waiting.items()):
+            demands.add_metric([service], n)
+        yield demands
+        pending = GaugeMetricFamily("reconciler_pending", "Items the last plan could not reach")
+        pending.add_metric([], len(status.pending))
+        yield pending
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile]):
+        self.runtime = runtime
+        self.registry = CollectorRegistry()
+        self.actions = Counter("reconciler_actions", "Plan actions carried out, by kind and outcome",
+                               ["kind", "outcome"], registry=self.registry)
+        self.reconcile = Histogram(
+            "reconciler_reconcile_duration_seconds", "Duration of one reconcile (passes until settled)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.lease_wait = Histogram(
+            "reconciler_lease_wait_seconds", "How long a lease request waited for its answer",
+            ["path", "result"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry)
+        self.registry.register(StateCollector(runtime, profile))
+        self._listening: asyncio.Task | None = None
+
+    def observe_lease(self, path: str, result: str, seconds: float) -> None:
+        self.lease_wait.labels(path, result).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def start(self) -> None:
+        self._listening = asyncio.ensure_future(self._listen(self.runtime.events.subscribe()))
+
+    async def close(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+
+    async def _listen(self, subscription) -> None:
+        async with subscription:
+            async for event in subscription:
+                kind = event.get("kind")
+                if kind == "action.finished":
+                    action_kind = str(event.get("action", "?")).split(":", 1)[0]
+                    self.actions.labels(action_kind, str(event.get("status", "?"))).inc()
+                elif kind == "pass.finished" and isinstance(event.get("duration_s"), (int, float)):
+                    self.reconcile.observe(event["duration_s"])

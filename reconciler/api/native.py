@@ -1,0 +1,122 @@
+"""The native API, ``/v1``: leases, status, plan, events; and ``/metrics``.
+
+Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 422 (a
+body that does not validate: ``detail`` lists each problem with its
+location), 429 (the service's queue is full), 503 (not granted within
+``wait_s``: ``detail`` is the plan's reason). See :mod:`.broker` for what a
+lease request does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from reconciler.api import events
+from reconciler.api.broker import Disconnected, Refused
+from reconciler.api.context import ApiContext, context, disconnected
+from reconciler.api.metrics import CONTENT_TYPE
+from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
+from reconciler.api.status import build_status, service_url
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Lease, utc
+
+router = APIRouter()
+Ctx = Annotated[ApiContext, Depends(context)]
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
+
+_LEASE_ERRORS = {404: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem}}
+
+
+def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
+    spec = profile.services.get(lease.service) if lease.kind == "service" else None
+    return LeaseOut(
+        id=lease.id, service=lease.service, holder=lease.holder, kind=lease.kind,
+        url=service_url(spec) if spec is not None else None, gpu=lease.gpu,
+        mb=lease.mb or (spec.max_mb if spec is not None else 0), model=lease.model,
+        expires_at=utc(lease.expires_at) if lease.expires_at else None,
+    )
+
+
+@router.post("/v1/leases", response_model=LeaseOut, responses=_LEASE_ERRORS, tags=["leases"])
+async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx):
+    """Lease a service: at once when a compatible instance has room, else after the reconciler starts one."""
+    try:
+        granted = await ctx.broker.lease(body, disconnected=lambda: disconnected(request))
+    except Refused as refused:
+        raise HTTPException(refused.status, refused.detail) from None
+    except Disconnected:
+        return Response(status_code=CLIENT_CLOSED)
+    return lease_out(granted.lease, ctx.profile())
+
+
+@router.get("/v1/leases", tags=["leases"])
+async def list_leases(ctx: Ctx) -> dict[str, list[LeaseOut]]:
+    profile = ctx.profile()
+    return {"leases": [lease_out(lease, profile) for lease in ctx.runtime.store.leases()]}
+
+
+@router.get("/v1/leases/{lease_id}", response_model=LeaseOut, responses={404: {"model": Problem}}, tags=["leases"])
+async def get_lease(lease_id: str, ctx: Ctx):
+    lease = ctx.broker.lease_by_id(lease_id)
+    if lease is None:
+        raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
+    return lease_out(lease, ctx.profile())
+
+
+@router.post("/v1/leases/{lease_id}/renew", response_model=LeaseOut, responses={404: {"model": Problem}},
+             tags=["leases"])
+async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None):
+    """The lease now ends ``ttl_s`` (default 300) from now."""
+    lease = ctx.broker.renew(lease_id, (body or RenewRequest()).ttl_s)
+    if lease is None:
+        raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
+    return lease_out(lease, ctx.profile())
+
+
+@router.delete("/v1/leases/{lease_id}", response_model=Released, responses={404: {"model": Problem}},
+               tags=["leases"])
+async def release_lease(lease_id: str, ctx: Ctx):
+    lease = ctx.broker.release(lease_id)
+    if lease is None:
+        raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
+    return Released(id=lease.id)
+
+
+@router.get("/v1/status", response_model=Status, tags=["status"])
+async def status(ctx: Ctx):
+    """GPUs, services, instances, leases, waiting demands with reasons, the plan, conditions."""
+    return build_status(ctx.runtime, ctx.profile())
+
+
+@router.get("/v1/plan", responses={503: {"model": Problem}}, tags=["status"])
+async def plan(ctx: Ctx) -> dict:
+    """The last pass's plan, as ``reconciler plan --format json`` prints it."""
+    current = ctx.runtime.last_plan
+    if current is None:
+        raise HTTPException(503, "no pass has planned yet; retry in a moment")
+    return current.to_json_dict()
+
+
+@router.get("/v1/events", tags=["status"], response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def event_stream(
+    request: Request, ctx: Ctx,
+    since: Annotated[int | None, Query(ge=0, description="Replay stored events after this id first.")] = None,
+):
+    """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
+    if since is None:
+        last = request.headers.get("last-event-id", "")
+        since = int(last) if last.isdigit() else None
+    body = events.stream(ctx.runtime.events, ctx.runtime.store, since, ctx.closing)
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/metrics", tags=["status"], response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(ctx: Ctx):
+    """Prometheus text format."""
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,160 @@
+"""The status document (``GET /v1/status``): what runs where, who holds what, what waits and why.
+
+Made on request from three sources: the store, read now (instances, leases,
+demands: a lease granted a moment ago shows at once); the last pass's
+snapshot, for health and GPU memory (with the store's leases accounted, see
+:mod:`.accounting`); and the last pass's plan, for the reasons. The shape is
+:class:`reconciler.api.models.Status` (example in ``reconciler/api/README.md``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from reconciler.api.accounting import world_now
+from reconciler.api.models import (
+    Condition,
+    DemandStatus,
+    GpuStatus,
+    InstanceStatus,
+    LeaseStatus,
+    PendingStatus,
+    ServiceStatus,
+    Status,
+)
+from reconciler.core.plan import Plan
+from reconciler.core.profile import DockerSpec, Profile, Service
+from reconciler.core.snapshot import Demand, Lease, utc
+from reconciler.core.world import World, capacity, lease_active
+from reconciler.runtime import Runtime
+
+
+def service_url(spec: Service | None) -> str | None:
+    """Where a service answers on this host: ``http://127.0.0.1:{host_port}``."""
+    port = spec.probe_port if spec is not None else None
+    return f"http://127.0.0.1:{port}" if port else None
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return utc(dt) if dt is not None else None
+
+
+def _seconds(delta: float) -> float:
+    return round(delta, 1)
+
+
+def build_status(runtime: Runtime, profile: Profile) -> Status:
+    store, now = runtime.store, runtime.clock()
+    state = store.state()
+    snapshot, plan = runtime.last_snapshot, runtime.last_plan
+    world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None
+    backoffs = {name: store.get_backoff(name) for name in sorted(set(profile.services) | {
+        i.service for i in state.instances})}
+    active = [lease for lease in state.leases if lease_active(lease, now)]
+    return Status(
+        node=snapshot.node if snapshot is not None else runtime.node,
+        profile=profile.name,
+        observed_at=_iso(snapshot.now) if snapshot is not None else None,
+        now=utc(now),
+        gpus=_gpus(world),
+        services=_services(profile, world),
+        instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
+        leases=[_lease(lease, now) for lease in state.leases],
+        demands=[_demand(d, plan, now) for d in state.demands],
+        pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
+        if plan is not None else [],
+        plan=plan.to_json_dict() if plan is not None else None,
+        conditions=_conditions(plan, backoffs, snapshot is not None),
+    )
+
+
+def _gpus(world: World | None) -> list[GpuStatus]:
+    if world is None:
+        return []
+    out = []
+    for index, view in world.gpus.items():
+        by_origin = {"started": 0, "adopted": 0, "slot": 0, "vram": 0}
+        for holder in view.holders.values():
+            by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
+        out.append(GpuStatus(
+            index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
+            adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
+            foreign_mb=view.foreign, free_mb=view.free, used_mb=view.gpu.used_mb,
+        ))
+    return out
+
+
+def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
+    out = []
+    for name, spec in sorted(profile.services.items(), key=lambda kv: (kv[1].priority, kv[0])):
+        kind = "unmanaged" if spec.managed is None else ("docker" if isinstance(spec.managed, DockerSpec) else "process")
+        out.append(ServiceStatus(
+            service=name, priority=spec.priority, max_mb=spec.max_mb, managed=kind, always_on=spec.always_on,
+            max_concurrent=capacity(spec), url=service_url(spec),
+            running=world is not None and name in world.instances,
+        ))
+    return out
+
+
+def _instance(instance, profile, world, active, backoffs, now) -> InstanceStatus:
+    spec = profile.services.get(instance.service)
+    backoff = backoffs.get(instance.service)
+    failing = backoff is not None and (backoff.failures > 0 or backoff.stalled)
+    return InstanceStatus(
+        service=instance.service, state=instance.state,
+        healthy=world is not None and world.healthy(instance.service),
+        url=service_url(spec), gpu=instance.gpu, origin=instance.origin, pid=instance.pid, model=instance.model,
+        leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
+        max_concurrent=capacity(spec) if spec is not None else 1,
+        uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,
+        last_error=backoff.last_error if failing else None,
+        stalled=bool(backoff and backoff.stalled),
+    )
+
+
+def _lease(lease: Lease, now: datetime) -> LeaseStatus:
+    remaining = max(0.0, (lease.expires_at - now).total_seconds()) if lease.expires_at else None
+    return LeaseStatus(
+        id=lease.id, kind=lease.kind, service=lease.service, holder=lease.holder, gpu=lease.gpu, mb=lease.mb,
+        model=lease.model, expires_at=_iso(lease.expires_at),
+        remaining_s=_seconds(remaining) if remaining is not None else None,
+    )
+
+
+def demand_reason(demand_id: str, plan: Plan | None) -> str:
+    """Why a demand waits, from the plan: its pending reason, or the lease the plan has for it."""
+    if plan is not None:
+        for item in plan.pending:
+            if item.demand == demand_id:
+                return item.reason
+        for action in plan.actions:
+            if action.kind == "lease" and action.lease == demand_id:
+                return f"planned: {action.reason}"
+    return "waiting for the next pass to plan it"
+
+
+def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
+    waited = (now - demand.requested_at).total_seconds() if demand.requested_at else None
+    return DemandStatus(
+        id=demand.id, service=demand.service, holder=demand.holder, model=demand.model,
+        requested_at=_iso(demand.requested_at), waited_s=_seconds(waited) if waited is not None else None,
+        reason=demand_reason(demand.id, plan),
+    )
+
+
+def _conditions(plan: Plan | None, backoffs, observed: bool) -> list[Condition]:
+    out = []
+    if not observed or plan is None:
+        out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
+    else:
+        converged = not plan.actions and not plan.pending
+        bits = [f"{len(plan.actions)} action(s)" if plan.actions else "", f"{len(plan.pending)} pending" if plan.pending else ""]
+        out.append(Condition(type="converged", ok=converged,
+                             message="converged: nothing to do" if converged else ", ".join(b for b in bits if b)))
+        for item in plan.pending:
+            out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
+    for name, backoff in backoffs.items():
+        if backoff.stalled:
+            out.append(Condition(type="stalled", ok=False, service=name,
+                                 message=f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"))
+    return out

@@ -1,0 +1,114 @@
+"""``reconciler status``: what runs where, who holds what, what waits — from a running server.
+
+    reconciler status [--url URL] [--format text|json]
+
+Reads ``GET /v1/status`` of ``reconciler serve`` (``--url``, else
+``$RECONCILER_URL``, else ``http://127.0.0.1:7700``) and prints tables:
+GPUs (memory by use), instances, leases, pending demands and conditions.
+``--format json`` prints the document as it came. Exit 0, or 1 when no
+server answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status", help="GPUs, instances, leases and pending demands of a running `reconciler serve`",
+        description="Print the status of a running `reconciler serve` (GET /v1/status) as tables.",
+    )
+    add_url_argument(parser)
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output (default: text)")
+    parser.set_defaults(func=run)
+
+
+def add_url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", metavar="URL",
+                        help="the server (default: $RECONCILER_URL, else http://127.0.0.1:7700)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from reconciler.api.client import ApiClient
+
+    with ApiClient(args.url) as client:
+        status = client.get("/v1/status")
+    if args.format == "json":
+        print(json.dumps(status, indent=2))
+    else:
+        print(render(status))
+    return 0
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """Left-aligned columns, numbers right-aligned; ``-`` for none."""
+    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [any(isinstance(row[i], (int, float)) for row in rows)
+               and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in cells)])
+
+
+def duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def render(status: dict[str, Any]) -> str:
+    observed = (status.get("observed_at") or "not yet")[:19].replace("T", " ")
+    out = [f"node {status['node']} · profile {status['profile']} · observed {observed}", ""]
+    gpus = status.get("gpus") or []
+    if gpus:
+        out.append(table(
+            ["GPU", "NAME", "TOTAL MB", "STARTED", "ADOPTED", "LEASED", "FOREIGN", "FREE"],
+            [[g["index"], g["name"], g["total_mb"], g["reserved_started_mb"], g["adopted_mb"], g["leased_mb"],
+              g["foreign_mb"], g["free_mb"]] for g in gpus]))
+    else:
+        out.append("no GPU")
+    out.append("")
+    instances = status.get("instances") or []
+    if instances:
+        out.append(table(
+            ["SERVICE", "STATE", "HEALTH", "GPU", "ORIGIN", "MODEL", "LEASES", "UPTIME", "URL", "LAST ERROR"],
+            [[i["service"], i["state"] + (" (stalled)" if i.get("stalled") else ""),
+              "ok" if i["healthy"] else "down", i["gpu"], i["origin"], i["model"],
+              f"{i['leases']}/{i['max_concurrent']}", duration(i.get("uptime_s")), i["url"], i.get("last_error")]
+             for i in instances]))
+    else:
+        out.append("no instances")
+    leases = status.get("leases") or []
+    if leases:
+        out += ["", table(
+            ["LEASE", "KIND", "SERVICE", "HOLDER", "GPU", "MB", "MODEL", "REMAINING"],
+            [[lease["id"], lease["kind"], lease["service"], lease["holder"] or None, lease["gpu"],
+              lease["mb"] if lease["kind"] == "vram" else None, lease["model"],
+              duration(lease["remaining_s"]) if lease["remaining_s"] is not None else "until released"]
+             for lease in leases])]
+    demands = status.get("demands") or []
+    if demands:
+        out += ["", table(["DEMAND", "SERVICE", "HOLDER", "WAITED", "REASON"],
+                          [[d["id"], d["service"], d["holder"] or None, duration(d.get("waited_s")), d["reason"]]
+                           for d in demands])]
+    pending = [p for p in status.get("pending") or [] if not p.get("demand")]
+    if pending:
+        out += ["", "pending:"] + [f"  {p['service']}: {p['reason']}" for p in pending]
+    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in ("stalled", "observed")]
+    if bad:
+        out += ["", "conditions:"] + [f"  {c['type']}{' ' + c['service'] if c.get('service') else ''}: {c['message']}"
+                                      for c in bad]
+    return "\n".join(out)
