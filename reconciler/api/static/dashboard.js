@@ -6,7 +6,7 @@
 
 (function () {
   const EVENTS_MAX = 200;          // event log entries kept (newest first)
-  const REFRESH_GAP_MS = 150;      // at most one status fetch per 150 ms: a burst of events costs two
+  const REFRESH_DEBOUNCE_MS = 120; // events arriving together cause one status fetch
   const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
   const TICK_MS = 250;             // countdowns (lease TTL, uptime)
 
@@ -31,7 +31,6 @@
     renders: 0,        // how many times the page was rendered from a status (tests read it)
     events: 0,         // events received on the stream
     fetching: false,
-    lastFetch: -Infinity, // performance.now() when the last status fetch began
     again: false,
     timer: null,
     source: null,
@@ -399,19 +398,14 @@
 
   // ---- status fetching --------------------------------------------------------------------
 
-  // The first event after a quiet spell fetches at once (a lease shows up in a few ms); the
-  // events that follow within REFRESH_GAP_MS share one more fetch after them, so the page
-  // always ends on a status fetched after the last event.
   function scheduleRefresh() {
     if (state.timer !== null) return;
-    const wait = Math.max(0, state.lastFetch + REFRESH_GAP_MS - performance.now());
-    state.timer = setTimeout(() => { state.timer = null; refresh(); }, wait);
+    state.timer = setTimeout(() => { state.timer = null; refresh(); }, REFRESH_DEBOUNCE_MS);
   }
 
   async function refresh() {
     if (state.fetching) { state.again = true; return; }
     state.fetching = true;
-    state.lastFetch = performance.now();
     try {
       const response = await fetch("v1/status", { headers: { Accept: "application/json" }, cache: "no-store" });
       if (!response.ok) throw new Error(`GET /v1/status: ${response.status}`);
