@@ -24,7 +24,7 @@ from reconciler.api.models import (
 )
 from reconciler.core.plan import Plan
 from reconciler.core.profile import DockerSpec, Profile, Service
-from reconciler.core.snapshot import Demand, Lease, utc
+from reconciler.core.snapshot import Demand, Instance, Lease, utc
 from reconciler.core.world import World, capacity, lease_active
 from reconciler.runtime import Runtime
 
@@ -102,7 +102,7 @@ def _instance(instance, profile, world, active, backoffs, now) -> InstanceStatus
     failing = backoff is not None and (backoff.failures > 0 or backoff.stalled)
     return InstanceStatus(
         service=instance.service, state=instance.state,
-        healthy=world is not None and world.healthy(instance.service),
+        healthy=_healthy(instance, world),
         url=service_url(spec), gpu=instance.gpu, origin=instance.origin, pid=instance.pid, model=instance.model,
         leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
         max_concurrent=capacity(spec) if spec is not None else 1,
@@ -110,6 +110,17 @@ def _instance(instance, profile, world, active, backoffs, now) -> InstanceStatus
         last_error=backoff.last_error if failing else None,
         stalled=bool(backoff and backoff.stalled),
     )
+
+
+def _healthy(instance: Instance, world: World | None) -> bool:
+    """The last probe's verdict; for an instance newer than the last observation, its start's health check."""
+    seen = world.instances.get(instance.service) if world is not None else None
+    if seen is not None and seen.pid == instance.pid:
+        return world.healthy(instance.service)
+    dead = world.dead.get(instance.service) if world is not None else None
+    if dead is not None and dead.pid == instance.pid:
+        return False
+    return instance.state == "running"  # the runtime marks a start running only once it answered healthy
 
 
 def _lease(lease: Lease, now: datetime) -> LeaseStatus:
