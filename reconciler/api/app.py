@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import reconciler
 from reconciler.api import compat, native
@@ -32,6 +33,7 @@ from reconciler.errors import ReconcilerError
 
 STATIC_DIR = Path(__file__).parent / "static"
 ECHO_CHARS = 200  # how much of a bad input a 422 repeats
+UNPARSABLE = "There was an error parsing the body"
 log = logging.getLogger("reconciler.api")
 
 
@@ -50,6 +52,13 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": [problem(e) for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 400 and detail == UNPARSABLE:  # FastAPI's words for a body json cannot read
+            detail = "the body is not a JSON document this API can read (invalid UTF-8, or nested too deeply)"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ReconcilerError)
     async def _host_error(request: Request, exc: ReconcilerError) -> JSONResponse:
@@ -85,6 +94,15 @@ def problem(error: dict[str, Any]) -> dict[str, Any]:
     elif loc == ["body"] and error.get("type") == "missing":
         out["msg"] = "a JSON object body is required"
     elif "input" in error:
-        text = json.dumps(error["input"], default=str)
-        out["input"] = error["input"] if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
+        out["input"] = echo(error["input"])
     return out
+
+
+def echo(value: Any) -> Any:
+    """A bad input as a 422 repeats it: as it was when short and valid JSON, else as shortened text."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):  # NaN, infinity, bytes, objects
+        text = repr(value)
+        return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
+    return value if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"

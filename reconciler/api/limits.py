@@ -3,6 +3,8 @@
 Every body this API takes is a small JSON object, so :data:`MAX_BODY_BYTES`
 is generous. A declared ``Content-Length`` over the limit is refused at once;
 a chunked body is counted as it arrives and refused once it passes the limit.
+Either way the rest of the body is read and dropped (up to :data:`DRAIN_BYTES`),
+never kept, so that the client gets to read the 413.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from starlette.exceptions import HTTPException
 
 MAX_BODY_BYTES = 64 * 1024
+DRAIN_BYTES = 4 * 1024 * 1024  # a refused body is read and dropped up to this much (see BodyLimit._drain)
 
 
 class _TooLarge(HTTPException):
@@ -35,6 +38,7 @@ class BodyLimit:
                 except ValueError:
                     return await self._refuse(send, 400, "Content-Length is not a number")
                 if declared > self.max_bytes:
+                    await self._drain(receive, 0)
                     return await self._refuse(send, 413, self._message())
         seen = 0
         started = False
@@ -45,6 +49,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    if message.get("more_body"):
+                        await self._drain(receive, seen)
                     raise _TooLarge(413, self._message())
             return message
 
@@ -59,6 +65,18 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await self._refuse(send, 413, self._message())
+
+    @staticmethod
+    async def _drain(receive, seen: int) -> None:
+        """Read (and drop) the rest of a refused body, up to :data:`DRAIN_BYTES`, so the client reads our
+        413 instead of a connection reset; past that the connection is closed on it."""
+        while seen <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     def _message(self) -> str:
         return f"request body over {self.max_bytes} bytes; this API takes small JSON objects"
