@@ -134,7 +134,8 @@ class Broker:
         """Grant ``request`` or raise :class:`Refused` / :class:`Disconnected`.
 
         ``fall_through``: give up as soon as a pass has planned the demand as
-        pending (cf-orch's allocate tries the next model candidate then).
+        pending, or its start is backing off (cf-orch's allocate tries the next
+        model candidate then, and answers 503 at once when none is left).
         ``disconnected()``: an awaitable that finishes when the caller goes away.
         """
         began = time.monotonic()
@@ -216,7 +217,8 @@ class Broker:
                     return lease
                 verdict = self.plan_verdict(demand.id)
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (fall_through and verdict is not None and verdict[0] == "pending"):
+                if remaining <= 0 or (fall_through and verdict is not None and (
+                        verdict[0] == "pending" or self.backing_off(demand.service))):
                     break
                 passed = self._passed
                 waits = [asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)]
@@ -240,7 +242,7 @@ class Broker:
         lease = await self._withdraw(demand.id)
         if lease is not None:  # granted while we were giving up: it is theirs
             return lease
-        raise Refused(503, self.reason(demand.id, wait_s))
+        raise Refused(503, self.reason(demand.id, demand.service, wait_s))
 
     async def _withdraw(self, demand_id: str) -> Lease | None:
         """Remove the demand between passes; the lease, when a pass granted it after all."""
@@ -282,14 +284,23 @@ class Broker:
                 return "planned", action.reason
         return None
 
-    def reason(self, demand_id: str, wait_s: float) -> str:
+    def reason(self, demand_id: str, service: str, wait_s: float) -> str:
         verdict = self.plan_verdict(demand_id)
         if verdict is None:
             return f"not granted within wait_s {wait_s:g} s: no pass has planned it yet"
         kind, why = verdict
         if kind == "pending":
             return why
-        return f"not granted within wait_s {wait_s:g} s; planned: {why}"
+        return f"not granted within wait_s {wait_s:g} s; planned: {why}" + (
+            f"; but {self.backing_off(service)}" if self.backing_off(service) else "")
+
+    def backing_off(self, service: str) -> str | None:
+        """Why the service's start is held back now (invariant 6), or None."""
+        backoff = self.store.get_backoff(service)
+        if not backoff.failures or backoff.next_attempt_at is None or backoff.next_attempt_at <= self.runtime.clock():
+            return None
+        return (f"{service} is backing off after {backoff.failures} failed start(s) "
+                f"({backoff.last_error or 'no error recorded'})")
 
     # --- lookups, renewals, releases ----------------------------------------------------
 

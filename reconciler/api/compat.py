@@ -10,10 +10,13 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
   0.0 for none (as cf-orch writes it). ``priority`` is echoed back; it does
   not evict anything (and is forgotten when the server restarts: 2).
 * ``POST /api/services/{svc}/allocate`` is a service lease through the same
-  path as ``POST /v1/leases``: the candidates are tried in order, and one the
-  reconciler cannot grant now (the plan leaves it pending) falls through to
-  the next; the last one waits for its start. ``warm``: an instance was
-  already running and compatible; ``started``: the reverse.
+  path as ``POST /v1/leases``: the candidates are tried in order; one the
+  reconciler cannot grant now (the plan leaves it pending, or its start is
+  backing off) falls through to the next, and when none is left the answer is
+  503 with each candidate's reason, at once, as cf-orch answers "no
+  capacity". A candidate the plan starts is waited for (up to 110 s; cf-orch's
+  client gives up at 120). ``warm``: an instance was already running and
+  compatible; ``started``: the reverse.
 * ``node_id`` is this reconciler's node name (``--node``, default ``local``);
   ``agent_url`` is this server's URL; ``last_heartbeat`` the last observation.
 """
@@ -121,13 +124,12 @@ async def allocate(service: str, body: AllocateRequest, request: Request, ctx: C
     if service not in ctx.profile().services:
         raise HTTPException(422, f"Unknown service {service!r} — not in profile {ctx.profile().name!r}")
     reasons = []
-    for position, model in enumerate(body.model_candidates):
-        last = position == len(body.model_candidates) - 1
+    for model in body.model_candidates:
         lease_request = LeaseRequest(service=service, holder=body.caller, model=model, ttl_s=body.ttl_s,
                                      gpu=body.gpu_id, wait_s=ALLOCATE_WAIT_S)
         try:
             granted = await ctx.broker.lease(lease_request, disconnected=lambda: disconnected(request),
-                                             fall_through=not last)
+                                             fall_through=True)
         except Refused as refused:
             if refused.status in (404, 422):
                 raise HTTPException(422, refused.detail) from None
