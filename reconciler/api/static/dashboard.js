@@ -6,31 +6,34 @@
 
 (function () {
   const EVENTS_MAX = 200;          // event log entries kept (newest first)
-  const REFRESH_DEBOUNCE_MS = 120; // events arriving together cause one status fetch
+  const REFRESH_GAP_MS = 100;      // at most one status fetch per 100 ms: a burst of events costs two
   const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
   const TICK_MS = 250;             // countdowns (lease TTL, uptime)
 
   // Event kinds the server may name in "event: <kind>" lines. EventSource delivers a named
-  // event only to a listener for that name, so we listen to each of these and to unnamed ones.
+  // event only to a listener for that name, so we listen to each of these (and to unnamed ones);
+  // a kind missing here is not logged, and the page still catches up on the next fetch.
   const KINDS = [
-    "action.started", "action.finished", "instance.adopted", "instance.failed", "instance.forgotten",
-    "instance.gone", "instance.healthy", "instance.launched", "instance.released", "instance.stopped",
-    "instance.unloaded", "instance.stalled", "intent.recovered", "lease.granted", "lease.renewed",
-    "lease.released", "lease.expired", "lease.denied", "demand.added", "demand.withdrawn", "demand.created", "demand.queued", "demand.dropped",
-    "demand.pending", "demand.granted", "demand.failed", "demand.cancelled", "pass", "pass.started",
+    "action.started", "action.finished", "api.started", "backoff", "demand.added", "demand.withdrawn",
+    "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
+    "instance.launched", "instance.released", "instance.stopped", "instance.unloaded", "intent.recovered",
+    "lease.granted", "lease.renewed", "lease.released", "lease.expired", "pass", "pass.started",
     "pass.finished", "pass.failed", "profile.reloaded", "profile.rejected", "watch.started",
-    "watch.degraded", "watch.stopped", "plan", "plan.changed", "status", "status.changed", "condition",
-    "conditions", "allocation.created", "allocation.released", "message",
+    "watch.degraded", "watch.stopped", "message",
   ];
-  // Kinds that change nothing the page shows: logged, but no status re-fetch.
-  const QUIET = new Set(["ping", "heartbeat", "keepalive", "hello"]);
+  // Announced around every pass, then summed up by pass.finished: neither logged nor fetched for.
+  const SILENT = new Set(["pass.started", "pass"]);
+  const SYMBOL_OF = { done: "✓", failed: "✗", skipped: "-", deferred: "…" };
 
   const state = {
     status: null,
     fetchedAt: 0,      // performance.now() when `status` arrived
     renders: 0,        // how many times the page was rendered from a status (tests read it)
+    renderedAt: 0,     // Date.now() of the last render
+    eventAt: {},       // Date.now() when an event of each kind last arrived
     events: 0,         // events received on the stream
     fetching: false,
+    lastFetch: -Infinity, // performance.now() when the last status fetch began
     again: false,
     timer: null,
     source: null,
@@ -115,6 +118,7 @@
     renderPending(list(status.demands), list(status.pending));
     renderPlan(status.plan);
     state.renders += 1;
+    state.renderedAt = Date.now();
     document.body.dataset.renders = String(state.renders);
   }
 
@@ -229,7 +233,10 @@
         el("td", { class: "num uptime" }, "—"),
         el("td", { class: "error muted" }, "—")));
     }
-    setText("instances-count", instances.length ? `${instances.length} running of ${instances.length + idle.length}` : "");
+    const byState = {};
+    for (const inst of instances) byState[inst.state] = (byState[inst.state] || 0) + 1;
+    const counts = Object.entries(byState).map(([st, n]) => `${n} ${st}`);
+    setText("instances-count", [...counts, `${instances.length + idle.length} services`].join(" · "));
     show("instances-empty", !instances.length && !idle.length);
   }
 
@@ -309,6 +316,9 @@
     const summary = plan && plan.summary && typeof plan.summary === "object"
       ? Object.entries(plan.summary).filter(([, n]) => n).map(([k, n]) => `${n} ${k}`).join(", ") : "";
     setText("plan-summary", summary);
+    const pending = list(plan && plan.pending).length;
+    $("plan-empty").textContent = !plan ? "No plan yet: no pass has finished."
+      : pending ? `No actions; ${pending} pending (see Pending).` : "No changes: the host matches the profile.";
     show("plan-empty", !actions.length);
   }
 
@@ -329,10 +339,29 @@
 
   // ---- events -----------------------------------------------------------------------------
 
-  function summarize(data) {
+  // one line per event, as `reconciler watch` prints it
+  function summarize(kind, data) {
     if (data === null || data === undefined) return "";
     if (typeof data !== "object") return String(data);
-    if (data.message) return String(data.message);
+    const message = data.message ? String(data.message) : "";
+    if (kind === "pass.finished") {
+      const outcomes = Object.entries(data.outcomes || {}).map(([k, n]) => `${n} ${k}`).join(", ");
+      const bits = [outcomes || "nothing to do"];
+      for (const p of list(data.pending)) bits.push(`pending ${p.service}: ${p.reason}`);
+      for (const [name, why] of Object.entries(data.stalled || {})) bits.push(`stalled ${name}: ${why}`);
+      return `pass ${dash(data.pass)} (${dash(data.reason)})` +
+        (typeof data.duration_s === "number" ? ` in ${data.duration_s} s` : "") + `: ${bits.join("; ")}`;
+    }
+    if (kind === "action.started") return `→ ${dash(data.action)}${message ? ": " + message : ""}`;
+    if (kind === "action.finished") {
+      return `${SYMBOL_OF[data.status] || "?"} ${dash(data.action)} ${dash(data.status)}` +
+        (typeof data.duration_s === "number" ? ` in ${data.duration_s} s` : "") + (message ? `: ${message}` : "");
+    }
+    if (kind === "profile.rejected") {
+      const where = list(data.diagnostics).map((d) => `${d.file}:${d.line}:${d.col}: ${d.message}`);
+      return [message, ...where].filter(Boolean).join(" · ");
+    }
+    if (message) return message;
     const skip = new Set(["id", "ts", "kind", "service", "message"]);
     const parts = [];
     for (const [key, value] of Object.entries(data)) {
@@ -361,17 +390,22 @@
     try { data = JSON.parse(raw); } catch (e) { /* plain text data */ }
     const obj = data && typeof data === "object" ? data : {};
     kind = kind && kind !== "message" ? kind : (obj.kind || "message");
+    state.events += 1;
+    state.eventAt[kind] = Date.now();
+    if (SILENT.has(kind)) return;
+    scheduleRefresh();
+    if (kind === "pass.finished" && obj.quiet) return; // a pass that found nothing to do
     const ol = $("events");
-    const severity = /fail|reject|degrad|error|stall|denied/.test(kind) ? "bad" : /granted|healthy|adopted|reloaded/.test(kind) ? "good" : "";
+    const failed = kind === "action.finished" && obj.status === "failed";
+    const severity = failed || /fail|reject|degrad|backoff|gone/.test(kind) ? "bad"
+      : /granted|healthy|adopted|reloaded/.test(kind) ? "good" : "";
     ol.prepend(el("li", { class: severity ? `ev ev-${severity}` : "ev", dataset: { kind } },
       el("time", { class: "mono muted" }, clock(obj.ts)),
       el("span", { class: "ev-kind mono" }, kind),
-      obj.service ? el("span", { class: "ev-service" }, String(obj.service)) : null,
-      el("span", { class: "ev-text" }, summarize(data))));
+      el("span", { class: "ev-service", title: obj.service ? String(obj.service) : null }, obj.service ? String(obj.service) : ""),
+      el("span", { class: "ev-text" }, summarize(kind, data))));
     while (ol.children.length > EVENTS_MAX) ol.removeChild(ol.lastChild);
     show("events-empty", false);
-    state.events += 1;
-    if (!QUIET.has(kind)) scheduleRefresh();
   }
 
   function connect() {
@@ -398,14 +432,19 @@
 
   // ---- status fetching --------------------------------------------------------------------
 
+  // The first event after a quiet spell fetches at once (a lease shows up in a few ms); the
+  // events that follow within REFRESH_GAP_MS share one more fetch after them, so the page
+  // always ends on a status fetched after the last event.
   function scheduleRefresh() {
     if (state.timer !== null) return;
-    state.timer = setTimeout(() => { state.timer = null; refresh(); }, REFRESH_DEBOUNCE_MS);
+    const wait = Math.max(0, state.lastFetch + REFRESH_GAP_MS - performance.now());
+    state.timer = setTimeout(() => { state.timer = null; refresh(); }, wait);
   }
 
   async function refresh() {
     if (state.fetching) { state.again = true; return; }
     state.fetching = true;
+    state.lastFetch = performance.now();
     try {
       const response = await fetch("v1/status", { headers: { Accept: "application/json" }, cache: "no-store" });
       if (!response.ok) throw new Error(`GET /v1/status: ${response.status}`);
