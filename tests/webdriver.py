@@ -134,8 +134,13 @@ class Chrome:
         return [e[ELEMENT] for e in self._call("POST", "/elements", {"using": "css selector", "value": css})]
 
     def text(self, css: str) -> str:
-        """The rendered text of the first element matching ``css``."""
-        return self._call("GET", f"/element/{self.find(css)}/text")
+        """The rendered text (``innerText``, trimmed) of the first element matching ``css``.
+
+        One script, not find-then-read: a page that re-renders in between cannot make it stale."""
+        found = self.script("const e = document.querySelector(arguments[0]); return e ? e.innerText.trim() : null", css)
+        if found is None:
+            raise WebDriverError("no such element", f"nothing matches {css!r}")
+        return found
 
     def script(self, source: str, *args: Any) -> Any:
         """Run ``source`` as a function body in the page (``arguments`` holds ``args``); its return value."""
