@@ -1,0 +1,252 @@
+"""The dashboard in a real headless browser (Debian's chromium + chromedriver, see tests/webdriver.py).
+
+A real ``reconciler serve`` runs a copy of the demo profile (fake services on a
+simulated 8 GB GPU, ports moved to free ones) with a fake Ollama that was
+already listening, so it is adopted. The page must show the services and the
+adopted Ollama with its state and URL, reflect a lease taken through the API
+within a second (live, from the event stream: no reload), and put data into
+the page as text: a holder named like an HTML tag stays text and creates no
+element. Skipped, saying why, where chromium or chromedriver is absent
+(``.ci/run`` installs them).
+
+The screenshot of the page is saved as ``dashboard.png`` in the test's tmp
+directory (or where ``RECONCILER_DASHBOARD_SCREENSHOT`` says) and its path printed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from reconciler.testing.ports import free_port, is_listening
+from tests import webdriver
+from tests.e2e_support import Host, WatchRun, host, wait_until  # noqa: F401
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "profile.yaml"
+XSS = "<img src=x onerror=alert(1)>"
+START_S = 30.0  # the demo's services starting (llm takes a second) on a busy CI machine
+
+pytestmark = pytest.mark.skipif(webdriver.missing() is not None, reason=webdriver.missing() or "")
+
+
+def poll(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.01) -> Any:
+    """The first truthy value of ``condition()``; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (webdriver.WebDriverError, httpx.HTTPError, KeyError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout_s} s" + (f" (last error: {last_error})" if last_error else ""))
+        time.sleep(interval_s)
+
+
+class Server:
+    """``reconciler serve`` on the test host's profile, on a free loopback port."""
+
+    def __init__(self, world: Host):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        argv = [
+            sys.executable, "-m", "reconciler", "serve",
+            "--profile", str(world.profile), "--gpu", "sim:8192", "--state-dir", str(world.state_dir),
+            "--listen", f"127.0.0.1:{self.port}",
+        ]
+        # WatchRun reads its stdout on a thread (and keeps it from filling a pipe); Host kills it at the end
+        self.run = WatchRun(argv, world.env(), world.root / "serve.stderr")
+        world.runs.append(self.run)
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def status(self) -> dict[str, Any]:
+        response = self.http.get("/v1/status")
+        response.raise_for_status()
+        return response.json()
+
+    def wait_up(self, timeout_s: float = START_S) -> None:
+        def up() -> bool:
+            if self.run.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.run.process.returncode}:\n{self.run.stderr()[-3000:]}")
+            return is_listening(self.port)
+        poll(up, timeout_s, "serve listening", 0.05)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    with webdriver.Chrome.start() as chrome:
+        chrome.viewport(1280, 800)
+        yield chrome
+
+
+def demo_profile(world: Host) -> dict[str, int]:
+    """The demo profile with every port moved to a free one; returns the ports by service."""
+    ports: dict[str, int] = {}
+    text = DEMO.read_text()
+    for name in re.findall(r"^  (\w+):\n", text, flags=re.M):
+        ports[name] = world.port()
+    def move(match: re.Match[str]) -> str:
+        service = re.findall(r"^  (\w+):\n", text[: match.start()], flags=re.M)[-1]
+        return f"port: {ports[service]}"
+    world.write(re.sub(r"port: 18\d\d\d", move, text))
+    return ports
+
+
+def row_text(browser: webdriver.Chrome, table: str, key: str, value: str) -> dict[str, str] | None:
+    """The cells of the row of ``#table`` whose ``data-key`` is ``value``, by cell class (None if absent)."""
+    return browser.script(
+        """
+        const [table, key, value] = arguments;
+        for (const row of document.querySelectorAll(`#${table} tbody tr`)) {
+          if (row.dataset[key] !== value) continue;
+          const cells = {};
+          for (const td of row.cells) {
+            const name = [...td.classList].find((c) => c !== "num" && c !== "muted" && c !== "mono");
+            cells[name || td.cellIndex] = td.textContent.trim();
+          }
+          return cells;
+        }
+        return null;
+        """,
+        table, key, value,
+    )
+
+
+def seconds(text: str) -> float:
+    """``4m 58s`` → 298."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return float(sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([dhms])", text)))
+
+
+def test_dashboard_shows_the_demo_and_follows_a_lease_live(
+    host: Host, browser: webdriver.Chrome, tmp_path: Path,  # noqa: F811
+) -> None:
+    ports = demo_profile(host)
+    ollama = host.start_foreign(
+        "reconciler.testing.fake_ollama", "--port", str(ports["ollama"]), "--models", "llama3.2:3b",
+        "--vram-mb", "2048", sim_mb=2048,
+    )
+    wait_until(lambda: is_listening(ports["ollama"]), what="the fake Ollama listening")
+    server = Server(host)
+    try:
+        server.wait_up()
+        always_on = {"ollama", "llm", "embed", "comfyui"}
+
+        def converged() -> bool:
+            status = server.status()
+            running = {i["service"] for i in status["instances"] if i["state"] == "running" and i["healthy"]}
+            gpus = status["gpus"]  # from the last pass's observation, which may predate the starts
+            return running == always_on and gpus and gpus[0]["reserved_started_mb"] == 3072 + 1024 + 2048
+        poll(converged, START_S, "the demo's always-on services running", 0.1)
+        status = server.status()
+        by_service = {i["service"]: i for i in status["instances"]}
+        assert by_service["ollama"]["origin"] == "adopted" and by_service["ollama"]["pid"] == ollama.pid
+
+        # -- the page loads and shows the demo ------------------------------------------------
+        started = time.monotonic()
+        browser.get(server.base + "/")
+        assert browser.script("return document.title") == "reconciler"
+        poll(lambda: browser.script("return document.body.dataset.renders"), 10, "the first render")
+        print(f"\nfirst render {1000 * (time.monotonic() - started):.0f} ms after navigation")
+        assert browser.text("#profile") == "demo"
+        assert browser.text("#node") == status["node"]
+
+        ollama_row = poll(lambda: row_text(browser, "instances", "service", "ollama"), 5, "the ollama row")
+        assert ollama_row["state"] == "running"
+        assert ollama_row["origin"] == "adopted"
+        assert ollama_row["url"] == by_service["ollama"]["url"] == f"http://127.0.0.1:{ports['ollama']}"
+        link = browser.script("return document.querySelector('#instances tr[data-service=\"ollama\"] td.url a').href")
+        assert link.rstrip("/") == by_service["ollama"]["url"]
+        for name in ("llm", "embed", "comfyui"):
+            row = row_text(browser, "instances", "service", name)
+            assert row and row["state"] == "running" and row["origin"] == "started", (name, row)
+            assert row["url"] == f"http://127.0.0.1:{ports[name]}"
+        assert row_text(browser, "instances", "service", "llm")["model"] == "qwen2.5-3b"
+        tts = row_text(browser, "instances", "service", "tts")  # in the profile, not running (not always_on)
+        assert tts and tts["state"] == "not running"
+
+        # the GPU bar: started and adopted segments, with MB labels matching the status
+        gpu = status["gpus"][0]
+        segments = poll(lambda: browser.script(
+            "return Object.fromEntries([...document.querySelectorAll('#gpus .gpu[data-gpu=\"0\"] .bar .seg')]"
+            ".map(s => [s.dataset.part, [Number(s.dataset.mb), s.getBoundingClientRect().width, s.textContent]]))"
+        ), 5, "the GPU bar")
+        assert segments["started"][0] == gpu["reserved_started_mb"] == 3072 + 1024 + 2048  # llm, embed, comfyui
+        assert segments["adopted"][0] == gpu["adopted_mb"] == 2048
+        assert segments["started"][2] == "6,144 MB" and segments["adopted"][2] == "2,048 MB"
+        assert segments["started"][1] > segments["adopted"][1] > 0  # widths in proportion
+        numbers = browser.text("#gpus .gpu[data-gpu='0'] .gpu-numbers")
+        assert "adopted 2,048 MB · ollama" in numbers and "free " in numbers
+
+        # the live stream is open before we act (the page says so)
+        poll(lambda: browser.text("#conn") == "live", 5, "the event stream connected")
+        assert browser.text("#leases-empty") == "No leases."
+
+        # -- a lease taken through the API shows up within a second, without a reload ----------
+        renders = int(browser.script("return document.body.dataset.renders"))
+        browser.script("window.__sameDocument = true")
+        sent = time.monotonic()
+        response = server.http.post("/v1/leases", json={"service": "embed", "holder": "kiwi", "ttl_s": 120})
+        answered, answered_wall = time.monotonic(), time.time()
+        assert response.status_code == 200, response.text
+        lease = response.json()
+        row = poll(lambda: row_text(browser, "leases", "lease", lease["id"]), 1.0, "the lease on the page")
+        shown = time.monotonic()
+        print(f"lease → page: {1000 * (shown - answered):.0f} ms after the API answered "
+              f"({1000 * (shown - sent):.0f} ms after the request was sent; the grant took {1000 * (answered - sent):.0f} ms)")
+        trace = browser.script("const s = window.reconcilerDashboard; return [s.eventAt['lease.granted'], s.renderedAt]")
+        print(f"  in the page: lease.granted arrived {trace[0] - 1000 * answered_wall:+.0f} ms, "
+              f"rendered {trace[1] - 1000 * answered_wall:+.0f} ms after the API answered")
+        assert shown - answered < 1.0
+        assert browser.script("return window.__sameDocument") is True  # updated in place, not reloaded
+        assert int(browser.script("return document.body.dataset.renders")) > renders
+        assert row["service"] == "embed" and row["holder"] == "kiwi" and row["gpu"] == "0"
+        assert 100 <= seconds(row["remaining"]) <= 120
+        poll(lambda: row_text(browser, "instances", "service", "embed")["leases"] == "1/1", 1.0, "embed's lease count")
+        poll(lambda: browser.script(
+            "return [...document.querySelectorAll('#events li')].some(li => li.dataset.kind === 'lease.granted')"),
+            1.0, "lease.granted in the event log")
+
+        # the TTL counts down in the page between status fetches
+        first = seconds(row_text(browser, "leases", "lease", lease["id"])["remaining"])
+        time.sleep(1.3)
+        later = seconds(row_text(browser, "leases", "lease", lease["id"])["remaining"])
+        assert later < first, (first, later)
+
+        # -- data is text, never HTML ------------------------------------------------------------
+        response = server.http.post("/v1/leases", json={"service": "llm", "holder": XSS, "ttl_s": 60})
+        assert response.status_code == 200, response.text
+        evil = response.json()
+        row = poll(lambda: row_text(browser, "leases", "lease", evil["id"]), 1.0, "the second lease on the page")
+        assert row["holder"] == XSS  # shown literally
+        assert browser.alert_text() is None
+        assert browser.script("return document.querySelectorAll('img').length") == 0
+        assert browser.script(
+            "return document.querySelector(`#leases tr[data-lease=\"${arguments[0]}\"] td.holder`).childElementCount",
+            evil["id"]) == 0
+
+        shot = Path(os.environ.get("RECONCILER_DASHBOARD_SCREENSHOT", tmp_path / "dashboard.png"))
+        browser.screenshot(shot)
+        print(f"screenshot: {shot}")
+
+        errors = [e for e in browser.console() if e.get("level") == "SEVERE"]
+        assert errors == [], errors
+
+        # releasing it takes it off the page again
+        assert server.http.delete(f"/v1/leases/{lease['id']}").status_code == 200
+        poll(lambda: row_text(browser, "leases", "lease", lease["id"]) is None, 1.0, "the released lease gone")
+    finally:
+        server.close()
