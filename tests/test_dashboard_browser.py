@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -248,5 +249,23 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
         # releasing it takes it off the page again
         assert server.http.delete(f"/v1/leases/{lease['id']}").status_code == 200
         poll(lambda: row_text(browser, "leases", "lease", lease["id"]) is None, 1.0, "the released lease gone")
+
+        # -- a demand that cannot be met waits on the page with the plan's reason ----------------
+        answer: dict[str, httpx.Response] = {}
+        waiting = threading.Thread(target=lambda: answer.setdefault("tts", server.http.post(
+            "/v1/leases", json={"service": "tts", "holder": "batch", "ttl_s": 60, "wait_s": 2})))
+        waiting.start()
+        try:
+            def reason() -> str | None:  # first "waiting for the next pass", then the plan's reason
+                text = browser.script("const li = document.querySelector('#pending li[data-service=\"tts\"]');"
+                                      "return li && li.querySelector('.reason').textContent")
+                return text if text and "needs 2048 MB on GPU 0" in text else None
+            shown_reason = poll(reason, 2.0, "the tts demand pending on the page with the plan's reason")
+            assert "tts for batch" in browser.text("#pending")
+            assert "1 pending" in browser.text("#plan-empty")
+        finally:
+            waiting.join(10)
+        assert answer["tts"].status_code == 503 and answer["tts"].json()["detail"] == shown_reason
+        poll(lambda: browser.text("#pending-empty") == "Nothing is waiting.", 1.0, "the withdrawn demand gone")
     finally:
         server.close()
