@@ -321,7 +321,8 @@ class Broker:
             self.vram_priority.pop(lease.id, None)
             self.runtime.events.publish("lease.released", service=lease.service, lease=lease.id,
                                         holder=lease.holder)
-            self.runtime.wake()  # a freed slot: queued demands may be granted now
+            if self.store.demands():  # a freed slot or freed memory: queued demands may be granted now
+                self.runtime.wake()
         return lease
 
     # --- VRAM leases ------------------------------------------------------------------------

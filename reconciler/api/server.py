@@ -60,7 +60,9 @@ class ApiServer:
         """Take the address now; GuardError naming it when it cannot be had."""
         host = "127.0.0.1" if self.listen.host == "localhost" else self.listen.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only for sockets that say they are
+        # TCP, and accepted sockets inherit it; with proto 0 every answer waits ~40 ms for a delayed ACK
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, self.listen.port))
