@@ -78,8 +78,30 @@ def test_listeners_without_permission_for_the_system_table(spawner, monkeypatch)
     def denied(kind="inet"):
         raise psutil.AccessDenied()
 
+    monkeypatch.setattr(processes, "_listening_sockets", lambda: None)  # no netlink: the psutil path
     monkeypatch.setattr(processes.psutil, "net_connections", denied)
     assert listeners()[svc.pid] == {svc.port}
+
+
+@pytest.mark.skipif(processes._listening_sockets() is None, reason="netlink sock_diag is Linux-only")
+def test_netlink_listeners_match_psutil(spawner):  # noqa: F811
+    import socket
+
+    svc = spawner.service()
+    with socket.socket(socket.AF_INET6) as v6, socket.socket() as v4, socket.socket() as idle:
+        v6.bind(("::1", 0))
+        v6.listen()
+        v4.bind(("0.0.0.0", 0))
+        v4.listen()
+        idle.bind(("127.0.0.1", 0))  # bound, not listening: not a listener
+        expected: dict[int, set[int]] = {}
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.pid is not None and conn.laddr:
+                expected.setdefault(conn.pid, set()).add(conn.laddr.port)
+        found = listeners()
+        ours = {v6.getsockname()[1], v4.getsockname()[1]}
+    assert found[svc.pid] == expected[svc.pid] == {svc.port}
+    assert found[os.getpid()] == expected[os.getpid()] == ours  # IPv4 and IPv6; the bound socket is not listed
 
 
 @pytest.mark.parametrize("pid", [999_999_999])

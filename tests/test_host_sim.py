@@ -150,3 +150,16 @@ def test_cache_forgets_processes_that_ended(spawner):  # noqa: F811
     svc.process.wait()
     assert svc.pid not in scanner.scan()
     assert not any(pid == svc.pid for pid, _ in scanner._cache)
+
+
+def test_process_table_from_proc_matches_psutil(spawner):  # noqa: F811
+    from reconciler.host import sim
+
+    svc = spawner.service()
+    table = sim._linux_process_table() if sim._PROC_STAT else None
+    if table is None:
+        pytest.skip("no /proc")
+    rows = {pid: (ppid, created) for pid, ppid, created in table}
+    proc = psutil.Process(svc.pid)
+    assert rows[svc.pid][0] == os.getpid()
+    assert rows[svc.pid][1] == pytest.approx(proc.create_time(), abs=0.02)

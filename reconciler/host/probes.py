@@ -12,6 +12,8 @@ never raises: what went wrong is in :class:`Probe.error`.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +22,25 @@ import httpx
 from reconciler.core.snapshot import Probe
 
 DEFAULT_TIMEOUT_S = 2.0
+
+
+def _stop_sniffio_lookups() -> None:
+    """Make httpcore's per-request ``import sniffio`` fail at once when sniffio is not installed.
+
+    httpcore 1.0.x imports ``sniffio`` inside ``current_async_library()``, which
+    runs several times per request, and falls back to asyncio on ImportError.
+    anyio >= 4.11 no longer installs sniffio, and Python does not cache a failed
+    import, so every request searched ``sys.path`` again (about 5 ``stat`` calls
+    each): most of a probe's CPU time (encode/httpcore#1103). ``None`` in
+    ``sys.modules`` is Python's documented "not importable" marker: the import
+    raises ImportError without a search, and httpcore picks asyncio as before.
+    When sniffio is installed, nothing changes.
+    """
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+_stop_sniffio_lookups()
 
 
 @dataclass(frozen=True)
