@@ -49,6 +49,7 @@ from reconciler.runtime import Runtime
 QUEUE_PER_SLOT = 4  # a service's queue holds this many demands per lease slot (max_concurrent)
 VRAM_LEASES_PER_HOLDER = 1_000_000  # VRAM leases are bounded by memory, not by count
 GRANT_WAIT_S = 60.0  # most a grant or a withdrawal waits for a pass in flight to finish
+EXPIRY_CHECK_S = 0.2  # how often, while demands wait, to look for leases whose time is up
 
 
 class Refused(Exception):
@@ -84,7 +85,7 @@ class Broker:
         self._grants: dict[str, asyncio.Event] = {}
         self._passed = asyncio.Event()
         self._closing = asyncio.Event()
-        self._listening: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.vram_priority: dict[str, int] = {}  # cf-orch's priority of a VRAM lease (not persisted)
 
     @property
@@ -92,15 +93,31 @@ class Broker:
         return self.runtime.store
 
     def start(self) -> None:
+        """Withdraw demands a previous server left (their callers went with it), then listen to the bus."""
+        for demand in self.store.demands():
+            self.store.remove_demand(demand.id)
+            self.runtime.events.publish("demand.withdrawn", service=demand.service, demand=demand.id,
+                                        holder=demand.holder, message="left by a previous run; its caller is gone")
         subscription = self.runtime.events.subscribe()
-        self._listening = asyncio.ensure_future(self._listen(subscription))
+        self._tasks = [asyncio.ensure_future(self._listen(subscription)), asyncio.ensure_future(self._expiries())]
 
     async def close(self) -> None:
         """Answer every waiting request (503), stop listening."""
         self._closing.set()
-        if self._listening is not None:
-            self._listening.cancel()
-            await asyncio.gather(self._listening, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _expiries(self) -> None:
+        """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs."""
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            if not self.store.demands():
+                continue
+            now = self.runtime.clock()
+            ends = [lease.expires_at for lease in self.store.leases() if lease.expires_at is not None]
+            if any(end <= now for end in ends):
+                self.runtime.wake()
 
     async def _listen(self, subscription) -> None:
         async with subscription:
