@@ -220,5 +220,7 @@ def test_status_plan_metrics_and_openapi(api: ApiRun) -> None:
         assert name in metrics, name
     assert 'reconciler_gpu_memory_mb{gpu="0",kind="total"} 8192.0' in metrics
     assert 'reconciler_instances{state="running"} 1.0' in metrics
+    page = api.http.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     paths = api.http.get("/openapi.json").json()["paths"]
     assert {"/v1/leases", "/v1/status", "/api/leases", "/api/services/{service}/allocate"} <= set(paths)

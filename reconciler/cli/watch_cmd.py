@@ -3,6 +3,12 @@
     reconciler watch (--profile FILE | --profiles DIR) [--gpu nvml|auto|sim:…]
                      [--state-dir DIR] [--node NAME] [--resync S]
                      [--events text|json] [--allow-empty]
+                     [--api [HOST:PORT]] [--token-file FILE]
+
+``--api`` also serves the HTTP API and dashboard (:mod:`reconciler.api`) in
+this process, on the same event loop; ``reconciler serve`` is the same with
+the API on by default. The API reads the profile in force (``self.profile``)
+and is stopped before the runtime closes.
 
 Start-up: the profile is loaded (``--profiles DIR`` picks one by GPU size,
 see :mod:`reconciler.runtime.watcher`); an invalid one exits 1 with its
