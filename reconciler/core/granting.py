@@ -74,6 +74,10 @@ class DemandGranting:
             model = demand.model
         if held >= cap:
             return self.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
+        placed = self.gpu_of.get(name)
+        if demand.gpu is not None and placed is not None and placed != demand.gpu:
+            return self.wait(name, f"demand {demand.id} asks for GPU {demand.gpu}; {name} runs on GPU {placed} "
+                                   f"(one instance per service)", demand.id)
         waits_for = self.ready.get(name)
         if waits_for is None and not self.world.healthy(name):
             state = instance.state if instance.state != "running" else "not healthy"
