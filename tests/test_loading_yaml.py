@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.errors import ProfileError
+from reconciler.errors import InputError, ProfileError
 from reconciler.loading import load_profile, parse_profile
 from reconciler.loading.yamltree import MAX_ALIAS_VALUES, parse_yaml
 
@@ -153,3 +153,13 @@ def test_merge_keys_share_settings_and_explicit_keys_win():
     )
     profile = parse_profile(text, "p.yaml")
     assert (profile.services["b"].max_mb, profile.services["b"].priority) == (100, 1)
+
+
+def test_an_anchor_defined_twice_is_a_located_error_not_a_warning(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("a: &x 1\nb: &x 2\n")
+    with pytest.raises(InputError) as caught:
+        parse_yaml(path.read_text(), str(path))
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.line, diagnostic.col) == (2, 4)
+    assert "anchor &x is defined twice" in diagnostic.message

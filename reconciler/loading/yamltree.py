@@ -18,11 +18,13 @@ operator wrote (pydantic parses them, and insists on a timezone). Custom tags
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reconciler.errors import Diagnostic, InputError
@@ -49,7 +51,12 @@ def parse_yaml(text: str, filename: str) -> Document:
     """Parse one YAML (or JSON) document; an empty document is an error."""
     yaml = YAML(typ="rt")
     try:
-        root = yaml.compose(text)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReusedAnchorWarning)
+            root = yaml.compose(text)
+        reused = [w for w in caught if issubclass(w.category, ReusedAnchorWarning)]
+        if reused:
+            raise InputError([_reused_anchor(str(reused[0].message), filename)])
     except MarkedYAMLError as exc:
         raise InputError([_syntax_error(exc, filename)]) from None
     except YAMLError as exc:
@@ -63,6 +70,15 @@ def parse_yaml(text: str, filename: str) -> Document:
     if builder.diagnostics:
         raise InputError(builder.diagnostics)
     return Document(data, builder.positions)
+
+
+def _reused_anchor(message: str, filename: str) -> Diagnostic:
+    """ruamel only warns about an anchor defined twice; here it is an error at the second one."""
+    anchor = re.search(r"duplicate anchor '([^']*)'", message)
+    where = re.findall(r"line (\d+), column (\d+)", message)
+    line, col = (int(where[-1][0]), int(where[-1][1])) if where else (1, 1)
+    name = anchor.group(1) if anchor else "?"
+    return Diagnostic(filename, line, col, f"anchor &{name} is defined twice; give each anchor its own name")
 
 
 def _mark(node: Node) -> Mark:
