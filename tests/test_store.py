@@ -260,3 +260,16 @@ def test_closed_store_raises_store_error(tmp_path):
     s.close()
     with pytest.raises(StoreError, match="x.db"):
         s.instances()
+
+
+def test_the_event_log_is_bounded(tmp_path, monkeypatch):
+    import reconciler.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "MAX_EVENTS", 30)
+    monkeypatch.setattr(sqlite_module, "EVENT_PRUNE_EVERY", 10)
+    with open_store(tmp_path) as store:
+        for i in range(100):
+            store.record_event("tick", message=str(i))
+        kept = store.events(limit=1000)
+    assert len(kept) <= 30 + 10
+    assert kept[-1].message == "99"

@@ -210,12 +210,7 @@ class WatchBus(EventBus):
     to do are only shown, never recorded.
     """
 
-    def announce(self, kind: str, **data: Any) -> dict[str, Any]:
-        store, self.store = self.store, None
-        try:
-            return self.publish(kind, **data)
-        finally:
-            self.store = store
+    # ``announce`` (EventBus) shows an event without recording it.
 
 
 class Watch:

@@ -83,6 +83,14 @@ class EventBus:
             subscriber._deliver(event)
         return event
 
+    def announce(self, kind: str, **data: Any) -> dict[str, Any]:
+        """Deliver to subscribers without recording: for the frequent, uneventful (a pass with nothing to do)."""
+        store, self.store = self.store, None
+        try:
+            return self.publish(kind, **data)
+        finally:
+            self.store = store
+
     def subscribe(self, maxsize: int = DEFAULT_QUEUE_SIZE) -> Subscription:
         """A new subscription; it sees every event published from now on."""
         subscription = Subscription(self, maxsize)

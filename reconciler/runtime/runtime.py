@@ -133,7 +133,8 @@ class Runtime:
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
         self.last_plan, self.last_snapshot = plan, snapshot
         counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("done", "failed", "skipped", "deferred")}
-        self.events.publish("pass", message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
+        # an uneventful pass is shown, never recorded: a watch passes every few seconds
+        (self.events.publish if plan.actions else self.events.announce)("pass", message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
                             profile=profile.name, actions=len(plan.actions), pending=len(plan.pending),
                             stalled=sorted(stalled), **counts)
         return PassReport(plan=plan, snapshot=snapshot, outcomes=outcomes, stalled=stalled)

@@ -39,6 +39,8 @@ from reconciler.store.base import (
 from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "state.db"
+MAX_EVENTS = 10_000  # the event log keeps this many newest events
+EVENT_PRUNE_EVERY = 500
 _KIND = "coalesce(json_extract(data, '$.kind'), 'service')"  # Lease.kind, kept in the JSON
 
 
@@ -372,7 +374,10 @@ class SqliteStore:
                 "INSERT INTO events(ts, kind, service, message, data) VALUES (?, ?, ?, ?, ?)",
                 (_ts(ts or utcnow()), kind, service, message, json.dumps(dict(data or {}), sort_keys=True)),
             )
-            return int(cur.lastrowid)
+            event_id = int(cur.lastrowid)
+            if event_id % EVENT_PRUNE_EVERY == 0:  # the log is bounded: the newest MAX_EVENTS stay
+                c.execute("DELETE FROM events WHERE id <= ?", (event_id - MAX_EVENTS,))
+            return event_id
 
     def events(self, since_id: int = 0, limit: int = 100, service: str | None = None) -> list[Event]:
         """Events with ``id > since_id``, oldest first, at most ``limit``."""
