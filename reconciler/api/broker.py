@@ -232,6 +232,9 @@ class Broker:
                 lease = self.lease_by_id(demand.id)
                 if lease is not None:
                     return lease
+                if granted.is_set():  # granted (its demand went with it) and already ended: nothing to wait for
+                    raise Refused(503, f"lease {demand.id} was granted but ended (expired or released) before "
+                                       f"it could be answered (ttl_s {demand.ttl_s} too short?)")
                 verdict = self.plan_verdict(demand.id)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (fall_through and verdict is not None and (

@@ -1,0 +1,47 @@
+"""The lease broker in-process (no HTTP, no pass loop): waits that must end, never spin."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from reconciler.api.broker import Broker, Refused
+from reconciler.api.models import LeaseRequest
+from reconciler.core.snapshot import Lease
+from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
+
+
+def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
+    """A pass grants the demand, then the lease ends (a tiny ttl_s expires) before the waiting
+    request looks: the demand is gone, so nothing can grant it again. The request answers at
+    once instead of spinning on the set grant event until wait_s."""
+    profile = make_profile({"svc": fake_service(None, max_mb=100)})
+
+    async def main():
+        async with env.runtime() as rt:
+            broker = Broker(rt, lambda: profile)
+            broker.start()
+            try:
+                request = LeaseRequest(service="svc", holder="h", ttl_s=0.01, wait_s=60)
+                task = asyncio.ensure_future(broker.lease(request))
+                for _ in range(100):
+                    await asyncio.sleep(0.01)
+                    if rt.store.demands("svc"):
+                        break
+                (demand,) = rt.store.demands("svc")
+                lease = Lease(id=demand.id, service="svc", holder="h", gpu=0, expires_at=rt.clock())
+                assert rt.store.grant_lease(lease, 1, demand_id=demand.id, now=rt.clock())
+                rt.events.publish("lease.granted", service="svc", lease=demand.id, holder="h")
+                rt.store.expire_leases(rt.clock())  # the next pass's first step
+                began = time.monotonic()
+                with pytest.raises(Refused) as refused:
+                    await asyncio.wait_for(task, 20)
+                return time.monotonic() - began, refused.value
+            finally:
+                await broker.close()
+
+    waited, refused = asyncio.run(main())
+    assert refused.status == 503 and "ended" in refused.detail
+    assert waited < 20
