@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
+from reconciler.drivers.process import is_alive
 from reconciler.host.sim import SCOPE_ENV
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port
@@ -278,8 +279,9 @@ class Host:
             run.kill()
         pids: set[int] = set()
         if (self.state_dir / "state.db").exists():
-            try:
-                pids |= {i.pid for i in self.instances().values() if i.origin == "started" and i.pid}
+            try:  # only what still is the process we started (pid and create_time): pids are reused
+                pids |= {i.pid for i in self.instances().values()
+                         if i.origin == "started" and i.pid and i.create_time and is_alive(i.pid, i.create_time)}
             except Exception:  # noqa: BLE001 - teardown goes on whatever the store says
                 pass
         for proc in self.our_processes():
@@ -287,7 +289,8 @@ class Host:
         for pid in pids:
             _kill_group(pid)
         for proc in self.foreign:
-            _kill_group(proc.pid)
+            if proc.poll() is None:  # unreaped: the pid is still this process's
+                _kill_group(proc.pid)
             proc.wait(10)
 
     def __enter__(self) -> Host:

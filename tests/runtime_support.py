@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from reconciler.core.profile import Profile
+from reconciler.drivers.process import is_alive
 from reconciler.host.sim import EnvScanner, SimBackend, SimGpu
 from reconciler.runtime import Runtime
 from reconciler.store import open_store
@@ -64,11 +65,12 @@ def make_profile(services: dict, **top) -> Profile:
 def kill_started(state_dir: Path) -> None:
     """Kill every process group the runtime's store still knows (test cleanup)."""
     store = open_store(state_dir)
-    try:
-        pids = {i.pid for i in store.instances() if i.origin == "started" and i.pid}
-        pids |= {it.data.get("pid") for it in store.open_intents() if it.data.get("pid")}
+    try:  # (pid, create_time) still ours: a pid left in the store may belong to someone else by now
+        known = {(i.pid, i.create_time) for i in store.instances() if i.origin == "started" and i.pid}
+        known |= {(it.data.get("pid"), it.data.get("create_time")) for it in store.open_intents() if it.data.get("pid")}
     finally:
         store.close()
+    pids = {pid for pid, create_time in known if create_time is not None and is_alive(pid, create_time)}
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGKILL)
