@@ -160,7 +160,7 @@ def test_missing_file_settles_before_it_is_reported(tmp_path: Path) -> None:
 
     async def main() -> None:
         batches, ticks = Manual(), Manual()
-        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, settle_s=0.3)
+        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, settle_s=2.0)  # ample on a loaded CI
         watcher.load()
         events = Collected(watcher)
         path.unlink()  # vim: the original renamed away, the new one not written yet
@@ -172,7 +172,7 @@ def test_missing_file_settles_before_it_is_reported(tmp_path: Path) -> None:
         assert change.ok and change.profile.services["a"].priority == 2
         path.unlink()  # really gone: reported after settle_s
         batches.push()
-        gone = await events.next()
+        gone = await events.next(10)
         assert gone.missing and "no such file" in str(gone.diagnostics[0])
         await events.close()
 
