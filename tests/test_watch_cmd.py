@@ -224,3 +224,34 @@ def test_text_lines() -> None:
     assert rejected.splitlines() == ["16:00:01 profile rejected, profile demo stays: p.yaml is invalid",
                                      "    p.yaml:3:5: unknown key"]
     assert fmt({"kind": "backoff", "ts": ts, "service": "a", "failures": 2}) == "16:00:01     backoff: failures=2"
+
+
+def test_a_wake_that_arrives_with_a_rejected_edit_is_not_lost(tmp_path) -> None:
+    """A wake (a lease request waiting) taken in the same round as a rejected profile change still
+    makes a pass now, not at the next liveness tick."""
+    from reconciler.errors import Diagnostic
+    from reconciler.runtime.watcher import ProfileChange
+
+    class Woken:
+        """A runtime woken once: its first wait_woken answers at once (and clears the wake)."""
+
+        def __init__(self) -> None:
+            self.pending = True
+
+        async def wait_woken(self, timeout_s: float | None = None) -> bool:
+            if self.pending:
+                self.pending = False
+                return True
+            await asyncio.sleep(timeout_s or 0)
+            return False
+
+    async def main() -> str | None:
+        watch = watch_cmd.Watch(_args(tmp_path))
+        triggers: asyncio.Queue = asyncio.Queue()
+        triggers.put_nowait(ProfileChange(None, (Diagnostic("p.yaml", 1, 1, "bad"),)))
+        bus = EventBus()
+        current = watch_cmd.Profile.model_validate({"schema_version": 1, "name": "p", "services": {}})
+        reason, _ = await watch._next(Woken(), triggers, current, bus, ("liveness", 0.5))
+        return reason
+
+    assert asyncio.run(main()) == "wake"

@@ -462,6 +462,8 @@ class Watch:
                 accepted = self._accept(event, profile, bus)
                 if accepted is not None:
                     return "profile", accepted
+                if woken in done and woken.result():  # the wake was taken (cleared) in this round: keep it
+                    return "wake", profile
                 continue
             return ("wake" if woken.result() else why), profile
 
