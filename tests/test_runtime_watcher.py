@@ -342,3 +342,30 @@ def test_unchanged_bytes_are_not_parsed_again(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert Counting.reads == 2  # load() and the one real change
+
+
+def test_profile_directory_waits_for_the_chosen_file_during_a_save(tmp_path: Path) -> None:
+    """A vim-style save cut in two batches never switches to another profile (invariant 2)."""
+    big, small = tmp_path / "big.yaml", tmp_path / "small.yaml"
+    big.write_text(good(1).replace("name: t", "name: big"))
+    small.write_text(good(1).replace("8192", "4096").replace("name: t", "name: small"))
+
+    async def main() -> None:
+        watcher = ProfileWatcher(ProfileDirectory(tmp_path, lambda: 8192), resync_s=3600, settle_s=2.0)
+        assert watcher.load().profile.name == "big"
+        events = Collected(watcher)
+        await asyncio.sleep(0.05)
+        backup = tmp_path / "big.yaml~"
+        os.replace(big, backup)  # vim: the original renamed away ...
+        await asyncio.sleep(0.4)  # ... a pause well past the debounce: the batch is cut here
+        big.write_text(good(2).replace("name: t", "name: big"))  # ... the new one written
+        backup.unlink()
+        change = await events.next(5)
+        assert change.ok and change.profile.name == "big" and change.profile.services["a"].priority == 2
+        assert await events.nothing_within(0.3)
+        big.unlink()  # really gone: detected again after the settle window
+        change = await events.next(10)
+        assert change.ok and change.profile.name == "small"
+        await events.close()
+
+    asyncio.run(main())

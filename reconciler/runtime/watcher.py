@@ -34,7 +34,10 @@ Two sources of profiles:
   every GPU profile, the CPU profile (no ``vram_total_mb``) is chosen. An
   invalid file anywhere in DIR blocks detection (its diagnostics are yielded
   and the last good profile stays), since choosing among the valid rest could
-  switch the host because of a broken edit.
+  switch the host because of a broken edit. When the file last chosen
+  disappears (the middle of a vim-style save), it gets the same settle window
+  as a missing ``--profile`` file to come back; only if it stays gone is the
+  profile detected again among the rest.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class ProfileSource(Protocol):
     def relevant(self, path: str) -> bool: ...
     def fingerprint(self) -> str: ...
     def read(self) -> ProfileChange: ...
+    def stayed_missing(self) -> ProfileChange | None: ...
 
 
 def _digest(*parts: bytes) -> str:
@@ -152,6 +156,10 @@ class ProfileFile:
         digest = _digest(data) if data is not None else "missing"
         return ProfileChange(profile, diagnostics, self.path, digest)
 
+    def stayed_missing(self) -> ProfileChange | None:
+        """The file stayed missing through the settle window: it is reported as it is."""
+        return None
+
 
 class ProfileDirectory:
     """Auto-detection among the profiles of a directory (``--profiles DIR``)."""
@@ -165,6 +173,7 @@ class ProfileDirectory:
         self.directory = Path(directory)
         self.gpu_total_mb = gpu_total_mb
         self.environ = environ
+        self._chosen: Path | None = None  # the file last chosen
 
     def directories(self) -> list[Path]:
         return [self.directory.absolute()]
@@ -191,6 +200,11 @@ class ProfileDirectory:
         return [p for p in entries if self.relevant(p.name) and p.is_file()]
 
     def read(self) -> ProfileChange:
+        if self._chosen is not None and not self._chosen.is_file():
+            # The middle of a save (vim renames the file away, then writes a new one): reported as
+            # missing, so the watcher waits for it to come back instead of choosing another profile.
+            diagnostic = Diagnostic(str(self._chosen), 1, 1, _MISSING)
+            return ProfileChange(None, (diagnostic,), self._chosen, _digest(b"missing", str(self._chosen).encode()))
         try:
             files = self.files()
         except ProfileError as exc:
@@ -211,8 +225,14 @@ class ProfileDirectory:
             diagnostic = Diagnostic(str(self.directory), 1, 1, chosen)
             return ProfileChange(None, (diagnostic,), None, _digest(chosen.encode()))
         path, profile, note = chosen
+        self._chosen = path
         data = _read_bytes(path) or b""
         return ProfileChange(profile, (), path, _digest(str(path).encode(), data), note)
+
+    def stayed_missing(self) -> ProfileChange | None:
+        """The chosen file stayed missing through the settle window: detect again among the rest."""
+        self._chosen = None
+        return self.read()
 
 
 def fits(profile: Profile, gpu_total_mb: int) -> bool:
@@ -351,6 +371,8 @@ class ProfileWatcher:
             except TimeoutError:
                 break
             change = self._read() or change
+        if change is not None and change.missing:
+            change = self.source.stayed_missing() or change
         if change is None or change.digest == self._last:
             return None
         self._last = change.digest
