@@ -107,3 +107,44 @@ def test_an_interrupted_stop_is_checked_again(env):
     assert states == {"svc": "running"}  # alive: ours again; the ghost's process is gone: forgotten
     assert still_open == []
     assert len(listeners(port)) == 1
+
+
+def test_a_start_interrupted_before_its_pid_was_written_is_found_by_its_marker(env):
+    """Dead between the launch and recording the pid: the intent's marker finds the process — no orphan."""
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+
+    async def crash_after_launch():
+        async with env.runtime() as rt:
+            def crash(intent_id, data):
+                raise SimulatedCrash
+            rt.store.update_intent = crash
+            await rt.reconcile(profile)
+
+    with pytest.raises(SimulatedCrash):
+        asyncio.run(crash_after_launch())
+    deadline = time.monotonic() + 10
+    while not listeners(port):  # the process outlived the crash
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    [launched] = listeners(port)
+    launched_at = psutil.Process(launched).create_time()
+
+    async def main():
+        async with env.runtime() as rt:
+            [intent] = rt.store.open_intents()
+            assert intent.data.get("pid") is None and rt.store.instances() == []
+            await rt.recover()
+            recovered = rt.store.get_instance("svc")
+            first = await rt.reconcile(profile)
+            return rt, recovered, first
+
+    try:
+        rt, recovered, first = asyncio.run(main())
+        assert recovered is not None and recovered.origin == "started"
+        assert recovered.pid == launched and abs(recovered.create_time - launched_at) <= 1
+        assert first.plan.actions == [] and env.launches("svc") == 1  # never a second one
+        assert listeners(port) == [launched] and rt.store.open_intents() == []
+    finally:
+        if is_alive(launched, launched_at):
+            os.killpg(launched, signal.SIGKILL)

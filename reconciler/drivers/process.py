@@ -6,7 +6,10 @@ process group, with stdout and stderr appended to ``<state_dir>/logs/<service>.l
 The environment is the reconciler's own, plus the profile's ``env``, plus
 ``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
 when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when the GPU is
-simulated (the sim backend attributes memory to processes carrying it).
+simulated (the sim backend attributes memory to processes carrying it), plus
+``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent: a
+reconciler that died between the launch and recording the pid finds its
+process again by that marker (:meth:`ProcessDriver.find_started`).
 
 ``stop`` enforces invariant 1. It signals nothing unless the instance's origin
 is ``started`` and a live process with its pid has its ``create_time`` (±1 s);
@@ -39,6 +42,7 @@ from reconciler.errors import DriverError
 from reconciler.store.base import utcnow
 
 SIM_GPU_MB_ENV = "RECONCILER_SIM_GPU_MB"
+INTENT_ENV = "RECONCILER_INTENT"
 CREATE_TIME_TOLERANCE_S = 1.0
 KILL_CONFIRM_S = 5.0
 
@@ -101,25 +105,59 @@ class ProcessDriver:
         """The exit status of a process this driver started and saw end (negative = killed by a signal)."""
         return self._exit_codes.get(pid)
 
-    def environment(self, launch: Launch, service: Service, gpu: int | None, sim: bool) -> dict[str, str]:
+    def intent_marker(self, intent_id: int) -> str:
+        """The ``RECONCILER_INTENT`` value of a process started under ``intent_id`` (the state dir
+        tells two reconcilers apart)."""
+        return f"{os.path.realpath(self.state_dir)}#{intent_id}"
+
+    def environment(
+        self, launch: Launch, service: Service, gpu: int | None, sim: bool, intent: int | None = None
+    ) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(SIM_GPU_MB_ENV, None)  # only what we launch under sim declares simulated memory
+        env.pop(INTENT_ENV, None)  # nor does it inherit a marker of ours
         env.update(launch.env)
         if gpu is not None:
             env[self.gpu_env] = str(gpu)
             if sim:
                 env[SIM_GPU_MB_ENV] = str(service.max_mb)
+        if intent is not None:
+            env[INTENT_ENV] = self.intent_marker(intent)
         return env
 
+    def find_started(self, intent_id: int) -> tuple[int, float] | None:
+        """``(pid, create_time)`` of a live process of this user started under ``intent_id``, if any.
+
+        For a start whose pid was never recorded (the reconciler died right after
+        the launch). Its children inherit the marker: the group leader (our
+        launch is one) or else the oldest is the one we started.
+        """
+        marker, uid = self.intent_marker(intent_id), os.getuid()
+        found: list[tuple[bool, float, int]] = []
+        for proc in psutil.process_iter(["uids", "status"]):
+            try:
+                if proc.info["uids"] is None or proc.info["uids"].real != uid:
+                    continue
+                if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.environ().get(INTENT_ENV) != marker:
+                    continue
+                found.append((os.getpgid(proc.pid) != proc.pid, proc.create_time(), proc.pid))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ProcessLookupError):
+                continue
+        if not found:
+            return None
+        _, create_time, pid = min(found)
+        return pid, create_time
+
     async def start(
-        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False
+        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False,
+        intent: int | None = None,
     ) -> StartedProcess:
         if not isinstance(service.managed, ProcessSpec):
             raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
         launch = launch_spec(service_name, service, gpu, model)
         assert launch is not None
         cwd = Path(launch.cwd) if launch.cwd else self.state_dir
-        env = self.environment(launch, service, gpu, sim)
+        env = self.environment(launch, service, gpu, sim, intent)
         log_path = self.log_path(service_name)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)

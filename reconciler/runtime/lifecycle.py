@@ -79,7 +79,10 @@ class Lifecycle:
             "gpu": gpu, "model": model, "launch": launch.model_dump(mode="json") if launch else None,
         })
         try:
-            started = await driver.start(name, spec, gpu, model, sim=self.sim)
+            if driver is self.drivers.process:  # marked, so that recovery finds it without a pid
+                started = await driver.start(name, spec, gpu, model, sim=self.sim, intent=intent)
+            else:
+                started = await driver.start(name, spec, gpu, model, sim=self.sim)
         except DriverError as exc:
             self.store.finish_intent(intent, "failed", {"error": str(exc)})
             self.failure(name, str(exc), digest)

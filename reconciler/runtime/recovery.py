@@ -9,7 +9,9 @@ the open ones are resolved, oldest first:
   pass sees it and never starts a second copy; a start whose process is dead,
   or that never got as far as launching, is dropped (a container start that
   died before its name was written is looked for under our container name —
-  the driver checks our labels before it ever stops one);
+  the driver checks our labels before it ever stops one; a process start that
+  died before its pid was written is looked for by the ``RECONCILER_INTENT``
+  marker the process driver puts in its environment);
 * a stop, evict or restart is re-checked: a process that is gone leaves the
   store, one that still runs is ``running`` again, and the next pass plans
   whatever is still needed.
@@ -47,6 +49,10 @@ async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str
     launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
     if not identity and launch is not None and launch.image is not None:
         identity = {"container": container_name(name)}  # docker run may have gone through: look for it
+    if not identity and launch is not None and launch.image is None:  # the pid may never have been written
+        found = lifecycle.drivers.process.find_started(intent.id)
+        if found is not None:
+            identity = {"pid": found[0], "create_time": found[1]}
     if not identity:
         return "abandoned", f"{intent.action_id}: interrupted before anything was launched"
     candidate = Instance(
