@@ -131,3 +131,22 @@ def test_recovery_finds_a_container_whose_start_was_interrupted_but_not_someone_
     assert list(instances) == ["worker"] and instances["worker"].container == "reconciler-worker"
     assert instances["worker"].pid == os.getpid() and instances["worker"].state == "starting"
     assert still_open == [] and "stop" not in docker.calls()
+
+
+def test_recovery_leaves_a_container_intent_open_when_docker_cannot_answer(env, docker):
+    (docker.dir / "docker").write_text(  # the daemon is down: every call fails
+        f"#!{sys.executable}\nimport sys\n"
+        "sys.stderr.write('Cannot connect to the Docker daemon at unix:///var/run/docker.sock\\n'); sys.exit(1)\n")
+    launch = {"argv": ["--gpu", "0"], "cwd": "", "env": {}, "port": None, "image": "ghcr.io/example/worker:1"}
+
+    async def main():
+        async with env.runtime() as rt:
+            rt.store.begin_intent("start:worker", "start", "worker", {"gpu": 0, "model": None, "launch": launch})
+            rt.store.begin_intent("start:other", "start", "other", {"gpu": 0, "model": None, "launch": None})
+            await rt.recover()  # does not raise: watch still starts
+            return rt.store.open_intents(), rt.store.events(limit=1000)
+
+    still_open, events = asyncio.run(main())
+    assert [i.action_id for i in still_open] == ["start:worker"]  # the other was resolved all the same
+    [unresolved] = [e for e in events if e.kind == "intent.unresolved"]
+    assert unresolved.service == "worker" and "Cannot connect to the Docker daemon" in unresolved.message

@@ -16,7 +16,9 @@ the open ones are resolved, oldest first:
   store, one that still runs is ``running`` again, and the next pass plans
   whatever is still needed.
 
-Every intent is finished with what was found. Instances merely recorded
+Every intent is finished with what was found — except one that cannot be
+checked now (a ``DriverError``: the Docker daemon is down), which stays open
+for the next recovery and is reported as ``intent.unresolved``. Instances merely recorded
 (no open intent) need nothing here: each pass prunes the dead (identity rule).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.drivers.docker import container_name
+from reconciler.errors import DriverError
 from reconciler.runtime.lifecycle import Lifecycle, who
 from reconciler.store.base import Intent
 
@@ -32,10 +35,17 @@ async def recover(lifecycle: Lifecycle) -> list[str]:
     """Resolve every open intent; returns one line per intent, for the log."""
     lines = []
     for intent in lifecycle.store.open_intents():
-        if intent.kind == "start":
-            outcome, line = await _recover_start(lifecycle, intent)
-        else:
-            outcome, line = await _recover_stop(lifecycle, intent)
+        try:
+            if intent.kind == "start":
+                outcome, line = await _recover_start(lifecycle, intent)
+            else:
+                outcome, line = await _recover_stop(lifecycle, intent)
+        except DriverError as exc:  # e.g. the Docker daemon is down: left open for a later recovery
+            line = f"{intent.action_id}: cannot be checked now ({exc}); left open"
+            lifecycle.events.publish("intent.unresolved", service=intent.service, action=intent.action_id,
+                                     message=line)
+            lines.append(line)
+            continue
         lifecycle.store.finish_intent(intent.id, outcome, {"recovered": line})
         lifecycle.events.publish("intent.recovered", service=intent.service, action=intent.action_id,
                                  outcome=outcome, message=line)
