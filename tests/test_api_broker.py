@@ -7,9 +7,11 @@ import time
 
 import pytest
 
+from reconciler.api import broker as broker_module
 from reconciler.api.broker import Broker, Refused
 from reconciler.api.models import LeaseRequest
-from reconciler.core.snapshot import Lease
+from reconciler.core.snapshot import Demand, Lease
+from reconciler.errors import StoreError
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
 
 
@@ -45,3 +47,43 @@ def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
     waited, refused = asyncio.run(main())
     assert refused.status == 503 and "ended" in refused.detail
     assert waited < 20
+
+
+def test_a_store_error_does_not_end_the_expiry_check(env, monkeypatch):
+    """The store fails once (a locked database): the check says so and goes on; the next expired
+    lease still wakes the loop."""
+    monkeypatch.setattr(broker_module, "EXPIRY_CHECK_S", 0.01)
+    monkeypatch.setattr(broker_module, "EXPIRY_RETRY_S", 0.01)
+    profile = make_profile({"svc": fake_service(None, max_mb=100)})
+
+    async def main():
+        async with env.runtime() as rt:
+            failures = [StoreError("database is locked")]
+            real_demands = rt.store.demands
+
+            def demands(*args, **kwargs):
+                if failures:
+                    raise failures.pop()
+                return real_demands(*args, **kwargs)
+
+            woken = asyncio.Event()
+            monkeypatch.setattr(rt, "wake", woken.set)
+            broker = Broker(rt, lambda: profile)
+            broker.start()
+            monkeypatch.setattr(rt.store, "demands", demands)  # the check's first look fails
+            subscription = rt.events.subscribe()
+            try:
+                async with subscription:
+                    demand = Demand(id="d1", service="svc", holder="h", requested_at=rt.clock())
+                    rt.store.add_demand(demand)
+                    lease = Lease(id="l1", service="svc", holder="other", gpu=0, expires_at=rt.clock())
+                    assert rt.store.grant_lease(lease, 1, now=rt.clock())
+                    await asyncio.wait_for(woken.wait(), 5)
+                    event = await asyncio.wait_for(subscription.__anext__(), 5)
+                    return failures, event, [t.done() for t in broker._tasks]
+            finally:
+                await broker.close()
+
+    failures, event, done = asyncio.run(main())
+    assert failures == [] and done == [False, False]
+    assert event["kind"] == "broker.error" and "database is locked" in event["message"]

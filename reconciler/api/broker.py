@@ -32,6 +32,7 @@ Like Ollama's scheduler handing out runners:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,12 +45,16 @@ from reconciler.core.planner import model_bound
 from reconciler.core.profile import Profile, Service
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.core.world import World, capacity
+from reconciler.errors import StoreError
 from reconciler.runtime import Runtime
 
 QUEUE_PER_SLOT = 4  # a service's queue holds this many demands per lease slot (max_concurrent)
 VRAM_LEASES_PER_HOLDER = 1_000_000  # VRAM leases are bounded by memory, not by count
 GRANT_WAIT_S = 60.0  # most a grant or a withdrawal waits for a pass in flight to finish
 EXPIRY_CHECK_S = 0.2  # how often, while demands wait, to look for leases whose time is up
+EXPIRY_RETRY_S = 1.0  # the pause after a store error in that check
+
+log = logging.getLogger("reconciler.api")
 
 
 class Refused(Exception):
@@ -109,15 +114,24 @@ class Broker:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _expiries(self) -> None:
-        """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs."""
+        """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs.
+
+        A store error (a locked or unreadable database) is logged and announced, and the
+        check goes on after :data:`EXPIRY_RETRY_S`: it must not end silently."""
         while True:
             await asyncio.sleep(EXPIRY_CHECK_S)
-            if not self.store.demands():
-                continue
-            now = self.runtime.clock()
-            ends = [lease.expires_at for lease in self.store.leases() if lease.expires_at is not None]
-            if any(end <= now for end in ends):
-                self.runtime.wake()
+            try:
+                if not self.store.demands():
+                    continue
+                now = self.runtime.clock()
+                ends = [lease.expires_at for lease in self.store.leases() if lease.expires_at is not None]
+                if any(end <= now for end in ends):
+                    self.runtime.wake()
+            except StoreError as exc:
+                message = f"lease expiry check failed ({exc}); retrying in {EXPIRY_RETRY_S:g} s"
+                log.warning("%s", message)
+                self.runtime.events.announce("broker.error", message=message)  # not recorded: the store fails
+                await asyncio.sleep(EXPIRY_RETRY_S)
 
     async def _listen(self, subscription) -> None:
         async with subscription:
