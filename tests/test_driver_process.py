@@ -174,6 +174,31 @@ def test_sigkill_reaches_a_child_in_the_group_that_ignores_sigterm(driver, child
     asyncio.run(scenario())
 
 
+def test_no_sigkill_when_the_pid_was_taken_by_another_process_during_the_sigterm_wait(driver, child, monkeypatch):
+    """Invariant 1 at the escalation: the leader's identity is checked again right before SIGKILL."""
+    real_create_time = psutil.Process.create_time
+
+    class Reusing(Waiter):
+        async def until(self, condition, timeout_s):
+            # while we waited, our process "ended" and its pid went to a process started later
+            monkeypatch.setattr(psutil.Process, "create_time",
+                                lambda proc: real_create_time(proc) + (100 if proc.pid == started.pid else 0))
+            return False
+
+    async def scenario():
+        nonlocal started
+        started = await start(driver, service(child, "ignore-term"))
+        wait_for_log(started.log_path, "ready")
+        driver.waiter = Reusing()
+        return await driver.stop(instance_of(started), timeout_s=0.3)
+
+    started = None
+    result = asyncio.run(scenario())
+    monkeypatch.setattr(psutil.Process, "create_time", real_create_time)
+    assert (result.outcome, result.signals) == ("stopped", ["SIGTERM"])
+    assert is_alive(started.pid, started.create_time)  # the "other" process was not killed
+
+
 def test_reused_pid_and_adopted_instances_are_never_signalled(driver, child):
     async def scenario():
         started = await start(driver, service(child, "note-term"))

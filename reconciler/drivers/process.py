@@ -14,8 +14,10 @@ process again by that marker (:meth:`ProcessDriver.find_started`).
 ``stop`` enforces invariant 1. It signals nothing unless the instance's origin
 is ``started`` and a live process with its pid has its ``create_time`` (±1 s);
 a pid now used by someone else means our process is gone. Otherwise: SIGTERM
-to the process group, wait up to ``timeout_s``, SIGKILL the group, confirm that
-nothing of the group is left (zombies aside), then wait for ``memory_freed``.
+to the process group, wait up to ``timeout_s``, re-check the leader's identity
+(its pid taken by another process since: nothing more is sent), SIGKILL the
+group, confirm that nothing of the group is left (zombies aside), then wait
+for ``memory_freed``.
 
 The launched process is not tied to the reconciler: it keeps running when the
 reconciler exits (a restarted reconciler finds it again by pid and create_time).
@@ -73,6 +75,21 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, psutil.Error):
             continue
     return False
+
+
+def _reused(pid: int, create_time: float) -> bool:
+    """Whether ``pid`` now belongs to a process other than the one started at ``create_time``.
+
+    No process with that pid at all is not reuse: the members of a group whose
+    leader exited still hold its id (Linux does not reuse it meanwhile), so
+    the group can still be signalled.
+    """
+    try:
+        return abs(psutil.Process(pid).create_time() - create_time) > CREATE_TIME_TOLERANCE_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot tell: never signal on a doubt
 
 
 def _whereabouts(pid: int, create_time: float) -> str:
@@ -247,6 +264,9 @@ class ProcessDriver:
         send(signal.SIGTERM)
         if await self.waiter.until(ended, timeout_s):
             return StopResult("stopped", f"{name} (pid {pid}) exited after SIGTERM", ["SIGTERM"])
+        if not is_alive(pid, create_time) and (not group or _reused(pid, create_time)):
+            # it ended since the last look, and its pid may already be someone else's: not signalled again
+            return StopResult("stopped", f"{name} (pid {pid}) exited after SIGTERM; SIGKILL not sent", ["SIGTERM"])
         send(signal.SIGKILL)
         if await self.waiter.until(ended, KILL_CONFIRM_S):
             return StopResult(
