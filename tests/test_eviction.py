@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from itertools import combinations
 
 from hypothesis import given, settings
@@ -47,7 +48,7 @@ def eviction_cases(draw):
     return candidates, closures, deficit
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=int(os.environ.get("EVICTION_EXAMPLES", "400")), deadline=None)
 @given(eviction_cases())
 def test_choice_matches_brute_force(case):
     candidates, closures, deficit = case

@@ -75,37 +75,51 @@ def choose_eviction(
 
 
 def _search(candidates, closures, eligible, deficit) -> EvictionChoice | None:
+    """Branch and bound over the eligible candidates, largest closures first; members as bits."""
+    names = sorted({m for n in eligible for m in closures[n]})
+    bit = {n: 1 << i for i, n in enumerate(names)}
+    member_mb = [candidates[n].mb for n in names]
+    member_busy = [candidates[n].busy for n in names]
     items = sorted(eligible, key=lambda n: (-sum(candidates[m].mb for m in closures[n]), n))
-    suffix: list[frozenset[str]] = [frozenset()] * (len(items) + 1)
-    for i in range(len(items) - 1, -1, -1):
-        suffix[i] = suffix[i + 1] | closures[items[i]]
+    masks = [sum(bit[m] for m in closures[n]) for n in items]
+    gains = [sum(candidates[m].mb for m in closures[n]) for n in items]  # the most an item can add
+    top = [0] * (len(items) + 1)  # top[i]: gains of items[:i]; items are sorted by gain, descending
+    for i, gain in enumerate(gains):
+        top[i + 1] = top[i] + gain
+    best: list[tuple | None] = [None]  # (busy, count, freed, names, mask)
 
-    def mb(members: frozenset[str]) -> int:
-        return sum(candidates[m].mb for m in members)
-
-    def busy(members: frozenset[str]) -> int:
-        return sum(1 for m in members if candidates[m].busy)
-
-    best: list[EvictionChoice | None] = [None]
-
-    def visit(i: int, chosen: frozenset[str]) -> None:
-        freed = mb(chosen)
-        partial = (busy(chosen), len(chosen))
-        if best[0] is not None and partial > best[0].key[:2]:
+    def visit(i: int, chosen: int, freed: int, busy: int, count: int) -> None:
+        incumbent = best[0]
+        if incumbent is not None and (busy, count) > incumbent[:2]:
             return
         if freed >= deficit:
-            choice = EvictionChoice(tuple(sorted(chosen)), freed, partial[0])
-            if best[0] is None or choice.key < best[0].key:
-                best[0] = choice
+            key = (busy, count, freed, tuple(n for n in names if chosen & bit[n]))
+            if incumbent is None or key < incumbent[:4]:
+                best[0] = (*key, chosen)
             return
-        if best[0] is not None and partial == best[0].key[:2]:
+        if incumbent is not None and (busy, count) == incumbent[:2]:
             return  # anything added makes it larger than the best already found
-        if i == len(items) or mb(chosen | suffix[i]) < deficit:
+        if i == len(items) or freed + top[-1] - top[i] < deficit:
             return
-        grown = chosen | closures[items[i]]
-        if grown != chosen:
-            visit(i + 1, grown)
-        visit(i + 1, chosen)
+        if incumbent is not None and busy == incumbent[0]:
+            slots = incumbent[1] - count  # more members than this cannot tie the best
+            if freed + top[min(len(items), i + slots)] - top[i] < deficit:
+                return
+        added = masks[i] & ~chosen
+        if added:
+            gained = gained_busy = members = 0
+            while added:
+                low = added & -added
+                index = low.bit_length() - 1
+                gained += member_mb[index]
+                gained_busy += member_busy[index]
+                members += 1
+                added ^= low
+            visit(i + 1, chosen | masks[i], freed + gained, busy + gained_busy, count + members)
+        visit(i + 1, chosen, freed, busy, count)
 
-    visit(0, frozenset())
-    return best[0]
+    visit(0, 0, 0, 0, 0)
+    if best[0] is None:
+        return None
+    busy, _, freed, chosen_names, _ = best[0]
+    return EvictionChoice(chosen_names, freed, busy)
