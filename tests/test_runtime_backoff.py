@@ -90,3 +90,33 @@ def test_a_backed_off_start_holds_back_its_lease_and_the_eviction_made_for_it(tm
         assert deferred["start:high"].startswith("high is backing off after 1 failure; last: boom; next attempt in 5 s")
         assert set(stalled) == {"high"}
         assert hold_back(plan, profile, store, T0 + timedelta(seconds=10)) == ({}, {})
+
+
+def test_a_running_service_that_fails_its_probes_is_restarted_with_backoff(env):
+    port = free_port()
+    service = fake_service(port, always_on=True, unhealthy_after=1.5)
+    service["failure_threshold"] = 2
+    profile = make_profile({"flaky": service})
+
+    async def main():
+        async with env.runtime() as rt:
+            first = await rt.reconcile(profile)
+            assert first.outcomes["start:flaky"].status == "done"
+            pid = rt.store.get_instance("flaky").pid
+            await asyncio.sleep(1.6)  # the service now answers 503 while still running
+            env.clock.advance(5)
+            miss = await rt.reconcile(profile)  # one failed probe: below the threshold, nothing done
+            assert miss.plan.actions == [] and rt.store.get_instance("flaky").pid == pid
+            env.clock.advance(5)
+            await rt.reconcile(profile)  # second in a row: stopped, counted as a failure, held back
+            backoff = rt.store.get_backoff("flaky")
+            assert backoff.failures == 1 and "failed 2 health probes in a row" in backoff.last_error
+            assert rt.store.get_instance("flaky") is None or rt.store.get_instance("flaky").pid != pid
+            env.clock.advance(11)  # past the 10 s backoff: started again
+            again = await rt.reconcile(profile)
+            assert again.outcomes["start:flaky"].status == "done"
+            return pid, rt.store.get_instance("flaky").pid
+
+    old, new = asyncio.run(main())
+    assert new != old
+    assert env.launches("flaky") == 2

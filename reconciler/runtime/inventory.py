@@ -11,6 +11,10 @@
   as a failure once past its ``start_timeout_s``.
 * A healthy running instance of a service with failures on record is marked
   healthy, so that ten healthy minutes clear its backoff.
+* A running instance of ours whose probe fails ``failure_threshold`` passes in
+  a row is stopped and counted as a failure; the planner then starts it again,
+  as the backoff allows. The count lives in memory (``misses``): a restarted
+  reconciler counts afresh, which only delays the verdict.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ from reconciler.runtime.lifecycle import Lifecycle, who
 from reconciler.store.base import spec_hash
 
 
-async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot) -> Snapshot:
-    """Bring the store up to date with ``snapshot``; returns the snapshot to plan from."""
+async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
+               misses: dict[tuple[str, int | None], int] | None = None) -> Snapshot:
+    """Bring the store up to date with ``snapshot``; returns the snapshot to plan from.
+
+    ``misses`` counts consecutive failed probes per running instance, across passes.
+    """
+    misses = {} if misses is None else misses
     store, now = lifecycle.store, snapshot.now
     by_pid = {p.pid: p for p in snapshot.processes}
     kept: list[Instance] = []
@@ -47,8 +56,21 @@ async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot) -> Sn
             instance = await _settle_start(lifecycle, instance, spec.probe_port is None or healthy,
                                            spec.start_timeout_s, now)
         elif instance.origin == "started" and instance.state == "running" and instance.launch is not None:
-            if (spec is None or spec.probe_port is None or healthy) and store.get_backoff(name).failures:
-                store.record_healthy(name, spec_hash(instance.launch), now, lifecycle.policy)
+            probed = spec is not None and spec.probe_port is not None
+            key = (name, instance.pid)
+            if probed and not healthy:
+                misses[key] = misses.get(key, 0) + 1
+                if misses[key] >= spec.failure_threshold:
+                    misses.pop(key)
+                    last = probe.error or f"HTTP {probe.status}" if probe else "no answer"
+                    await lifecycle.discard(instance, f"failed {spec.failure_threshold} health probes in a row "
+                                                      f"(last: {last})", spec_hash(instance.launch))
+                    kept.append(instance.model_copy(update={"state": "failed"}))
+                    continue
+            else:
+                misses.pop(key, None)
+                if store.get_backoff(name).failures:
+                    store.record_healthy(name, spec_hash(instance.launch), now, lifecycle.policy)
         kept.append(instance)
     return snapshot.model_copy(update={"instances": kept})
 

@@ -87,6 +87,7 @@ class Runtime:
         self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
         self._deadline: float | None = None
+        self._probe_misses: dict[tuple[str, int | None], int] = {}  # failed probes in a row (inventory)
 
     # --- startup ------------------------------------------------------------------
 
@@ -121,7 +122,7 @@ class Runtime:
             self.events.publish("lease.expired", service=lease.service, lease=lease.id, holder=lease.holder)
         state = store.state()
         observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
-        snapshot = await inventory.tidy(self.lifecycle, profile, observed)
+        snapshot = await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses)
         plan = make_plan(profile, snapshot)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, profile, snapshot, self._deadline)

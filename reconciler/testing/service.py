@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crash-after", type=float, default=None, metavar="S")
     parser.add_argument("--exit-code", type=int, default=1)
     parser.add_argument("--refuse-health", action="store_true")
+    parser.add_argument("--unhealthy-after", type=float, default=None, metavar="S",
+                        help="answer health checks with 503 from S seconds on, while still running")
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--name", default="service")
     return parser.parse_args(argv)
@@ -45,7 +47,10 @@ def make_handler(args: argparse.Namespace, started: float) -> type[BaseHTTPReque
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == args.health_path:
-                ready = not args.refuse_health and time.monotonic() - started >= args.startup_delay
+                age = time.monotonic() - started
+                ready = not args.refuse_health and age >= args.startup_delay
+                if args.unhealthy_after is not None and age >= args.unhealthy_after:
+                    ready = False
                 self._json(200 if ready else 503, {"status": "ok" if ready else "starting"})
             elif path == "/":
                 self._json(200, describe(args.name))
