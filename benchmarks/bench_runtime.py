@@ -63,6 +63,7 @@ from typing import Any
 import psutil
 
 from benchmarks.timing import percentile
+from reconciler.testing.ports import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPE_ENV = "RECONCILER_SIM_SCOPE"
@@ -153,7 +154,7 @@ class World:
         for run in self.watches:
             run.stop()
         for pid in self.scoped_pids():
-            _kill_group(pid)
+            kill_group(pid)
         self._tmp.cleanup()
 
     def __enter__(self) -> World:
@@ -161,16 +162,6 @@ class World:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class WatchProc:

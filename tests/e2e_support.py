@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ import pytest
 from reconciler.drivers.process import is_alive
 from reconciler.host.sim import SCOPE_ENV
 from reconciler.store import open_store
-from reconciler.testing.ports import free_port
+from reconciler.testing.ports import free_port, kill_group
 
 Event = dict[str, Any]
 WAIT_S = 15.0
@@ -287,10 +286,10 @@ class Host:
         for proc in self.our_processes():
             pids.add(proc.pid)
         for pid in pids:
-            _kill_group(pid)
+            kill_group(pid)
         for proc in self.foreign:
             if proc.poll() is None:  # unreaped: the pid is still this process's
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
             proc.wait(10)
 
     def __enter__(self) -> Host:
@@ -298,16 +297,6 @@ class Host:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def alive(pid: int) -> bool:

@@ -15,6 +15,7 @@ could take it before the service binds, which is rare enough for tests.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -171,3 +172,17 @@ class Spawner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL ``pid``'s process group when it leads one, else ``pid`` alone (test and benchmark cleanup).
+
+    Callers pass only pids they know to be theirs (checked by create_time or just spawned).
+    """
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
