@@ -179,3 +179,16 @@ def test_docker_failures_are_driver_errors(fake, monkeypatch):
         asyncio.run(DockerDriver().start("x", Service(max_mb=0, priority=1), None, None))
     with pytest.raises(DriverError, match="'no-docker-here' not found on PATH"):
         asyncio.run(DockerDriver("no-docker-here").stop(Instance(service="x", origin="started"), 1))
+
+
+def test_a_container_of_another_reconciler_is_never_stopped(fake):
+    mine, theirs = DockerDriver(owner="/state/mine"), DockerDriver(owner="/state/theirs")
+    started = asyncio.run(theirs.start("comfyui", COMFY, 1, MODEL))
+    run = fake.calls()[-1]
+    assert run[run.index("reconciler.owner=/state/theirs") - 1] == "--label"
+    instance = Instance(service="comfyui", origin="started", container=started.container)
+    result = asyncio.run(mine.stop(instance, timeout_s=1))
+    assert result.outcome == "refused"
+    assert [c[0] for c in fake.calls()] == ["inspect", "run", "inspect"]  # no stop, no rm
+    assert fake.containers()["reconciler-comfyui"]["running"] is True
+    assert asyncio.run(theirs.stop(instance, timeout_s=1)).ok

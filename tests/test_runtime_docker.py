@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from reconciler.drivers.docker import MANAGED_LABEL, SERVICE_LABEL
+from reconciler.drivers.docker import MANAGED_LABEL, OWNER_LABEL, SERVICE_LABEL
 from tests.runtime_support import env, make_profile  # noqa: F401 (fixture)
 
 FAKE_DOCKER = r'''#!{python}
@@ -116,7 +116,8 @@ def test_a_container_is_started_identified_by_its_process_and_stopped_through_do
 
 def test_recovery_finds_a_container_whose_start_was_interrupted_but_not_someone_elses(env, docker):
     launch = {"argv": ["--gpu", "0"], "cwd": "", "env": {}, "port": None, "image": "ghcr.io/example/worker:1"}
-    docker.add("reconciler-worker", {MANAGED_LABEL: "true", SERVICE_LABEL: "worker"}, os.getpid())
+    owner = str(env.state_dir.resolve())
+    docker.add("reconciler-worker", {MANAGED_LABEL: "true", SERVICE_LABEL: "worker", OWNER_LABEL: owner}, os.getpid())
     docker.add("reconciler-impostor", {"com.example": "theirs"}, os.getpid())
 
     async def main():

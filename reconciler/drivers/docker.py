@@ -8,8 +8,10 @@ through an asyncio subprocess, never a shell. Under a simulated GPU there is no
 ``CUDA_VISIBLE_DEVICES`` and ``RECONCILER_SIM_GPU_MB`` instead, as processes do.
 
 ``stop`` enforces invariant 1 for containers: it ``docker inspect``s the
-container first and acts only on one carrying ``reconciler.managed=true`` and
-our service label; then ``docker stop -t <timeout>`` (Docker escalates to
+container first and acts only on one carrying ``reconciler.managed=true``,
+our service label and — when the driver has an owner, as the runtime's always
+does (its state directory) — our ``reconciler.owner``, so two reconcilers on one
+Docker daemon never take each other's containers; then ``docker stop -t <timeout>`` (Docker escalates to
 SIGKILL itself) and ``docker rm``.
 
 Tests run against a fake ``docker`` executable put first on ``PATH`` (this
@@ -34,6 +36,7 @@ from reconciler.errors import DriverError
 
 MANAGED_LABEL = "reconciler.managed"
 SERVICE_LABEL = "reconciler.service"
+OWNER_LABEL = "reconciler.owner"  # which reconciler (its state directory): two may share a Docker daemon
 COMMAND_TIMEOUT_S = 120.0
 
 
@@ -44,9 +47,16 @@ def container_name(service_name: str) -> str:
 class DockerDriver:
     """Starts and stops containers through the ``docker`` CLI."""
 
-    def __init__(self, docker: str = "docker", *, waiter: Waiter | None = None):
+    def __init__(self, docker: str = "docker", *, waiter: Waiter | None = None, owner: str | None = None):
         self.docker = docker
         self.waiter = waiter or Waiter()
+        self.owner = owner  # when set, containers carry it and only those carrying it are ours
+
+    def ours(self, info: dict[str, Any], service: str) -> bool:
+        """Whether ``docker inspect`` output is a container this reconciler started for ``service``."""
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        owned = self.owner is None or labels.get(OWNER_LABEL) == self.owner
+        return labels.get(MANAGED_LABEL) == "true" and labels.get(SERVICE_LABEL) == service and owned
 
     def run_argv(
         self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False
@@ -61,6 +71,8 @@ class DockerDriver:
             "run", "-d", "--name", container_name(service_name),
             "--label", f"{MANAGED_LABEL}=true", "--label", f"{SERVICE_LABEL}={service_name}",
         ]
+        if self.owner is not None:
+            argv += ["--label", f"{OWNER_LABEL}={self.owner}"]
         env = dict(launch.env)
         if gpu is not None and sim:
             env.update({"CUDA_VISIBLE_DEVICES": str(gpu), SIM_GPU_MB_ENV: str(service.max_mb)})
@@ -87,7 +99,7 @@ class DockerDriver:
         name = container_name(service_name)
         existing = await self.inspect(name)
         if existing is not None:
-            if not _ours(existing, service_name):
+            if not self.ours(existing, service_name):
                 raise DriverError(f"service {service_name}: a container named {name} exists and is not ours")
             if existing.get("State", {}).get("Running"):
                 raise DriverError(f"service {service_name}: our container {name} is already running")
@@ -126,7 +138,7 @@ class DockerDriver:
         info = await self.inspect(name)
         if info is None:
             return StopResult("gone", f"container {name} does not exist any more; nothing stopped")
-        if not _ours(info, service):
+        if not self.ours(info, service):
             return StopResult(
                 "refused", f"container {name} does not carry {MANAGED_LABEL}=true and {SERVICE_LABEL}={service}"
             )
@@ -155,8 +167,3 @@ class DockerDriver:
             await proc.communicate()
             raise DriverError(f"docker {args[0]} did not answer within {timeout_s:g} s") from None
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-def _ours(info: dict[str, Any], service: str) -> bool:
-    labels = (info.get("Config") or {}).get("Labels") or {}
-    return labels.get(MANAGED_LABEL) == "true" and labels.get(SERVICE_LABEL) == service

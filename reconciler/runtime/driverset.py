@@ -19,7 +19,7 @@ import psutil
 
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.docker import MANAGED_LABEL, SERVICE_LABEL, DockerDriver
+from reconciler.drivers.docker import DockerDriver
 from reconciler.drivers.ollama import OllamaDriver
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
@@ -34,7 +34,7 @@ class DriverSet:
 
     @classmethod
     def default(cls, state_dir: Path) -> DriverSet:
-        return cls(process=ProcessDriver(state_dir), docker=DockerDriver())
+        return cls(process=ProcessDriver(state_dir), docker=DockerDriver(owner=str(Path(state_dir).resolve())))
 
     def starter(self, name: str, spec: Service) -> ProcessDriver | DockerDriver:
         if isinstance(spec.managed, ProcessSpec):
@@ -58,9 +58,9 @@ class DriverSet:
         container carrying our labels."""
         if instance.container:
             info = await self.docker.inspect(instance.container)
-            labels = ((info or {}).get("Config") or {}).get("Labels") or {}
-            ours = labels.get(MANAGED_LABEL) == "true" and labels.get(SERVICE_LABEL) == instance.service
-            return ours and bool((info.get("State") or {}).get("Running"))
+            if info is None or not self.docker.ours(info, instance.service):
+                return False
+            return bool((info.get("State") or {}).get("Running"))
         if instance.pid is None or instance.create_time is None:
             return False
         return is_alive(instance.pid, instance.create_time)
