@@ -12,6 +12,7 @@ references) is the loader's job, in :mod:`reconciler.loading`.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import PurePath
 from typing import Annotated, Literal
 
@@ -30,10 +31,10 @@ class _Strict(BaseModel):
 def _check_template(value: str, field: str) -> str:
     unknown = sorted(set(find_placeholders(value)) - set(PLACEHOLDERS))
     if unknown:
+        close = difflib.get_close_matches(unknown[0], PLACEHOLDERS, n=1)
+        hint = f"did you mean {{{close[0]}}}? " if close else ""
         known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-        raise ValueError(
-            f"unknown placeholder {{{unknown[0]}}} in {field}; known placeholders: {known}"
-        )
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {field}; {hint}known placeholders: {known}")
     return value
 
 
