@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from reconciler.errors import InputError, ReconcilerError
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     # Profiles (the demo's among them) may run Python services as ${RECONCILER_PYTHON}: the
     # interpreter running the reconciler, for every command, so plan and apply agree with watch.
     os.environ.setdefault("RECONCILER_PYTHON", sys.executable)
+    # A shell that starts a command in the background (``cmd &`` in a script, CI runners) starts it with
+    # SIGINT ignored, and an ignored signal stays ignored across exec: Ctrl-C (or a test's SIGINT) would
+    # never reach us. Python installs its own handler only where SIGINT was not ignored, so do it here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
