@@ -63,6 +63,7 @@ from typing import Any
 import psutil
 
 from benchmarks.timing import percentile
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.testing.ports import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -380,7 +381,7 @@ def noop_pass(services: int = 10, rounds: int = 30) -> list[dict[str, Any]]:
                     for i in range(services)}})
 
             async def main() -> tuple[list[float], list[float], list[float], list[float], list[float], int]:
-                store = open_store(world.state_dir)
+                store = open_store(world.state_dir, SYSTEM_CLOCK)
                 runtime = Runtime(store=store, gpu_backend=SimBackend([SimGpu(total_mb=16384)]),
                                   state_dir=world.state_dir, sim=True)
                 try:

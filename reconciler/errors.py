@@ -5,18 +5,22 @@
     │   ├── ProfileError
     │   └── SnapshotError
     ├── GuardError            a request refused for safety (e.g. a profile that would stop everything)
+    ├── LeaseRefused          a lease request not granted; its ``refusal`` says which way (a Refusal)
+    ├── CallerGone            the caller of a waiting lease request went away; its demand was withdrawn
     └── HostError             the host could not be observed or changed
         ├── GpuBackendError   NVML missing or failing, a bad --gpu spec
         ├── DriverError       a process/docker/ollama driver failed
         └── StoreError        the state store could not be read or written
 
 The CLI maps InputError to exit 1 with one ``file:line:col: message`` line per
-diagnostic, and never shows a traceback for any of these.
+diagnostic, and never shows a traceback for any of these. The HTTP API maps
+each :class:`Refusal` to its status code (:mod:`reconciler.api.refusals`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 
 @dataclass(frozen=True, order=True)
@@ -52,6 +56,33 @@ class SnapshotError(InputError):
 
 class GuardError(ReconcilerError):
     """Refused for safety; the message says how to override, where one exists."""
+
+
+class Refusal(Enum):
+    """Why a lease request was not granted."""
+
+    UNKNOWN_SERVICE = "unknown service"  # the profile has no such service
+    UNKNOWN_GPU = "unknown gpu"  # a VRAM lease for a GPU this node does not have
+    QUEUE_FULL = "queue full"  # too many requests already wait for the service
+    CANNOT_BE_MET = "cannot be met"  # not granted within its wait: the plan's reason says why
+    ENDED = "ended"  # granted, but ended before it could be answered
+    NO_VRAM = "insufficient vram"  # a VRAM lease larger than what is free
+    NOT_OBSERVED = "not observed yet"  # the host has not been observed yet
+    BUSY = "busy"  # the reconciler is busy for longer than a request waits
+    CLOSING = "closing"  # the reconciler is shutting down
+
+
+class LeaseRefused(ReconcilerError):
+    """A lease request that is not granted: which way (``refusal``) and why, in words (``detail``)."""
+
+    def __init__(self, refusal: Refusal, detail: str):
+        super().__init__(detail)
+        self.refusal = refusal
+        self.detail = detail
+
+
+class CallerGone(ReconcilerError):
+    """The caller went away while its lease request waited; its demand was withdrawn."""
 
 
 class HostError(ReconcilerError):

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import pytest
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.drivers.process import is_alive
 from reconciler.host.sim import SCOPE_ENV
 from reconciler.store import open_store
@@ -245,11 +246,11 @@ class Host:
         return proc
 
     def instances(self) -> dict[str, Any]:
-        with open_store(self.state_dir) as store:
+        with open_store(self.state_dir, SYSTEM_CLOCK) as store:
             return {i.service: i for i in store.instances()}
 
     def leases(self) -> list[Any]:
-        with open_store(self.state_dir) as store:
+        with open_store(self.state_dir, SYSTEM_CLOCK) as store:
             return store.leases()
 
     def pids(self) -> dict[str, int]:

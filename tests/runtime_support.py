@@ -9,33 +9,21 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psutil
 import pytest
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.profile import Profile
 from reconciler.drivers.process import is_alive
 from reconciler.host.sim import EnvScanner, SimBackend, SimGpu
 from reconciler.runtime import Runtime
 from reconciler.store import open_store
+from reconciler.testing.clock import T0, ComposedClock, ManualWallClock
 from reconciler.testing.ports import free_port
 
-T0 = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
-
-
-class FakeClock:
-    """A wall clock that moves only when told to."""
-
-    def __init__(self, start: datetime = T0):
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+FakeClock = ManualWallClock  # the wall moves only when told to; waits are real
 
 
 def fake_service(port: int | None, *, max_mb: int = 0, priority: int = 2, **options) -> dict:
@@ -64,7 +52,7 @@ def make_profile(services: dict, **top) -> Profile:
 
 def kill_started(state_dir: Path) -> None:
     """Kill every process group the runtime's store still knows (test cleanup)."""
-    store = open_store(state_dir)
+    store = open_store(state_dir, SYSTEM_CLOCK)
     try:  # (pid, create_time) still ours: a pid left in the store may belong to someone else by now
         known = {(i.pid, i.create_time) for i in store.instances() if i.origin == "started" and i.pid}
         known |= {(it.data.get("pid"), it.data.get("create_time")) for it in store.open_intents() if it.data.get("pid")}
@@ -134,9 +122,12 @@ class RuntimeEnv:
     def backend(self, gpu_mb: int = 8192) -> SimBackend:
         return SimBackend([SimGpu(total_mb=gpu_mb)], scanner=TaggedScanner(self.tag))
 
-    def runtime(self, *, gpu_mb: int = 8192, **kwargs) -> Runtime:
-        runtime = Runtime(store=open_store(self.state_dir), gpu_backend=self.backend(gpu_mb),
-                          state_dir=self.state_dir, sim=True, clock=self.clock, memory_timeout_s=5, **kwargs)
+    def runtime(self, *, gpu_mb: int = 8192, monotonic=None, sleep=None, **kwargs) -> Runtime:
+        clock = self.clock
+        if monotonic is not None:  # a fake monotonic clock (and its sleep) for health waits, beside the manual wall
+            clock = ComposedClock(self.clock.now, monotonic, sleep)
+        runtime = Runtime(store=open_store(self.state_dir, clock), gpu_backend=self.backend(gpu_mb),
+                          state_dir=self.state_dir, sim=True, clock=clock, memory_timeout_s=5, **kwargs)
         self.runtimes.append(runtime)
         return runtime
 

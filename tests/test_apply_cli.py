@@ -15,6 +15,7 @@ import time
 
 import httpx
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port
 from tests.runtime_support import env, listeners  # noqa: F401 (fixture)
@@ -57,7 +58,7 @@ def test_apply_wait_starts_the_service_and_leaves_it_running(env, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "+ start:svc  done" in result.stdout and "converged" in result.stdout
     assert answers(port)  # still running after apply exited
-    with open_store(env.state_dir) as store:
+    with open_store(env.state_dir, SYSTEM_CLOCK) as store:
         [instance] = store.instances()
     assert instance.state == "running" and listeners(port) == [instance.pid]
     again = apply(profile, env.state_dir, "--format", "json")
@@ -111,5 +112,5 @@ def test_apply_killed_mid_start_is_recovered_by_the_next_apply_without_a_duplica
     assert result.returncode == 0, result.stdout + result.stderr
     assert listeners(port) == [launched] and answers(port)
     assert env.launches("svc") == 1
-    with open_store(env.state_dir) as store:
+    with open_store(env.state_dir, SYSTEM_CLOCK) as store:
         assert store.open_intents() == [] and store.get_instance("svc").pid == launched

@@ -16,6 +16,7 @@ import pytest
 
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
+from reconciler.drivers.base import LaunchRequest
 from reconciler.drivers.docker import DockerDriver
 from reconciler.errors import DriverError
 
@@ -101,7 +102,7 @@ OURS = {"reconciler.managed": "true", "reconciler.service": "comfyui"}
 
 
 def test_run_argv_is_recorded_exactly(fake):
-    started = asyncio.run(DockerDriver().start("comfyui", COMFY, 1, MODEL))
+    started = asyncio.run(DockerDriver().start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
     assert started.container == "reconciler-comfyui"
     assert started.container_id == "c0ffeereconciler-comfyui"
     assert started.launch.image == "ghcr.io/org/comfyui:1.2"
@@ -118,7 +119,7 @@ def test_run_argv_is_recorded_exactly(fake):
 
 def test_simulated_gpu_uses_env_instead_of_gpus(fake):
     minimal = Service(max_mb=512, priority=1, managed={"type": "docker", "image": "img"})
-    asyncio.run(DockerDriver().start("tts", minimal, 0, None, sim=True))
+    asyncio.run(DockerDriver().start(LaunchRequest.of("tts", minimal, 0, None, sim=True)))
     assert fake.calls()[-1] == [
         "run", "-d", "--name", "reconciler-tts", "--label", "reconciler.managed=true",
         "--label", "reconciler.service=tts", "-e", "CUDA_VISIBLE_DEVICES=0", "-e", "RECONCILER_SIM_GPU_MB=512", "img",
@@ -162,28 +163,29 @@ def test_start_over_existing_containers(fake):
     driver = DockerDriver()
     fake.add("reconciler-comfyui", {"maintainer": "someone"})
     with pytest.raises(DriverError, match="exists and is not ours"):
-        asyncio.run(driver.start("comfyui", COMFY, 0, None))
+        asyncio.run(driver.start(LaunchRequest.of("comfyui", COMFY, 0, None)))
     fake.add("reconciler-comfyui", OURS, running=True)
     with pytest.raises(DriverError, match="already running"):
-        asyncio.run(driver.start("comfyui", COMFY, 0, None))
+        asyncio.run(driver.start(LaunchRequest.of("comfyui", COMFY, 0, None)))
     fake.add("reconciler-comfyui", OURS, running=False)
-    asyncio.run(driver.start("comfyui", COMFY, 0, None))
+    asyncio.run(driver.start(LaunchRequest.of("comfyui", COMFY, 0, None)))
     assert [c[0] for c in fake.calls()] == ["inspect", "inspect", "inspect", "rm", "run"]
 
 
 def test_docker_failures_are_driver_errors(fake, monkeypatch):
     bad = Service(max_mb=0, priority=1, managed={"type": "docker", "image": "bad/image"})
     with pytest.raises(DriverError, match="docker run failed \\(exit 125\\): Unable to find image"):
-        asyncio.run(DockerDriver().start("x", bad, None, None))
+        asyncio.run(DockerDriver().start(LaunchRequest.of("x", bad, None, None)))
     with pytest.raises(DriverError, match="not a managed container"):
-        asyncio.run(DockerDriver().start("x", Service(max_mb=0, priority=1), None, None))
+        process = Service(max_mb=0, priority=1, managed={"type": "process", "exec_path": "/bin/true"})
+        asyncio.run(DockerDriver().start(LaunchRequest.of("x", process, None, None)))
     with pytest.raises(DriverError, match="'no-docker-here' not found on PATH"):
         asyncio.run(DockerDriver("no-docker-here").stop(Instance(service="x", origin="started"), 1))
 
 
 def test_a_container_of_another_reconciler_is_never_stopped(fake):
     mine, theirs = DockerDriver(owner="/state/mine"), DockerDriver(owner="/state/theirs")
-    started = asyncio.run(theirs.start("comfyui", COMFY, 1, MODEL))
+    started = asyncio.run(theirs.start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
     run = fake.calls()[-1]
     assert run[run.index("reconciler.owner=/state/theirs") - 1] == "--label"
     instance = Instance(service="comfyui", origin="started", container=started.container)

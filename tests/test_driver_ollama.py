@@ -37,7 +37,7 @@ def test_evicting_an_adopted_ollama_unloads_all_models_and_keeps_it_running(spaw
             async def freed() -> bool:
                 return await api.vram_mb() == 0
 
-            result = await driver.evict(adopted(server.pid), timeout_s=5, memory_freed=freed, memory_timeout_s=5)
+            result = await driver.stop(adopted(server.pid), timeout_s=5, memory_freed=freed, memory_timeout_s=5)
             assert (result.outcome, result.signals, result.memory_freed) == ("unloaded", [], True)
             assert "llama3.2:3b, qwen2.5:7b" in result.reason
             assert await api.ps() == []

@@ -17,6 +17,7 @@ import pytest
 from reconciler.core.launch import launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
+from reconciler.drivers.base import LaunchRequest
 from reconciler.drivers.base import Waiter
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
@@ -72,7 +73,7 @@ def service(child: Path, args: str, **managed) -> Service:
 
 
 async def start(driver: ProcessDriver, svc: Service, name="svc", gpu=None, model=None, sim=False):
-    started = await driver.start(name, svc, gpu, model, sim=sim)
+    started = await driver.start(LaunchRequest.of(name, svc, gpu, model, sim=sim))
     driver.started = [*getattr(driver, "started", []), started.pid]
     return started
 
@@ -141,11 +142,12 @@ def test_missing_executable_names_path_and_service(driver, tmp_path):
     missing = Service(max_mb=0, priority=1, managed={"type": "process", "exec_path": str(tmp_path / "nope/vllm")})
     on_path = Service(max_mb=0, priority=1, managed={"type": "process", "exec_path": "no-such-binary-xyz"})
     with pytest.raises(DriverError, match=r"vllm-svc: executable .*nope/vllm not found"):
-        asyncio.run(driver.start("vllm-svc", missing, None, None))
+        asyncio.run(driver.start(LaunchRequest.of("vllm-svc", missing, None, None)))
     with pytest.raises(DriverError, match=r"other: executable no-such-binary-xyz not found on PATH"):
-        asyncio.run(driver.start("other", on_path, None, None))
+        asyncio.run(driver.start(LaunchRequest.of("other", on_path, None, None)))
     with pytest.raises(DriverError, match="not a managed process"):
-        asyncio.run(driver.start("slot", Service(max_mb=0, priority=1), None, None))
+        container = Service(max_mb=0, priority=1, managed={"type": "docker", "image": "busybox"})
+        asyncio.run(driver.start(LaunchRequest.of("slot", container, None, None)))
 
 
 def test_sigkill_escalation_when_sigterm_is_ignored(driver, child):

@@ -7,6 +7,8 @@ that say it happened, then checks the host itself (pids, listeners).
 
 from __future__ import annotations
 
+from reconciler.host.clock import SYSTEM_CLOCK
+
 import signal
 import time
 from datetime import datetime
@@ -97,7 +99,7 @@ def test_uneventful_passes_are_shown_but_not_logged_in_the_store(host: Host) -> 
         run.wait_kind("pass.finished", reason="liveness")
     run.signal(signal.SIGTERM)
     assert run.wait_exit() == 0
-    with open_store(host.state_dir) as store:
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         logged = [e.kind for e in store.events(limit=10_000)]
     assert "pass.started" not in logged
     assert logged.count("pass.finished") == 1  # the start pass, which started alpha

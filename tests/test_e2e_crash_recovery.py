@@ -11,8 +11,9 @@ from __future__ import annotations
 import signal
 from datetime import timedelta
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Lease
-from reconciler.store import open_store, utcnow
+from reconciler.store import open_store
 from tests.e2e_support import Host, alive, host, profile_text, service_block  # noqa: F401
 
 
@@ -24,15 +25,15 @@ def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:  #
             service_block("slow", ports["slow"], args="--startup-delay 3", start_timeout_s=15),
         )
     )
-    lease = Lease(id="L-keep", service="alpha", holder="e2e", gpu=0, expires_at=utcnow() + timedelta(hours=1))
-    with open_store(host.state_dir) as store:
+    lease = Lease(id="L-keep", service="alpha", holder="e2e", gpu=0, expires_at=SYSTEM_CLOCK.now() + timedelta(hours=1))
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         assert store.grant_lease(lease, max_concurrent=1)
 
     first = host.watch()
     launched = first.wait_kind("instance.launched", service="slow")
     first.kill()  # SIGKILL, mid-apply: slow's start intent is open, it is not healthy yet
     assert alive(launched["pid"])
-    with open_store(host.state_dir) as store:
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         assert "start:slow" in [i.action_id for i in store.open_intents()]
 
     second = host.watch()
@@ -48,7 +49,7 @@ def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:  #
     assert sorted(p.pid for p in host.our_processes()) == sorted(pids.values())  # no orphans
     assert {i.state for i in host.instances().values()} == {"running"}
     assert host.leases() == [lease]
-    with open_store(host.state_dir) as store:
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         assert store.open_intents() == []
     second.signal(signal.SIGTERM)
     assert second.wait_exit() == 0

@@ -16,10 +16,13 @@ import signal
 import time
 from datetime import timedelta
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.launch import launch_spec
 from reconciler.loading import load_profile
-from reconciler.runtime.backoff import BACKOFF_POLICY
-from reconciler.store import open_store, spec_hash, utcnow
+from reconciler.core.backoff import DEFAULT_POLICY as BACKOFF_POLICY
+from reconciler.core.backoff import after_failure
+from reconciler.core.launch import launch_digest as spec_hash
+from reconciler.store import open_store
 from tests.e2e_support import Host, alive, host, profile_text, service_block  # noqa: F401
 
 CRASH = "--refuse-health --crash-after 0.3"
@@ -49,7 +52,7 @@ def test_a_killed_service_is_restarted_after_its_backoff(host: Host) -> None:  #
     assert after["alpha"] != before["alpha"] and alive(after["alpha"])
     assert after["beta"] == before["beta"]
     assert host.listeners(port) == [after["alpha"]]
-    with open_store(host.state_dir) as store:
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         assert store.get_backoff("alpha").failures == 1  # on record until it stays healthy long enough
     run.signal(signal.SIGTERM)
     assert run.wait_exit() == 0
@@ -89,10 +92,11 @@ def _seed_failures(host: Host, service: str, count: int) -> None:
     """``count`` earlier failures of exactly the launch spec the runtime will use (GPU 0, no model)."""
     profile = load_profile(host.profile, environ=host.env())
     digest = spec_hash(launch_spec(service, profile.services[service], 0, None))
-    long_ago = utcnow() - timedelta(hours=1)
-    with open_store(host.state_dir) as store:
+    long_ago = SYSTEM_CLOCK.now() - timedelta(hours=1)
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
         for _ in range(count):
-            store.record_failure(service, "seeded by the test", digest, long_ago, BACKOFF_POLICY)
+            store.update_backoff(service, lambda old: after_failure(old, "seeded by the test", digest, long_ago,
+                                                                     BACKOFF_POLICY))
 
 
 def _epoch(ts: str) -> float:

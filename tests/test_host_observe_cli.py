@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 import psutil
 from ruamel.yaml import YAML
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
 from reconciler.store import open_store
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
@@ -53,7 +54,7 @@ def test_observe_reads_the_store_inventory_and_writes_yaml(spawner, tmp_path):  
                         create_time=psutil.Process(svc.pid).create_time(), since=now)
     lease = Lease(id="L1", service="vllm", holder="kiwi", gpu=0, mb=3000, expires_at=now)
     demand = Demand(id="D1", service="vllm", holder="batch", requested_at=now, ttl_s=None)
-    with open_store(tmp_path / "state") as store:
+    with open_store(tmp_path / "state", SYSTEM_CLOCK) as store:
         store.put_instance(instance)
         assert store.grant_lease(lease, 1, now=now)
         store.add_demand(demand)

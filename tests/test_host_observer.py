@@ -14,6 +14,7 @@ from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Demand, Gpu, GpuProcess, Instance, Lease, Snapshot
 from reconciler.errors import GpuBackendError
 from reconciler.host.gpu import open_gpu_backend
+from reconciler.testing.clock import FakeClock
 from reconciler.host.observer import Observer, is_ollama
 from reconciler.host.ollama_api import OllamaApi
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
@@ -57,7 +58,7 @@ class FixedGpus:
 
 def observe(prof, backend, instances=(), leases=(), demands=()) -> Snapshot:
     async def run():
-        async with Observer(prof, backend, node="box", clock=lambda: NOW) as observer:
+        async with Observer(prof, backend, node="box", clock=FakeClock(NOW)) as observer:
             return await observer.observe(instances, leases, demands)
     return asyncio.run(run())
 
@@ -164,7 +165,7 @@ def test_profile_update_changes_what_is_probed(spawner):  # noqa: F811
 
     async def run():
         async with Observer(profile(a={"max_mb": 0, "priority": 1, "managed": managed(a.port)}),
-                            FixedGpus([]), clock=lambda: NOW) as observer:
+                            FixedGpus([]), clock=FakeClock(NOW)) as observer:
             first = await observer.observe()
             client = observer.prober.client
             observer.update_profile(profile(b={"max_mb": 0, "priority": 1, "managed": managed(b.port)}))

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 
 from reconciler.core.planner import plan
 from reconciler.core.simulate import simulate
-from reconciler.core.world import World, capacity
+from reconciler.core.compatibility import capacity
+from reconciler.core.world import World
 from tests.strategies import worlds
 
 SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.plan import Action, Plan
-from reconciler.runtime.backoff import BACKOFF_POLICY, action_spec_hash, hold_back
+from reconciler.core.backoff import DEFAULT_POLICY as BACKOFF_POLICY
+from reconciler.core.backoff import after_failure
+from reconciler.runtime.backoff import action_spec_hash, hold_back
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port
 from tests.runtime_support import T0, env, fake_service, make_profile  # noqa: F401 (fixture)
@@ -81,8 +84,9 @@ def test_a_backed_off_start_holds_back_its_lease_and_the_eviction_made_for_it(tm
         Action(id="lease:D1", kind="lease", service="high", lease="D1", requires=["start:high"], reason="r"),
         Action(id="start:other", kind="start", service="other", reason="r"),
     ])
-    with open_store(tmp_path) as store:
-        store.record_failure("high", "boom", action_spec_hash(profile, plan.actions[2]), T0, BACKOFF_POLICY)
+    with open_store(tmp_path, SYSTEM_CLOCK) as store:
+        digest = action_spec_hash(profile, plan.actions[2])
+        store.update_backoff("high", lambda old: after_failure(old, "boom", digest, T0, BACKOFF_POLICY))
         deferred, stalled = hold_back(plan, profile, store, T0 + timedelta(seconds=5))
         assert set(deferred) == {"start:high", "lease:D1", "evict:low", "release:L0"}
         assert deferred["lease:D1"] == "requires start:high, which is deferred"

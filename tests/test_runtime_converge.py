@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from reconciler.core.events import EventKind
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.plan import Action
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.errors import GuardError, StoreError
@@ -75,7 +77,7 @@ def test_a_lease_past_max_concurrent_is_refused(env):
         async with env.runtime() as rt:
             assert rt.store.grant_lease(Lease(id="L1", service="svc"), 1)
             snapshot = await rt._observer_for(profile).observe(demands=[Demand(id="D2", service="svc")])
-            actuator = Actuator(rt.lifecycle, profile, snapshot)
+            actuator = Actuator(rt.lifecycle, rt.ledger, profile, snapshot)
             with pytest.raises(StoreError, match="lease D2 refused: svc already holds 1 lease"):
                 await actuator(Action(id="lease:D2", kind="lease", service="svc", lease="D2", reason="r"))
             return rt
@@ -112,12 +114,12 @@ def test_the_event_bus_records_and_delivers(tmp_path):
     clock = FakeClock()
 
     async def main():
-        with open_store(tmp_path) as store:
+        with open_store(tmp_path, SYSTEM_CLOCK) as store:
             bus = EventBus(store, clock=clock)
             subscription = bus.subscribe(maxsize=2)
-            bus.publish("instance.launched", service="svc", message="launched", pid=42)
-            bus.publish("pass", done=1)
-            bus.publish("pass", done=2)  # the slow subscriber loses its oldest event
+            bus.publish(EventKind.INSTANCE_LAUNCHED, service="svc", message="launched", pid=42)
+            bus.publish(EventKind.PASS, done=1)
+            bus.publish(EventKind.PASS, done=2)  # the slow subscriber loses its oldest event
             bus.close()
             got = [event async for event in subscription]
             return got, subscription.dropped, store.events()
@@ -150,7 +152,8 @@ def test_wake_ends_a_wait():
     from reconciler.runtime import Runtime
 
     def factory():
-        return Runtime(store=None, gpu_backend=NoGpuBackend(), state_dir=__import__("pathlib").Path("/nonexistent"))
+        return Runtime(store=None, gpu_backend=NoGpuBackend(), state_dir=__import__("pathlib").Path("/nonexistent"),
+                       clock=SYSTEM_CLOCK)
 
     asyncio.run(main(factory))
 

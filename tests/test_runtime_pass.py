@@ -70,7 +70,7 @@ def test_a_crashing_start_is_stopped_recorded_in_backoff_and_skips_its_dependent
     assert b.status == "skipped" and b.detail.startswith("requires start:a, which failed")
     assert rt.store.instances() == [] and env.launches("b") == 0
     backoff = rt.store.get_backoff("a")
-    assert backoff.failures == 1 and (backoff.next_attempt_at - env.clock.now).total_seconds() == 10
+    assert backoff.failures == 1 and (backoff.next_attempt_at - env.clock.now()).total_seconds() == 10
     assert report.exit_code == 2
     assert rt.store.open_intents() == []
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.loading import load_profile
-from reconciler.runtime.watcher import (
+from reconciler.loading.watcher import (
     ProfileChange,
     ProfileDirectory,
     ProfileFile,
@@ -24,6 +25,7 @@ from reconciler.runtime.watcher import (
     Resync,
     choose_profile,
 )
+from reconciler.testing.clock import SteppedClock
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -110,7 +112,7 @@ def test_changes_only_when_content_differs(tmp_path: Path) -> None:
 
     async def main() -> None:
         batches, ticks = Manual(), Manual()
-        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks)
+        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, clock=SYSTEM_CLOCK)
         assert watcher.load().ok
         events = Collected(watcher)
         batches.push()  # a touch: same bytes
@@ -139,7 +141,7 @@ def test_resync_tick_rereads_and_ticks(tmp_path: Path) -> None:
 
     async def main() -> None:
         batches, ticks = Manual(), Manual()
-        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks)
+        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, clock=SYSTEM_CLOCK)
         watcher.load()
         events = Collected(watcher)
         ticks.push()
@@ -159,12 +161,13 @@ def test_missing_file_settles_before_it_is_reported(tmp_path: Path) -> None:
     path.write_text(good(1))
 
     async def main() -> None:
-        batches, ticks = Manual(), Manual()
-        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, settle_s=2.0)  # ample on a loaded CI
+        batches, ticks, clock = Manual(), Manual(), SteppedClock()
+        watcher = ProfileWatcher(ProfileFile(path), batches=batches, ticks=ticks, settle_s=2.0, clock=clock)
         watcher.load()
         events = Collected(watcher)
         path.unlink()  # vim: the original renamed away, the new one not written yet
         batches.push()
+        await clock.sleeping(2.0)  # the settle window is open: nothing is reported meanwhile
         assert await events.nothing_within(0.05)
         path.write_text(good(2))
         batches.push()
@@ -172,6 +175,9 @@ def test_missing_file_settles_before_it_is_reported(tmp_path: Path) -> None:
         assert change.ok and change.profile.services["a"].priority == 2
         path.unlink()  # really gone: reported after settle_s
         batches.push()
+        await clock.sleeping(2.0)
+        assert await events.nothing_within(0.05)
+        clock.advance(2.0)
         gone = await events.next(10)
         assert gone.missing and "no such file" in str(gone.diagnostics[0])
         await events.close()
@@ -184,7 +190,7 @@ def test_an_edit_before_the_watch_starts_is_seen(tmp_path: Path) -> None:
     path.write_text(good(1))
 
     async def main() -> None:
-        watcher = ProfileWatcher(ProfileFile(path), batches=Manual(), ticks=Manual())
+        watcher = ProfileWatcher(ProfileFile(path), batches=Manual(), ticks=Manual(), clock=SYSTEM_CLOCK)
         watcher.load()
         path.write_text(good(5))
         events = Collected(watcher)
@@ -222,7 +228,7 @@ def test_real_saves_are_seen_once(tmp_path: Path, save) -> None:
     path.write_text(good(1))
 
     async def main() -> None:
-        watcher = ProfileWatcher(ProfileFile(path), resync_s=3600)
+        watcher = ProfileWatcher(ProfileFile(path), resync_s=3600, clock=SYSTEM_CLOCK)
         watcher.load()
         events = Collected(watcher)
         await asyncio.sleep(0.05)
@@ -248,7 +254,7 @@ def test_a_burst_of_writes_is_one_change(tmp_path: Path) -> None:
     (tmp_path / "other.txt").write_text("x")
 
     async def main() -> None:
-        watcher = ProfileWatcher(ProfileFile(path), resync_s=3600)
+        watcher = ProfileWatcher(ProfileFile(path), resync_s=3600, clock=SYSTEM_CLOCK)
         watcher.load()
         events = Collected(watcher)
         await asyncio.sleep(0.05)
@@ -328,7 +334,7 @@ def test_unchanged_bytes_are_not_parsed_again(tmp_path: Path) -> None:
 
     async def main() -> None:
         batches, ticks = Manual(), Manual()
-        watcher = ProfileWatcher(Counting(path), batches=batches, ticks=ticks)
+        watcher = ProfileWatcher(Counting(path), batches=batches, ticks=ticks, clock=SYSTEM_CLOCK)
         watcher.load()
         events = Collected(watcher)
         for _ in range(3):
@@ -351,19 +357,22 @@ def test_profile_directory_waits_for_the_chosen_file_during_a_save(tmp_path: Pat
     small.write_text(good(1).replace("8192", "4096").replace("name: t", "name: small"))
 
     async def main() -> None:
-        watcher = ProfileWatcher(ProfileDirectory(tmp_path, lambda: 8192), resync_s=3600, settle_s=2.0)
+        clock = SteppedClock()
+        watcher = ProfileWatcher(ProfileDirectory(tmp_path, lambda: 8192), resync_s=3600, settle_s=2.0, clock=clock)
         assert watcher.load().profile.name == "big"
         events = Collected(watcher)
         await asyncio.sleep(0.05)
         backup = tmp_path / "big.yaml~"
         os.replace(big, backup)  # vim: the original renamed away ...
-        await asyncio.sleep(0.4)  # ... a pause well past the debounce: the batch is cut here
+        await clock.sleeping(2.0)  # ... the batch is cut here: the settle window is open
         big.write_text(good(2).replace("name: t", "name: big"))  # ... the new one written
         backup.unlink()
         change = await events.next(5)
         assert change.ok and change.profile.name == "big" and change.profile.services["a"].priority == 2
         assert await events.nothing_within(0.3)
         big.unlink()  # really gone: detected again after the settle window
+        await clock.sleeping(2.0)
+        clock.advance(2.0)
         change = await events.next(10)
         assert change.ok and change.profile.name == "small"
         await events.close()

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 
+from reconciler.core.backoff import BackoffPolicy, after_failure, after_healthy
+from reconciler.core.launch import launch_digest as spec_hash
 from reconciler.core.snapshot import Demand, Instance, Launch, Lease
 from reconciler.errors import StoreError
-from reconciler.store import (
-    BackoffPolicy,
-    SqliteStore,
-    Store,
-    default_state_dir,
-    open_store,
-    spec_hash,
-)
+from reconciler.host.clock import SYSTEM_CLOCK
+from reconciler.runtime.ledger import Ledger
+from reconciler.store import SqliteStore, Store, default_state_dir, open_store
 from reconciler.store.schema import SCHEMA_VERSION
-
-T0 = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+from reconciler.testing.clock import T0, FakeClock
 
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
+def record_failure(store, service, error, digest, now, policy=BackoffPolicy(base_s=5, reset_after_s=60)):
+    return store.update_backoff(service, lambda old: after_failure(old, error, digest, now, policy))
+
+
+def record_healthy(store, service, digest, now, policy):
+    return store.update_backoff(service, lambda old: after_healthy(old, digest, now, policy))
+
+
 @pytest.fixture
 def store(tmp_path):
-    with open_store(tmp_path) as s:
+    with open_store(tmp_path, SYSTEM_CLOCK) as s:
         yield s
 
 
@@ -43,7 +47,7 @@ def vllm_instance(**kw) -> Instance:
 
 
 def test_created_on_first_open_with_wal_and_version(tmp_path):
-    with open_store(tmp_path / "deep" / "dir") as s:
+    with open_store(tmp_path / "deep" / "dir", SYSTEM_CLOCK) as s:
         assert s.path == tmp_path / "deep" / "dir" / "state.db"
         assert s.path.is_file()
         assert s.schema_version == SCHEMA_VERSION
@@ -71,15 +75,15 @@ def test_everything_survives_reopen(tmp_path):
     lease = Lease(id="L1", service="vllm", holder="kiwi", gpu=0, mb=6500, model="qwen", expires_at=at(300))
     demand = Demand(id="D1", service="comfyui", holder="batch", requested_at=at(-60))
     digest = spec_hash(vllm_instance().launch)
-    with open_store(tmp_path) as s:
+    with open_store(tmp_path, SYSTEM_CLOCK) as s:
         s.put_instance(vllm_instance())
         s.put_instance(Instance(service="ollama", origin="adopted", pid=4242, create_time=1763800000.0))
         assert s.grant_lease(lease, max_concurrent=1, now=T0)
         s.add_demand(demand)
-        s.record_failure("comfyui", "exited with 1", "abc", at(0))
+        record_failure(s, "comfyui", "exited with 1", "abc", at(0))
         s.record_event("start", "vllm", "started vllm", {"pid": 5151}, ts=at(1))
         intent = s.begin_intent("start:vllm", "start", "vllm", {"spec_hash": digest})
-    with open_store(tmp_path) as s:
+    with open_store(tmp_path, SYSTEM_CLOCK) as s:
         assert s.instances() == [
             Instance(service="ollama", origin="adopted", pid=4242, create_time=1763800000.0),
             vllm_instance(idle_since=None),
@@ -100,14 +104,14 @@ def test_everything_survives_reopen(tmp_path):
 
 def test_crash_recovery_round_trip_with_intents(tmp_path):
     """A start written down, the process spawned, then a crash: the next run finds the pid."""
-    s = open_store(tmp_path)
+    s = open_store(tmp_path, SYSTEM_CLOCK)
     iid = s.begin_intent("start:vllm", "start", "vllm", {"gpu": 0, "model": "qwen"})
     s.update_intent(iid, {"pid": 5151, "create_time": 1763800100.25})
     done = s.begin_intent("stop:comfyui", "stop", "comfyui")
     s.finish_intent(done, "ok", {"signals": ["SIGTERM"]})
     s.close()  # the "crash": nothing else was written
 
-    with open_store(tmp_path) as s:
+    with open_store(tmp_path, SYSTEM_CLOCK) as s:
         [intent] = s.open_intents()
         assert (intent.id, intent.action_id, intent.kind, intent.service) == (iid, "start:vllm", "start", "vllm")
         assert intent.data == {"gpu": 0, "model": "qwen", "pid": 5151, "create_time": 1763800100.25}
@@ -148,33 +152,35 @@ def test_grant_refuses_past_max_concurrent_and_consumes_demand(store):
 
 
 def test_vram_leases_do_not_take_service_slots(store):
+    ledger = Ledger(store, FakeClock())
     store.put_instance(vllm_instance(idle_since=at(-5)))
-    assert store.grant_lease(Lease(id="V1", kind="vram", service="vllm", gpu=0, mb=512), 1, now=T0)
+    assert ledger.grant(Lease(id="V1", kind="vram", service="vllm", gpu=0, mb=512), 1, now=T0)
     assert store.get_instance("vllm").idle_since == at(-5)  # a bare VRAM lease does not make it busy
-    assert store.grant_lease(Lease(id="S1", service="vllm"), 1, now=T0)
-    assert not store.grant_lease(Lease(id="S2", service="vllm"), 1, now=T0)
-    assert store.release_lease("S1", now=at(1)) is not None
+    assert ledger.grant(Lease(id="S1", service="vllm"), 1, now=T0)
+    assert not ledger.grant(Lease(id="S2", service="vllm"), 1, now=T0)
+    assert ledger.release("S1", now=at(1)) is not None
     assert store.get_instance("vllm").idle_since == at(1)
     assert store.leases()[0].kind == "vram"
 
 
 def test_renew_release_and_expire_with_fake_clock(store):
+    ledger = Ledger(store, FakeClock())
     store.put_instance(vllm_instance(idle_since=at(-100)))
-    store.grant_lease(Lease(id="A", service="vllm", expires_at=at(10)), 3, now=T0)
-    store.grant_lease(Lease(id="B", service="vllm", expires_at=at(20)), 3, now=T0)
-    store.grant_lease(Lease(id="C", service="other"), 3, now=T0)
+    ledger.grant(Lease(id="A", service="vllm", expires_at=at(10)), 3, now=T0)
+    ledger.grant(Lease(id="B", service="vllm", expires_at=at(20)), 3, now=T0)
+    ledger.grant(Lease(id="C", service="other"), 3, now=T0)
     assert store.get_instance("vllm").idle_since is None  # a grant makes it busy
-    assert store.renew_lease("A", at(30)).expires_at == at(30)
-    assert store.renew_lease("nope", at(30)) is None
-    assert store.expire_leases(at(19)) == []
-    assert [l.id for l in store.expire_leases(at(20))] == ["B"]
+    assert ledger.renew("A", at(30)).expires_at == at(30)
+    assert ledger.renew("nope", at(30)) is None
+    assert ledger.expire(at(19)) == []
+    assert [l.id for l in ledger.expire(at(20))] == ["B"]
     assert store.get_instance("vllm").idle_since is None  # A still held
-    assert store.expire_leases(at(20)) == []
-    [a] = store.expire_leases(at(31))
+    assert ledger.expire(at(20)) == []
+    [a] = ledger.expire(at(31))
     assert a.id == "A" and a.expires_at == at(30)
     assert store.get_instance("vllm").idle_since == at(30)  # idle from the lease's end
-    assert store.release_lease("C", now=at(40)).service == "other"
-    assert store.release_lease("C") is None
+    assert ledger.release("C", now=at(40)).service == "other"
+    assert ledger.release("C") is None
     assert store.leases() == []
 
 
@@ -191,27 +197,27 @@ def test_backoff_exponential_capped_stalled_and_reset_by_spec(store):
     policy = BackoffPolicy(base_s=2, factor=2, max_s=10, stall_after=3, reset_after_s=60)
     delays = []
     for n in range(5):
-        b = store.record_failure("svc", f"boom {n}", "h1", at(0), policy)
+        b = record_failure(store, "svc", f"boom {n}", "h1", at(0), policy)
         delays.append((b.next_attempt_at - at(0)).total_seconds())
     assert delays == [2, 4, 8, 10, 10]
     assert b.stalled and b.failures == 5 and b.last_error == "boom 4"
     assert not b.may_attempt(at(9)) and b.may_attempt(at(10))
     assert store.get_backoff("svc").stalled
-    assert store.get_backoff("svc", spec_hash="h2").failures == 0  # a new spec gets a fresh start
-    b = store.record_failure("svc", "other spec", "h2", at(0), policy)
+    assert store.get_backoff("svc").for_spec("h2").failures == 0  # a new spec gets a fresh start
+    b = record_failure(store, "svc", "other spec", "h2", at(0), policy)
     assert (b.failures, b.stalled) == (1, False)
 
 
 def test_backoff_resets_after_staying_healthy(store):
     policy = BackoffPolicy(base_s=1, stall_after=2, reset_after_s=60)
-    store.record_failure("svc", "x", "h", at(0), policy)
-    store.record_failure("svc", "x", "h", at(1), policy)
-    b = store.record_healthy("svc", "h", at(10), policy)
+    record_failure(store, "svc", "x", "h", at(0), policy)
+    record_failure(store, "svc", "x", "h", at(1), policy)
+    b = record_healthy(store, "svc", "h", at(10), policy)
     assert b.healthy_since == at(10) and b.failures == 2
     # crashing soon after becoming healthy keeps counting
-    assert store.record_failure("svc", "x", "h", at(20), policy).failures == 3
-    store.record_healthy("svc", "h", at(30), policy)
-    b = store.record_healthy("svc", "h", at(90), policy)
+    assert record_failure(store, "svc", "x", "h", at(20), policy).failures == 3
+    record_healthy(store, "svc", "h", at(30), policy)
+    b = record_healthy(store, "svc", "h", at(90), policy)
     assert (b.failures, b.stalled, b.next_attempt_at, b.healthy_since) == (0, False, None, at(30))
     store.reset_backoff("svc")
     assert store.get_backoff("svc").failures == 0
@@ -236,27 +242,27 @@ def test_naive_datetime_is_refused(store):
 def test_corrupt_file_is_a_store_error(tmp_path):
     (tmp_path / "state.db").write_bytes(b"this is not a database, just some bytes\n" * 100)
     with pytest.raises(StoreError, match=r"state\.db.*corrupt"):
-        open_store(tmp_path)
+        open_store(tmp_path, SYSTEM_CLOCK)
 
 
 def test_newer_schema_is_refused(tmp_path):
-    with open_store(tmp_path):
+    with open_store(tmp_path, SYSTEM_CLOCK):
         pass
     conn = sqlite3.connect(tmp_path / "state.db")
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer than this reconciler"):
-        open_store(tmp_path)
+        open_store(tmp_path, SYSTEM_CLOCK)
 
 
 def test_unusable_state_dir_is_a_store_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match="cannot create state directory"):
-        open_store(tmp_path / "file" / "sub")
+        open_store(tmp_path / "file" / "sub", SYSTEM_CLOCK)
 
 
 def test_closed_store_raises_store_error(tmp_path):
-    s = SqliteStore(tmp_path / "x.db")
+    s = SqliteStore(tmp_path / "x.db", SYSTEM_CLOCK)
     s.close()
     with pytest.raises(StoreError, match="x.db"):
         s.instances()
@@ -267,7 +273,7 @@ def test_the_event_log_is_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sqlite_module, "MAX_EVENTS", 30)
     monkeypatch.setattr(sqlite_module, "EVENT_PRUNE_EVERY", 10)
-    with open_store(tmp_path) as store:
+    with open_store(tmp_path, SYSTEM_CLOCK) as store:
         for i in range(100):
             store.record_event("tick", message=str(i))
         kept = store.events(limit=1000)

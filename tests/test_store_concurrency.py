@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Lease
 from reconciler.store import open_store
 
@@ -11,7 +12,7 @@ MAX = 3
 
 
 def test_concurrent_grants_never_exceed_max_concurrent(tmp_path):
-    stores = [open_store(tmp_path), open_store(tmp_path)]
+    stores = [open_store(tmp_path, SYSTEM_CLOCK), open_store(tmp_path, SYSTEM_CLOCK)]
     granted: list[str] = []
     errors: list[BaseException] = []
     peak: list[int] = []

@@ -12,6 +12,7 @@ import sys
 
 import psutil
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Instance
 from reconciler.store import open_store
 from tests.e2e_support import Host
@@ -20,7 +21,7 @@ from tests.runtime_support import kill_started
 
 def _record_stale(state_dir, pid: int) -> None:
     """A started instance whose pid now belongs to another process (create_time differs)."""
-    with open_store(state_dir) as store:
+    with open_store(state_dir, SYSTEM_CLOCK) as store:
         stale = psutil.Process(pid).create_time() - 100
         store.put_instance(Instance(service="svc", origin="started", pid=pid, create_time=stale, state="running"))
         intent = store.begin_intent("start:svc", "start", "svc", {})

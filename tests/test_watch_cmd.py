@@ -1,8 +1,10 @@
 """``reconciler watch`` in process: what triggers a pass, what a rejected edit does, how it prints.
 
 The runtime is replaced by a fake that records the profiles it is asked to
-apply, so these tests are about the loop itself (start, profile change,
-resync, wake, rejection, signals); the end-to-end tests drive the real thing.
+apply, so these tests are about the loop itself (:mod:`reconciler.runtime.loop`:
+start, profile change, resync, wake, rejection, signals — a real SIGTERM to
+this process) as the command puts it together; the end-to-end tests drive
+the real thing.
 """
 
 from __future__ import annotations
@@ -10,16 +12,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from reconciler.cli import watch_cmd
 from reconciler.core.plan import Plan
+from reconciler.core.profile import Profile
+from reconciler.core.report import PassReport
 from reconciler.core.snapshot import Snapshot
-from reconciler.runtime import EventBus, PassReport
+from reconciler.host.clock import SYSTEM_CLOCK
+from reconciler.loading.watcher import ProfileFile, ProfileWatcher
+from reconciler.render.events import format_text
+from reconciler.runtime import EventBus
+from reconciler.runtime import assembly as assembly_module
+from reconciler.runtime import loop as loop_module
 
 PROFILE = """\
 schema_version: 1
@@ -37,16 +46,14 @@ class FakeStore:
 class FakeRuntime:
     """Stands in for :class:`reconciler.runtime.Runtime`: passes do nothing, instantly."""
 
-    def __init__(self, *, store, gpu_backend, state_dir, node, sim, events: EventBus) -> None:
+    def __init__(self, *, store, gpu_backend, state_dir, clock, node, sim, events: EventBus) -> None:
         self.events = events
+        self.clock = clock
         self.store = FakeStore()
         self.applied: list[str] = []
         self.recovered = False
         self._woken = asyncio.Event()
         FakeRuntime.last = self
-
-    def clock(self) -> datetime:
-        return datetime.now(timezone.utc)
 
     async def recover(self) -> None:
         self.recovered = True
@@ -54,7 +61,7 @@ class FakeRuntime:
     async def converge(self, profile, timeout_s: float) -> PassReport:
         self.applied.append(profile.name)
         plan = Plan(node="local", profile=profile.name, changes=False, actions=[], pending=[], gpus=[], summary={})
-        snapshot = Snapshot(format_version=1, node="local", now=self.clock(), gpus=[])
+        snapshot = Snapshot(format_version=1, node="local", now=self.clock.now(), gpus=[])
         return PassReport(plan=plan, snapshot=snapshot, outcomes={})
 
     def wake(self) -> None:
@@ -70,6 +77,11 @@ class FakeRuntime:
 
     async def aclose(self) -> None:
         self.events.close()
+
+
+def _stop(sig: signal.Signals = signal.SIGTERM) -> None:
+    """What an operator's kill does: the signal, to this process (the loop owns the handlers)."""
+    os.kill(os.getpid(), sig)
 
 
 def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
@@ -91,17 +103,17 @@ def _events(capsys) -> list[dict]:
 
 
 def test_passes_on_start_change_and_wake_rejections_keep_the_last_good(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(watch_cmd, "Runtime", FakeRuntime)
+    monkeypatch.setattr(assembly_module, "Runtime", FakeRuntime)
     path = tmp_path / "p.yaml"
     path.write_text(PROFILE.format(name="one"))
-    watch = watch_cmd.Watch(_args(tmp_path))
+    args = _args(tmp_path)
     seen: list[dict] = []
 
     def kinds(kind: str) -> list[dict]:
         return [e for e in seen if e["kind"] == kind]
 
     async def main() -> int:
-        task = asyncio.ensure_future(watch.main())
+        task = asyncio.ensure_future(watch_cmd.watch(args))
         await _until(lambda: getattr(FakeRuntime, "last", None) is not None)
         runtime = FakeRuntime.last
         subscription = runtime.events.subscribe()
@@ -119,7 +131,7 @@ def test_passes_on_start_change_and_wake_rejections_keep_the_last_good(tmp_path,
         assert runtime.applied == ["one", "two", "two"]  # the last good profile is still the one applied
         path.write_text(PROFILE.format(name="five"))
         await _until(lambda: runtime.applied[-1] == "five")
-        watch._on_signal(signal.SIGTERM)
+        _stop(signal.SIGTERM)
         code = await asyncio.wait_for(task, 5)
         await asyncio.wait_for(collecting, 5)
         return code
@@ -144,14 +156,14 @@ async def _collect(subscription, into: list[dict]) -> None:
 
 
 def test_resync_ticks_pass_again(tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(watch_cmd, "Runtime", FakeRuntime)
+    monkeypatch.setattr(assembly_module, "Runtime", FakeRuntime)
     (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
-    watch = watch_cmd.Watch(_args(tmp_path, resync=0.05))
+    args = _args(tmp_path, resync=0.05)
 
     async def main() -> int:
-        task = asyncio.ensure_future(watch.main())
+        task = asyncio.ensure_future(watch_cmd.watch(args))
         await _until(lambda: getattr(FakeRuntime, "last", None) and len(FakeRuntime.last.applied) >= 3)
-        watch._on_signal(signal.SIGINT)
+        _stop(signal.SIGINT)
         return await asyncio.wait_for(task, 5)
 
     FakeRuntime.last = None
@@ -172,15 +184,15 @@ def test_a_failing_pass_is_reported_and_retried(tmp_path, monkeypatch, capsys) -
                 raise StoreError("database is locked") if Flaky.failures else RuntimeError("a bug")
             return await super().converge(profile, timeout_s)
 
-    monkeypatch.setattr(watch_cmd, "Runtime", Flaky)
-    monkeypatch.setattr(watch_cmd, "RETRY_AFTER_ERROR_S", 0.01)
+    monkeypatch.setattr(assembly_module, "Runtime", Flaky)
+    monkeypatch.setattr(loop_module, "RETRY_AFTER_ERROR_S", 0.01)
     (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
-    watch = watch_cmd.Watch(_args(tmp_path))
+    args = _args(tmp_path)
 
     async def main() -> int:
-        task = asyncio.ensure_future(watch.main())
+        task = asyncio.ensure_future(watch_cmd.watch(args))
         await _until(lambda: getattr(FakeRuntime, "last", None) and FakeRuntime.last.applied == ["one"])
-        watch._on_signal(signal.SIGTERM)
+        _stop(signal.SIGTERM)
         return await asyncio.wait_for(task, 5)
 
     FakeRuntime.last = None
@@ -201,12 +213,12 @@ def test_a_second_watch_on_the_same_state_dir_is_refused(tmp_path, monkeypatch) 
     (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
     with StateLock(tmp_path / "state"):
         with pytest.raises(GuardError, match="another reconciler"):
-            asyncio.run(watch_cmd.Watch(_args(tmp_path)).main())
+            asyncio.run(watch_cmd.watch(_args(tmp_path)))
 
 
 def test_text_lines() -> None:
     ts = "2026-11-22T16:00:01.5Z"
-    fmt = watch_cmd.format_text
+    fmt = format_text
     assert fmt({"kind": "pass.started", "ts": ts}) is None
     assert fmt({"kind": "pass", "ts": ts}) is None
     assert fmt({"kind": "pass.finished", "ts": ts, "quiet": True}) is None
@@ -230,10 +242,12 @@ def test_a_wake_that_arrives_with_a_rejected_edit_is_not_lost(tmp_path) -> None:
     """A wake (a lease request waiting) taken in the same round as a rejected profile change still
     makes a pass now, not at the next liveness tick."""
     from reconciler.errors import Diagnostic
-    from reconciler.runtime.watcher import ProfileChange
+    from reconciler.loading.watcher import ProfileChange
 
     class Woken:
         """A runtime woken once: its first wait_woken answers at once (and clears the wake)."""
+
+        clock = SYSTEM_CLOCK
 
         def __init__(self) -> None:
             self.pending = True
@@ -246,12 +260,13 @@ def test_a_wake_that_arrives_with_a_rejected_edit_is_not_lost(tmp_path) -> None:
             return False
 
     async def main() -> str | None:
-        watch = watch_cmd.Watch(_args(tmp_path))
+        current = Profile.model_validate({"schema_version": 1, "name": "p", "services": {}})
+        watcher = ProfileWatcher(ProfileFile(tmp_path / "p.yaml"), clock=SYSTEM_CLOCK)
+        bus = EventBus(None, clock=SYSTEM_CLOCK)
+        loop = loop_module.Loop(Woken(), watcher, ProfileChange(current), bus=bus,  # type: ignore[arg-type]
+                                started=loop_module.Started(path="p.yaml", gpu="none", state_dir=str(tmp_path)))
         triggers: asyncio.Queue = asyncio.Queue()
         triggers.put_nowait(ProfileChange(None, (Diagnostic("p.yaml", 1, 1, "bad"),)))
-        bus = EventBus()
-        current = watch_cmd.Profile.model_validate({"schema_version": 1, "name": "p", "services": {}})
-        reason, _ = await watch._next(Woken(), triggers, current, bus, ("liveness", 0.5))
-        return reason
+        return await loop._next(triggers, ("liveness", 0.5))
 
     assert asyncio.run(main()) == "wake"

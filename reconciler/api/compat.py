@@ -28,13 +28,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from reconciler.api.broker import Disconnected, Refused
 from reconciler.api.context import ApiContext, context, disconnected
-from reconciler.api.models import MAX_TTL_S, LeaseRequest, Problem
+from reconciler.api.models import MAX_TTL_S, Problem
 from reconciler.api.native import CLIENT_CLOSED
+from reconciler.api.refusals import http_error, status_of
 from reconciler.api.status import service_url
 from reconciler.core.snapshot import Lease
 from reconciler.core.world import World
+from reconciler.errors import CallerGone, LeaseRefused
+from reconciler.runtime.leasing import LeaseRequest
 
 router = APIRouter(prefix="/api", tags=["cf-orch"])
 Ctx = Annotated[ApiContext, Depends(context)]
@@ -70,7 +72,7 @@ def _epoch(lease: Lease) -> float:
 def _vram_lease(lease: Lease, ctx: ApiContext) -> dict[str, Any]:
     return {
         "lease_id": lease.id, "node_id": ctx.node, "gpu_id": lease.gpu, "mb_granted": lease.mb,
-        "holder_service": lease.service, "priority": ctx.broker.vram_priority.get(lease.id, 2),
+        "holder_service": lease.service, "priority": ctx.leasing.vram_priority.get(lease.id, 2),
         "expires_at": _epoch(lease),
     }
 
@@ -82,10 +84,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/nodes")
 async def nodes(ctx: Ctx) -> dict[str, Any]:
-    snapshot = ctx.runtime.last_snapshot
-    if snapshot is None:
+    last = ctx.runtime.last_pass()
+    if last is None:
         return {"nodes": [{"node_id": ctx.node, "agent_url": ctx.base_url, "last_heartbeat": 0.0, "gpus": []}]}
-    free = ctx.broker.free_mb()
+    snapshot = last.snapshot
+    free = ctx.leasing.free_mb()
     return {"nodes": [{
         "node_id": snapshot.node, "agent_url": ctx.base_url, "last_heartbeat": snapshot.now.timestamp(),
         "gpus": [{"gpu_id": g.index, "name": g.name, "vram_total_mb": g.total_mb, "vram_used_mb": g.used_mb,
@@ -103,16 +106,16 @@ async def request_lease(body: VramLeaseRequest, ctx: Ctx) -> dict[str, Any]:
     if body.node_id != ctx.node:
         raise HTTPException(422, f"Unknown node_id {body.node_id!r} — this reconciler is node {ctx.node!r}")
     try:
-        lease = await ctx.broker.vram_lease(body.gpu_id, body.mb, body.service, body.priority, body.ttl_s)
-    except Refused as refused:
-        raise HTTPException(refused.status, refused.detail) from None
+        lease = await ctx.leasing.vram_lease(body.gpu_id, body.mb, body.service, body.priority, body.ttl_s)
+    except LeaseRefused as refused:
+        raise http_error(refused) from None
     return {"lease": _vram_lease(lease, ctx)}
 
 
 @router.delete("/leases/{lease_id}", responses={404: {"model": Problem}})
 async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
-    lease = ctx.broker.lease_by_id(lease_id)
-    if lease is None or lease.kind != "vram" or ctx.broker.release(lease_id) is None:
+    lease = ctx.leasing.lease_by_id(lease_id)
+    if lease is None or lease.kind != "vram" or ctx.leasing.release(lease_id) is None:
         raise HTTPException(404, f"Lease {lease_id!r} not found")
     return {"released": True, "lease_id": lease_id}
 
@@ -128,14 +131,14 @@ async def allocate(service: str, body: AllocateRequest, request: Request, ctx: C
         lease_request = LeaseRequest(service=service, holder=body.caller, model=model, ttl_s=body.ttl_s,
                                      gpu=body.gpu_id, wait_s=ALLOCATE_WAIT_S)
         try:
-            granted = await ctx.broker.lease(lease_request, disconnected=lambda: disconnected(request),
-                                             fall_through=True)
-        except Refused as refused:
-            if refused.status in (404, 422):
+            granted = await ctx.leasing.lease(lease_request, disconnected=lambda: disconnected(request),
+                                              fall_through=True)
+        except LeaseRefused as refused:
+            if status_of(refused) in (404, 422):
                 raise HTTPException(422, refused.detail) from None
             reasons.append(f"{model}: {refused.detail}")
             continue
-        except Disconnected:
+        except CallerGone:
             return Response(status_code=CLIENT_CLOSED)
         lease = granted.lease
         return {
@@ -148,17 +151,17 @@ async def allocate(service: str, body: AllocateRequest, request: Request, ctx: C
 
 @router.delete("/services/{service}/allocations/{allocation_id}", responses={404: {"model": Problem}})
 async def release_allocation(service: str, allocation_id: str, ctx: Ctx) -> dict[str, Any]:
-    lease = ctx.broker.lease_by_id(allocation_id)
+    lease = ctx.leasing.lease_by_id(allocation_id)
     if lease is None or lease.kind != "service" or lease.service != service:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found for service {service!r}")
-    if ctx.broker.release(allocation_id) is None:
+    if ctx.leasing.release(allocation_id) is None:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found")
     return {"released": True, "allocation_id": allocation_id}
 
 
 def _instances(ctx: ApiContext, service: str | None = None) -> list[dict[str, Any]]:
-    profile, snapshot = ctx.profile(), ctx.runtime.last_snapshot
-    world = World(profile, snapshot) if snapshot is not None else None
+    profile, last = ctx.profile(), ctx.runtime.last_pass()
+    world = World(profile, last.snapshot) if last is not None else None
     out = []
     for instance in ctx.runtime.store.instances():
         if service is not None and instance.service != service:

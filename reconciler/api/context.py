@@ -1,4 +1,4 @@
-"""What every route needs: the runtime, the profile in force, the lease broker, metrics, where we listen."""
+"""What every route needs: the runtime, the profile in force, the leasing service, metrics, where we listen."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from reconciler.api.broker import Broker
 from reconciler.api.metrics import Metrics
 from reconciler.core.profile import Profile
 from reconciler.runtime import Runtime
+from reconciler.runtime.leasing import Leasing
 
 
 @dataclass
 class ApiContext:
     runtime: Runtime
     profile: Callable[[], Profile]  # the profile in force now (a saved edit replaces it)
-    broker: Broker
+    leasing: Leasing
     metrics: Metrics
     base_url: str  # http://host:port of this server (cf-orch's agent_url)
     closing: asyncio.Event = field(default_factory=asyncio.Event)

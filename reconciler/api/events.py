@@ -17,6 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from reconciler.core.clock import iso_utc
 from reconciler.runtime import EventBus
 from reconciler.store.base import Event, Store
 
@@ -37,7 +38,7 @@ def sse(event: dict[str, Any]) -> str:
 
 def stored(event: Event) -> dict[str, Any]:
     """A logged event in the bus's shape: ``{"id", "ts", "kind", ...data}``."""
-    out: dict[str, Any] = {"id": event.id, "ts": event.ts.isoformat().replace("+00:00", "Z"), "kind": event.kind}
+    out: dict[str, Any] = {"id": event.id, "ts": iso_utc(event.ts), "kind": event.kind}
     if event.service is not None:
         out["service"] = event.service
     if event.message:

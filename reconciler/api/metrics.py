@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 
 from reconciler.api.status import build_status
+from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.runtime import Runtime
 
@@ -102,8 +103,7 @@ class Metrics:
         async with subscription:
             async for event in subscription:
                 kind = event.get("kind")
-                if kind == "action.finished":
-                    action_kind = str(event.get("action", "?")).split(":", 1)[0]
-                    self.actions.labels(action_kind, str(event.get("status", "?"))).inc()
-                elif kind == "pass.finished" and isinstance(event.get("duration_s"), (int, float)):
+                if kind == EventKind.ACTION_FINISHED:
+                    self.actions.labels(str(event.get("action_kind", "?")), str(event.get("status", "?"))).inc()
+                elif kind == EventKind.PASS_FINISHED and isinstance(event.get("duration_s"), (int, float)):
                     self.reconcile.observe(event["duration_s"])

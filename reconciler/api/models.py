@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from reconciler.runtime import leasing
+
 MAX_TTL_S = 30 * 24 * 3600.0  # a month: longer is a mistake (and would overflow nothing, but still)
 MAX_WAIT_S = 600.0
 DEFAULT_TTL_S = 300.0
@@ -45,6 +47,11 @@ class LeaseRequest(_Request):
         DEFAULT_WAIT_S, ge=0, le=MAX_WAIT_S,
         description="How long to wait for a start (or a free slot) before answering 503 with the reason.",
     )
+
+    def to_request(self) -> leasing.LeaseRequest:
+        """The leasing service's request."""
+        return leasing.LeaseRequest(service=self.service, holder=self.holder, model=self.model, ttl_s=self.ttl_s,
+                                    gpu=self.gpu, wait_s=self.wait_s)
 
 
 class RenewRequest(_Request):

@@ -3,8 +3,9 @@
 Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 422 (a
 body that does not validate: ``detail`` lists each problem with its
 location), 429 (the service's queue is full), 503 (not granted within
-``wait_s``: ``detail`` is the plan's reason). See :mod:`.broker` for what a
-lease request does.
+``wait_s``: ``detail`` is the plan's reason; :mod:`.refusals` maps each
+refusal to its code). See :mod:`reconciler.runtime.leasing` for what a lease
+request does.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from reconciler.api import events
-from reconciler.api.broker import Disconnected, Refused
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.metrics import CONTENT_TYPE
 from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
+from reconciler.api.refusals import http_error
 from reconciler.api.status import build_status, service_url
+from reconciler.core.clock import iso_utc
 from reconciler.core.profile import Profile
-from reconciler.core.snapshot import Lease, utc
+from reconciler.core.snapshot import Lease
+from reconciler.errors import CallerGone, LeaseRefused
 
 router = APIRouter()
 Ctx = Annotated[ApiContext, Depends(context)]
@@ -36,7 +39,7 @@ def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
         id=lease.id, service=lease.service, holder=lease.holder, kind=lease.kind,
         url=service_url(spec) if spec is not None else None, gpu=lease.gpu,
         mb=lease.mb or (spec.max_mb if spec is not None else 0), model=lease.model,
-        expires_at=utc(lease.expires_at) if lease.expires_at else None,
+        expires_at=iso_utc(lease.expires_at) if lease.expires_at else None,
     )
 
 
@@ -44,10 +47,10 @@ def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
 async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx):
     """Lease a service: at once when a compatible instance has room, else after the reconciler starts one."""
     try:
-        granted = await ctx.broker.lease(body, disconnected=lambda: disconnected(request))
-    except Refused as refused:
-        raise HTTPException(refused.status, refused.detail) from None
-    except Disconnected:
+        granted = await ctx.leasing.lease(body.to_request(), disconnected=lambda: disconnected(request))
+    except LeaseRefused as refused:
+        raise http_error(refused) from None
+    except CallerGone:
         return Response(status_code=CLIENT_CLOSED)
     return lease_out(granted.lease, ctx.profile())
 
@@ -60,7 +63,7 @@ async def list_leases(ctx: Ctx) -> dict[str, list[LeaseOut]]:
 
 @router.get("/v1/leases/{lease_id}", response_model=LeaseOut, responses={404: {"model": Problem}}, tags=["leases"])
 async def get_lease(lease_id: str, ctx: Ctx):
-    lease = ctx.broker.lease_by_id(lease_id)
+    lease = ctx.leasing.lease_by_id(lease_id)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
     return lease_out(lease, ctx.profile())
@@ -70,7 +73,7 @@ async def get_lease(lease_id: str, ctx: Ctx):
              tags=["leases"])
 async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None):
     """The lease now ends ``ttl_s`` (default 300) from now."""
-    lease = ctx.broker.renew(lease_id, (body or RenewRequest()).ttl_s)
+    lease = ctx.leasing.renew(lease_id, (body or RenewRequest()).ttl_s)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
     return lease_out(lease, ctx.profile())
@@ -79,7 +82,7 @@ async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None)
 @router.delete("/v1/leases/{lease_id}", response_model=Released, responses={404: {"model": Problem}},
                tags=["leases"])
 async def release_lease(lease_id: str, ctx: Ctx):
-    lease = ctx.broker.release(lease_id)
+    lease = ctx.leasing.release(lease_id)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
     return Released(id=lease.id)
@@ -94,10 +97,10 @@ async def status(ctx: Ctx):
 @router.get("/v1/plan", responses={503: {"model": Problem}}, tags=["status"])
 async def plan(ctx: Ctx) -> dict:
     """The last pass's plan, as ``reconciler plan --format json`` prints it."""
-    current = ctx.runtime.last_plan
-    if current is None:
+    last = ctx.runtime.last_pass()
+    if last is None:
         raise HTTPException(503, "no pass has planned yet; retry in a moment")
-    return current.to_json_dict()
+    return last.plan.to_json_dict()
 
 
 @router.get("/v1/events", tags=["status"], response_class=StreamingResponse,

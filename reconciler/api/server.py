@@ -21,12 +21,13 @@ import uvicorn
 
 from reconciler.api.app import create_app
 from reconciler.api.auth import Listen, check_exposure
-from reconciler.api.broker import Broker
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
 from reconciler.core.profile import Profile
+from reconciler.core.events import EventKind
 from reconciler.errors import GuardError
 from reconciler.runtime import Runtime
+from reconciler.runtime.leasing import Leasing
 
 STARTUP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -78,10 +79,10 @@ class ApiServer:
         if self.socket is None:
             self.bind()
         metrics = Metrics(runtime, profile)
-        broker = Broker(runtime, profile, observe=metrics.observe_lease)
-        self.context = ApiContext(runtime=runtime, profile=profile, broker=broker, metrics=metrics,
+        leasing = Leasing(runtime, profile, observe=metrics.observe_lease)
+        self.context = ApiContext(runtime=runtime, profile=profile, leasing=leasing, metrics=metrics,
                                   base_url=self.url)
-        broker.start()
+        leasing.start()
         metrics.start()
         config = uvicorn.Config(
             create_app(self.context, self.token), log_level="warning", access_log=False, lifespan="off",
@@ -98,13 +99,13 @@ class ApiServer:
             if asyncio.get_running_loop().time() > deadline:
                 raise GuardError(f"the API server on {self.url} did not start within {STARTUP_TIMEOUT_S:g} s")
             await asyncio.sleep(0.01)
-        runtime.events.publish("api.started", message=f"API on {self.url} (dashboard at {self.url}/)",
+        runtime.events.publish(EventKind.API_STARTED, message=f"API on {self.url} (dashboard at {self.url}/)",
                                url=self.url, port=self.port, auth=self.token is not None)
 
     async def stop(self) -> None:
         if self.context is not None:
             self.context.closing.set()
-            await self.context.broker.close()
+            await self.context.leasing.close()
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:

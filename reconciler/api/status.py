@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from reconciler.api.accounting import world_now
+from reconciler.core.accounting import world_now
 from reconciler.api.models import (
     Condition,
     DemandStatus,
@@ -22,10 +22,13 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
+from reconciler.core.backoff import Backoff
+from reconciler.core.clock import iso_utc
+from reconciler.core.compatibility import capacity
 from reconciler.core.plan import Plan
 from reconciler.core.profile import DockerSpec, Profile, Service
-from reconciler.core.snapshot import Demand, Instance, Lease, utc
-from reconciler.core.world import World, capacity, lease_active
+from reconciler.core.snapshot import Demand, Instance, Lease
+from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
 
 
@@ -36,7 +39,7 @@ def service_url(spec: Service | None) -> str | None:
 
 
 def _iso(dt: datetime | None) -> str | None:
-    return utc(dt) if dt is not None else None
+    return iso_utc(dt) if dt is not None else None
 
 
 def _seconds(delta: float) -> float:
@@ -44,9 +47,10 @@ def _seconds(delta: float) -> float:
 
 
 def build_status(runtime: Runtime, profile: Profile) -> Status:
-    store, now = runtime.store, runtime.clock()
+    store, now = runtime.store, runtime.clock.now()
     state = store.state()
-    snapshot, plan = runtime.last_snapshot, runtime.last_plan
+    last = runtime.last_pass()
+    snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None
     backoffs = {name: store.get_backoff(name) for name in sorted(set(profile.services) | {
         i.service for i in state.instances})}
@@ -55,7 +59,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         node=snapshot.node if snapshot is not None else runtime.node,
         profile=profile.name,
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
-        now=utc(now),
+        now=iso_utc(now),
         gpus=_gpus(world),
         services=_services(profile, world),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
@@ -134,14 +138,10 @@ def _lease(lease: Lease, now: datetime) -> LeaseStatus:
 
 def demand_reason(demand_id: str, plan: Plan | None) -> str:
     """Why a demand waits, from the plan: its pending reason, or the lease the plan has for it."""
-    if plan is not None:
-        for item in plan.pending:
-            if item.demand == demand_id:
-                return item.reason
-        for action in plan.actions:
-            if action.kind == "lease" and action.lease == demand_id:
-                return f"planned: {action.reason}"
-    return "waiting for the next pass to plan it"
+    verdict = plan.verdict(demand_id) if plan is not None else None
+    if verdict is None:
+        return "waiting for the next pass to plan it"
+    return verdict.reason if verdict.state == "pending" else f"planned: {verdict.reason}"
 
 
 def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 
 from reconciler.cli.observe_cmd import observe_once, read_inventory
@@ -29,19 +28,20 @@ from reconciler.cli.plan_cmd import write_stdout
 from reconciler.core.plan import Plan
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
+from reconciler.core.report import PassReport
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
-from reconciler.host.sim import SimBackend
 from reconciler.loading import load_profile
 from reconciler.render import render
-from reconciler.render.common import PENDING_SYMBOL, SYMBOLS, pending_subject
-from reconciler.runtime import PassReport, Runtime, check_profile_guard
-from reconciler.runtime.lock import StateLock
-from reconciler.store import default_state_dir, open_store
+from reconciler.render.report import render_report
+from reconciler.runtime import check_profile_guard
+from reconciler.runtime.assembly import Assembly
+from reconciler.store import default_state_dir
 
 DEFAULT_TIMEOUT_S = 300.0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "apply",
         help="make the host match the profile (one pass, or until converged with --wait)",
@@ -70,57 +70,21 @@ def run(args: argparse.Namespace) -> int:
         plan = asyncio.run(_dry_run(profile, args, state_dir))
         write_stdout(render(plan, args.format))
         return plan.exit_code
-    with StateLock(state_dir, purpose="apply"):
-        report = asyncio.run(_apply(profile, args, state_dir))
+    report = asyncio.run(_apply(profile, args, state_dir))
     write_stdout(render_report(report, args.format))
     return report.exit_code
 
 
 async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) -> PassReport:
     backend = open_gpu_backend(args.gpu, default_sim_mb=profile.vram_total_mb)
-    store = open_store(state_dir)
-    try:
-        runtime = Runtime(store=store, gpu_backend=backend, state_dir=state_dir, node=args.node,
-                          sim=isinstance(backend, SimBackend))
-        try:
-            await runtime.recover()
-            if args.wait:
-                return await runtime.converge(profile, args.timeout)
-            return await runtime.reconcile(profile)
-        finally:
-            await runtime.aclose()
-    finally:
-        store.close()
+    async with Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
+                        purpose="apply") as parts:
+        await parts.runtime.recover()
+        if args.wait:
+            return await parts.runtime.converge(profile, args.timeout)
+        return await parts.runtime.reconcile(profile)
 
 
 async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
     snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
     return make_plan(profile, snapshot)
-
-
-def render_report(report: PassReport, fmt: str) -> str:
-    """What apply did: one line per action and pass, pending and stalled services, a summary."""
-    if fmt == "json":
-        return json.dumps(report.to_json_dict(), indent=2) + "\n"
-    lines: list[str] = []
-    for number, one in enumerate(report.passes, 1):
-        if not one.plan.actions:
-            continue
-        lines.append(f"Pass {number}:")
-        for action in one.plan.actions:
-            outcome = one.outcomes[action.id]
-            took = f" in {outcome.duration_s:.1f} s" if outcome.status in ("done", "failed") else ""
-            lines.append(f"  {SYMBOLS[action.kind]} {action.id}  {outcome.status}{took}: {outcome.detail}")
-    if report.plan.pending:
-        lines.append("Pending:")
-        lines += [f"  {PENDING_SYMBOL} {pending_subject(p)}: {p.reason}" for p in report.plan.pending]
-    if report.stalled:
-        lines.append("Stalled:")
-        lines += [f"  {service}: {why}" for service, why in sorted(report.stalled.items())]
-    counts = report.counts()
-    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-    verdict = {0: "converged", 2: "actions remain", 3: "something is pending"}[report.exit_code]
-    if not any(counts.values()):
-        lines.append(f"No changes. The host matches the profile{'' if not report.plan.pending else ' where it can'}.")
-    lines.append(f"Apply: {summary}; {len(report.plan.pending)} pending — {verdict}.")
-    return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Snapshot
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
 from reconciler.host.observer import Observer
 from reconciler.loading import dump_snapshot, load_profile
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def observe_once(profile: Profile, gpu_spec: str, inventory: StoredState, *, node: str) -> Snapshot:
     backend = open_gpu_backend(gpu_spec, default_sim_mb=profile.vram_total_mb)
-    async with Observer(profile, backend, node=node) as observer:
+    async with Observer(profile, backend, node=node, clock=SYSTEM_CLOCK) as observer:
         return await observer.observe(inventory.instances, inventory.leases, inventory.demands)
 
 
@@ -63,7 +64,7 @@ def read_inventory(state_dir: str | None) -> StoredState:
     directory = Path(state_dir) if state_dir else default_state_dir()
     if not (directory / DB_NAME).is_file():
         return StoredState(instances=[], leases=[], demands=[])
-    with open_store(directory) as store:
+    with open_store(directory, SYSTEM_CLOCK) as store:
         return store.state()
 
 

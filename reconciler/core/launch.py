@@ -5,9 +5,16 @@ what the drivers execute. ``argv`` = ``exec_path`` + the split, filled
 ``args_template``; ``cwd`` missing = ``""``; ``env`` as written (driver
 additions such as ``CUDA_VISIBLE_DEVICES`` are not part of it); ``port``.
 For containers ``argv`` is the filled ``command_template`` and ``image`` is set.
+
+:func:`launch_digest` is a launch spec's short, stable fingerprint: a
+service's failures are counted per digest (a changed spec starts afresh,
+:mod:`.backoff`).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service
 from reconciler.core.snapshot import Launch
@@ -46,3 +53,9 @@ def launch_spec(name: str, service: Service, gpu: int | None, model: str | None)
             image=managed.image,
         )
     return None
+
+
+def launch_digest(launch: Launch | None) -> str:
+    """A stable 16-hex-digit digest of a launch spec (None: an unmanaged slot)."""
+    data = launch.model_dump(mode="json") if launch is not None else None
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,7 +4,8 @@ Where the service already runs (or last ran); else the GPU where it fits
 without eviction, most free first; else the GPU where eviction costs least
 (the eviction order of :mod:`.eviction`, compared across GPUs); ties go to
 the lowest index. ``gpus:`` (and a demand's ``gpu``) restrict the choice.
-When nothing fits, the answer is a reason that names the numbers.
+When nothing fits, the answer is :class:`NoPlacement` with a reason that
+names the numbers.
 """
 
 from __future__ import annotations
@@ -26,8 +27,20 @@ class EvictionOptions:
 
 @dataclass(frozen=True)
 class Placement:
+    """Where it goes, and what is evicted there first (nothing when it fits as is)."""
+
     gpu: int
-    eviction: EvictionChoice  # empty when it fits as is
+    eviction: EvictionChoice
+
+
+@dataclass(frozen=True)
+class NoPlacement:
+    """No allowed GPU can take it, even with evictions: why, with the numbers."""
+
+    reason: str
+
+
+NOTHING_EVICTED = EvictionChoice((), 0, 0)
 
 
 def place(
@@ -36,17 +49,18 @@ def place(
     free: Mapping[int, int],
     options_on: Callable[[int], EvictionOptions],
     prefer: int | None = None,
-) -> Placement | str:
+) -> Placement | NoPlacement:
     """A placement for ``need`` MB on one of ``allowed`` GPUs, or why there is none."""
     if not allowed:
-        return f"needs {need} MB of GPU memory and no GPU here is allowed"
-    if prefer in allowed and free[prefer] >= need:
-        return Placement(prefer, EvictionChoice((), 0, 0))
+        return NoPlacement(f"needs {need} MB of GPU memory and no GPU here is allowed")
+    if prefer is not None and prefer in allowed and free[prefer] >= need:
+        return Placement(prefer, NOTHING_EVICTED)
     fitting = [g for g in allowed if free[g] >= need]
     if fitting:
         best = min(fitting, key=lambda g: (-free[g], g))
-        return Placement(best, EvictionChoice((), 0, 0))
-    best_key, best = None, None
+        return Placement(best, NOTHING_EVICTED)
+    best_key: tuple[object, ...] | None = None
+    best: Placement | None = None
     refusals: list[str] = []
     for gpu in sorted(allowed):
         options = options_on(gpu)
@@ -55,9 +69,9 @@ def place(
             refusals.append(refusal(need, gpu, free[gpu], options))
             continue
         key = (cost_key(choice, options.candidates), gpu)
-        if best_key is None or key < best_key:
+        if best_key is None or key < best_key:  # type: ignore[operator]  # tuples of ints and names
             best_key, best = key, Placement(gpu, choice)
-    return best if best is not None else " | ".join(refusals)
+    return best if best is not None else NoPlacement(" | ".join(refusals))
 
 
 def refusal(need: int, gpu: int, free: int, options: EvictionOptions) -> str:

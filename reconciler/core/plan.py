@@ -6,12 +6,18 @@ the executor runs the ``requires`` DAG; :mod:`.simulate` applies it to a snapsho
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ActionKind = Literal["adopt", "start", "restart", "stop", "evict", "lease", "release"]
 ACTION_KINDS: tuple[ActionKind, ...] = ("adopt", "start", "restart", "stop", "evict", "lease", "release")
+
+
+def action_id(kind: ActionKind, subject: str) -> str:
+    """The id of the action ``kind`` on ``subject`` (a service or a lease id): ``start:vllm``."""
+    return f"{kind}:{subject}"
 
 
 class _Out(BaseModel):
@@ -33,6 +39,14 @@ class Action(_Out):
 class Pending(_Out):
     service: str
     demand: str | None = Field(None, description="The demand id, when a demand is what waits.")
+    reason: str
+
+
+@dataclass(frozen=True)
+class DemandVerdict:
+    """What a plan says about one demand: it waits (``pending``) or gets its lease (``planned``)."""
+
+    state: Literal["pending", "planned"]
     reason: str
 
 
@@ -60,7 +74,20 @@ class Plan(_Out):
             return 3
         return 2 if self.actions else 0
 
-    def to_json_dict(self) -> dict:
+    def verdict(self, demand_id: str) -> DemandVerdict | None:
+        """What this plan says about demand ``demand_id``; None when it does not mention it."""
+        for item in self.pending:
+            if item.demand == demand_id:
+                return DemandVerdict("pending", item.reason)
+        for action in self.actions:
+            if action.kind == "lease" and action.lease == demand_id:
+                return DemandVerdict("planned", action.reason)
+        return None
+
+    def action(self, action_id: str) -> Action | None:
+        return next((a for a in self.actions if a.id == action_id), None)
+
+    def to_json_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         for action in data["actions"]:
             for key in ("mb", "lease", "model", "gpu"):

@@ -16,21 +16,27 @@ The planner walks the world once, in a fixed order, keeping a running per-GPU
    earlier in the pass is left alone.
 
 Anything wanted that cannot be reached goes to ``pending`` with a reason that
-names the numbers. Granting demands lives in :mod:`.granting`, the eviction
-choice in :mod:`.eviction`, placement in :mod:`.placement`. The planner
-imports nothing that touches the host.
+names the numbers. Everything the plan so far does lives in one
+:class:`~.plan_state.PlanState`; granting demands is :mod:`.granting` (which
+asks the planner to restart, place and evict through its methods), the
+eviction choice :mod:`.eviction`, placement :mod:`.placement`, and "can this
+instance serve that request" :mod:`.compatibility`. The planner imports
+nothing that touches the host.
 """
 
 from __future__ import annotations
 
 import networkx as nx
 
+from reconciler.core.compatibility import model_bound
 from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
 from reconciler.core.eviction import Candidate, choose_eviction
-from reconciler.core.granting import DemandGranting, describe_launch_change, model_bound
+from reconciler.core.granting import DemandGranting, describe_launch_change
+from reconciler.core.identity import same_start
 from reconciler.core.launch import launch_spec
-from reconciler.core.placement import EvictionOptions, Placement, refusal, place
-from reconciler.core.plan import ACTION_KINDS, Action, GpuSummary, Pending, Plan
+from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, place, refusal
+from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
+from reconciler.core.plan_state import PlanState
 from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.snapshot import Demand, Instance, Snapshot
 from reconciler.core.wanted import compute_wanted
@@ -41,41 +47,26 @@ def plan(profile: Profile, snapshot: Snapshot) -> Plan:
     return Planner(profile, snapshot).run()
 
 
-class Planner(DemandGranting):
+class Planner:
+    """One plan: the world it reads, the state it builds (:class:`PlanState`), the stages that build it."""
+
     def __init__(self, profile: Profile, snapshot: Snapshot):
         self.profile = profile
         self.snapshot = snapshot
         self.world = World(profile, snapshot)
         self.graph = dependency_graph(profile.services)
-        self.actions: dict[str, Action] = {}
-        self.pending: list[Pending] = []
-        self.free: dict[int, int] = {}
-        self.granted: dict[str, int] = {}  # service → leases granted in this plan
-        self.released: set[str] = set()  # lease ids released in this plan
-        self.ready: dict[str, str | None] = {}  # service → action it waits for (None: live already)
-        self.models: dict[str, str | None] = {}  # service → model it will serve
-        self.gpu_of: dict[str, int | None] = {}
-        self.touched: set[str] = set()  # services with an action in this plan: not evictable
-        self.gone: set[str] = set()  # services stopped or evicted in this plan
-        self.failed: dict[str, str] = {}  # services that cannot be reached → why
+        self.state = PlanState()
+        self.granting = DemandGranting(self)
 
     # --- building blocks -----------------------------------------------------
 
-    def add(self, kind: str, subject: str, service: str, reason: str, **fields) -> str:
-        action_id = f"{kind}:{subject}"
-        self.actions[action_id] = Action(id=action_id, kind=kind, service=service, reason=reason, **fields)
-        return action_id
-
-    def wait(self, service: str, reason: str, demand: str | None = None) -> None:
-        self.pending.append(Pending(service=service, demand=demand, reason=reason))
-
     def held(self, service: str) -> int:
         """Leases the service holds once this plan is applied so far (kept + granted − released)."""
-        kept = [lease for lease in self.world.leases_of(service) if lease.id not in self.released]
-        return len(kept) + self.granted.get(service, 0)
+        kept = [lease for lease in self.world.leases_of(service) if lease.id not in self.state.released]
+        return len(kept) + self.state.granted.get(service, 0)
 
     def reservation(self, service: str) -> int:
-        gpu = self.gpu_of.get(service)
+        gpu = self.state.gpu_of.get(service)
         view = self.world.gpus.get(gpu) if gpu is not None else None
         holder = view.holders.get(service) if view else None
         return holder.reservation if holder else 0
@@ -92,12 +83,12 @@ class Planner(DemandGranting):
         for lease in self.world.expired_leases:
             stamp = lease.expires_at.isoformat().replace("+00:00", "Z")
             holder = f" (holder {lease.holder})" if lease.holder else ""
-            self.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
+            self.state.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
                      gpu=lease.gpu, lease=lease.id)
         keep = []
         for lease in self.world.active_leases:
             if lease.kind == "service" and lease.service not in self.profile.services:
-                self.add("release", lease.id, lease.service,
+                self.state.add("release", lease.id, lease.service,
                          f"lease {lease.id}: service {lease.service!r} is no longer in the profile",
                          gpu=lease.gpu, lease=lease.id)
             else:
@@ -119,7 +110,7 @@ class Planner(DemandGranting):
             )
             self.world.instances[name] = instance
             holder = f" (pid {listener.pid})" if listener else ""
-            self.ready[name] = self.add(
+            self.state.ready[name] = self.state.add(
                 "adopt", name, name,
                 f"healthy listener on port {port}{holder} answers {spec.managed.health_path}; "
                 f"adopting it instead of starting a second one",
@@ -148,49 +139,50 @@ class Planner(DemandGranting):
                 continue
             if instance.origin == "adopted":
                 if spec is None:
-                    self.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
-                    self.gone.add(name)
+                    self.state.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
+                    self.state.gone.add(name)
                 continue
             mb = self.reservation(name)
-            self.add("stop", name, name, why, gpu=instance.gpu, mb=mb)
+            self.state.add("stop", name, name, why, gpu=instance.gpu, mb=mb)
             self._free_up(name)
 
     def _free_up(self, service: str) -> None:
-        gpu = self.gpu_of.get(service)
+        gpu = self.state.gpu_of.get(service)
         if gpu is not None:
-            self.free[gpu] += self.reservation(service)
-        self.gone.add(service)
-        self.touched.add(service)
+            self.state.free[gpu] += self.reservation(service)
+        self.state.gone.add(service)
+        self.state.touched.add(service)
 
     def restart_if_changed(self, name: str) -> None:
         instance = self.world.instances.get(name)
-        if instance is None or name in self.gone or instance.origin != "started" or instance.launch is None:
+        if instance is None or name in self.state.gone or instance.origin != "started" or instance.launch is None:
             return
         desired = launch_spec(name, self.profile.services[name], instance.gpu, instance.model)
         if desired is not None and desired != instance.launch:
-            self._restart(name, instance, instance.model, describe_launch_change(instance.launch, desired))
+            self.restart(name, instance, instance.model, describe_launch_change(instance.launch, desired))
 
-    def _restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
+    def restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
         spec = self.profile.services[name]
         gpu = instance.gpu
-        requires = [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
+        requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
         if gpu is not None:
-            room = self.free[gpu] + self.reservation(name)
+            room = self.state.free[gpu] + self.reservation(name)
             if room < spec.max_mb:
                 options = self._eviction_options(name, gpu, spec.priority)
                 choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room)
                 if choice is None:
-                    self.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
+                    self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
                     return None
-                requires += self._evict(Placement(gpu, choice), name, spec.priority)
-            self.free[gpu] += self.reservation(name) - spec.max_mb
-        action_id = self.add("restart", name, name, reason, gpu=gpu, mb=spec.max_mb if gpu is not None else None,
-                             model=model, requires=sorted(set(requires)))
-        self.ready[name] = action_id
-        self.models[name] = model
-        self.touched.add(name)
-        return action_id
+                requires += self.evict(Placement(gpu, choice), name, spec.priority)
+            self.state.free[gpu] += self.reservation(name) - spec.max_mb
+        restart_id = self.state.add("restart", name, name, reason, gpu=gpu,
+                                    mb=spec.max_mb if gpu is not None else None, model=model,
+                                    requires=sorted(set(requires)))
+        self.state.ready[name] = restart_id
+        self.state.models[name] = model
+        self.state.touched.add(name)
+        return restart_id
 
     # --- 5. starts and leases --------------------------------------------------
 
@@ -215,22 +207,22 @@ class Planner(DemandGranting):
             if spec.managed is not None and (name not in self.world.instances or self._moved(name, queue)):
                 self.start(name, spec, wanted[name], queue, effective[name])
             if spec.managed is None:
-                self.grant_slot(name, spec, queue, effective[name])
+                self.granting.grant_slot(name, spec, queue, effective[name])
             else:
-                self.grant_all(name, spec, queue)
+                self.granting.grant_all(name, spec, queue)
         for name, queue in demands.items():
             for demand in queue:
-                self.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
+                self.state.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
 
     def _moved(self, name: str, queue: list[Demand]) -> bool:
         """An instance of ours evicted earlier in this pass that still has demands: start it elsewhere."""
         instance = self.world.instances[name]
-        return bool(queue) and f"evict:{name}" in self.actions and instance.origin == "started"
+        return bool(queue) and self.state.evicts(name) and instance.origin == "started"
 
     def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
-        blocked = [d for d in spec.depends_on if d in self.failed]
+        blocked = [d for d in spec.depends_on if d in self.state.failed]
         if blocked:
-            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {self.failed[blocked[0]]}")
+            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {self.state.failed[blocked[0]]}")
         dead = self.world.dead.get(name)
         model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
         if model is None and model_bound(spec):
@@ -238,45 +230,46 @@ class Planner(DemandGranting):
         conflict = self._port_conflict(name, spec)
         if conflict:
             return self._unreachable(name, queue, conflict)
-        gpu, requires = None, [self.ready[d] for d in spec.depends_on if self.ready.get(d)]
-        if f"evict:{name}" in self.actions:
-            requires.append(f"evict:{name}")  # the evicted instance still holds the port until it is gone
+        gpu, requires = None, [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
+        evicted = self.state.action("evict", name)
+        if evicted is not None:
+            requires.append(evicted.id)  # the evicted instance still holds the port until it is gone
         if spec.max_mb > 0:
             if not self.world.gpus:
                 return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
-            placement = self._place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None)
-            if isinstance(placement, str):
-                return self._unreachable(name, queue, placement)
+            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None)
+            if isinstance(placement, NoPlacement):
+                return self._unreachable(name, queue, placement.reason)
             gpu = placement.gpu
-            requires += self._evict(placement, name, priority)
-            stops = [a for a in self.actions.values() if a.kind == "stop" and a.gpu == gpu]
-            if self.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
+            requires += self.evict(placement, name, priority)
+            stops = [a for a in self.state.actions.values() if a.kind == "stop" and a.gpu == gpu]
+            if self.state.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
                 requires += [a.id for a in stops]  # it needs the memory those stops give back
-            self.free[gpu] -= spec.max_mb
+            self.state.free[gpu] -= spec.max_mb
         detail = ""
         if dead is not None and dead.pid is not None:
             process = self.world.processes.get(dead.pid)
             if process is None:
                 detail = f"; was pid {dead.pid}, which is gone"
-            elif dead.create_time is not None and abs(process.create_time - dead.create_time) > 1:
+            elif dead.create_time is not None and not same_start(dead.create_time, process.create_time):
                 detail = f"; was pid {dead.pid}, which now belongs to another process"
             else:
                 detail = f"; its last instance (pid {dead.pid}) failed"
-        where = f" on GPU {gpu} ({spec.max_mb} MB, {self.free[gpu]} MB left free)" if gpu is not None else ""
-        self.ready[name] = self.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
+        where = f" on GPU {gpu} ({spec.max_mb} MB, {self.state.free[gpu]} MB left free)" if gpu is not None else ""
+        self.state.ready[name] = self.state.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
                                     gpu=gpu, mb=spec.max_mb if gpu is not None else None, model=model,
                                     requires=sorted(set(requires)))
-        self.models[name], self.gpu_of[name] = model, gpu
-        self.touched.add(name)
+        self.state.models[name], self.state.gpu_of[name] = model, gpu
+        self.state.touched.add(name)
 
     def _unreachable(self, name: str, queue: list[Demand], reason: str) -> None:
-        self.failed[name] = reason
+        self.state.failed[name] = reason
         if queue:
             for demand in queue:
-                self.wait(name, reason, demand.id)
+                self.state.wait(name, reason, demand.id)
             queue.clear()
         else:
-            self.wait(name, reason)
+            self.state.wait(name, reason)
 
     def _port_conflict(self, name: str, spec: Service) -> str | None:
         port = spec.probe_port
@@ -291,13 +284,15 @@ class Planner(DemandGranting):
             return f"port {port} already answers health checks, but not from an instance of {name}"
         return None
 
-    def _place(self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None):
-        return place(spec.max_mb, self.allowed_gpus(spec, demand), self.free,
+    def place(
+        self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None
+    ) -> Placement | NoPlacement:
+        return place(spec.max_mb, self.allowed_gpus(spec, demand), self.state.free,
                      lambda gpu: self._eviction_options(name, gpu, priority), prefer)
 
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:
         protected = dependencies_closure(self.graph, [requester])
-        live = {n: i for n, i in self.world.instances.items() if n not in self.gone}
+        live = {n: i for n, i in self.world.instances.items() if n not in self.state.gone}
         # leased unmanaged slots hold memory no driver can free: they are never evicted, and
         # neither is anything they depend on
         held_slots = {n for n, spec in self.profile.services.items()
@@ -306,7 +301,7 @@ class Planner(DemandGranting):
         def evictable(name: str) -> bool:
             spec = self.profile.services.get(name)
             return (name in live and spec is not None and spec.priority > priority and not spec.always_on
-                    and name not in self.touched and name not in protected and self._can_free(name, live[name]))
+                    and name not in self.state.touched and name not in protected and self._can_free(name, live[name]))
 
         holders = set(live) | held_slots
         closures = {n: frozenset(dependents_closure(self.graph, [n]) & holders) for n in live}
@@ -326,7 +321,7 @@ class Planner(DemandGranting):
                     why = "always_on"
                 elif blocked[0] != name:
                     why = f"{blocked[0]} depends on it"
-                elif name in self.touched or name in protected:
+                elif name in self.state.touched or name in protected:
                     why = "needed by this plan"
                 else:
                     why = "adopted; its memory cannot be freed without killing it"
@@ -339,37 +334,38 @@ class Planner(DemandGranting):
             return True
         return is_ollama(self.profile.services[name])
 
-    def _evict(self, placement: Placement, requester: str, priority: int) -> list[str]:
+    def evict(self, placement: Placement, requester: str, priority: int) -> list[str]:
         ids = []
         for name in placement.eviction.services:
             spec = self.profile.services[name]
             instance = self.world.instances[name]
             how = " (its models are unloaded; the process keeps running)" if instance.origin == "adopted" else ""
             mb = self.reservation(name)
-            adopting = [self.ready[name]] if (self.ready.get(name) or "").startswith("adopt:") else []
+            adopted = self.state.ready_after(name)
+            adopting = [adopted.id] if adopted is not None and adopted.kind == "adopt" else []
             evicted_deps = [d for d in spec.depends_on if d in placement.eviction.services]
             if instance.gpu == placement.gpu or not evicted_deps:
                 where = f"GPU {instance.gpu}" if instance.gpu is not None else "no GPU"
                 why = f"frees {mb} MB on {where} for {requester} (priority {priority})"
             else:
                 why = f"depends on {', '.join(evicted_deps)}, which is evicted for {requester} (priority {priority})"
-            action_id = self.add(
+            evict_id = self.state.add(
                 "evict", name, name, f"{why}; {name} has priority {spec.priority}{how}",
                 gpu=instance.gpu, mb=mb, requires=adopting,
             )
             self._free_up(name)
             if instance.origin == "adopted":
-                self.ready[name] = action_id
-            ids.append(action_id)
+                self.state.ready[name] = evict_id
+            ids.append(evict_id)
             for lease in self.world.leases_of(name):
-                self.released.add(lease.id)
-                self.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
-                         gpu=lease.gpu, lease=lease.id, requires=[action_id])
-        for action_id in ids:  # dependents go first
-            name = self.actions[action_id].service
-            deps = [f"evict:{d}" for d in dependents_closure(self.graph, [name]) - {name} if f"evict:{d}" in ids]
-            requires = sorted(set(self.actions[action_id].requires) | set(deps))
-            self.actions[action_id] = self.actions[action_id].model_copy(update={"requires": requires})
+                self.state.released.add(lease.id)
+                self.state.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
+                               gpu=lease.gpu, lease=lease.id, requires=[evict_id])
+        for evict_id in ids:  # dependents go first
+            name = self.state.actions[evict_id].service
+            dependents = dependents_closure(self.graph, [name]) - {name}
+            deps = [evicting for d in dependents if (evicting := action_id("evict", d)) in ids]
+            self.state.update(evict_id, requires=sorted(set(self.state.actions[evict_id].requires) | set(deps)))
         return ids
 
     # --- the whole pass --------------------------------------------------------
@@ -380,46 +376,46 @@ class Planner(DemandGranting):
         self.release_leases()
         self.adopt()
         self.world.account()
-        self.free = {g: view.headroom for g, view in self.world.gpus.items()}
-        self.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
+        self.state.free = {g: view.headroom for g, view in self.world.gpus.items()}
+        self.state.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
         for holder_gpu, view in self.world.gpus.items():
             for key, holder in view.holders.items():
                 if holder.origin == "slot":
-                    self.gpu_of[key] = holder_gpu
+                    self.state.gpu_of[key] = holder_gpu
         wanted = compute_wanted(self.world)
         self.stop_unwanted(wanted.unwanted)
         for name, instance in self.world.instances.items():
-            if name not in self.gone:
-                self.ready.setdefault(name, None)
+            if name not in self.state.gone:
+                self.state.ready.setdefault(name, None)
         self.converge_services(wanted.wanted)
         self._order_stops()
         return self._finish(before)
 
     def _order_stops(self) -> None:
-        for action in list(self.actions.values()):
+        for action in list(self.state.actions.values()):
             if action.kind != "stop" or action.service not in self.profile.services:
                 continue
             dependents = dependents_closure(self.graph, [action.service]) - {action.service}
-            extra = [f"stop:{d}" for d in sorted(dependents) if f"stop:{d}" in self.actions]
+            extra = [stop.id for d in sorted(dependents) if (stop := self.state.action("stop", d)) is not None]
             if extra:
-                self.actions[action.id] = action.model_copy(update={"requires": sorted(set(action.requires) | set(extra))})
+                self.state.update(action.id, requires=sorted(set(action.requires) | set(extra)))
 
     def _finish(self, before: World) -> Plan:
         from reconciler.core.simulate import simulate  # simulate imports the planner's helpers
 
         rank = {kind: i for i, kind in enumerate(ACTION_KINDS)}
-        order = list(self.actions)
+        order = list(self.state.actions)
         dag = nx.DiGraph()
         dag.add_nodes_from(order)
-        for action in self.actions.values():
-            dag.add_edges_from((req, action.id) for req in action.requires if req in self.actions)
+        for action in self.state.actions.values():
+            dag.add_edges_from((req, action.id) for req in action.requires if req in self.state.actions)
         index = {a: i for i, a in enumerate(order)}
         sorted_ids = nx.lexicographical_topological_sort(
-            dag, key=lambda a: (rank[self.actions[a].kind], index[a]))
-        actions = [self.actions[a] for a in sorted_ids]
+            dag, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
+        actions = [self.state.actions[a] for a in sorted_ids]
         summary = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
         draft = Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions), actions=actions,
-                     pending=self.pending, gpus=[], summary=summary)
+                     pending=self.state.pending, gpus=[], summary=summary)
         after = World(self.profile, simulate(self.profile, self.snapshot, draft))
         after.account()
         gpus = [GpuSummary(index=g, total_mb=view.total, free_mb=view.free,

@@ -1,7 +1,7 @@
 """The planner's view of a snapshot: which instances live, what they hold, what is free.
 
-Identity (DESIGN §3): an instance is alive only when ``processes`` holds its pid
-with the same ``create_time`` (±1 s). An instance without a pid (an adopted
+Identity (DESIGN §3, :mod:`.identity`): an instance is alive only when
+``processes`` holds its pid with the same ``create_time`` (±1 s). An instance without a pid (an adopted
 listener whose process we cannot see, a container) is alive while its
 service's probe is healthy. ``failed`` instances count as dead: the runtime
 already stopped what it started.
@@ -28,13 +28,13 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler.core.profile import Profile, Service
-from reconciler.core.snapshot import Gpu, Instance, Lease, Snapshot
-
-CREATE_TIME_TOLERANCE_S = 1.0
+from reconciler.core.identity import is_running
+from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Gpu, Instance, Lease, Process, Snapshot
 
 
 @dataclass
@@ -77,26 +77,17 @@ class GpuView:
         return max(0, self.headroom)
 
 
-def is_alive(instance: Instance, snapshot: Snapshot, probe_healthy: bool) -> bool:
+def is_alive(instance: Instance, processes: Mapping[int, Process], probe_healthy: bool) -> bool:
+    """Identity (:mod:`.identity`); an instance without a pid lives while its probe is healthy."""
     if instance.state == "failed":
         return False
     if instance.pid is None:
         return probe_healthy
-    process = snapshot.process(instance.pid)
-    if process is None:
-        return False
-    if instance.create_time is None:
-        return True
-    return abs(process.create_time - instance.create_time) <= CREATE_TIME_TOLERANCE_S
+    return is_running(instance, processes, trust_unknown_start=True)
 
 
 def lease_active(lease: Lease, now: datetime) -> bool:
     return lease.expires_at is None or lease.expires_at > now
-
-
-def capacity(service: Service) -> int:
-    """Leases one instance may hold at once: ``max_concurrent`` when shared, else one."""
-    return service.max_concurrent if service.shared else 1
 
 
 class World:
@@ -111,7 +102,7 @@ class World:
         self.dead: dict[str, Instance] = {}
         for instance in snapshot.instances:
             healthy = self.probe_healthy(instance.service)
-            if is_alive(instance, snapshot, healthy):
+            if is_alive(instance, self.processes, healthy):
                 self.instances[instance.service] = instance
             else:
                 self.dead[instance.service] = instance

@@ -1,25 +1,40 @@
-"""What every driver shares: the results it returns and the wait for freed memory.
+"""What every driver shares: one interface, the results it returns, and the wait for freed memory.
 
 A driver actuates one kind of instance: a local process (:mod:`.process`), a
 Docker container (:mod:`.docker`), or an adopted Ollama whose models it unloads
-(:mod:`.ollama`). Stopping is where invariant 1 lives: a driver signals only an
-instance we started, identified by ``(pid, create_time)`` or by our container
-label, and an adopted instance is never signalled. After the instance is gone,
-the executor may pass ``memory_freed`` (e.g. "NVML shows the reservation
-released") and the driver polls it until it holds or ``memory_timeout_s``
-passes; a timeout is reported in the result, not raised.
+(:mod:`.ollama`). All three are a :class:`Driver`:
+
+* ``start(request)`` launches what a :class:`LaunchRequest` describes — the
+  service, its GPU and model, and its launch spec, computed once by the
+  caller — and returns the identity of what it started (a
+  :class:`StartedProcess` or a :class:`StartedContainer`). A driver that
+  cannot start anything (Ollama's: it only frees an adopted server's memory)
+  says so with a :class:`~reconciler.errors.DriverError`.
+* ``stop(instance, …)`` is a template method: the driver's own
+  :meth:`Driver._stop` ends the instance (or unloads it), then, when the caller
+  passed ``memory_freed`` (e.g. "NVML shows the reservation released"), the
+  wait polls it until it holds or ``memory_timeout_s`` passes; a timeout is
+  reported in the result, not raised.
+
+Stopping is where invariant 1 lives: a driver signals only an instance we
+started, identified by ``(pid, create_time)`` or by our container label, and
+an adopted instance is never signalled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
+from reconciler.core.launch import launch_spec
+from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance, Launch
+from reconciler.errors import DriverError
 
 MemoryFreed = Callable[[], Awaitable[bool]]
 Clock = Callable[[], float]
@@ -73,16 +88,29 @@ class StopResult:
         return self.memory_freed is False
 
 
-class Driver(Protocol):
-    """Stops (or evicts) an instance; drivers that can also start one add ``start``."""
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What to start: a service of the profile, where, with which model, and its launch spec."""
 
-    async def stop(
-        self,
-        instance: Instance,
-        timeout_s: float,
-        memory_freed: MemoryFreed | None = None,
-        memory_timeout_s: float = 30.0,
-    ) -> StopResult: ...
+    service: str
+    spec: Service
+    gpu: int | None
+    model: str | None
+    launch: Launch
+    sim: bool = False  # the GPU is simulated: the process declares its memory instead of using it
+    intent: int | None = None  # the intent the start is written under (a process carries it as a marker)
+
+    @classmethod
+    def of(cls, service: str, spec: Service, gpu: int | None, model: str | None, *, sim: bool = False,
+           intent: int | None = None) -> LaunchRequest:
+        """The request for ``service`` with its launch spec filled in; DriverError for an unmanaged slot."""
+        launch = launch_spec(service, spec, gpu, model)
+        if launch is None:
+            raise DriverError(f"{service} has no `managed:` block: an unmanaged slot is never started")
+        return cls(service, spec, gpu, model, launch, sim=sim, intent=intent)
+
+
+Started = StartedProcess | StartedContainer
 
 
 @dataclass
@@ -114,3 +142,28 @@ class Waiter:
         if not freed:
             reason = (reason + "; " if reason else "") + f"memory not freed within {timeout_s:g} s"
         return StopResult(result.outcome, reason, result.signals, freed, self.clock() - started)
+
+
+class Driver(ABC):
+    """Starts and stops one kind of instance (see the module docstring)."""
+
+    kind: str = "driver"
+    waiter: Waiter
+
+    async def start(self, request: LaunchRequest) -> Started:
+        raise DriverError(f"service {request.service}: the {self.kind} driver cannot start anything")
+
+    async def stop(
+        self,
+        instance: Instance,
+        timeout_s: float,
+        memory_freed: MemoryFreed | None = None,
+        memory_timeout_s: float = 30.0,
+    ) -> StopResult:
+        """End ``instance`` (invariant 1: only if ours), then wait for its memory when asked to."""
+        result = await self._stop(instance, timeout_s)
+        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
+
+    @abstractmethod
+    async def _stop(self, instance: Instance, timeout_s: float) -> StopResult:
+        """End (or unload) ``instance``; a refusal is a result, never a signal."""

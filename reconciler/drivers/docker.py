@@ -27,10 +27,9 @@ import math
 import shutil
 from typing import Any
 
-from reconciler.core.launch import launch_spec
-from reconciler.core.profile import DockerSpec, Service
+from reconciler.core.profile import DockerSpec
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.base import MemoryFreed, StartedContainer, StopResult, Waiter
+from reconciler.drivers.base import Driver, LaunchRequest, StartedContainer, StopResult, Waiter
 from reconciler.drivers.process import SIM_GPU_MB_ENV
 from reconciler.errors import DriverError
 
@@ -44,8 +43,10 @@ def container_name(service_name: str) -> str:
     return f"reconciler-{service_name}"
 
 
-class DockerDriver:
+class DockerDriver(Driver):
     """Starts and stops containers through the ``docker`` CLI."""
+
+    kind = "docker"
 
     def __init__(self, docker: str = "docker", *, waiter: Waiter | None = None, owner: str | None = None):
         self.docker = docker
@@ -58,15 +59,13 @@ class DockerDriver:
         owned = self.owner is None or labels.get(OWNER_LABEL) == self.owner
         return labels.get(MANAGED_LABEL) == "true" and labels.get(SERVICE_LABEL) == service and owned
 
-    def run_argv(
-        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False
-    ) -> list[str]:
+    def run_argv(self, request: LaunchRequest) -> list[str]:
         """The ``docker run`` argv (without the executable) for a service."""
+        service_name, service, gpu, sim, launch = request.service, request.spec, request.gpu, request.sim, request.launch
         spec = service.managed
         if not isinstance(spec, DockerSpec):
             raise DriverError(f"service {service_name} is not a managed container; the docker driver cannot start it")
-        launch = launch_spec(service_name, service, gpu, model)
-        assert launch is not None and launch.image is not None
+        assert launch.image is not None
         argv = [
             "run", "-d", "--name", container_name(service_name),
             "--label", f"{MANAGED_LABEL}=true", "--label", f"{SERVICE_LABEL}={service_name}",
@@ -90,12 +89,9 @@ class DockerDriver:
             argv += ["-e", f"{key}={value}"]
         return [*argv, launch.image, *launch.argv]
 
-    async def start(
-        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False
-    ) -> StartedContainer:
-        argv = self.run_argv(service_name, service, gpu, model, sim)
-        launch = launch_spec(service_name, service, gpu, model)
-        assert launch is not None
+    async def start(self, request: LaunchRequest) -> StartedContainer:
+        argv = self.run_argv(request)
+        service_name, launch = request.service, request.launch
         name = container_name(service_name)
         existing = await self.inspect(name)
         if existing is not None:
@@ -119,16 +115,6 @@ class DockerDriver:
         except ValueError:
             raise DriverError(f"docker inspect {name}: the answer is not JSON") from None
         return data[0] if isinstance(data, list) and data else None
-
-    async def stop(
-        self,
-        instance: Instance,
-        timeout_s: float,
-        memory_freed: MemoryFreed | None = None,
-        memory_timeout_s: float = 30.0,
-    ) -> StopResult:
-        result = await self._stop(instance, timeout_s)
-        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
 
     async def _stop(self, instance: Instance, timeout_s: float) -> StopResult:
         service = instance.service

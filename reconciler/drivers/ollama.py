@@ -15,12 +15,14 @@ import httpx
 
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.base import MemoryFreed, StopResult, Waiter
+from reconciler.drivers.base import Driver, StopResult, Waiter
 from reconciler.host.ollama_api import DEFAULT_PORT, OllamaApi
 
 
-class OllamaDriver:
-    """Unloads the models of the Ollama listening on ``host:port``."""
+class OllamaDriver(Driver):
+    """Unloads the models of the Ollama listening on ``host:port``; it never starts anything."""
+
+    kind = "ollama"
 
     def __init__(
         self,
@@ -43,13 +45,7 @@ class OllamaDriver:
     def api(self, timeout_s: float = 5.0) -> OllamaApi:
         return OllamaApi(self.port, host=self.host, client=self._client, timeout_s=timeout_s)
 
-    async def stop(
-        self,
-        instance: Instance,
-        timeout_s: float,
-        memory_freed: MemoryFreed | None = None,
-        memory_timeout_s: float = 30.0,
-    ) -> StopResult:
+    async def _stop(self, instance: Instance, timeout_s: float) -> StopResult:
         """Unload every loaded model (raises DriverError when Ollama cannot be reached)."""
         async with self.api(timeout_s=max(timeout_s, 5.0)) as api:
             unloaded = await api.unload_all()
@@ -61,7 +57,4 @@ class OllamaDriver:
             reason = f"{where} had no model loaded; the server keeps running"
         if still:
             reason += f"; loaded again meanwhile: {', '.join(still)}"
-        result = StopResult("unloaded", reason, [])
-        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
-
-    evict = stop
+        return StopResult("unloaded", reason, [])

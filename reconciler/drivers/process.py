@@ -36,24 +36,24 @@ from pathlib import Path
 
 import psutil
 
-from reconciler.core.launch import launch_spec
+from reconciler.core.clock import Clock, iso_utc
+from reconciler.core.identity import same_start
 from reconciler.core.profile import ProcessSpec, Service
 from reconciler.core.snapshot import Instance, Launch
-from reconciler.drivers.base import MemoryFreed, StartedProcess, StopResult, Waiter
+from reconciler.drivers.base import Driver, LaunchRequest, StartedProcess, StopResult, Waiter
 from reconciler.errors import DriverError
-from reconciler.store.base import utcnow
+from reconciler.host.clock import SYSTEM_CLOCK
 
 SIM_GPU_MB_ENV = "RECONCILER_SIM_GPU_MB"
 INTENT_ENV = "RECONCILER_INTENT"
-CREATE_TIME_TOLERANCE_S = 1.0
 KILL_CONFIRM_S = 5.0
 
 
 def is_alive(pid: int, create_time: float) -> bool:
-    """True when ``pid`` is a live (non-zombie) process that started at ``create_time`` (±1 s)."""
+    """True when ``pid`` is a live (non-zombie) process that started at ``create_time`` (the identity rule)."""
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
+        if not same_start(create_time, proc.create_time()):
             return False
         return proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -85,7 +85,7 @@ def _reused(pid: int, create_time: float) -> bool:
     the group can still be signalled.
     """
     try:
-        return abs(psutil.Process(pid).create_time() - create_time) > CREATE_TIME_TOLERANCE_S
+        return not same_start(create_time, psutil.Process(pid).create_time())
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -100,8 +100,10 @@ def _whereabouts(pid: int, create_time: float) -> str:
     return f"is not running any more: pid {pid} now belongs to a process started at {other:.2f}, not {create_time:.2f}"
 
 
-class ProcessDriver:
+class ProcessDriver(Driver):
     """Starts and stops local processes; logs and the default cwd live under ``state_dir``."""
+
+    kind = "process"
 
     def __init__(
         self,
@@ -109,10 +111,12 @@ class ProcessDriver:
         gpu_env: str = "CUDA_VISIBLE_DEVICES",
         *,
         waiter: Waiter | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ):
         self.state_dir = Path(state_dir)
         self.gpu_env = gpu_env
         self.waiter = waiter or Waiter()
+        self.clock = clock
         self._exit_codes: dict[int, int] = {}
 
     def log_path(self, service_name: str) -> Path:
@@ -165,14 +169,11 @@ class ProcessDriver:
         _, create_time, pid = min(found)
         return pid, create_time
 
-    async def start(
-        self, service_name: str, service: Service, gpu: int | None, model: str | None, sim: bool = False,
-        intent: int | None = None,
-    ) -> StartedProcess:
+    async def start(self, request: LaunchRequest) -> StartedProcess:
+        service_name, service, gpu, sim, launch = request.service, request.spec, request.gpu, request.sim, request.launch
+        intent = request.intent
         if not isinstance(service.managed, ProcessSpec):
             raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
-        launch = launch_spec(service_name, service, gpu, model)
-        assert launch is not None
         cwd = Path(launch.cwd) if launch.cwd else self.state_dir
         env = self.environment(launch, service, gpu, sim, intent)
         log_path = self.log_path(service_name)
@@ -185,7 +186,7 @@ class ProcessDriver:
             raise DriverError(f"service {service_name}: working directory {cwd} does not exist")
         try:
             with open(log_path, "ab") as log:
-                header = f"--- {utcnow().isoformat()} reconciler: starting {service_name}: {json.dumps(launch.argv)}\n"
+                header = f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: {json.dumps(launch.argv)}\n"
                 log.write(header.encode())
                 log.flush()
                 proc = subprocess.Popen(
@@ -228,17 +229,7 @@ class ProcessDriver:
     def is_alive(self, pid: int, create_time: float) -> bool:
         return is_alive(pid, create_time)
 
-    async def stop(
-        self,
-        instance: Instance,
-        timeout_s: float,
-        memory_freed: MemoryFreed | None = None,
-        memory_timeout_s: float = 30.0,
-    ) -> StopResult:
-        result = await self._terminate(instance, timeout_s)
-        return await self.waiter.memory(result, memory_freed, memory_timeout_s)
-
-    async def _terminate(self, instance: Instance, timeout_s: float) -> StopResult:
+    async def _stop(self, instance: Instance, timeout_s: float) -> StopResult:
         name = instance.service
         if instance.origin != "started":
             return StopResult("refused", f"{name} is {instance.origin}, not started by us: it is never signalled")

@@ -24,9 +24,11 @@ snapshot alone:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import timezone
 
+from reconciler.core.clock import Clock
+from reconciler.core.identity import is_running
 from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.snapshot import (
     Demand,
@@ -39,16 +41,11 @@ from reconciler.core.snapshot import (
     Snapshot,
 )
 from reconciler.errors import DriverError
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.ollama_api import OllamaApi
 from reconciler.host.probes import Prober, Target
 from reconciler.host.processes import collect_processes
-
-IDENTITY_TOLERANCE_S = 1.0  # DESIGN §3: same pid and create_time within ±1 s
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Observer:
@@ -60,7 +57,7 @@ class Observer:
         gpu_backend: GpuBackend,
         *,
         node: str = "local",
-        clock: Callable[[], datetime] = utc_now,
+        clock: Clock = SYSTEM_CLOCK,
         prober: Prober | None = None,
     ):
         self._profile = profile
@@ -88,7 +85,7 @@ class Observer:
         demands: Iterable[Demand] = (),
     ) -> Snapshot:
         instances, profile = list(instances), self._profile
-        now = self.clock()
+        now = self.clock.now()
         if now.tzinfo is None:
             now = now.replace(tzinfo=timezone.utc)
         probing = asyncio.ensure_future(self.prober.probe_all(probe_targets(profile)))
@@ -134,7 +131,7 @@ class Observer:
                 and is_ollama(service)
                 and service.probe_port is not None
                 and probes.get(inst.service, Probe(healthy=False)).healthy
-                and is_alive(inst, by_pid)
+                and is_running(inst, by_pid)
                 and inst.pid not in attributed
             ):
                 candidates.append((inst, service))
@@ -189,14 +186,6 @@ def service_ports(profile: Profile) -> set[int]:
         if managed is not None:
             ports.update(p for p in (managed.port, managed.host_port) if p is not None)
     return ports
-
-
-def is_alive(instance: Instance, by_pid: dict[int, Process]) -> bool:
-    """DESIGN §3 identity: its pid is present with the same create_time (±1 s)."""
-    process = by_pid.get(instance.pid) if instance.pid is not None else None
-    if process is None or instance.create_time is None:
-        return False
-    return abs(process.create_time - instance.create_time) <= IDENTITY_TOLERANCE_S
 
 
 def _collect(profile: Profile, instances: list[Instance], gpus: list[Gpu]) -> list[Process]:

@@ -17,33 +17,40 @@ Each handler returns one line for the report, or raises.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+from reconciler.core.clock import iso_utc
+from reconciler.core.compatibility import capacity
+from reconciler.core.events import EventKind
 from reconciler.core.plan import Action
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Instance, Lease, Snapshot
-from reconciler.core.world import capacity
 from reconciler.errors import DriverError, StoreError
+from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import Lifecycle, who
+from reconciler.store.base import Store
 
 
 @dataclass
 class Actuator:
     lifecycle: Lifecycle
+    ledger: Ledger
     profile: Profile
     snapshot: Snapshot
     deadline: float | None = None  # a clock value (monotonic) after which starts stop waiting for health
+    on_grant: Callable[[Lease], None] = lambda lease: None  # told of each lease this pass grants
 
     @property
-    def store(self):
+    def store(self) -> Store:
         return self.lifecycle.store
 
-    def now(self):
-        return self.lifecycle.clock()
+    def now(self) -> datetime:
+        return self.lifecycle.clock.now()
 
     async def __call__(self, action: Action) -> str:
-        handler = getattr(self, f"_{action.kind}")
+        handler: Callable[[Action], Awaitable[str]] = getattr(self, f"_{action.kind}")
         return await handler(action)
 
     # --- processes -----------------------------------------------------------------
@@ -80,11 +87,12 @@ class Actuator:
             state="running", since=self.now(),
         )
         self.store.put_instance(instance)
-        self.lifecycle.events.publish("instance.adopted", service=action.service, message=f"adopted {who(instance)}")
+        self.lifecycle.events.publish(EventKind.INSTANCE_ADOPTED, service=action.service, message=f"adopted {who(instance)}")
         return f"adopted {who(instance)} listening on port {port}; it is never signalled"
 
     async def _lease(self, action: Action) -> str:
-        demand_id = action.lease or action.id.split(":", 1)[1]
+        demand_id = action.lease
+        assert demand_id is not None, f"{action.id} names no demand"
         demand = next((d for d in self.snapshot.demands if d.id == demand_id), None)
         if demand is None:
             if any(lease.id == demand_id for lease in self.store.leases(action.service)):
@@ -97,19 +105,21 @@ class Actuator:
             model=action.model or demand.model,
             expires_at=now + timedelta(seconds=demand.ttl_s) if demand.ttl_s is not None else None,
         )
-        if not self.store.grant_lease(lease, capacity(spec), demand_id=demand.id, now=now):
+        if not self.ledger.grant(lease, capacity(spec), demand_id=demand.id, now=now):
             raise StoreError(f"lease {demand.id} refused: {action.service} already holds {capacity(spec)} "
                              f"lease(s) (max_concurrent)")
-        self.lifecycle.events.publish("lease.granted", service=action.service, lease=lease.id, holder=lease.holder)
-        until = f" until {lease.expires_at.isoformat(timespec='seconds')}" if lease.expires_at else ""
+        self.lifecycle.events.publish(EventKind.LEASE_GRANTED, service=action.service, lease=lease.id,
+                                      holder=lease.holder)
+        self.on_grant(lease)
+        until = f" until {iso_utc(lease.expires_at, timespec='seconds')}" if lease.expires_at else ""
         return f"granted lease {lease.id} on {action.service}{until}"
 
     async def _release(self, action: Action) -> str:
         if action.lease is not None:
-            lease = self.store.release_lease(action.lease, self.now())
+            lease = self.ledger.release(action.lease, self.now())
             if lease is None:
                 return f"lease {action.lease} had already ended"
-            self.lifecycle.events.publish("lease.released", service=action.service, lease=lease.id)
+            self.lifecycle.events.publish(EventKind.LEASE_RELEASED, service=action.service, lease=lease.id)
             return f"released lease {lease.id}"
         instance = self.store.get_instance(action.service)
         if instance is None:
@@ -117,5 +127,5 @@ class Actuator:
         if instance.origin != "adopted":
             raise DriverError(f"{who(instance)} was started by us; a release never lets go of our own process")
         self.store.remove_instance(action.service)
-        self.lifecycle.events.publish("instance.released", service=action.service, message=f"released {who(instance)}")
+        self.lifecycle.events.publish(EventKind.INSTANCE_RELEASED, service=action.service, message=f"released {who(instance)}")
         return f"forgot adopted {who(instance)}; it keeps running"

@@ -17,13 +17,16 @@ from pathlib import Path
 
 import psutil
 
-from reconciler.core.profile import DockerSpec, ProcessSpec, Service
+from typing import Any
+
+from reconciler.core.clock import Clock
+from reconciler.core.profile import DockerSpec, ProcessSpec, Service, is_ollama
 from reconciler.core.snapshot import Instance
+from reconciler.drivers.base import Driver
 from reconciler.drivers.docker import DockerDriver
 from reconciler.drivers.ollama import OllamaDriver
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
-from reconciler.host.observer import is_ollama
 
 
 @dataclass
@@ -33,21 +36,22 @@ class DriverSet:
     ollama: Callable[[Service], OllamaDriver] = OllamaDriver.for_service
 
     @classmethod
-    def default(cls, state_dir: Path) -> DriverSet:
-        return cls(process=ProcessDriver(state_dir), docker=DockerDriver(owner=str(Path(state_dir).resolve())))
+    def default(cls, state_dir: Path, clock: Clock) -> DriverSet:
+        owner = str(Path(state_dir).resolve())
+        return cls(process=ProcessDriver(state_dir, clock=clock), docker=DockerDriver(owner=owner))
 
-    def starter(self, name: str, spec: Service) -> ProcessDriver | DockerDriver:
+    def starter(self, name: str, spec: Service) -> Driver:
         if isinstance(spec.managed, ProcessSpec):
             return self.process
         if isinstance(spec.managed, DockerSpec):
             return self.docker
         raise DriverError(f"{name} has no `managed:` block: an unmanaged slot is never started")
 
-    def stopper(self, instance: Instance) -> ProcessDriver | DockerDriver:
+    def stopper(self, instance: Instance) -> Driver:
         """The driver that stops an instance we started."""
         return self.docker if instance.container else self.process
 
-    def evicter(self, instance: Instance, spec: Service | None) -> OllamaDriver | None:
+    def evicter(self, instance: Instance, spec: Service | None) -> Driver | None:
         """For an adopted instance: the driver that frees its memory without killing it, if any."""
         if spec is not None and is_ollama(spec) and spec.probe_port is not None:
             return self.ollama(spec)
@@ -65,13 +69,13 @@ class DriverSet:
             return False
         return is_alive(instance.pid, instance.create_time)
 
-    async def container_identity(self, container: str) -> dict:
+    async def container_identity(self, container: str) -> dict[str, Any]:
         """``container``, plus its main process's pid and create_time where this host can see it.
 
         With those, a container is alive or dead by the same identity rule as a
         process (DESIGN §3), with or without a port to probe.
         """
-        identity: dict = {"container": container}
+        identity: dict[str, Any] = {"container": container}
         info = await self.docker.inspect(container)
         pid = ((info or {}).get("State") or {}).get("Pid") or 0
         if pid > 0:

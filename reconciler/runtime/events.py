@@ -1,22 +1,25 @@
-"""The event bus: what the runtime did, for the log, the watcher and (later) the API.
+"""The event bus: what the runtime did, for the log, the loop's output, the API and the metrics.
 
 ``publish(kind, **data)`` appends the event to the store's event log (when the
-bus has a store) and hands it to every live subscriber. Each event is a dict
-``{"id", "ts", "kind", ...data}``; ``service`` and ``message`` have their own
-columns in the store, everything else goes to its JSON data. A subscriber is
-an async iterator over its own bounded queue: a subscriber that falls behind
-loses its oldest events (``dropped`` counts them), never blocks the runtime.
-Subscribe and publish from the event loop's thread.
+bus has a store) and hands it to every live subscriber; ``announce`` only
+hands it on (for the frequent and uneventful). ``kind`` is an
+:class:`~reconciler.core.events.EventKind`: every kind is declared there,
+once. Each event is a dict ``{"id", "ts", "kind", ...data}``; ``service`` and
+``message`` have their own columns in the store, everything else goes to its
+JSON data; ``ts`` comes from the injected clock. A subscriber is an async
+iterator over its own bounded queue: a subscriber that falls behind loses its
+oldest events (``dropped`` counts them), never blocks the runtime. Subscribe
+and publish from the event loop's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-from reconciler.store.base import Store, utcnow
+from reconciler.core.clock import Clock, iso_utc
+from reconciler.core.events import EventKind
+from reconciler.store.base import Store
 
 DEFAULT_QUEUE_SIZE = 1000
 
@@ -64,26 +67,28 @@ class Subscription:
 class EventBus:
     """Publishes runtime events to the store's log and to subscribers."""
 
-    def __init__(self, store: Store | None = None, *, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, store: Store | None, *, clock: Clock):
         self.store = store
         self.clock = clock
         self._subscribers: set[Subscription] = set()
 
-    def publish(self, kind: str, **data: Any) -> dict[str, Any]:
+    def publish(self, kind: EventKind, **data: Any) -> dict[str, Any]:
         """Record and deliver one event; returns it."""
-        ts = self.clock()
+        if not isinstance(kind, EventKind):
+            raise TypeError(f"event kind {kind!r} is not declared in reconciler.core.events.EventKind")
+        ts = self.clock.now()
         service = data.get("service")
         message = str(data.get("message", ""))
         extra = {k: v for k, v in data.items() if k not in ("service", "message")}
         event_id = None
         if self.store is not None:
-            event_id = self.store.record_event(kind, service=service, message=message, data=extra, ts=ts)
-        event = {"id": event_id, "ts": ts.isoformat().replace("+00:00", "Z"), "kind": kind, **data}
+            event_id = self.store.record_event(kind.value, service=service, message=message, data=extra, ts=ts)
+        event = {"id": event_id, "ts": iso_utc(ts), "kind": kind, **data}
         for subscriber in list(self._subscribers):
             subscriber._deliver(event)
         return event
 
-    def announce(self, kind: str, **data: Any) -> dict[str, Any]:
+    def announce(self, kind: EventKind, **data: Any) -> dict[str, Any]:
         """Deliver to subscribers without recording: for the frequent, uneventful (a pass with nothing to do)."""
         store, self.store = self.store, None
         try:

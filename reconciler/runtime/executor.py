@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from reconciler.core.plan import Action
 from reconciler.errors import ReconcilerError
-from reconciler.runtime.report import Outcome
+from reconciler.core.report import Outcome
 
 Handler = Callable[[Action], Awaitable[str]]
 Hook = Callable[[Action, Outcome | None], None]

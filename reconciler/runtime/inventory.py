@@ -19,11 +19,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from reconciler.core.events import EventKind
+from reconciler.core.identity import is_running
+from reconciler.core.launch import launch_digest
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Instance, Snapshot
-from reconciler.host.observer import is_alive
 from reconciler.runtime.lifecycle import Lifecycle, who
-from reconciler.store.base import spec_hash
 
 
 async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
@@ -41,16 +44,17 @@ async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
         spec = profile.services.get(name)
         probe = snapshot.probes.get(name)
         healthy = bool(probe and probe.healthy)
-        if instance.pid is not None and not is_alive(instance, by_pid):
+        if instance.pid is not None and not is_running(instance, by_pid):
             store.remove_instance(name)
-            lifecycle.events.publish("instance.gone", service=name, message=f"{who(instance)} is not running any more")
+            lifecycle.events.publish(EventKind.INSTANCE_GONE, service=name,
+                                     message=f"{who(instance)} is not running any more")
             if instance.origin == "started" and instance.launch is not None:
-                lifecycle.failure(name, f"pid {instance.pid} exited unexpectedly", spec_hash(instance.launch))
+                lifecycle.failure(name, f"pid {instance.pid} exited unexpectedly", launch_digest(instance.launch))
             kept.append(instance.model_copy(update={"state": "failed"}))
             continue
         if instance.origin == "adopted" and instance.pid is None and not healthy:
             store.remove_instance(name)
-            lifecycle.events.publish("instance.gone", service=name, message=f"adopted {name} stopped answering")
+            lifecycle.events.publish(EventKind.INSTANCE_GONE, service=name, message=f"adopted {name} stopped answering")
             continue
         if instance.origin == "started" and instance.state == "starting" and spec is not None:
             instance = await _settle_start(lifecycle, instance, spec.probe_port is None or healthy,
@@ -64,19 +68,21 @@ async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
                     misses.pop(key)
                     last = probe.error or f"HTTP {probe.status}" if probe else "no answer"
                     await lifecycle.discard(instance, f"failed {spec.failure_threshold} health probes in a row "
-                                                      f"(last: {last})", spec_hash(instance.launch))
+                                                      f"(last: {last})", launch_digest(instance.launch))
                     kept.append(instance.model_copy(update={"state": "failed"}))
                     continue
             else:
                 misses.pop(key, None)
                 if store.get_backoff(name).failures:
-                    store.record_healthy(name, spec_hash(instance.launch), now, lifecycle.policy)
+                    lifecycle.healthy(name, launch_digest(instance.launch))
         kept.append(instance)
     return snapshot.model_copy(update={"instances": kept})
 
 
-async def _settle_start(lifecycle: Lifecycle, instance: Instance, healthy: bool, timeout_s: float, now) -> Instance:
-    digest = spec_hash(instance.launch)
+async def _settle_start(
+    lifecycle: Lifecycle, instance: Instance, healthy: bool, timeout_s: float, now: datetime
+) -> Instance:
+    digest = launch_digest(instance.launch)
     if healthy:
         return lifecycle.promote(instance, digest)
     started = instance.since or now

@@ -19,24 +19,25 @@ adopted Ollama unloads its models instead — never a signal — and it stays.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from typing import Any
 
-from reconciler.core.launch import launch_spec
+from reconciler.core.backoff import DEFAULT_POLICY, BackoffPolicy, after_failure, after_healthy
+from reconciler.core.clock import Clock, iso_utc
+from reconciler.core.events import EventKind
+from reconciler.core.launch import launch_digest, launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.base import StartedContainer, StopResult
+from reconciler.drivers.base import LaunchRequest, StartedContainer, StopResult
 from reconciler.errors import DriverError
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.probes import Target
-from reconciler.runtime.backoff import BACKOFF_POLICY
 from reconciler.runtime.driverset import DriverSet
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.executor import Deferred
 from reconciler.runtime.health import HealthWaiter
 from reconciler.runtime.memory import memory_watch
-from reconciler.store.base import BackoffPolicy, Store, spec_hash
+from reconciler.store.base import Store
 
 DEFAULT_MEMORY_TIMEOUT_S = 30.0
 
@@ -60,9 +61,9 @@ class Lifecycle:
     gpu_backend: GpuBackend
     events: EventBus
     health: HealthWaiter
-    clock: Callable[[], datetime]
+    clock: Clock
     sim: bool = False
-    policy: BackoffPolicy = BACKOFF_POLICY
+    policy: BackoffPolicy = DEFAULT_POLICY
     memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
     eviction_timeout_s: float = 10.0  # the profile's, set by the runtime for each pass
 
@@ -73,20 +74,22 @@ class Lifecycle:
         deadline: float | None = None,
     ) -> str:
         launch = launch_spec(name, spec, gpu, model)
-        digest = spec_hash(launch)
+        digest = launch_digest(launch)
         driver = self.drivers.starter(name, spec)
         intent = self.store.begin_intent(action_id, "start", name, {
             "gpu": gpu, "model": model, "launch": launch.model_dump(mode="json") if launch else None,
         })
         try:
-            if driver is self.drivers.process:  # marked, so that recovery finds it without a pid
-                started = await driver.start(name, spec, gpu, model, sim=self.sim, intent=intent)
-            else:
-                started = await driver.start(name, spec, gpu, model, sim=self.sim)
+            if launch is None:
+                raise DriverError(f"{name} has no `managed:` block: an unmanaged slot is never started")
+            # the intent goes with the launch: recovery finds a process by it even without its pid
+            request = LaunchRequest(name, spec, gpu, model, launch, sim=self.sim, intent=intent)
+            started = await driver.start(request)
         except DriverError as exc:
             self.store.finish_intent(intent, "failed", {"error": str(exc)})
             self.failure(name, str(exc), digest)
             raise
+        identity: dict[str, Any]
         if isinstance(started, StartedContainer):
             identity = await self.drivers.container_identity(started.container)
         else:
@@ -94,10 +97,10 @@ class Lifecycle:
         self.store.update_intent(intent, identity)
         instance = Instance(
             service=name, gpu=gpu, origin="started", model=model, launch=started.launch, state="starting",
-            since=self.clock(), **identity,
+            since=self.clock.now(), **identity,
         )
         self.store.put_instance(instance)
-        self.events.publish("instance.launched", service=name, message=f"launched {who(instance)}", **identity)
+        self.events.publish(EventKind.INSTANCE_LAUNCHED, service=name, message=f"launched {who(instance)}", **identity)
         try:
             result = await self.health.wait(
                 health_target(spec), lambda: self.drivers.alive(instance), spec.start_timeout_s, deadline
@@ -126,10 +129,10 @@ class Lifecycle:
     def promote(self, instance: Instance, digest: str) -> Instance:
         """A starting instance became healthy: ``running`` in the store, healthy for the backoff."""
         current = self.store.get_instance(instance.service) or instance
-        running = current.model_copy(update={"state": "running", "since": self.clock()})
+        running = current.model_copy(update={"state": "running", "since": self.clock.now()})
         self.store.put_instance(running)
-        self.store.record_healthy(instance.service, digest, self.clock(), self.policy)
-        self.events.publish("instance.healthy", service=instance.service, message=f"{who(instance)} is healthy")
+        self.healthy(instance.service, digest)
+        self.events.publish(EventKind.INSTANCE_HEALTHY, service=instance.service, message=f"{who(instance)} is healthy")
         return running
 
     async def discard(self, instance: Instance, reason: str, digest: str | None) -> None:
@@ -140,19 +143,26 @@ class Lifecycle:
         """
         if digest is not None:
             self.failure(instance.service, reason, digest)
-        self.events.publish("instance.failed", service=instance.service, message=f"{who(instance)} {reason}")
+        self.events.publish(EventKind.INSTANCE_FAILED, service=instance.service, message=f"{who(instance)} {reason}")
         if await self.drivers.alive(instance):
             await self.drivers.stopper(instance).stop(instance, self.eviction_timeout_s)
         self.store.remove_instance(instance.service)
 
     def failure(self, service: str, reason: str, digest: str) -> None:
-        backoff = self.store.record_failure(service, reason, digest, self.clock(), self.policy)
+        """Count one more failure of ``service`` (its backoff: :mod:`reconciler.core.backoff`)."""
+        now = self.clock.now()
+        backoff = self.store.update_backoff(service, lambda old: after_failure(old, reason, digest, now, self.policy))
         self.events.publish(
-            "backoff", service=service, failures=backoff.failures, stalled=backoff.stalled,
-            next_attempt_at=backoff.next_attempt_at.isoformat() if backoff.next_attempt_at else None,
+            EventKind.BACKOFF, service=service, failures=backoff.failures, stalled=backoff.stalled,
+            next_attempt_at=iso_utc(backoff.next_attempt_at) if backoff.next_attempt_at else None,
             message=f"{service} failed ({reason}); failure {backoff.failures}"
             + ("; stalled" if backoff.stalled else ""),
         )
+
+    def healthy(self, service: str, digest: str) -> None:
+        """Note a healthy observation of ``service`` (enough of them clear its backoff)."""
+        now = self.clock.now()
+        self.store.update_backoff(service, lambda old: after_healthy(old, digest, now, self.policy))
 
     # --- stop and evict -----------------------------------------------------------
 
@@ -165,7 +175,7 @@ class Lifecycle:
             return await self._unload(instance, spec, kind, reservation_mb, timeout_s)
         identity = {"pid": instance.pid, "create_time": instance.create_time, "container": instance.container}
         intent = self.store.begin_intent(action_id, kind, instance.service, identity)
-        self.store.put_instance(instance.model_copy(update={"state": "stopping", "since": self.clock()}))
+        self.store.put_instance(instance.model_copy(update={"state": "stopping", "since": self.clock.now()}))
         try:
             freed, expect_mb = await memory_watch(self.gpu_backend, instance, reservation_mb)
             result = await self.drivers.stopper(instance).stop(instance, timeout_s, freed, self.memory_timeout_s)
@@ -176,10 +186,10 @@ class Lifecycle:
         self.store.remove_instance(instance.service)
         self.store.finish_intent(intent, result.outcome, {"reason": result.reason})
         if not result.ok:  # not identifiable as ours: forget it, never signal it
-            self.events.publish("instance.forgotten", service=instance.service, message=result.reason)
+            self.events.publish(EventKind.INSTANCE_FORGOTTEN, service=instance.service, message=result.reason)
             raise DriverError(f"refused to stop {who(instance)}: {result.reason}; it is forgotten, not signalled")
         detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
-        self.events.publish("instance.stopped", service=instance.service, message=detail, outcome=result.outcome)
+        self.events.publish(EventKind.INSTANCE_STOPPED, service=instance.service, message=detail, outcome=result.outcome)
         return detail
 
     async def _unload(
@@ -193,7 +203,7 @@ class Lifecycle:
         freed, expect_mb = await memory_watch(self.gpu_backend, instance, reservation_mb)
         result = await driver.stop(instance, timeout_s, freed, self.memory_timeout_s)
         detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
-        self.events.publish("instance.unloaded", service=instance.service, message=detail)
+        self.events.publish(EventKind.INSTANCE_UNLOADED, service=instance.service, message=detail)
         return detail
 
 

@@ -24,6 +24,8 @@ for the next recovery and is reported as ``intent.unresolved``. Instances merely
 
 from __future__ import annotations
 
+from reconciler.core.events import EventKind
+from reconciler.core.identity import same_process
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.drivers.docker import container_name
 from reconciler.errors import DriverError
@@ -42,12 +44,12 @@ async def recover(lifecycle: Lifecycle) -> list[str]:
                 outcome, line = await _recover_stop(lifecycle, intent)
         except DriverError as exc:  # e.g. the Docker daemon is down: left open for a later recovery
             line = f"{intent.action_id}: cannot be checked now ({exc}); left open"
-            lifecycle.events.publish("intent.unresolved", service=intent.service, action=intent.action_id,
+            lifecycle.events.publish(EventKind.INTENT_UNRESOLVED, service=intent.service, action=intent.action_id,
                                      message=line)
             lines.append(line)
             continue
         lifecycle.store.finish_intent(intent.id, outcome, {"recovered": line})
-        lifecycle.events.publish("intent.recovered", service=intent.service, action=intent.action_id,
+        lifecycle.events.publish(EventKind.INTENT_RECOVERED, service=intent.service, action=intent.action_id,
                                  outcome=outcome, message=line)
         lines.append(line)
     return lines
@@ -99,5 +101,4 @@ async def _recover_stop(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]
 def _same(a: Instance, b: Instance) -> bool:
     if a.container or b.container:
         return a.container == b.container
-    return a.pid == b.pid and a.create_time is not None and b.create_time is not None and abs(
-        a.create_time - b.create_time) <= 1.0
+    return same_process(a, b)

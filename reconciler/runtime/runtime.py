@@ -9,37 +9,44 @@ whatever needs them (:mod:`.backoff`), and runs the rest of the plan's
 :meth:`Runtime.recover` runs once at startup (:mod:`.recovery`);
 :meth:`Runtime.converge` repeats passes while they make progress.
 
-Two clocks: ``clock`` (wall time, UTC) is the planner's ``now`` and stamps the
-store (leases, backoff, idle times); ``monotonic``/``sleep`` time the waits
-(health, deadlines). Tests pass fakes for both.
+One clock (:class:`~reconciler.core.clock.Clock`), injected: its wall time is
+the planner's ``now`` and stamps the store (leases, backoff, idle times); its
+monotonic time and sleep time the waits (health, deadlines). Tests pass fakes.
+
+Between passes others read the runtime through :meth:`Runtime.last_pass`
+(what the last pass saw and planned), change leases through
+:attr:`Runtime.ledger` while holding :meth:`Runtime.exclusive`, ask for a pass
+with :meth:`Runtime.wake`, and wait for passes and grants through
+:attr:`Runtime.passed` and :attr:`Runtime.grants` (:mod:`.passes`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 
-from reconciler.core.plan import Action, Plan
+from reconciler.core.backoff import DEFAULT_POLICY, BackoffPolicy
+from reconciler.core.clock import Clock
+from reconciler.core.events import EventKind
+from reconciler.core.plan import Action
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
-from reconciler.core.snapshot import Snapshot
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
 from reconciler.host.probes import Prober
 from reconciler.runtime import inventory, recovery
 from reconciler.runtime.actions import Actuator
-from reconciler.runtime.backoff import BACKOFF_POLICY, hold_back
+from reconciler.runtime.backoff import hold_back
 from reconciler.runtime.driverset import DriverSet
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.executor import Executor
 from reconciler.runtime.health import HealthWaiter
+from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
-from reconciler.runtime.report import Outcome, PassReport
-from reconciler.store.base import BackoffPolicy, Store, utcnow as utc_now
+from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
+from reconciler.core.report import Outcome, PassReport
+from reconciler.store.base import Store
 
 QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only
 DRIVER_MARGIN_S = 130.0  # launching (docker run may pull an image), SIGKILL confirmation
@@ -55,15 +62,13 @@ class Runtime:
         store: Store,
         gpu_backend: GpuBackend,
         state_dir: Path,
+        clock: Clock,
         node: str = "local",
         sim: bool = False,
-        clock: Callable[[], datetime] = utc_now,
         events: EventBus | None = None,
         drivers: DriverSet | None = None,
-        policy: BackoffPolicy = BACKOFF_POLICY,
+        policy: BackoffPolicy = DEFAULT_POLICY,
         memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.store = store
         self.gpu_backend = gpu_backend
@@ -71,23 +76,27 @@ class Runtime:
         self.node = node
         self.sim = sim
         self.clock = clock
-        self.monotonic = monotonic
-        self.sleep = sleep
         self.events = events or EventBus(store, clock=clock)
-        self.drivers = drivers or DriverSet.default(self.state_dir)
+        self.drivers = drivers or DriverSet.default(self.state_dir, clock)
+        self.ledger = Ledger(store, clock)
         self.prober = Prober()
         self.lifecycle = Lifecycle(
             store=store, drivers=self.drivers, gpu_backend=gpu_backend, events=self.events,
-            health=HealthWaiter(self.prober, clock=monotonic, sleep=sleep), clock=clock, sim=sim,
+            health=HealthWaiter(self.prober, clock=clock.monotonic, sleep=clock.sleep), clock=clock, sim=sim,
             policy=policy, memory_timeout_s=memory_timeout_s,
         )
-        self.last_plan: Plan | None = None
-        self.last_snapshot: Snapshot | None = None
+        self.passed = PassSignal()  # set as each pass finishes
+        self.grants = GrantWatch()  # set as a pass grants a watched demand
+        self._last: LastPass | None = None
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
         self._deadline: float | None = None
         self._probe_misses: dict[tuple[str, int | None], int] = {}  # failed probes in a row (inventory)
+
+    def last_pass(self) -> LastPass | None:
+        """What the last pass observed and planned (None before the first)."""
+        return self._last
 
     # --- startup ------------------------------------------------------------------
 
@@ -109,35 +118,38 @@ class Runtime:
         async with self._pass_lock:
             if health_wait_s is None:
                 return await self._pass(profile)
-            self._deadline = self.monotonic() + health_wait_s
+            self._deadline = self.clock.monotonic() + health_wait_s
             try:
                 return await self._pass(profile)
             finally:
                 self._deadline = None
 
     async def _pass(self, profile: Profile) -> PassReport:
-        store, now = self.store, self.clock()
+        store, now = self.store, self.clock.now()
         self.lifecycle.eviction_timeout_s = profile.eviction_timeout_s
-        for lease in store.expire_leases(now):
-            self.events.publish("lease.expired", service=lease.service, lease=lease.id, holder=lease.holder)
+        for lease in self.ledger.expire(now):
+            self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
         state = store.state()
         observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
         snapshot = await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses)
         plan = make_plan(profile, snapshot)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
-        actuator = Actuator(self.lifecycle, profile, snapshot, self._deadline)
+        actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,
+                            on_grant=self.grants.granted)
         executor = Executor(
-            actuator, timeout_for=lambda a: self._timeout(profile, a), clock=self.monotonic,
+            actuator, timeout_for=lambda a: self._timeout(profile, a), clock=self.clock.monotonic,
             on_start=self._on_start, on_finish=self._on_finish,
         )
         ran = await executor.run(a for a in plan.actions if a.id not in deferred)
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
-        self.last_plan, self.last_snapshot = plan, snapshot
+        self._last = LastPass(snapshot=snapshot, plan=plan)
         counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("done", "failed", "skipped", "deferred")}
         # an uneventful pass is shown, never recorded: a watch passes every few seconds
-        (self.events.publish if plan.actions else self.events.announce)("pass", message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
-                            profile=profile.name, actions=len(plan.actions), pending=len(plan.pending),
-                            stalled=sorted(stalled), **counts)
+        tell = self.events.publish if plan.actions else self.events.announce
+        tell(EventKind.PASS, message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
+             profile=profile.name, actions=len(plan.actions), pending=len(plan.pending), stalled=sorted(stalled),
+             **counts)
+        self.passed.finished()
         return PassReport(plan=plan, snapshot=snapshot, outcomes=outcomes, stalled=stalled)
 
     async def converge(self, profile: Profile, timeout_s: float) -> PassReport:
@@ -149,7 +161,7 @@ class Runtime:
         0.2 s. Starts stop waiting for health at the deadline (their
         instances stay ``starting`` for later passes).
         """
-        deadline = self.monotonic() + timeout_s
+        deadline = self.clock.monotonic() + timeout_s
         history: list[PassReport] = []
         async with self._pass_lock:
             self._deadline = deadline
@@ -159,11 +171,11 @@ class Runtime:
                     progress = any(o.ok for o in report.outcomes.values())
                     starting = not report.plan.actions and any(
                         i.state == "starting" for i in self.store.instances())
-                    if self.monotonic() >= deadline or not (progress or starting):
+                    if self.clock.monotonic() >= deadline or not (progress or starting):
                         return replace(report, history=tuple(history))
                     history.append(report)
                     if starting and not progress:
-                        await self.sleep(STARTING_POLL_S)
+                        await self.clock.sleep(STARTING_POLL_S)
             finally:
                 self._deadline = None
 
@@ -177,12 +189,14 @@ class Runtime:
         return start + (stop if action.kind == "restart" else 0)
 
     def _on_start(self, action: Action, _: Outcome | None) -> None:
-        self.events.publish("action.started", service=action.service, action=action.id, message=action.reason)
+        self.events.publish(EventKind.ACTION_STARTED, service=action.service, action=action.id,
+                            action_kind=action.kind, message=action.reason)
 
     def _on_finish(self, action: Action, outcome: Outcome | None) -> None:
         assert outcome is not None
-        self.events.publish("action.finished", service=action.service, action=action.id, status=outcome.status,
-                            duration_s=round(outcome.duration_s, 3), message=outcome.detail)
+        self.events.publish(EventKind.ACTION_FINISHED, service=action.service, action=action.id,
+                            action_kind=action.kind, status=outcome.status, duration_s=round(outcome.duration_s, 3),
+                            message=outcome.detail)
 
     def _observer_for(self, profile: Profile) -> Observer:
         if self._observer is None:
@@ -197,9 +211,9 @@ class Runtime:
     def exclusive(self) -> asyncio.Lock:
         """The lock every pass holds: ``async with runtime.exclusive():`` to act between passes.
 
-        The HTTP API takes it to grant a lease without planning (no pass is
-        deciding meanwhile to stop that instance) and to withdraw a demand (no
-        pass is granting it meanwhile).
+        The leasing service takes it to grant a lease without planning (no pass
+        is deciding meanwhile to stop that instance) and to withdraw a demand
+        (no pass is granting it meanwhile).
         """
         return self._pass_lock
 
@@ -208,10 +222,17 @@ class Runtime:
         self._woken.set()
 
     async def wait_woken(self, timeout_s: float | None = None) -> bool:
-        """Wait until :meth:`wake` is called (True) or ``timeout_s`` passes (False); clears the request."""
-        try:
-            await asyncio.wait_for(self._woken.wait(), timeout_s)
-        except asyncio.TimeoutError:
+        """Wait until :meth:`wake` is called (True) or ``timeout_s`` passes on the clock (False); clears the request."""
+        if not self._woken.is_set():
+            woken = asyncio.ensure_future(self._woken.wait())
+            waits = {woken} if timeout_s is None else {woken, asyncio.ensure_future(self.clock.sleep(timeout_s))}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in waits:
+                    task.cancel()
+                await asyncio.gather(*waits, return_exceptions=True)
+        if not self._woken.is_set():
             return False
         self._woken.clear()
         return True

@@ -7,9 +7,9 @@ service's unexpired leases and inserts the new one in the same transaction,
 so ``max_concurrent`` holds under any concurrency (invariant 4). Every SQLite
 failure surfaces as :class:`~reconciler.errors.StoreError` naming the file.
 
-Lease bookkeeping also keeps ``Instance.idle_since`` right: a grant clears it,
-and when a service's last lease ends (released, or expired at its
-``expires_at``) it is set to that moment (DESIGN §3, "Wanted").
+Stamps (``updated_at``, an intent's ``started_at``/``finished_at``, an event's
+``ts`` when the caller gives none, the ``now`` a lease is counted at) come
+from the clock the store is opened with: the runtime's.
 """
 
 from __future__ import annotations
@@ -18,24 +18,17 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from reconciler.core.backoff import Backoff
+from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.errors import StoreError
-from reconciler.store.base import (
-    Backoff,
-    BackoffPolicy,
-    Event,
-    Intent,
-    StoredState,
-    after_failure,
-    after_healthy,
-    utcnow,
-)
+from reconciler.store.base import Event, Intent, StoredState
 from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "state.db"
@@ -55,10 +48,12 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "reconciler"
 
 
-def open_store(state_dir: str | os.PathLike[str] | None = None, *, busy_timeout_s: float = 10.0) -> SqliteStore:
-    """Open (creating on first use) the store in ``state_dir`` (default: :func:`default_state_dir`)."""
+def open_store(
+    state_dir: str | os.PathLike[str] | None, clock: Clock, *, busy_timeout_s: float = 10.0
+) -> SqliteStore:
+    """Open (creating on first use) the store in ``state_dir`` (None: :func:`default_state_dir`)."""
     directory = Path(state_dir) if state_dir is not None else default_state_dir()
-    return SqliteStore(directory / DB_NAME, busy_timeout_s=busy_timeout_s)
+    return SqliteStore(directory / DB_NAME, clock, busy_timeout_s=busy_timeout_s)
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -79,8 +74,9 @@ def _dt(text: str | None) -> datetime | None:
 class SqliteStore:
     """:class:`~reconciler.store.base.Store` on a SQLite file. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 10.0):
+    def __init__(self, path: str | os.PathLike[str], clock: Clock, *, busy_timeout_s: float = 10.0):
         self.path = Path(path)
+        self.clock = clock
         self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +165,7 @@ class SqliteStore:
             c.execute(
                 "INSERT INTO instances(service, data, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(service) DO UPDATE SET data = excluded.data, updated_at = excluded.updated_at",
-                (instance.service, instance.model_dump_json(), _ts(utcnow())),
+                (instance.service, instance.model_dump_json(), _ts(self.clock.now())),
             )
 
     def get_instance(self, service: str) -> Instance | None:
@@ -184,16 +180,19 @@ class SqliteStore:
             row = c.execute("DELETE FROM instances WHERE service = ? RETURNING data", (service,)).fetchone()
         return Instance.model_validate_json(row[0]) if row else None
 
-    def _set_idle_since(self, c: sqlite3.Connection, service: str, when: datetime | None) -> None:
-        row = c.execute("SELECT data FROM instances WHERE service = ?", (service,)).fetchone()
-        if row is None:
-            return
-        instance = Instance.model_validate_json(row[0])
-        if instance.idle_since != when:
-            c.execute(
-                "UPDATE instances SET data = ?, updated_at = ? WHERE service = ?",
-                (instance.model_copy(update={"idle_since": when}).model_dump_json(), _ts(utcnow()), service),
-            )
+    def set_idle_since(self, service: str, when: datetime | None) -> None:
+        """Record when the service's instance became idle (None: busy); no instance, no change."""
+        with self._tx() as c:
+            row = c.execute("SELECT data FROM instances WHERE service = ?", (service,)).fetchone()
+            if row is None:
+                return
+            instance = Instance.model_validate_json(row[0])
+            if instance.idle_since != when:
+                c.execute(
+                    "UPDATE instances SET data = ?, updated_at = ? WHERE service = ?",
+                    (instance.model_copy(update={"idle_since": when}).model_dump_json(), _ts(self.clock.now()),
+                     service),
+                )
 
     # -- leases and demands (invariant 4) ---------------------------------------
 
@@ -211,7 +210,7 @@ class SqliteStore:
         """
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
-        now_ts = _ts(now or utcnow())
+        now_ts = _ts(now or self.clock.now())
         with self._tx() as c:
             if c.execute("SELECT 1 FROM leases WHERE id = ?", (lease.id,)).fetchone():
                 return True
@@ -228,8 +227,6 @@ class SqliteStore:
             )
             if demand_id is not None:
                 c.execute("DELETE FROM demands WHERE id = ?", (demand_id,))
-            if lease.kind == "service":
-                self._set_idle_since(c, lease.service, None)
             return True
 
     def renew_lease(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
@@ -245,15 +242,10 @@ class SqliteStore:
             )
         return lease
 
-    def release_lease(self, lease_id: str, now: datetime | None = None) -> Lease | None:
+    def release_lease(self, lease_id: str) -> Lease | None:
         with self._tx() as c:
             row = c.execute("DELETE FROM leases WHERE id = ? RETURNING data", (lease_id,)).fetchone()
-            if row is None:
-                return None
-            lease = Lease.model_validate_json(row[0])
-            if lease.kind == "service":
-                self._after_lease_end(c, lease.service, now or utcnow())
-        return lease
+        return Lease.model_validate_json(row[0]) if row else None
 
     def expire_leases(self, now: datetime) -> list[Lease]:
         """Remove and return the leases whose ``expires_at`` is at or before ``now``."""
@@ -262,16 +254,7 @@ class SqliteStore:
                 "DELETE FROM leases WHERE expires_at IS NOT NULL AND expires_at <= ? RETURNING data",
                 (_ts(now),),
             ).fetchall()
-            expired = sorted((Lease.model_validate_json(r[0]) for r in rows), key=lambda l: (l.expires_at, l.id))
-            ended_services = {l.service for l in expired if l.kind == "service"}
-            for service in sorted(ended_services):
-                ended = max(l.expires_at for l in expired if l.service == service and l.kind == "service")
-                self._after_lease_end(c, service, ended)
-        return expired
-
-    def _after_lease_end(self, c: sqlite3.Connection, service: str, when: datetime) -> None:
-        if not c.execute(f"SELECT 1 FROM leases WHERE service = ? AND {_KIND} = 'service'", (service,)).fetchone():
-            self._set_idle_since(c, service, when)
+        return sorted((Lease.model_validate_json(r[0]) for r in rows), key=lambda lease: (lease.expires_at, lease.id))
 
     def leases(self, service: str | None = None) -> list[Lease]:
         if service is None:
@@ -333,29 +316,15 @@ class SqliteStore:
              _ts(b.healthy_since)),
         )
 
-    def get_backoff(self, service: str, spec_hash: str | None = None) -> Backoff:
-        """The service's backoff; a fresh one when ``spec_hash`` differs from the recorded spec."""
+    def get_backoff(self, service: str) -> Backoff:
+        """The service's record (a fresh one when none is kept)."""
         with self._lock, self._errors("read"):
-            current = self._load_backoff(self._conn, service)
-        if spec_hash is not None and current.spec_hash not in (None, spec_hash):
-            return Backoff(service, spec_hash=spec_hash)
-        return current
+            return self._load_backoff(self._conn, service)
 
-    def record_failure(
-        self, service: str, error: str, spec_hash: str, now: datetime, policy: BackoffPolicy = BackoffPolicy()
-    ) -> Backoff:
-        """Count one more failure and push the next attempt out (exponential, capped)."""
+    def update_backoff(self, service: str, change: Callable[[Backoff], Backoff]) -> Backoff:
+        """Apply ``change`` to the service's record in one transaction; returns the new record."""
         with self._tx() as c:
-            new = after_failure(self._load_backoff(c, service), error, spec_hash, now, policy)
-            self._save_backoff(c, new)
-        return new
-
-    def record_healthy(
-        self, service: str, spec_hash: str, now: datetime, policy: BackoffPolicy = BackoffPolicy()
-    ) -> Backoff:
-        """Note that the service is healthy; after ``reset_after_s`` of health the count starts over."""
-        with self._tx() as c:
-            new = after_healthy(self._load_backoff(c, service), spec_hash, now, policy)
+            new = change(self._load_backoff(c, service))
             self._save_backoff(c, new)
         return new
 
@@ -367,12 +336,12 @@ class SqliteStore:
 
     def record_event(
         self, kind: str, service: str | None = None, message: str = "",
-        data: Mapping[str, Any] | None = None, ts: datetime | None = None,
+        data: Mapping[str, Any] | None = None, *, ts: datetime | None = None,
     ) -> int:
         with self._tx() as c:
             cur = c.execute(
                 "INSERT INTO events(ts, kind, service, message, data) VALUES (?, ?, ?, ?, ?)",
-                (_ts(ts or utcnow()), kind, service, message, json.dumps(dict(data or {}), sort_keys=True)),
+                (_ts(ts or self.clock.now()), kind, service, message, json.dumps(dict(data or {}), sort_keys=True)),
             )
             event_id = int(cur.lastrowid)
             if event_id % EVENT_PRUNE_EVERY == 0:  # the log is bounded: the newest MAX_EVENTS stay
@@ -405,7 +374,7 @@ class SqliteStore:
         with self._tx() as c:
             cur = c.execute(
                 "INSERT INTO intents(action_id, kind, service, data, started_at) VALUES (?, ?, ?, ?, ?)",
-                (action_id, kind, service, json.dumps(dict(data or {}), sort_keys=True), _ts(utcnow())),
+                (action_id, kind, service, json.dumps(dict(data or {}), sort_keys=True), _ts(self.clock.now())),
             )
             return int(cur.lastrowid)
 
@@ -420,7 +389,7 @@ class SqliteStore:
             if intent.outcome is not None:
                 raise StoreError(f"state store {self.path}: intent {intent_id} already finished ({intent.outcome})")
             merged = {**intent.data, **dict(data or {})}
-            finished = _ts(utcnow()) if outcome is not None else None
+            finished = _ts(self.clock.now()) if outcome is not None else None
             row = c.execute(
                 f"UPDATE intents SET data = ?, finished_at = ?, outcome = ? WHERE id = ? RETURNING {self._INTENT_COLS}",
                 (json.dumps(merged, sort_keys=True), finished, outcome, intent_id),

@@ -1,6 +1,8 @@
 """GPU memory between passes: the last observation, the last plan's effects, the leases held now.
 
-The runtime observes the host once per pass; the API answers in between. What
+Every view of free memory — the status document, a VRAM lease's check,
+cf-orch's ``/api/nodes`` — derives it here, from the same three inputs. The
+runtime observes the host once per pass; the API answers in between. What
 it knows then: the last pass's snapshot (observed before that pass acted), the
 plan that pass carried out, and the store's leases, which change at any
 moment (a VRAM lease granted a millisecond ago must count at once). So:

@@ -17,7 +17,9 @@ A file that is briefly missing (the middle of a rename) is re-read once the
 directory settles; one that stays missing is reported like any invalid file.
 Every ``resync_s`` seconds the watcher re-reads the file anyway (a missed
 event, a network file system) and yields :class:`Resync`, so the caller
-observes and plans again even when nothing was edited.
+observes and plans again even when nothing was edited. The settle window and
+the resync timer run on the injected :class:`~reconciler.core.clock.Clock`,
+so tests move them by hand.
 
 Two sources of profiles:
 
@@ -52,9 +54,10 @@ from typing import Protocol
 
 from watchfiles import awatch
 
+from reconciler.core.clock import Clock
 from reconciler.core.profile import Profile
 from reconciler.errors import Diagnostic, ProfileError
-from reconciler.loading import load_profile
+from reconciler.loading.profiles import load_profile
 
 DEBOUNCE_MS = 30
 MAX_BATCH_MS = 500  # a stream of writes is still cut into batches this long
@@ -283,6 +286,7 @@ class ProfileWatcher:
         self,
         source: ProfileSource,
         *,
+        clock: Clock,
         debounce_ms: int = DEBOUNCE_MS,
         resync_s: float = RESYNC_S,
         settle_s: float = SETTLE_S,
@@ -290,6 +294,7 @@ class ProfileWatcher:
         ticks: Batches | None = None,
     ):
         self.source = source
+        self.clock = clock
         self.debounce_ms = debounce_ms
         self.resync_s = resync_s
         self.settle_s = settle_s
@@ -366,10 +371,10 @@ class ProfileWatcher:
         """Re-read; a missing file gets ``settle_s`` for the rename in progress to finish."""
         change = self._read()
         while change is not None and change.missing and self.settle_s > 0:
-            try:
-                kinds.add(await asyncio.wait_for(queue.get(), self.settle_s))
-            except TimeoutError:
+            got = await self._next_within(queue, self.settle_s)
+            if got is None:
                 break
+            kinds.add(got)
             change = self._read() or change
         if change is not None and change.missing:
             change = self.source.stayed_missing() or change
@@ -377,6 +382,21 @@ class ProfileWatcher:
             return None
         self._last = change.digest
         return change
+
+    async def _next_within(self, queue: asyncio.Queue[str], seconds: float) -> str | None:
+        """The next raw event within ``seconds`` on the clock, or None."""
+        getting = asyncio.ensure_future(queue.get())
+        timer = asyncio.ensure_future(self.clock.sleep(seconds))
+        try:
+            await asyncio.wait({getting, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not getting.done():
+                getting.cancel()
+        await asyncio.gather(getting, timer, return_exceptions=True)
+        if getting.done() and not getting.cancelled():
+            return getting.result()
+        return None
 
     @staticmethod
     async def _pump(source: AsyncIterator[object], kind: str, queue: asyncio.Queue[str]) -> None:
@@ -396,5 +416,5 @@ class ProfileWatcher:
 
     async def _timer(self) -> AsyncIterator[object]:
         while True:
-            await asyncio.sleep(self.resync_s)
+            await self.clock.sleep(self.resync_s)
             yield None

@@ -1,0 +1,82 @@
+"""Events as lines: what ``watch`` and ``serve`` print, one event per line.
+
+:func:`format_text` turns an event (``{"id", "ts", "kind", ...data}``, see
+:mod:`reconciler.core.events`) into a readable line — or a few, for a
+rejected profile and its diagnostics — or None for what text mode leaves
+out: ``pass.started`` and the runtime's own ``pass`` (``pass.finished`` sums
+them up), and passes that found nothing to do. :class:`Printer` writes
+either those lines or, in JSON mode, one JSON object per line, flushing
+each; a pipe reader that went away (``watch | head``) does not stop the
+reconciler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+from reconciler.core.events import EventKind
+
+_SYMBOLS = {"done": "✓", "failed": "✗", "skipped": "-", "deferred": "…"}
+_SILENT = {EventKind.PASS_STARTED, EventKind.PASS}  # the runtime's own "pass" is summed up by pass.finished
+
+
+def format_text(event: dict[str, Any]) -> str | None:
+    """One readable line (or a few) for an event; None when text mode leaves it out."""
+    kind = event.get("kind", "?")
+    ts = str(event.get("ts", ""))[11:19]
+    message = event.get("message") or ""
+    if kind in _SILENT or (kind == EventKind.PASS_FINISHED and event.get("quiet")):
+        return None
+    if kind == EventKind.WATCH_STARTED:
+        return (f"{ts} watching {event.get('path')}: profile {event.get('profile')}, GPU {event.get('gpu')}, "
+                f"state {event.get('state_dir')}" + (f" ({event['detected']})" if event.get("detected") else ""))
+    if kind == EventKind.PROFILE_REJECTED:
+        lines = [f"{ts} profile rejected, {event.get('keeping') or 'the last good profile'} stays: {message}"]
+        lines += [f"    {d['file']}:{d['line']}:{d['col']}: {d['message']}" for d in event.get("diagnostics", [])]
+        return "\n".join(lines)
+    if kind == EventKind.PROFILE_RELOADED:
+        return f"{ts} profile reloaded: {message}" + (f" ({event['detected']})" if event.get("detected") else "")
+    if kind == EventKind.ACTION_STARTED:
+        return f"{ts}   → {event.get('action')}: {message}"
+    if kind == EventKind.ACTION_FINISHED:
+        status = event.get("status", "?")
+        return f"{ts}   {_SYMBOLS.get(status, '?')} {event.get('action')} {status} in {event.get('duration_s')} s: {message}"
+    if kind == EventKind.PASS_FINISHED:
+        counts = event.get("outcomes") or {}
+        bits = [", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"]
+        bits += [f"pending {p['service']}: {p['reason']}" for p in event.get("pending", [])]
+        bits += [f"stalled {name}: {why}" for name, why in (event.get("stalled") or {}).items()]
+        return f"{ts} pass {event.get('pass')} ({event.get('reason')}) in {event.get('duration_s')} s: " + "; ".join(bits)
+    if kind in (EventKind.WATCH_STOPPED, EventKind.WATCH_DEGRADED, EventKind.PASS_FAILED):
+        return f"{ts} {message}"
+    detail = message or " ".join(
+        f"{k}={v}" for k, v in event.items() if k not in ("id", "ts", "kind", "service", "message", "action_kind"))
+    return f"{ts}     {kind}: {detail}"
+
+
+class Printer:
+    """Writes events to a stream (stdout by default) as text lines or JSON lines."""
+
+    def __init__(self, fmt: str, out: TextIO | None = None):
+        self.fmt = fmt
+        self._out = out
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.fmt == "json":
+            line: str | None = json.dumps(event, default=str, ensure_ascii=False)
+        else:
+            line = format_text(event)
+        if line is None:
+            return
+        try:
+            self.out.write(line + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
