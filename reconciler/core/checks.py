@@ -5,13 +5,20 @@ Field-level rules live on the models; these need the whole profile: a
 the same host port, a ``gpus:`` entry that excludes every GPU of a node is left
 to the planner (it depends on the host). The loader turns each path into
 ``file:line:col``.
+
+The dependency checks (:func:`check_dependencies`) read only service names and
+their ``depends_on`` lists, not validated models, so the loader can also run
+them on a profile whose fields are still wrong and report both in one round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from reconciler.core.dependencies import dependency_graph, find_cycle
+import networkx as nx
+
+from reconciler.core.dependencies import find_cycle
 from reconciler.core.profile import Profile
 
 Path = tuple[str | int, ...]
@@ -24,23 +31,7 @@ class Problem:
 
 
 def check_profile(profile: Profile) -> list[Problem]:
-    problems: list[Problem] = []
-    for name, service in profile.services.items():
-        for i, dep in enumerate(service.depends_on):
-            if dep == name:
-                problems.append(Problem(("services", name, "depends_on", i), f"service {name!r} depends on itself"))
-            elif dep not in profile.services:
-                problems.append(
-                    Problem(
-                        ("services", name, "depends_on", i),
-                        f"service {name!r} depends on {dep!r}, which is not a service of this profile",
-                    )
-                )
-    cycle = find_cycle(dependency_graph(profile.services))
-    if cycle and len(cycle) > 2:
-        problems.append(
-            Problem(("services", cycle[0], "depends_on"), "dependency cycle: " + " → ".join(cycle))
-        )
+    problems = check_dependencies({name: service.depends_on for name, service in profile.services.items()})
     owners: dict[int, str] = {}
     for name, service in profile.services.items():
         port = service.probe_port
@@ -55,4 +46,34 @@ def check_profile(profile: Profile) -> list[Problem]:
             )
         else:
             owners[port] = name
+    return problems
+
+
+def check_dependencies(depends_on: Mapping[str, Sequence[str]]) -> list[Problem]:
+    """``depends_on`` entries that name no other service, and one dependency cycle.
+
+    ``depends_on`` maps every service name to the services it depends on (in
+    profile order); a service whose list is unknown maps to an empty one.
+    """
+    problems: list[Problem] = []
+    for name, deps in depends_on.items():
+        for i, dep in enumerate(deps):
+            if dep == name:
+                problems.append(Problem(("services", name, "depends_on", i), f"service {name!r} depends on itself"))
+            elif dep not in depends_on:
+                problems.append(
+                    Problem(
+                        ("services", name, "depends_on", i),
+                        f"service {name!r} depends on {dep!r}, which is not a service of this profile",
+                    )
+                )
+    # The same graph as :func:`~.dependencies.dependency_graph` builds from the models (edge dep → service).
+    graph: nx.DiGraph[str] = nx.DiGraph()
+    graph.add_nodes_from(depends_on)
+    graph.add_edges_from((dep, name) for name, deps in depends_on.items() for dep in deps if dep in depends_on)
+    cycle = find_cycle(graph)
+    if cycle and len(cycle) > 2:
+        problems.append(
+            Problem(("services", cycle[0], "depends_on"), "dependency cycle: " + " → ".join(cycle))
+        )
     return problems
