@@ -1,11 +1,14 @@
-"""The HTTP API: leases, status, plan, events and metrics, plus cf-orch compatible routes (issue 4).
+"""The HTTP API: leases, status, plan, events and metrics, plus cf-orch compatible routes.
 
 ``reconciler serve`` (or ``watch --api``) runs the watch loop and this API in
-one asyncio process. Modules, one concept each:
+one asyncio process. HTTP only lives here: routes, auth, bodies, status
+codes. What a lease request *does* is the runtime's leasing service
+(:mod:`reconciler.runtime.leasing`); the loop is :mod:`reconciler.runtime.loop`.
+Modules, one concept each:
 
 - :mod:`.models`     request and response bodies of the native ``/v1`` API (pydantic)
 - :mod:`.status`     the ``GET /v1/status`` document the dashboard and ``reconciler status`` read
-- :mod:`.broker`     lease requests: the fast path, the demand → converge → wait path, VRAM leases
+- :mod:`.refusals`   a refused lease request → its status code
 - :mod:`.native`     the ``/v1`` routes
 - :mod:`.compat`     the cf-orch compatible ``/api/...`` routes and their bodies
 - :mod:`.events`     ``GET /v1/events``: the event bus as server-sent events
@@ -13,7 +16,8 @@ one asyncio process. Modules, one concept each:
 - :mod:`.auth`       listen addresses, the bearer token (invariant 7)
 - :mod:`.limits`     request body size limit
 - :mod:`.app`        the application factory
-- :mod:`.server`     uvicorn in the watch loop's event loop
+- :mod:`.server`     uvicorn in the watch loop's event loop (the loop's companion)
+- :mod:`.context`    what every route needs (the runtime, the profile in force, leasing, metrics)
 - :mod:`.client`     a small client for the CLI commands (status, lease, why)
 
 Why FastAPI: it is Starlette (small, asyncio, streaming responses for SSE)

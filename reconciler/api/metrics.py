@@ -7,7 +7,7 @@ State, read at scrape time (from the same sources as the status document):
 - ``reconciler_leases{service, kind}``, ``reconciler_demands{service}``
 - ``reconciler_pending``: items the last plan could not reach
 
-Counted from the event bus and the lease broker:
+Counted from the event bus and the leasing service:
 
 - ``reconciler_actions_total{kind, outcome}``: plan actions carried out (outcome: done, failed, skipped, deferred)
 - ``reconciler_reconcile_duration_seconds``: one reconcile (the watch loop's converge: passes until settled)

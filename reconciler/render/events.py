@@ -7,7 +7,7 @@ out: ``pass.started`` and the runtime's own ``pass`` (``pass.finished`` sums
 them up), and passes that found nothing to do. :class:`Printer` writes
 either those lines or, in JSON mode, one JSON object per line, flushing
 each; a pipe reader that went away (``watch | head``) does not stop the
-reconciler.
+reconciler. :func:`kinds_table` lists every kind for the API's README.
 """
 
 from __future__ import annotations
@@ -80,3 +80,10 @@ class Printer:
             self.out.flush()
         except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+
+
+def kinds_table() -> str:
+    """Every event kind with what it says, as a Markdown table (``reconciler/api/README.md`` holds it)."""
+    rows = ["| kind | what it says |", "|---|---|"]
+    rows += [f"| `{kind.value}` | {kind.doc} |" for kind in EventKind]
+    return "\n".join(rows) + "\n"

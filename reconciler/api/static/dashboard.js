@@ -14,7 +14,7 @@
   // event only to a listener for that name, so we listen to each of these (and to unnamed ones);
   // a kind missing here is not logged, and the page still catches up on the next fetch.
   const KINDS = [
-    "action.started", "action.finished", "api.started", "backoff", "demand.added", "demand.withdrawn",
+    "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.released", "instance.stopped", "instance.unloaded", "intent.recovered",
     "intent.unresolved", "lease.granted", "lease.renewed", "lease.released", "lease.expired", "pass",

@@ -1,4 +1,4 @@
-"""The lease broker in-process (no HTTP, no pass loop): waits that must end, never spin."""
+"""The leasing service in-process (no HTTP, no pass loop): waits that must end, never spin."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import time
 
 import pytest
 
-from reconciler.errors import LeaseRefused as Refused
 from reconciler.api.refusals import status_of
-from reconciler.runtime import leasing as broker_module
-from reconciler.runtime.leasing import LeaseRequest
-from reconciler.runtime.leasing import Leasing as Broker
+from reconciler.errors import LeaseRefused
+from reconciler.runtime import leasing as leasing_module
+from reconciler.runtime.leasing import LeaseRequest, Leasing
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.errors import StoreError
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
@@ -25,11 +24,11 @@ def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
 
     async def main():
         async with env.runtime() as rt:
-            broker = Broker(rt, lambda: profile)
-            broker.start()
+            leasing = Leasing(rt, lambda: profile)
+            leasing.start()
             try:
                 request = LeaseRequest(service="svc", holder="h", ttl_s=0.01, wait_s=60)
-                task = asyncio.ensure_future(broker.lease(request))
+                task = asyncio.ensure_future(leasing.lease(request))
                 for _ in range(100):
                     await asyncio.sleep(0.01)
                     if rt.store.demands("svc"):
@@ -40,11 +39,11 @@ def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
                 rt.grants.granted(lease)  # what the pass that granted it tells the waiting request
                 rt.ledger.expire(rt.clock.now())  # the next pass's first step
                 began = time.monotonic()
-                with pytest.raises(Refused) as refused:
+                with pytest.raises(LeaseRefused) as refused:
                     await asyncio.wait_for(task, 20)
                 return time.monotonic() - began, refused.value
             finally:
-                await broker.close()
+                await leasing.close()
 
     waited, refused = asyncio.run(main())
     assert status_of(refused) == 503 and "ended" in refused.detail
@@ -54,8 +53,8 @@ def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
 def test_a_store_error_does_not_end_the_expiry_check(env, monkeypatch):
     """The store fails once (a locked database): the check says so and goes on; the next expired
     lease still wakes the loop."""
-    monkeypatch.setattr(broker_module, "EXPIRY_CHECK_S", 0.01)
-    monkeypatch.setattr(broker_module, "EXPIRY_RETRY_S", 0.01)
+    monkeypatch.setattr(leasing_module, "EXPIRY_CHECK_S", 0.01)
+    monkeypatch.setattr(leasing_module, "EXPIRY_RETRY_S", 0.01)
     profile = make_profile({"svc": fake_service(None, max_mb=100)})
 
     async def main():
@@ -70,8 +69,8 @@ def test_a_store_error_does_not_end_the_expiry_check(env, monkeypatch):
 
             woken = asyncio.Event()
             monkeypatch.setattr(rt, "wake", woken.set)
-            broker = Broker(rt, lambda: profile)
-            broker.start()
+            leasing = Leasing(rt, lambda: profile)
+            leasing.start()
             monkeypatch.setattr(rt.store, "demands", demands)  # the check's first look fails
             subscription = rt.events.subscribe()
             try:
@@ -82,9 +81,9 @@ def test_a_store_error_does_not_end_the_expiry_check(env, monkeypatch):
                     assert rt.store.grant_lease(lease, 1, now=rt.clock.now())
                     await asyncio.wait_for(woken.wait(), 5)
                     event = await asyncio.wait_for(subscription.__anext__(), 5)
-                    return failures, event, [t.done() for t in broker._tasks]
+                    return failures, event, [t.done() for t in leasing._tasks]
             finally:
-                await broker.close()
+                await leasing.close()
 
     failures, event, done = asyncio.run(main())
     assert failures == [] and done == [False]
