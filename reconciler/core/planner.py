@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import model_bound
 from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
 from reconciler.core.eviction import Candidate, choose_eviction
@@ -81,7 +82,7 @@ class Planner:
 
     def release_leases(self) -> None:
         for lease in self.world.expired_leases:
-            stamp = lease.expires_at.isoformat().replace("+00:00", "Z")
+            stamp = iso_utc(lease.expires_at) if lease.expires_at is not None else "?"
             holder = f" (holder {lease.holder})" if lease.holder else ""
             self.state.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
                      gpu=lease.gpu, lease=lease.id)

@@ -7,7 +7,7 @@ are required. Times are timezone-aware datetimes (UTC when written by us).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -147,7 +147,3 @@ class Snapshot(_Strict):
     def process(self, pid: int) -> Process | None:
         return next((p for p in self.processes if p.pid == pid), None)
 
-
-def utc(dt: datetime) -> str:
-    """ISO 8601 with a ``Z``, as snapshots and plans write times."""
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
