@@ -7,7 +7,6 @@ are required. Times are timezone-aware datetimes (UTC when written by us).
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
