@@ -20,7 +20,8 @@ NAMES = ["ollama", "vllm", "comfyui", "stt", "tts", "embed", "vision", "docs"]
 
 
 @st.composite
-def profiles(draw, max_services: int = 6, gpu_count: int = 2) -> Profile:
+def profiles(draw, max_services: int = 6, gpu_count: int = 2,
+             sizes: tuple[int, ...] = (0, 512, 1024, 2048, 4096, 6144, 9000)) -> Profile:
     names = draw(st.lists(st.sampled_from(NAMES), min_size=1, max_size=max_services, unique=True))
     services = {}
     for i, name in enumerate(names):
@@ -37,7 +38,7 @@ def profiles(draw, max_services: int = 6, gpu_count: int = 2) -> Profile:
         deps = draw(st.lists(st.sampled_from(earlier), max_size=2, unique=True)) if earlier and i % 3 == 2 else []
         shared = draw(st.booleans())
         services[name] = {
-            "max_mb": draw(st.sampled_from([0, 512, 1024, 2048, 4096, 6144, 9000])),
+            "max_mb": draw(st.sampled_from(sizes)),
             "priority": draw(st.integers(1, 4)),
             "shared": shared,
             "max_concurrent": draw(st.integers(1, 3)) if shared else 1,
@@ -52,15 +53,20 @@ def profiles(draw, max_services: int = 6, gpu_count: int = 2) -> Profile:
 
 
 @st.composite
-def snapshots(draw, profile: Profile, gpu_count: int = 2) -> Snapshot:
-    totals = [draw(st.sampled_from([8192, 16384, 24576])) for _ in range(draw(st.integers(0, gpu_count)))]
+def snapshots(draw, profile: Profile, gpu_count: int = 2, crowded: bool = False) -> Snapshot:
+    if crowded:  # one small GPU, most services running: evictions, slots and starts in one plan
+        totals = [8192]
+    else:
+        totals = [draw(st.sampled_from([8192, 16384, 24576])) for _ in range(draw(st.integers(0, gpu_count)))]
     used = {i: draw(st.sampled_from([0, 0, 300, 1500])) for i in range(len(totals))}  # foreign
     gpu_procs: dict[int, list[dict]] = {i: [] for i in range(len(totals))}
     processes, instances, probes, leases, demands = [], [], {}, [], []
     pid = 1000
     for name, spec in profile.services.items():
         pid += 1
-        state = draw(st.sampled_from(["absent", "absent", "started", "started", "dead", "adopted"]))
+        states = ["absent", "started", "started", "started"] if crowded else [
+            "absent", "absent", "started", "started", "dead", "adopted"]
+        state = draw(st.sampled_from(states))
         gpu = draw(st.integers(0, len(totals) - 1)) if totals and spec.max_mb else None
         if spec.gpus is not None and gpu is not None and gpu not in spec.gpus:
             gpu = spec.gpus[0] if spec.gpus[0] < len(totals) else None
@@ -111,3 +117,10 @@ def snapshots(draw, profile: Profile, gpu_count: int = 2) -> Snapshot:
 def worlds(draw) -> tuple[Profile, Snapshot]:
     profile = draw(profiles())
     return profile, draw(snapshots(profile))
+
+
+@st.composite
+def crowded_worlds(draw) -> tuple[Profile, Snapshot]:
+    """A full 8 GB GPU: most of up to eight services of 1–4 GB running, demands for the rest."""
+    profile = draw(profiles(max_services=8, gpu_count=1, sizes=(1024, 2048, 2048, 4096)))
+    return profile, draw(snapshots(profile, gpu_count=1, crowded=True))

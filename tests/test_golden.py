@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.core.planner import plan
+from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
 from reconciler.loading import load_profile, load_snapshot
 from reconciler.render import render_json, render_text
@@ -82,6 +82,13 @@ def test_applying_the_plan_converges(scenario: Path) -> None:
     second = plan(profile, simulate(profile, snapshot, first))
     assert second.actions == [], [f"{a.id}: {a.reason}" for a in second.actions]
     assert [(p.service, p.demand) for p in second.pending] == [(p.service, p.demand) for p in first.pending]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_no_order_of_the_plan_over_commits_a_gpu(scenario: Path) -> None:
+    """Invariant 4 at every moment: no order the executor may choose books more than a GPU has."""
+    planner = Planner(load_profile(scenario / "profile.yaml", environ={}), load_snapshot(scenario / "snapshot.yaml"))
+    assert planner.over_commits(planner.run()) == {}
 
 
 def test_there_are_enough_scenarios() -> None:

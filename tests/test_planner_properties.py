@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from reconciler.core.planner import plan
+from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
 from reconciler.core.compatibility import capacity
 from reconciler.core.world import World
-from tests.strategies import worlds
+from tests.strategies import crowded_worlds, worlds
 
 SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -77,3 +78,18 @@ def test_planning_the_simulated_result_converges_in_one_step(case):
         assert second.exit_code == 0
     else:
         assert second.exit_code == 3
+
+
+@SETTINGS
+@given(st.one_of(worlds(), crowded_worlds()))
+def test_no_order_the_executor_may_choose_books_more_than_a_gpu_holds(case):
+    """Invariant 4 at every moment of an apply: over every interleaving the ``requires`` DAG allows
+    (the heaviest closure, :mod:`reconciler.core.interleavings`), a plan never books more than what
+    was free before it (nor makes an over-committed GPU worse)."""
+    profile, snapshot = case
+    planner = Planner(profile, snapshot)
+    result = planner.run()
+    problems = planner.over_commits(result)
+    assert not problems, "\n".join([
+        *(f"GPU {gpu}: {why}" for gpu, why in problems.items()),
+        *(f"{a.id} {a.mb} MB [after: {', '.join(a.requires)}]: {a.reason}" for a in result.actions)])

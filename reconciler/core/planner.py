@@ -34,6 +34,7 @@ from reconciler.core.dependencies import dependencies_closure, dependency_graph,
 from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
+from reconciler.core.interleavings import memory_moves, peak_extra
 from reconciler.core.launch import launch_spec
 from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, place, refusal
 from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
@@ -378,6 +379,7 @@ class Planner:
         self.adopt()
         self.world.account()
         self.state.free = {g: view.headroom for g, view in self.world.gpus.items()}
+        self.headroom = dict(self.state.free)  # what is free before the plan: what consumers may count on
         self.state.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
         for holder_gpu, view in self.world.gpus.items():
             for key, holder in view.holders.items():
@@ -390,6 +392,7 @@ class Planner:
                 self.state.ready.setdefault(name, None)
         self.converge_services(wanted.wanted)
         self._order_stops()
+        self._order_memory()
         return self._finish(before)
 
     def _order_stops(self) -> None:
@@ -400,6 +403,58 @@ class Planner:
             extra = [stop.id for d in sorted(dependents) if (stop := self.state.action("stop", d)) is not None]
             if extra:
                 self.state.update(action.id, requires=sorted(set(action.requires) | set(extra)))
+
+    def booked(self) -> dict[tuple[str, int], int]:
+        """(holder, GPU) → what it books before the plan (after adoption): what a restart gives back first."""
+        return {(name, view.index): holder.reservation
+                for view in self.world.gpus.values() for name, holder in view.holders.items()}
+
+    def over_commits(self, result: Plan) -> dict[int, str]:
+        """GPUs where some order the executor may choose books more than was free before the plan (none, ever)."""
+        out = {}
+        for gpu, extra in peak_extra(result, self.booked()).items():
+            if extra > max(0, self.headroom.get(gpu, 0)):
+                out[gpu] = f"some order books {extra} MB beyond today's; {self.headroom.get(gpu, 0)} MB were free"
+        return out
+
+    def _order_memory(self) -> None:
+        """Every action that takes memory requires every action that frees the memory it counts on.
+
+        Walking each GPU's actions in the order the plan emitted them (the
+        order its running ``free`` figure was kept in), a consumer that does
+        not fit in what was free before the plan, less what every earlier
+        consumer there takes, counts on memory given back by the freers emitted
+        before it — so it requires all of them. The later leases of an
+        unmanaged slot take nothing more, but whichever is granted first books
+        the slot: each requires what the first one does. So no order the
+        executor may choose books more than a GPU has, at any moment
+        (invariant 4; :mod:`.interleavings` checks it).
+        """
+        moves = memory_moves(list(self.state.actions.values()), self.booked())
+        first_of_slot = {members[0]: key for key, members in moves.slots.items()}
+        later_of_slot = {m: members[0] for members in moves.slots.values() for m in members[1:]}
+        taken: dict[int, int] = {}
+        freers: dict[int, list[str]] = {}
+        for action_id in list(self.state.actions):
+            action = self.state.actions[action_id]
+            if action.gpu is None:
+                continue
+            gpu = action.gpu
+            if action_id in later_of_slot:
+                first = self.state.actions[later_of_slot[action_id]]
+                self.state.update(action_id, requires=sorted(set(action.requires) | set(first.requires)))
+                continue
+            take = moves.taken.get(action_id, 0)
+            if action_id in first_of_slot:
+                take = moves.slot_mb[first_of_slot[action_id]]
+            if take > 0:
+                if self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
+                    needed = set(freers.get(gpu, [])) - {action_id}
+                    if not needed <= set(action.requires):
+                        self.state.update(action_id, requires=sorted(set(action.requires) | needed))
+                taken[gpu] = taken.get(gpu, 0) + take
+            if moves.given.get(action_id, 0) > 0:
+                freers.setdefault(gpu, []).append(action_id)
 
     def _finish(self, before: World) -> Plan:
         from reconciler.core.simulate import simulate  # simulate imports the planner's helpers

@@ -1,0 +1,127 @@
+"""Every order the executor may choose: the most memory a plan can hold on a GPU at any moment.
+
+The executor (:mod:`reconciler.runtime.executor`) runs a plan's actions in any
+order its ``requires`` edges allow, independent actions in parallel. A plan is
+safe (invariant 4) only if *no* such order ever books more of a GPU than it
+has — not just the listed order, and not just the end state.
+
+Memory moves at two moments of an action on a GPU:
+
+* when it is **dispatched**, a *consumer* takes memory: a ``start`` its
+  ``mb``; a ``restart`` what its new ceiling needs beyond the reservation it
+  already holds; a ``lease`` on an unmanaged slot the slot's ``mb`` — once
+  per slot and GPU, whichever of its leases comes first (a slot already
+  booked before the plan takes nothing more);
+* when it **completes**, a *freer* gives memory back: a ``stop`` or
+  ``evict`` the reservation it names (``mb``); a ``restart`` whose new
+  ceiling is smaller, the difference.
+
+An action is dispatched only once every action it requires has completed,
+and completes only after it was dispatched. The adversary — the worst order —
+dispatches as many consumers as it can while completing as few freers as it
+must. Its best state is a *closure*: a set of dispatched actions together with
+everything they (transitively) require completed. Finding the heaviest
+closure — Σ taken − Σ given back — is a maximum-weight closure problem,
+solved exactly by one minimum cut (networkx) per GPU, in polynomial time
+however many orders there are. A slot's leases share one taking, which needs
+what *all* of them require in common (a lower bound on what the first one
+needs: the check errs on the side of "unsafe").
+
+:func:`peak_extra` returns, per GPU, that heaviest weight: the most memory
+beyond what is booked before the plan that any order holds at any moment.
+The plan is safe when it is at most the GPU's headroom (what is free before
+the plan; 0 when that is negative: a plan may never make an over-committed
+GPU worse). The planner keeps its plans so (:meth:`Planner._order_memory
+<reconciler.core.planner.Planner._order_memory>`); tests check it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from reconciler.core.plan import Action, Plan
+
+
+@dataclass
+class Moves:
+    """Memory moves of a plan's actions, on their GPUs."""
+
+    taken: dict[str, int] = field(default_factory=dict)  # action id → MB taken when dispatched
+    given: dict[str, int] = field(default_factory=dict)  # action id → MB given back when completed
+    slots: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (slot, gpu) → its lease actions
+    slot_mb: dict[tuple[str, int], int] = field(default_factory=dict)  # (slot, gpu) → what its first lease takes
+
+
+def memory_moves(actions: Sequence[Action], reserved: Mapping[tuple[str, int], int]) -> Moves:
+    """What each action takes and gives back; ``reserved[(service, gpu)]`` is booked before the plan."""
+    moves = Moves()
+    for action in actions:
+        mb, gpu = action.mb or 0, action.gpu
+        if gpu is None:
+            continue
+        if action.kind == "start" and mb:
+            moves.taken[action.id] = mb
+        elif action.kind == "lease" and mb:
+            key = (action.service, gpu)
+            if not reserved.get(key):
+                moves.slots.setdefault(key, []).append(action.id)
+                moves.slot_mb[key] = mb
+        elif action.kind in ("stop", "evict") and mb:
+            moves.given[action.id] = mb
+        elif action.kind == "restart":
+            old = reserved.get((action.service, gpu), 0)
+            if mb > old:
+                moves.taken[action.id] = mb - old
+            elif old > mb:
+                moves.given[action.id] = old - mb
+    return moves
+
+
+def peak_extra(plan: Plan, reserved: Mapping[tuple[str, int], int]) -> dict[int, int]:
+    """GPU → the most MB beyond today's bookings that any order the plan allows holds at once."""
+    moves = memory_moves(plan.actions, reserved)
+    gpu_of = {a.id: a.gpu for a in plan.actions}
+    gpus = sorted({gpu_of[i] for i in (*moves.taken, *moves.given) if gpu_of[i] is not None}
+                  | {gpu for _slot, gpu in moves.slots})
+    return {gpu: _heaviest_closure(plan.actions, moves, gpu) for gpu in gpus}  # type: ignore[misc]
+
+
+def _heaviest_closure(actions: Sequence[Action], moves: Moves, gpu: int) -> int:
+    """Max over reachable states of Σ taken − Σ given back on ``gpu`` (≥ 0: the empty state)."""
+    requires = {a.id: [r for r in a.requires] for a in actions}
+    weight: dict[object, int] = {}
+    for action in actions:
+        on_gpu = action.gpu == gpu
+        weight[("d", action.id)] = moves.taken.get(action.id, 0) if on_gpu else 0  # dispatched
+        weight[("c", action.id)] = -moves.given.get(action.id, 0) if on_gpu else 0  # completed
+    groups = {key: members for key, members in moves.slots.items() if key[1] == gpu}
+    for key in groups:
+        weight[("slot", key)] = moves.slot_mb[key]
+    positive = sum(w for w in weight.values() if w > 0)
+    if positive == 0:
+        return 0
+    infinite = positive + 1
+    graph: nx.DiGraph[object] = nx.DiGraph()
+    source, sink = "source", "sink"
+    graph.add_nodes_from([source, sink])
+    for node, w in weight.items():
+        if w > 0:
+            graph.add_edge(source, node, capacity=w)
+        elif w < 0:
+            graph.add_edge(node, sink, capacity=-w)
+    for action in actions:
+        graph.add_edge(("c", action.id), ("d", action.id), capacity=infinite)  # completed ⇒ dispatched
+        for required in requires[action.id]:
+            if required in requires:  # dispatched ⇒ what it requires completed
+                graph.add_edge(("d", action.id), ("c", required), capacity=infinite)
+    for key, members in groups.items():
+        common = set.intersection(*(set(requires[m]) for m in members))
+        for required in common & requires.keys():  # the slot's taking needs what every lease of it needs
+            graph.add_edge(("slot", key), ("c", required), capacity=infinite)
+        for member in members:  # a lease dispatched ⇒ the slot taken
+            graph.add_edge(("d", member), ("slot", key), capacity=infinite)
+    cut, _ = nx.minimum_cut(graph, source, sink)
+    return int(positive - cut)
