@@ -107,6 +107,8 @@ def snapshots(draw, profile: Profile, gpu_count: int = 2, crowded: bool = False)
         demands.append({"id": "Dx", "service": "not-in-profile", "requested_at": NOW.isoformat()})
     gpus = [{"index": i, "uuid": f"GPU-{i}", "name": "sim", "total_mb": total, "used_mb": used[i],
              "processes": gpu_procs[i]} for i, total in enumerate(totals)]
+    if gpus and not crowded and draw(st.integers(0, 7)) == 0:  # the GPU set changed: NVML no longer shows one
+        gpus = gpus[:-1]
     return Snapshot.model_validate({
         "format_version": 1, "node": "local", "now": NOW.isoformat(), "gpus": gpus, "processes": processes,
         "probes": probes, "instances": instances, "leases": leases, "demands": demands,

@@ -79,6 +79,23 @@ class Planner:
             gpus = [g for g in gpus if g == demand.gpu]
         return gpus
 
+    def unseen(self, gpu: int | None) -> bool:
+        """Whether ``gpu`` is recorded (an instance or lease is on it) but the host does not show it."""
+        return gpu is not None and gpu not in self.world.gpus
+
+    @staticmethod
+    def unseen_note(gpu: int | None) -> str:
+        return f"GPU {gpu} cannot be seen on this host (NVML failing, or a --gpu spec that leaves it out)"
+
+    def report_unseen(self) -> None:
+        """A condition per instance on a GPU the host does not show: left as it is, and said so."""
+        for name, instance in sorted(self.world.instances.items()):
+            if self.unseen(instance.gpu) and name not in self.state.gone and name in self.profile.services:
+                if not any(p.service == name and p.demand is None for p in self.state.pending):
+                    self.state.wait(name, f"{name} runs on GPU {instance.gpu}; {self.unseen_note(instance.gpu)}: "
+                                          f"nothing is started on or evicted from it, and {name} is left running "
+                                          "as it is")
+
     # --- 1. leases -------------------------------------------------------------
 
     def release_leases(self) -> None:
@@ -144,13 +161,16 @@ class Planner:
                     self.state.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
                     self.state.gone.add(name)
                 continue
-            mb = self.reservation(name)
-            self.state.add("stop", name, name, why, gpu=instance.gpu, mb=mb)
+            if self.unseen(instance.gpu):
+                why += f"; {self.unseen_note(instance.gpu)}, so the memory it frees is not counted"
+                self.state.add("stop", name, name, why, gpu=instance.gpu)
+            else:
+                self.state.add("stop", name, name, why, gpu=instance.gpu, mb=self.reservation(name))
             self._free_up(name)
 
     def _free_up(self, service: str) -> None:
         gpu = self.state.gpu_of.get(service)
-        if gpu is not None:
+        if gpu is not None and gpu in self.state.free:
             self.state.free[gpu] += self.reservation(service)
         self.state.gone.add(service)
         self.state.touched.add(service)
@@ -167,6 +187,10 @@ class Planner:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
         spec = self.profile.services[name]
         gpu = instance.gpu
+        if self.unseen(gpu):
+            self.state.wait(name, f"restart ({reason}) waits: {self.unseen_note(gpu)}, and nothing is started there")
+            self.state.touched.add(name)
+            return None
         requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
         if gpu is not None:
             room = self.state.free[gpu] + self.reservation(name)
@@ -303,7 +327,8 @@ class Planner:
         def evictable(name: str) -> bool:
             spec = self.profile.services.get(name)
             return (name in live and spec is not None and spec.priority > priority and not spec.always_on
-                    and name not in self.state.touched and name not in protected and self._can_free(name, live[name]))
+                    and name not in self.state.touched and name not in protected
+                    and not self.unseen(live[name].gpu) and self._can_free(name, live[name]))
 
         holders = set(live) | held_slots
         closures = {n: frozenset(dependents_closure(self.graph, [n]) & holders) for n in live}
@@ -391,6 +416,7 @@ class Planner:
             if name not in self.state.gone:
                 self.state.ready.setdefault(name, None)
         self.converge_services(wanted.wanted)
+        self.report_unseen()
         self._order_stops()
         self._order_memory()
         return self._finish(before)

@@ -12,7 +12,8 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
   instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
   process is not mistaken for foreign usage.
 * A started instance reserves ``max(max_mb, observed)``; an adopted one its
-  observed usage, or ``max_mb`` when NVML attributes nothing to it.
+  observed usage, or ``max_mb`` when NVML attributes nothing to it — at most
+  the GPU's total (it runs already, so that is all it can hold).
 * An adopted instance that NVML attributes nothing to reserves ``max_mb`` and
   absorbs up to that much of the unattributed usage, which is then not also
   counted as foreign (DESIGN §3). So does a started instance without a pid
@@ -166,7 +167,10 @@ class World:
         attributed = instance.gpu in observed
         seen = observed.get(instance.gpu, 0)
         if instance.origin == "adopted":
-            return (seen if attributed else max_mb), attributed
+            if attributed:
+                return seen, True
+            view = self.gpus.get(instance.gpu) if instance.gpu is not None else None
+            return (min(max_mb, view.total) if view is not None else max_mb), False  # it runs: it fits
         return max(max_mb, seen), attributed
 
     def account(self, extra: list[Holder] = ()) -> None:
