@@ -81,6 +81,7 @@ class Planner:
 
     def release_leases(self) -> None:
         for lease in self.world.expired_leases:
+            assert lease.expires_at is not None, "only a lease with an expiry expires"
             stamp = lease.expires_at.isoformat().replace("+00:00", "Z")
             holder = f" (holder {lease.holder})" if lease.holder else ""
             self.state.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
@@ -99,7 +100,8 @@ class Planner:
 
     def adopt(self) -> None:
         for name, spec in sorted(self.profile.services.items()):
-            if name in self.world.instances or not spec.adoptable or not self.world.probe_healthy(name):
+            if (name in self.world.instances or spec.managed is None or not spec.adoptable
+                    or not self.world.probe_healthy(name)):
                 continue
             port = spec.probe_port
             listener = self.world.listener(port)
@@ -311,6 +313,7 @@ class Planner:
             spec = self.profile.services.get(name)
             blocked = [m for m in sorted(closures[name]) if not evictable(m)]
             if not blocked:
+                assert spec is not None, "evictable() holds only for services in the profile"
                 busy = self.held(name) > 0
                 mb = self.reservation(name) if live[name].gpu == gpu else 0
                 candidates[name] = Candidate(name, spec.priority, busy, mb)
@@ -405,7 +408,7 @@ class Planner:
 
         rank = {kind: i for i, kind in enumerate(ACTION_KINDS)}
         order = list(self.state.actions)
-        dag = nx.DiGraph()
+        dag: nx.DiGraph[str] = nx.DiGraph()
         dag.add_nodes_from(order)
         for action in self.state.actions.values():
             dag.add_edges_from((req, action.id) for req in action.requires if req in self.state.actions)
@@ -413,7 +416,7 @@ class Planner:
         sorted_ids = nx.lexicographical_topological_sort(
             dag, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
         actions = [self.state.actions[a] for a in sorted_ids]
-        summary = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
+        summary: dict[str, int] = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
         draft = Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions), actions=actions,
                      pending=self.state.pending, gpus=[], summary=summary)
         after = World(self.profile, simulate(self.profile, self.snapshot, draft))
