@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import uvicorn
 
@@ -35,7 +35,7 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
-    def capture_signals(self):  # the watch loop handles signals; uvicorn must not take them over
+    def capture_signals(self) -> Generator[None, None, None]:  # the watch loop handles signals; uvicorn must not take them over
         yield
 
 
@@ -47,7 +47,7 @@ class ApiServer:
         self.socket: socket.socket | None = None
         self.context: ApiContext | None = None
         self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -90,6 +90,7 @@ class ApiServer:
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _Server(config)
+        assert self.socket is not None, "bound above"
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self.socket]))
         deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
         while not self._server.started:

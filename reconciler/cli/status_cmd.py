@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status", help="GPUs, instances, leases and pending demands of a running `reconciler serve`",
         description="Print the status of a running `reconciler serve` (GET /v1/status) as tables.",

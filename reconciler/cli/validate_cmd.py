@@ -25,7 +25,7 @@ EXIT_OK = 0
 EXIT_INVALID = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "validate",
         help="check profiles and snapshots; print located errors",

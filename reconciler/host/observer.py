@@ -143,12 +143,16 @@ class Observer:
         for (inst, _), mb in zip(candidates, answers):
             if mb is None:
                 continue
+            assert inst.pid is not None, "a candidate is running, so it has a pid"
             index = inst.gpu if inst.gpu in indexes else min(indexes)
             extra.setdefault(index, []).append(GpuProcess(pid=inst.pid, used_mb=mb))
         return [_with_processes(g, extra.get(g.index, [])) for g in gpus]
 
     async def _ollama_vram(self, service: Service) -> int | None:
-        api = OllamaApi(service.probe_port, client=self.prober.client, timeout_s=service.probe_timeout_s)
+        port = service.probe_port
+        if port is None:  # not a candidate: candidates have a probe port
+            return None
+        api = OllamaApi(port, client=self.prober.client, timeout_s=service.probe_timeout_s)
         try:
             return await api.vram_mb()
         except DriverError:
@@ -180,7 +184,7 @@ def probe_targets(profile: Profile) -> dict[str, Target]:
 
 
 def service_ports(profile: Profile) -> set[int]:
-    ports = set()
+    ports: set[int] = set()
     for service in profile.services.values():
         managed = service.managed
         if managed is not None:

@@ -37,6 +37,7 @@ def _stop_sniffio_lookups() -> None:
     When sniffio is installed, nothing changes.
     """
     if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        # typeshed types sys.modules' values as modules only, without this documented None marker
         sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 

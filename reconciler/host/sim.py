@@ -28,7 +28,8 @@ from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from reconciler.core.snapshot import Gpu, GpuProcess
 from reconciler.errors import GpuBackendError

@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from reconciler.errors import Diagnostic
 from reconciler.loading.positions import Mark, Path, Positions, dotted
@@ -65,7 +66,7 @@ def validation_diagnostics(
     exc: ValidationError, document: Document, filename: str, model: type[BaseModel]
 ) -> list[Diagnostic]:
     positions = document.positions
-    entries: list[tuple[Path, bool, bool, dict[str, Any]]] = []
+    entries: list[tuple[Path, bool, bool, ErrorDetails]] = []
     for error in exc.errors(include_url=False):
         path, is_key, via_union = _real_path(error["loc"], document.data, error["type"] == "missing")
         entries.append((path, is_key, via_union, error))
@@ -150,7 +151,7 @@ def _where(path: Path) -> str:
     return f"{dotted(path)}: " if path else ""
 
 
-def _message(path: Path, error: dict[str, Any]) -> str:
+def _message(path: Path, error: ErrorDetails) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     where = _where(path)
     if kind == "string_type" and isinstance(value, (int, float)):
@@ -180,7 +181,7 @@ def _message(path: Path, error: dict[str, Any]) -> str:
     return f"{where}{error['msg']}"
 
 
-def _key_problem(error: dict[str, Any]) -> str:
+def _key_problem(error: ErrorDetails) -> str:
     if error["type"] == "string_pattern_mismatch":
         return "use letters, digits, '.', '_' and '-', starting with a letter or digit"
     if error["type"] == "string_too_long":

@@ -56,6 +56,7 @@ from watchfiles import awatch
 
 from reconciler.core.clock import Clock
 from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Gpu
 from reconciler.errors import Diagnostic, ProfileError
 from reconciler.loading.profiles import load_profile
 
@@ -264,7 +265,7 @@ def choose_profile(
     return "no GPU found and no CPU profile (one without vram_total_mb) in the directory"
 
 
-def smallest_gpu_total(read_gpus: Callable[[], list]) -> Callable[[], int | None]:
+def smallest_gpu_total(read_gpus: Callable[[], list[Gpu]]) -> Callable[[], int | None]:
     """``gpu_total_mb`` for :class:`ProfileDirectory` from a GPU backend's ``read``."""
 
     def total() -> int | None:
@@ -347,9 +348,9 @@ class ProfileWatcher:
                 running = {p for p in pumps if not p.done()}
                 await asyncio.wait({getting, stopping, *running}, return_when=asyncio.FIRST_COMPLETED)
                 for pump in running:
-                    if pump.done() and pump.exception() is not None:
+                    if pump.done() and (error := pump.exception()) is not None:
                         getting.cancel()
-                        raise pump.exception()  # type: ignore[misc]
+                        raise error
                 if not getting.done():
                     getting.cancel()
                     continue

@@ -223,5 +223,7 @@ class _Builder:
         return str(value)
 
 
-def _short(tag: str) -> str:
+def _short(tag: str | None) -> str:
+    if tag is None:  # ruamel: a node without a tag (the composer always sets one)
+        return "(no tag)"
     return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag

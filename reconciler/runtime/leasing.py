@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from reconciler.core.accounting import free_now
 from reconciler.core.backoff import backing_off
@@ -57,6 +58,7 @@ from reconciler.core.snapshot import Demand, Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused, Refusal, StoreError
 from reconciler.runtime.runtime import Runtime
+from reconciler.store.base import Store
 
 QUEUE_PER_SLOT = 4  # a service's queue holds this many demands per lease slot (max_concurrent)
 VRAM_LEASES_PER_HOLDER = 1_000_000  # VRAM leases are bounded by memory, not by count
@@ -103,7 +105,8 @@ class Leasing:
         self.vram_priority: dict[str, int] = {}  # cf-orch's priority of a VRAM lease (not persisted)
 
     @property
-    def store(self):  # noqa: ANN201 - the runtime's store
+    def store(self) -> Store:
+        """The runtime's store."""
         return self.runtime.store
 
     def start(self) -> None:
@@ -254,7 +257,9 @@ class Leasing:
                         verdict.state == "pending" or self.backing_off(demand.service))):
                     break
                 passed = self.runtime.passed.current()
-                waits = [asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)]
+                waits: list[asyncio.Future[Any]] = [
+                    asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)
+                ]
                 waits.append(asyncio.ensure_future(self.clock.sleep(remaining)))
                 try:
                     await asyncio.wait([*waits, *([gone] if gone else [])], return_when=asyncio.FIRST_COMPLETED)
