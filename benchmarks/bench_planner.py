@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from benchmarks.timing import measure
@@ -23,7 +23,7 @@ from reconciler.core.snapshot import Snapshot
 from reconciler.loading import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
 
 
 def realistic_24gb() -> tuple[Profile, Snapshot]:

@@ -28,8 +28,8 @@ from typing import Any
 import psutil
 import pytest
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.drivers.process import is_alive
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.sim import SCOPE_ENV
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port, kill_group

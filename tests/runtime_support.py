@@ -14,13 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.profile import Profile
 from reconciler.drivers.process import is_alive
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.sim import EnvScanner, SimBackend, SimGpu
 from reconciler.runtime import Runtime
 from reconciler.store import open_store
-from reconciler.testing.clock import T0, ComposedClock, ManualWallClock
+from reconciler.testing.clock import T0, ComposedClock, ManualWallClock  # noqa: F401 (T0: re-exported to tests)
 from reconciler.testing.ports import free_port
 
 FakeClock = ManualWallClock  # the wall moves only when told to; waits are real

@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from reconciler.errors import LeaseRefused as Refused
 from reconciler.api.refusals import status_of
+from reconciler.core.snapshot import Demand, Lease
+from reconciler.errors import LeaseRefused as Refused
+from reconciler.errors import StoreError
 from reconciler.runtime import leasing as broker_module
 from reconciler.runtime.leasing import LeaseRequest
 from reconciler.runtime.leasing import Leasing as Broker
-from reconciler.core.snapshot import Demand, Lease
-from reconciler.errors import StoreError
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
 
 

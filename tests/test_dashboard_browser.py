@@ -133,7 +133,7 @@ def seconds(text: str) -> float:
 
 
 def test_dashboard_shows_the_demo_and_follows_a_lease_live(
-    host: Host, browser: webdriver.Chrome, tmp_path: Path,  # noqa: F811
+    host: Host, browser: webdriver.Chrome, tmp_path: Path,
 ) -> None:
     ports = demo_profile(host)
     ollama = host.start_foreign(

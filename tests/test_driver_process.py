@@ -17,8 +17,7 @@ import pytest
 from reconciler.core.launch import launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.base import LaunchRequest
-from reconciler.drivers.base import Waiter
+from reconciler.drivers.base import LaunchRequest, Waiter
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main
-from reconciler.cli import plan_cmd
+from reconciler.cli import main, plan_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"

@@ -6,9 +6,9 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 
+from reconciler.core.compatibility import capacity
 from reconciler.core.planner import plan
 from reconciler.core.simulate import simulate
-from reconciler.core.compatibility import capacity
 from reconciler.core.world import World
 from tests.strategies import worlds
 

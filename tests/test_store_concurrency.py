@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Lease
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 
 MAX = 3

@@ -23,8 +23,8 @@ from reconciler.api.app import create_app
 from reconciler.api.auth import Listen, check_exposure
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
-from reconciler.core.profile import Profile
 from reconciler.core.events import EventKind
+from reconciler.core.profile import Profile
 from reconciler.errors import GuardError
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
@@ -111,7 +111,7 @@ class ApiServer:
             self._server.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._server.force_exit = True
                 await asyncio.gather(self._task, return_exceptions=True)
         if self.context is not None:

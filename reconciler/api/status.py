@@ -12,7 +12,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from reconciler.core.accounting import world_now
 from reconciler.api.models import (
     Condition,
     DemandStatus,
@@ -23,6 +22,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
+from reconciler.core.accounting import world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity

@@ -7,7 +7,7 @@ are required. Times are timezone-aware datetimes (UTC when written by us).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -150,4 +150,4 @@ class Snapshot(_Strict):
 
 def utc(dt: datetime) -> str:
     """ISO 8601 with a ``Z``, as snapshots and plans write times."""
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")

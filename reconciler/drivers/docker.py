@@ -148,7 +148,7 @@ class DockerDriver(Driver):
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.communicate()
             raise DriverError(f"docker {args[0]} did not answer within {timeout_s:g} s") from None

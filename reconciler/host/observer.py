@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import timezone
+from datetime import UTC
 
 from reconciler.core.clock import Clock
 from reconciler.core.identity import is_running
@@ -87,7 +87,7 @@ class Observer:
         instances, profile = list(instances), self._profile
         now = self.clock.now()
         if now.tzinfo is None:
-            now = now.replace(tzinfo=timezone.utc)
+            now = now.replace(tzinfo=UTC)
         probing = asyncio.ensure_future(self.prober.probe_all(probe_targets(profile)))
         try:
             gpus = await asyncio.to_thread(self.gpu_backend.read)
@@ -163,7 +163,7 @@ class Observer:
         await self.prober.aclose()
         self.gpu_backend.close()
 
-    async def __aenter__(self) -> "Observer":
+    async def __aenter__(self) -> Observer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -93,7 +93,7 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, gpus: list[SimGpu], scanner: "EnvScanner | None" = None):
+    def __init__(self, gpus: list[SimGpu], scanner: EnvScanner | None = None):
         if not gpus:
             raise GpuBackendError("a simulated host needs at least one GPU")
         self.gpus = list(gpus)

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
-
-from typing import Any
 
 from reconciler.core.clock import Clock
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service, is_ollama

@@ -286,7 +286,7 @@ class Leasing:
         """Remove the demand between passes; the lease, when a pass granted it after all."""
         try:
             await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._forget(demand_id)
             return None
         try:
@@ -368,7 +368,7 @@ class Leasing:
             raise LeaseRefused(Refusal.UNKNOWN_GPU, f"Unknown gpu_id {gpu} on node {snapshot.node!r} (GPUs: {known})")
         try:
             await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LeaseRefused(Refusal.BUSY, "Insufficient VRAM — the reconciler is busy; retry in a moment") from None
         try:
             free = self.free_mb().get(gpu, 0)

@@ -32,6 +32,7 @@ from reconciler.core.events import EventKind
 from reconciler.core.plan import Action
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
+from reconciler.core.report import Outcome, PassReport
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
 from reconciler.host.probes import Prober
@@ -45,7 +46,6 @@ from reconciler.runtime.health import HealthWaiter
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
-from reconciler.core.report import Outcome, PassReport
 from reconciler.store.base import Store
 
 QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only

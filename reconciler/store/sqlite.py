@@ -20,7 +20,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, overload
 
@@ -62,7 +62,7 @@ def _ts(dt: datetime | None) -> str | None:
         return None
     if dt.tzinfo is None:
         raise StoreError(f"naive datetime {dt!r}: the store keeps timezone-aware UTC times only")
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @overload
@@ -76,7 +76,7 @@ def _dt(text: None) -> None: ...
 def _dt(text: str | None) -> datetime | None:
     if text is None:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 def _row_id(cursor: sqlite3.Cursor) -> int:

@@ -170,7 +170,7 @@ class Spawner:
         self.spawned.clear()
         self._logs.cleanup()
 
-    def __enter__(self) -> "Spawner":
+    def __enter__(self) -> Spawner:
         return self
 
     def __exit__(self, *exc: object) -> None:
