@@ -163,6 +163,6 @@ def run() -> list[dict]:
     rows.append({"benchmark": "eviction: 24 candidates on one GPU (exact)",
                  **measure(lambda: choose_eviction(candidates, closures, deficit), 200), "target": "< 10 ms",
                  "value": "exact" if exact else "WRONG"})
-    for row, limit in zip(rows, (5, 50, 10)):
+    for row, limit in zip(rows, (5, 50, 10), strict=True):
         row["ok"] = row["median_ms"] < limit and row.get("value", "exact") == "exact"
     return rows

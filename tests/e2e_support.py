@@ -13,6 +13,7 @@ runs services in the state directory) — an orphan cannot outlive the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -279,11 +280,11 @@ class Host:
             run.kill()
         pids: set[int] = set()
         if (self.state_dir / "state.db").exists():
-            try:  # only what still is the process we started (pid and create_time): pids are reused
+            # only what still is the process we started (pid and create_time): pids are reused;
+            # teardown goes on whatever the store says
+            with contextlib.suppress(Exception):
                 pids |= {i.pid for i in self.instances().values()
                          if i.origin == "started" and i.pid and i.create_time and is_alive(i.pid, i.create_time)}
-            except Exception:  # noqa: BLE001 - teardown goes on whatever the store says
-                pass
         for proc in self.our_processes():
             pids.add(proc.pid)
         for pid in pids:

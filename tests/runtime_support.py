@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -60,10 +61,8 @@ def kill_started(state_dir: Path) -> None:
         store.close()
     pids = {pid for pid, create_time in known if create_time is not None and is_alive(pid, create_time)}
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def listeners(port: int) -> list[int]:

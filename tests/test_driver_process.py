@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -59,10 +60,8 @@ def driver(tmp_path):
     yield drv
     # kill whatever a test left behind, by the groups it started
     for pid in getattr(drv, "started", []):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def service(child: Path, args: str, **managed) -> Service:

@@ -81,7 +81,7 @@ def test_fake_ollama_api(spawner):
 
 def test_start_failure_shows_the_output(spawner):
     taken = spawner.service()
-    with pytest.raises(RuntimeError, match="(?s)exited with 1 before listening.*Address already in use"):
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1 before listening.*Address already in use"):
         spawner.service(port=taken.port)
 
 

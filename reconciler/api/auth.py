@@ -107,15 +107,15 @@ class BearerAuth:
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.token is not None and scope["method"] in MUTATING:
-            if not self._authorized(scope, self.token):
-                body = json.dumps({"detail": "this call changes things and needs 'Authorization: Bearer <token>' "
-                                             "(the token in the server's --token-file)"}).encode()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="reconciler"')]})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if (scope["type"] == "http" and self.token is not None and scope["method"] in MUTATING
+                and not self._authorized(scope, self.token)):
+            body = json.dumps({"detail": "this call changes things and needs 'Authorization: Bearer <token>' "
+                                         "(the token in the server's --token-file)"}).encode()
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="reconciler"')]})
+            await send({"type": "http.response.body", "body": body})
+            return
         await self.app(scope, receive, send)
 
     @staticmethod

@@ -387,7 +387,7 @@ class Planner:
                     self.state.gpu_of[key] = holder_gpu
         wanted = compute_wanted(self.world)
         self.stop_unwanted(wanted.unwanted)
-        for name, instance in self.world.instances.items():
+        for name in self.world.instances:
             if name not in self.state.gone:
                 self.state.ready.setdefault(name, None)
         self.converge_services(wanted.wanted)

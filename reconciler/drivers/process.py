@@ -26,6 +26,7 @@ While we are its parent, a daemon thread reaps it so it never lingers as a zombi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -244,10 +245,8 @@ class ProcessDriver(Driver):
             return StopResult("gone", f"{name} (pid {pid}) exited; nothing signalled")
 
         def send(sig: signal.Signals) -> None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig) if group else os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
         async def ended() -> bool:
             return not is_alive(pid, create_time) and not (group and _group_alive(pid))

@@ -140,7 +140,7 @@ class Observer:
         answers = await asyncio.gather(*(self._ollama_vram(s) for _, s in candidates))
         extra: dict[int, list[GpuProcess]] = {}
         indexes = {g.index for g in gpus}
-        for (inst, _), mb in zip(candidates, answers):
+        for (inst, _), mb in zip(candidates, answers, strict=True):
             if mb is None:
                 continue
             assert inst.pid is not None, "a candidate is running, so it has a pid"

@@ -94,7 +94,7 @@ class Prober:
         """Probe every target at once; results by the same keys."""
         names = list(targets)
         results = await asyncio.gather(*(self.probe(targets[n]) for n in names))
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     async def aclose(self) -> None:
         if self._client is not None:

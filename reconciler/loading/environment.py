@@ -90,7 +90,7 @@ def expand_profile(
         base: Path = ("services", name, "managed")
         for field in _STRING_FIELDS:
             if field in managed:
-                expand(managed, field, base + (field,))
+                expand(managed, field, (*base, field))
         for field in ("env", "volumes"):
             items = managed.get(field)
             if isinstance(items, dict):
@@ -100,7 +100,7 @@ def expand_profile(
             else:
                 continue
             for key in keys:
-                expand(items, key, base + (field, key))
+                expand(items, key, (*base, field, key))
         exec_path = managed.get("exec_path")
         if base_dir is not None and isinstance(exec_path, str) and "/" in exec_path and not os.path.isabs(exec_path):
             managed["exec_path"] = os.path.normpath(os.path.join(os.path.abspath(base_dir), exec_path))

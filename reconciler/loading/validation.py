@@ -82,7 +82,7 @@ def validation_diagnostics(
         elif kind == "extra_forbidden":
             message, suggestion = _unknown_key(path, document.data, model)
             if suggestion:
-                suggested.add(path[:-1] + (suggestion,))
+                suggested.add((*path[:-1], suggestion))
             out.append(_at(filename, positions.key(path), message))
         elif kind == "missing":
             message = f"{_where(path[:-1])}missing required key {path[-1]!r}"
@@ -93,8 +93,8 @@ def validation_diagnostics(
         elif is_key:
             message = f"{_where(path[:-1])}invalid name {path[-1]!r}: {_key_problem(error)}"
             out.append(_at(filename, positions.key(path), message))
-        elif kind == "union_tag_invalid" and path + ("type",) in positions:
-            out.append(_at(filename, positions.value(path + ("type",)), _message(path + ("type",), error)))
+        elif kind == "union_tag_invalid" and (*path, "type") in positions:
+            out.append(_at(filename, positions.value((*path, "type")), _message((*path, "type"), error)))
         else:
             out.append(_at(filename, _value_mark(path, document.data, positions), _message(path, error)))
     for path, expected in union_types.items():
@@ -118,7 +118,7 @@ def _real_path(loc: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Pa
         if isinstance(current, dict) and part in current:
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
-            current = current[part]
+            current = current[part]  # a branch of its own: here mypy knows ``part`` is an int
         elif last and missing:
             current = None
         else:

@@ -200,7 +200,9 @@ class ProfileDirectory:
         try:
             entries = sorted(self.directory.iterdir())
         except OSError as exc:
-            raise ProfileError([Diagnostic(str(self.directory), 1, 1, f"cannot list profiles: {exc.strerror or exc}")])
+            raise ProfileError(
+                [Diagnostic(str(self.directory), 1, 1, f"cannot list profiles: {exc.strerror or exc}")]
+            ) from exc
         return [p for p in entries if self.relevant(p.name) and p.is_file()]
 
     def read(self) -> ProfileChange:

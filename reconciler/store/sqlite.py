@@ -370,7 +370,7 @@ class SqliteStore:
         if service is not None:
             sql += " AND service = ?"
             params += (service,)
-        rows = self._read(sql + " ORDER BY id LIMIT ?", params + (limit,))
+        rows = self._read(sql + " ORDER BY id LIMIT ?", (*params, limit))
         return [Event(r[0], _dt(r[1]), r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     # -- intents (invariant 5) --------------------------------------------------
