@@ -101,8 +101,8 @@ class Server:
         self.ports = {"warm": _free_port(), "cold": _free_port()}
         profile = root / "profile.yaml"
         profile.write_text(PROFILE.format(delay=STARTUP_DELAY_S, **self.ports))
-        env = {**os.environ, "RECONCILER_PYTHON": sys.executable, "RECONCILER_SIM_SCOPE": f"bench-{uuid.uuid4().hex[:8]}",
-               "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "RECONCILER_PYTHON": sys.executable,
+               "RECONCILER_SIM_SCOPE": f"bench-{uuid.uuid4().hex[:8]}", "PYTHONPATH": str(ROOT)}
         self.log = open(root / "serve.log", "wb")  # noqa: SIM115 - the server's log while it runs; closed in close()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "serve", "--profile", str(profile), "--gpu", "sim:8192",

@@ -12,7 +12,10 @@ from reconciler.core.simulate import simulate
 from reconciler.core.world import World
 from tests.strategies import worlds
 
-SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def committed(world: World, gpu: int) -> int:

@@ -30,7 +30,9 @@ router = APIRouter()
 Ctx = Annotated[ApiContext, Depends(context)]
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
-_LEASE_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem}}
+_LEASE_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem},
+}
 
 
 def lease_out(lease: Lease, profile: Profile) -> LeaseOut:

@@ -35,8 +35,8 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:  # the watch loop handles signals; uvicorn must not take them over
-        yield
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the watch loop handles signals; uvicorn must not take them over
 
 
 class ApiServer:

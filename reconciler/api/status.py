@@ -168,13 +168,14 @@ def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool)
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:
         converged = not plan.actions and not plan.pending
-        bits = [f"{len(plan.actions)} action(s)" if plan.actions else "", f"{len(plan.pending)} pending" if plan.pending else ""]
+        bits = [f"{len(plan.actions)} action(s)" if plan.actions else "",
+                f"{len(plan.pending)} pending" if plan.pending else ""]
         out.append(Condition(type="converged", ok=converged,
                              message="converged: nothing to do" if converged else ", ".join(b for b in bits if b)))
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
     for name, backoff in backoffs.items():
         if backoff.stalled:
-            out.append(Condition(type="stalled", ok=False, service=name,
-                                 message=f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"))
+            message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
+            out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out

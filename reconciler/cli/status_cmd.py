@@ -51,7 +51,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
                and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths, strict=True))).rstrip()
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in pairs).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in cells)])
 

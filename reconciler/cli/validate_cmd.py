@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Check profiles and snapshots; print one file:line:col: message per problem.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="profile or snapshot files (YAML or JSON)")
-    parser.add_argument("--format", choices=("text", "json", "github"), default="text", help="output format (default: text)")
+    parser.add_argument(
+        "--format", choices=("text", "json", "github"), default="text", help="output format (default: text)"
+    )
     parser.add_argument(
         "--kind", choices=("auto", "profile", "snapshot"), default="auto", help="what the files are (default: auto)"
     )

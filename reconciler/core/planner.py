@@ -141,7 +141,8 @@ class Planner:
                 continue
             if instance.origin == "adopted":
                 if spec is None:
-                    self.state.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
+                    self.state.add("release", name, name, f"adopted instance: {why}; it keeps running",
+                                   gpu=instance.gpu)
                     self.state.gone.add(name)
                 continue
             mb = self.reservation(name)
@@ -224,7 +225,8 @@ class Planner:
     def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
         blocked = [d for d in spec.depends_on if d in self.state.failed]
         if blocked:
-            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {self.state.failed[blocked[0]]}")
+            cause = self.state.failed[blocked[0]]
+            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {cause}")
         dead = self.world.dead.get(name)
         model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
         if model is None and model_bound(spec):

@@ -171,7 +171,8 @@ class ProcessDriver(Driver):
         return pid, create_time
 
     async def start(self, request: LaunchRequest) -> StartedProcess:
-        service_name, service, gpu, sim, launch = request.service, request.spec, request.gpu, request.sim, request.launch
+        service_name, service, gpu = request.service, request.spec, request.gpu
+        sim, launch = request.sim, request.launch
         intent = request.intent
         if not isinstance(service.managed, ProcessSpec):
             raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
@@ -187,7 +188,8 @@ class ProcessDriver(Driver):
             raise DriverError(f"service {service_name}: working directory {cwd} does not exist")
         try:
             with open(log_path, "ab") as log:
-                header = f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: {json.dumps(launch.argv)}\n"
+                header = (f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: "
+                          f"{json.dumps(launch.argv)}\n")
                 log.write(header.encode())
                 log.flush()
                 proc = subprocess.Popen(

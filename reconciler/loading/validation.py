@@ -39,7 +39,10 @@ _TYPE_NAMES = {
     "datetime_parsing": "a date-time like 2026-11-22T16:00:00Z",
     "datetime_from_date_parsing": "a date-time like 2026-11-22T16:00:00Z",
 }
-_BOUNDS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"), "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "≤"), "less_than": ("lt", "<"),
+}
 
 
 def describe(value: Any) -> str:

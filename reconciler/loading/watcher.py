@@ -259,7 +259,8 @@ def choose_profile(
             path, profile = next(c for c in fitting if c[1].vram_total_mb == best)
             return path, profile, f"GPU of {gpu_total_mb} MB: {profile.vram_total_mb} MB profile {path.name}"
         if cpu:
-            return cpu[0][0], cpu[0][1], f"GPU of {gpu_total_mb} MB is smaller than every GPU profile: CPU profile {cpu[0][0].name}"
+            why = f"GPU of {gpu_total_mb} MB is smaller than every GPU profile: CPU profile {cpu[0][0].name}"
+            return cpu[0][0], cpu[0][1], why
         sizes = ", ".join(str(c[1].vram_total_mb) for c in ordered) or "none"
         return f"no profile fits a GPU of {gpu_total_mb} MB (profiles for {sizes} MB) and there is no CPU profile"
     if cpu:

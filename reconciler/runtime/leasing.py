@@ -151,7 +151,8 @@ class Leasing:
         spec = profile.services.get(name)
         if spec is None:
             known = ", ".join(sorted(profile.services)) or "none"
-            raise LeaseRefused(Refusal.UNKNOWN_SERVICE, f"unknown service {name!r}: profile {profile.name!r} has {known}")
+            raise LeaseRefused(Refusal.UNKNOWN_SERVICE,
+                               f"unknown service {name!r}: profile {profile.name!r} has {known}")
         return spec
 
     async def lease(
@@ -178,7 +179,8 @@ class Leasing:
         limit = QUEUE_PER_SLOT * capacity(spec)
         if queued >= limit:
             self._observe("queued", "queue_full", self.clock.monotonic() - began)
-            raise LeaseRefused(Refusal.QUEUE_FULL, f"{request.service}: {queued} requests already wait for it (its queue holds "
+            raise LeaseRefused(Refusal.QUEUE_FULL,
+                               f"{request.service}: {queued} requests already wait for it (its queue holds "
                                f"{limit}: {QUEUE_PER_SLOT} × max_concurrent {capacity(spec)}); retry later")
         demand = Demand(
             id=str(uuid.uuid4()), service=request.service, holder=request.holder, model=request.model,
@@ -248,7 +250,8 @@ class Leasing:
                 if lease is not None:
                     return lease
                 if granted.is_set():  # granted (its demand went with it) and already ended: nothing to wait for
-                    raise LeaseRefused(Refusal.ENDED, f"lease {demand.id} was granted but ended (expired or released) before "
+                    raise LeaseRefused(Refusal.ENDED,
+                                       f"lease {demand.id} was granted but ended (expired or released) before "
                                        f"it could be answered (ttl_s {demand.ttl_s} too short?)")
                 last = self.runtime.last_pass()
                 verdict = last.verdict(demand.id) if last is not None else None
@@ -373,7 +376,8 @@ class Leasing:
         try:
             free = self.free_mb().get(gpu, 0)
             if free < mb:
-                raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
+                raise LeaseRefused(Refusal.NO_VRAM,
+                                   f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
             now = self.clock.now()
             lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
                           expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)

@@ -143,7 +143,8 @@ class Runtime:
         ran = await executor.run(a for a in plan.actions if a.id not in deferred)
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
         self._last = LastPass(snapshot=snapshot, plan=plan)
-        counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("done", "failed", "skipped", "deferred")}
+        counts = {s: sum(1 for o in outcomes.values() if o.status == s)
+                  for s in ("done", "failed", "skipped", "deferred")}
         # an uneventful pass is shown, never recorded: a watch passes every few seconds
         tell = self.events.publish if plan.actions else self.events.announce
         tell(EventKind.PASS, message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
