@@ -26,6 +26,7 @@ services run in a simulation scope of their own (``RECONCILER_SIM_SCOPE``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -100,9 +101,9 @@ class Server:
         self.ports = {"warm": _free_port(), "cold": _free_port()}
         profile = root / "profile.yaml"
         profile.write_text(PROFILE.format(delay=STARTUP_DELAY_S, **self.ports))
-        env = {**os.environ, "RECONCILER_PYTHON": sys.executable, "RECONCILER_SIM_SCOPE": f"bench-{uuid.uuid4().hex[:8]}",
-               "PYTHONPATH": str(ROOT)}
-        self.log = open(root / "serve.log", "wb")
+        env = {**os.environ, "RECONCILER_PYTHON": sys.executable,
+               "RECONCILER_SIM_SCOPE": f"bench-{uuid.uuid4().hex[:8]}", "PYTHONPATH": str(ROOT)}
+        self.log = open(root / "serve.log", "wb")  # noqa: SIM115 - the server's log while it runs; closed in close()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reconciler", "serve", "--profile", str(profile), "--gpu", "sim:8192",
              "--state-dir", str(root / "state"), "--listen", "127.0.0.1:0", "--events", "json"],
@@ -145,10 +146,8 @@ class Server:
 
     def close(self) -> None:
         pids = []
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             pids = [i["pid"] for i in self.status()["instances"] if i["origin"] == "started" and i["pid"]]
-        except httpx.HTTPError:
-            pass
         self.http.close()
         os.killpg(self.process.pid, signal.SIGINT)
         try:
@@ -157,10 +156,8 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.log.close()
 
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from benchmarks.timing import measure
@@ -23,7 +23,7 @@ from reconciler.core.snapshot import Snapshot
 from reconciler.loading import load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
-NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
 
 
 def realistic_24gb() -> tuple[Profile, Snapshot]:
@@ -151,8 +151,8 @@ def run() -> list[dict]:
     profile, snapshot = realistic_24gb()
     result = plan(profile, snapshot)
     assert result.actions, "the realistic case should plan something"
-    rows.append({"benchmark": "plan: 24 GB profile, realistic snapshot", **measure(lambda: plan(profile, snapshot), 300),
-                 "target": "< 5 ms"})
+    rows.append({"benchmark": "plan: 24 GB profile, realistic snapshot",
+                 **measure(lambda: plan(profile, snapshot), 300), "target": "< 5 ms"})
     profile, snapshot = large_cluster_box()
     rows.append({"benchmark": "plan: 8 GPUs x 200 services, 50 leases, 20 demands",
                  **measure(lambda: plan(profile, snapshot), 40), "target": "< 50 ms"})
@@ -163,6 +163,6 @@ def run() -> list[dict]:
     rows.append({"benchmark": "eviction: 24 candidates on one GPU (exact)",
                  **measure(lambda: choose_eviction(candidates, closures, deficit), 200), "target": "< 10 ms",
                  "value": "exact" if exact else "WRONG"})
-    for row, limit in zip(rows, (5, 50, 10)):
+    for row, limit in zip(rows, (5, 50, 10), strict=True):
         row["ok"] = row["median_ms"] < limit and row.get("value", "exact") == "exact"
     return rows

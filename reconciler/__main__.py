@@ -1,4 +1,5 @@
-from reconciler.cli import main
 import sys
+
+from reconciler.cli import main
 
 sys.exit(main())

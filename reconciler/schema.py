@@ -14,7 +14,8 @@ reports those; the schema is what an editor can check while one types.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
@@ -35,7 +36,7 @@ class _WithFactoryDefaults(GenerateJsonSchema):
     def get_default_value(self, schema: core_schema.WithDefaultSchema) -> Any:
         factory = schema.get("default_factory")
         if factory is not None and not schema.get("default_factory_takes_data"):
-            return factory()
+            return cast(Callable[[], Any], factory)()  # takes no data, as checked just above
         return super().get_default_value(schema)
 
 

@@ -13,6 +13,7 @@ runs services in the state directory) — an orphan cannot outlive the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -28,8 +29,8 @@ from typing import Any
 import psutil
 import pytest
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.drivers.process import is_alive
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.sim import SCOPE_ENV
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port, kill_group
@@ -279,11 +280,11 @@ class Host:
             run.kill()
         pids: set[int] = set()
         if (self.state_dir / "state.db").exists():
-            try:  # only what still is the process we started (pid and create_time): pids are reused
+            # only what still is the process we started (pid and create_time): pids are reused;
+            # teardown goes on whatever the store says
+            with contextlib.suppress(Exception):
                 pids |= {i.pid for i in self.instances().values()
                          if i.origin == "started" and i.pid and i.create_time and is_alive(i.pid, i.create_time)}
-            except Exception:  # noqa: BLE001 - teardown goes on whatever the store says
-                pass
         for proc in self.our_processes():
             pids.add(proc.pid)
         for pid in pids:

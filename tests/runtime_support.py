@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -14,13 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.profile import Profile
 from reconciler.drivers.process import is_alive
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.sim import EnvScanner, SimBackend, SimGpu
 from reconciler.runtime import Runtime
 from reconciler.store import open_store
-from reconciler.testing.clock import T0, ComposedClock, ManualWallClock
+from reconciler.testing.clock import T0, ComposedClock, ManualWallClock  # noqa: F401 (T0: re-exported to tests)
 from reconciler.testing.ports import free_port
 
 FakeClock = ManualWallClock  # the wall moves only when told to; waits are real
@@ -60,10 +61,8 @@ def kill_started(state_dir: Path) -> None:
         store.close()
     pids = {pid for pid, create_time in known if create_time is not None and is_alive(pid, create_time)}
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def listeners(port: int) -> list[int]:

@@ -7,7 +7,7 @@ name services of the profile (mostly), times are around ``NOW``.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import strategies as st
 
@@ -15,7 +15,7 @@ from reconciler.core.launch import launch_spec
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Snapshot
 
-NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
 NAMES = ["ollama", "vllm", "comfyui", "stt", "tts", "embed", "vision", "docs"]
 
 

@@ -162,13 +162,15 @@ def test_lease_events_arrive_promptly_on_the_stream(api: ApiRun) -> None:
     stop = threading.Event()
 
     def read() -> None:
-        with httpx.Client(base_url=api.url, timeout=httpx.Timeout(10, read=None)) as client:
-            with client.stream("GET", "/v1/events") as response:
-                assert response.headers["content-type"].startswith("text/event-stream")
-                for line in response.iter_lines():
-                    lines.put(line)
-                    if stop.is_set():
-                        return
+        with (
+            httpx.Client(base_url=api.url, timeout=httpx.Timeout(10, read=None)) as client,
+            client.stream("GET", "/v1/events") as response,
+        ):
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                lines.put(line)
+                if stop.is_set():
+                    return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -194,14 +196,16 @@ def test_lease_events_arrive_promptly_on_the_stream(api: ApiRun) -> None:
 
 
 def test_events_replay_since_an_id(api: ApiRun) -> None:
-    with httpx.Client(base_url=api.url, timeout=httpx.Timeout(10, read=5)) as client:
-        with client.stream("GET", "/v1/events", params={"since": 0}) as response:
-            ids = []
-            for line in response.iter_lines():
-                if line.startswith("id: "):
-                    ids.append(int(line[4:]))
-                if len(ids) >= 5:
-                    break
+    with (
+        httpx.Client(base_url=api.url, timeout=httpx.Timeout(10, read=5)) as client,
+        client.stream("GET", "/v1/events", params={"since": 0}) as response,
+    ):
+        ids = []
+        for line in response.iter_lines():
+            if line.startswith("id: "):
+                ids.append(int(line[4:]))
+            if len(ids) >= 5:
+                break
     assert ids == sorted(ids) and ids[0] >= 1
 
 

@@ -10,7 +10,7 @@ from tests.api_support import ApiRun, profile, service
 from tests.e2e_support import Host, host  # noqa: F401
 
 
-def test_restart_keeps_leases_and_drops_orphaned_demands(host: Host) -> None:  # noqa: F811
+def test_restart_keeps_leases_and_drops_orphaned_demands(host: Host) -> None:
     host.write(profile(service("llm", host.port(), mb=3000, priority=1, always_on=True),
                        service("tts", host.port(), mb=6000, priority=2)))
     first = ApiRun(host)

@@ -50,7 +50,8 @@ def poll(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: 
         except (webdriver.WebDriverError, httpx.HTTPError, KeyError) as exc:
             last_error = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout_s} s" + (f" (last error: {last_error})" if last_error else ""))
+            suffix = f" (last error: {last_error})" if last_error else ""
+            raise AssertionError(f"{what} not within {timeout_s} s{suffix}")
         time.sleep(interval_s)
 
 
@@ -133,7 +134,7 @@ def seconds(text: str) -> float:
 
 
 def test_dashboard_shows_the_demo_and_follows_a_lease_live(
-    host: Host, browser: webdriver.Chrome, tmp_path: Path,  # noqa: F811
+    host: Host, browser: webdriver.Chrome, tmp_path: Path,
 ) -> None:
     ports = demo_profile(host)
     ollama = host.start_foreign(
@@ -207,8 +208,11 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
         row = poll(lambda: row_text(browser, "leases", "lease", lease["id"]), 1.0, "the lease on the page")
         shown = time.monotonic()
         print(f"lease → page: {1000 * (shown - answered):.0f} ms after the API answered "
-              f"({1000 * (shown - sent):.0f} ms after the request was sent; the grant took {1000 * (answered - sent):.0f} ms)")
-        trace = browser.script("const s = window.reconcilerDashboard; return [s.eventAt['lease.granted'], s.renderedAt]")
+              f"({1000 * (shown - sent):.0f} ms after the request was sent; "
+              f"the grant took {1000 * (answered - sent):.0f} ms)")
+        trace = browser.script(
+            "const s = window.reconcilerDashboard; return [s.eventAt['lease.granted'], s.renderedAt]"
+        )
         print(f"  in the page: lease.granted arrived {trace[0] - 1000 * answered_wall:+.0f} ms, "
               f"rendered {trace[1] - 1000 * answered_wall:+.0f} ms after the API answered")
         assert shown - answered < 1.0

@@ -20,7 +20,7 @@ def adopted(pid: int) -> Instance:
     return Instance(service="ollama", origin="adopted", pid=pid, create_time=0.0)
 
 
-def test_evicting_an_adopted_ollama_unloads_all_models_and_keeps_it_running(spawner):  # noqa: F811
+def test_evicting_an_adopted_ollama_unloads_all_models_and_keeps_it_running(spawner):
     server = spawner.fake_ollama(models="llama3.2:3b,qwen2.5:7b", vram_mb=2048)
     service = Service(
         max_mb=6000, priority=1,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -17,8 +18,7 @@ import pytest
 from reconciler.core.launch import launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
-from reconciler.drivers.base import LaunchRequest
-from reconciler.drivers.base import Waiter
+from reconciler.drivers.base import LaunchRequest, Waiter
 from reconciler.drivers.process import ProcessDriver, is_alive
 from reconciler.errors import DriverError
 
@@ -60,10 +60,8 @@ def driver(tmp_path):
     yield drv
     # kill whatever a test left behind, by the groups it started
     for pid in getattr(drv, "started", []):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def service(child: Path, args: str, **managed) -> Service:

@@ -23,7 +23,7 @@ from tests.e2e_support import (  # noqa: F401
 )
 
 
-def test_adopt_then_release_leaves_it_running(host: Host) -> None:  # noqa: F811
+def test_adopt_then_release_leaves_it_running(host: Host) -> None:
     port, other = host.port(), host.port()
     ollama = host.start_foreign("reconciler.testing.fake_ollama", "--port", str(port), sim_mb=1024)
     wait_until(lambda: is_listening(port), what="the fake Ollama listening")
@@ -46,7 +46,7 @@ def test_adopt_then_release_leaves_it_running(host: Host) -> None:  # noqa: F811
     assert run.wait_exit() == 0
 
 
-def test_squatters_are_neither_adopted_nor_killed(host: Host) -> None:  # noqa: F811
+def test_squatters_are_neither_adopted_nor_killed(host: Host) -> None:
     plain_port, adopt_port = host.port(), host.port()
     # healthy, but its service does not adopt
     plain = host.start_foreign("reconciler.testing.service", "--port", str(plain_port))

@@ -7,12 +7,11 @@ that say it happened, then checks the host itself (pids, listeners).
 
 from __future__ import annotations
 
-from reconciler.host.clock import SYSTEM_CLOCK
-
 import signal
 import time
 from datetime import datetime
 
+from reconciler.host.clock import SYSTEM_CLOCK
 from tests.e2e_support import Host, alive, host, profile_text, service_block, wait_until  # noqa: F401
 
 SAVE_TO_ACTION_S = 1.0  # the target is < 200 ms; CI machines get slack
@@ -22,7 +21,7 @@ def _ts(event: dict) -> float:
     return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
 
 
-def test_converge_restart_only_what_changed_stop_and_exit(host: Host) -> None:  # noqa: F811
+def test_converge_restart_only_what_changed_stop_and_exit(host: Host) -> None:
     ports = {name: host.port() for name in ("alpha", "beta", "gamma")}
 
     def profile(alpha_args: str = "", beta_priority: int = 2, gamma: bool = True) -> str:
@@ -89,7 +88,7 @@ def test_converge_restart_only_what_changed_stop_and_exit(host: Host) -> None:  
     wait_until(lambda: alive(after["alpha"]), what="alpha still running")
 
 
-def test_uneventful_passes_are_shown_but_not_logged_in_the_store(host: Host) -> None:  # noqa: F811
+def test_uneventful_passes_are_shown_but_not_logged_in_the_store(host: Host) -> None:
     from reconciler.store import open_store
 
     host.write(profile_text(service_block("alpha", host.port())))

@@ -11,13 +11,13 @@ from __future__ import annotations
 import signal
 from datetime import timedelta
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Lease
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 from tests.e2e_support import Host, alive, host, profile_text, service_block  # noqa: F401
 
 
-def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:  # noqa: F811
+def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:
     ports = {"alpha": host.port(), "slow": host.port()}
     host.write(
         profile_text(
@@ -55,7 +55,7 @@ def test_sigkill_mid_apply_then_restart_finds_everything(host: Host) -> None:  #
     assert second.wait_exit() == 0
 
 
-def test_sigterm_mid_start_exits_0_and_the_next_watch_finishes_it(host: Host) -> None:  # noqa: F811
+def test_sigterm_mid_start_exits_0_and_the_next_watch_finishes_it(host: Host) -> None:
     port = host.port()
     host.write(profile_text(service_block("slow", port, args="--startup-delay 4", start_timeout_s=15)))
     first = host.watch()

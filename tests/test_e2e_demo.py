@@ -27,7 +27,7 @@ def test_demo_profiles_are_valid_and_fill_the_gpu() -> None:
     assert load_profile(DEMO / "empty.yaml").services == {}
 
 
-def test_demo_converges_and_the_eviction_edit_evicts_comfyui(host: Host) -> None:  # noqa: F811
+def test_demo_converges_and_the_eviction_edit_evicts_comfyui(host: Host) -> None:
     text = re.sub(r"port: 18\d\d\d", lambda _: f"port: {host.port()}", (DEMO / "profile.yaml").read_text())
     host.write(text)
     run = host.watch()

@@ -16,12 +16,12 @@ import signal
 import time
 from datetime import timedelta
 
-from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.core.launch import launch_spec
-from reconciler.loading import load_profile
 from reconciler.core.backoff import DEFAULT_POLICY as BACKOFF_POLICY
 from reconciler.core.backoff import after_failure
 from reconciler.core.launch import launch_digest as spec_hash
+from reconciler.core.launch import launch_spec
+from reconciler.host.clock import SYSTEM_CLOCK
+from reconciler.loading import load_profile
 from reconciler.store import open_store
 from tests.e2e_support import Host, alive, host, profile_text, service_block  # noqa: F401
 
@@ -33,7 +33,7 @@ def _launches(host: Host, service: str) -> int:
     return log.read_text().count(f"reconciler: starting {service}:") if log.exists() else 0
 
 
-def test_a_killed_service_is_restarted_after_its_backoff(host: Host) -> None:  # noqa: F811
+def test_a_killed_service_is_restarted_after_its_backoff(host: Host) -> None:
     port, other = host.port(), host.port()
     host.write(profile_text(service_block("alpha", port, priority=1), service_block("beta", other)))
     run = host.watch()
@@ -58,7 +58,7 @@ def test_a_killed_service_is_restarted_after_its_backoff(host: Host) -> None:  #
     assert run.wait_exit() == 0
 
 
-def test_a_crashing_service_stalls_without_a_hot_loop(host: Host) -> None:  # noqa: F811
+def test_a_crashing_service_stalls_without_a_hot_loop(host: Host) -> None:
     ports = {name: host.port() for name in ("stalls", "crashes", "fine")}
     host.write(
         profile_text(

@@ -44,7 +44,7 @@ def _line_of(text: str, needle: str) -> tuple[int, int]:
     raise AssertionError(needle)
 
 
-def test_invalid_saves_change_nothing_until_fixed(host: Host) -> None:  # noqa: F811
+def test_invalid_saves_change_nothing_until_fixed(host: Host) -> None:
     ports = {"alpha": host.port(), "beta": host.port()}
 
     def good(args: str = "") -> str:
@@ -93,7 +93,7 @@ def test_invalid_saves_change_nothing_until_fixed(host: Host) -> None:  # noqa: 
     assert run.wait_exit() == 0
 
 
-def test_invalid_profile_at_startup_exits_1_touching_nothing(host: Host) -> None:  # noqa: F811
+def test_invalid_profile_at_startup_exits_1_touching_nothing(host: Host) -> None:
     text = profile_text(service_block("alpha", host.port())).replace("always_on:", "alwayson:")
     host.write(text)
     run = host.watch()
@@ -106,7 +106,7 @@ def test_invalid_profile_at_startup_exits_1_touching_nothing(host: Host) -> None
 
 
 @pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
-def test_empty_profile_needs_allow_empty(host: Host, allow: bool) -> None:  # noqa: F811
+def test_empty_profile_needs_allow_empty(host: Host, allow: bool) -> None:
     host.write(profile_text())
     run = host.watch(*(["--allow-empty"] if allow else []))
     if not allow:

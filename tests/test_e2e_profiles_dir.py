@@ -14,7 +14,7 @@ import sys
 from tests.e2e_support import Host, WatchRun, host, profile_text, service_block  # noqa: F401
 
 
-def test_detects_and_switches_profiles(host: Host) -> None:  # noqa: F811
+def test_detects_and_switches_profiles(host: Host) -> None:
     small_port, big_port = host.port(), host.port()
     directory = host.profile.parent
     small = profile_text(service_block("small", small_port), name="small").replace("8192", "4096")

@@ -129,7 +129,7 @@ def test_every_process_function_failing_is_a_backend_error():
 
 
 def test_library_missing_is_a_backend_error_not_an_nvml_error():
-    with pytest.raises(GpuBackendError, match="NVML is not available.*--gpu sim"):
+    with pytest.raises(GpuBackendError, match=r"NVML is not available.*--gpu sim"):
         NvmlBackend(module=fake_pynvml([], init_error=LIBRARY_NOT_FOUND))
 
 

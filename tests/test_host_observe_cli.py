@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psutil
 from ruamel.yaml import YAML
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
 
@@ -31,7 +31,7 @@ def write_profile(tmp_path, port: int):
     return path
 
 
-def test_observe_prints_a_snapshot(spawner, tmp_path):  # noqa: F811
+def test_observe_prints_a_snapshot(spawner, tmp_path):
     svc = spawner.service(env={"RECONCILER_SIM_GPU_MB": "3000"})
     profile = write_profile(tmp_path, svc.port)
     state = tmp_path / "state"
@@ -46,10 +46,10 @@ def test_observe_prints_a_snapshot(spawner, tmp_path):  # noqa: F811
     assert not state.exists()  # observing never creates a store
 
 
-def test_observe_reads_the_store_inventory_and_writes_yaml(spawner, tmp_path):  # noqa: F811
+def test_observe_reads_the_store_inventory_and_writes_yaml(spawner, tmp_path):
     svc = spawner.service()
     profile = write_profile(tmp_path, svc.port)
-    now = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
     instance = Instance(service="vllm", origin="started", pid=svc.pid, gpu=0,
                         create_time=psutil.Process(svc.pid).create_time(), since=now)
     lease = Lease(id="L1", service="vllm", holder="kiwi", gpu=0, mb=3000, expires_at=now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psutil
 import pytest
@@ -14,12 +14,12 @@ from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Demand, Gpu, GpuProcess, Instance, Lease, Snapshot
 from reconciler.errors import GpuBackendError
 from reconciler.host.gpu import open_gpu_backend
-from reconciler.testing.clock import FakeClock
 from reconciler.host.observer import Observer, is_ollama
 from reconciler.host.ollama_api import OllamaApi
+from reconciler.testing.clock import FakeClock
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
 
-NOW = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
 
 
 def profile(**services) -> Profile:
@@ -63,7 +63,7 @@ def observe(prof, backend, instances=(), leases=(), demands=()) -> Snapshot:
     return asyncio.run(run())
 
 
-def test_snapshot_of_a_simulated_host(spawner):  # noqa: F811
+def test_snapshot_of_a_simulated_host(spawner):
     vllm = spawner.service(name="vllm", env={"RECONCILER_SIM_GPU_MB": "3000"})
     sick = spawner.service(name="sick", refuse_health=True)
     ollama = spawner.fake_ollama(models="qwen2.5:7b", vram_mb=5800)
@@ -95,7 +95,7 @@ def test_snapshot_of_a_simulated_host(spawner):  # noqa: F811
     assert (snapshot.instances[0], snapshot.leases, snapshot.demands) == (started, [lease], [demand])
 
 
-def test_ollama_attribution_follows_its_models(spawner):  # noqa: F811
+def test_ollama_attribution_follows_its_models(spawner):
     ollama = spawner.fake_ollama(models="a,b", vram_mb=1000)
     prof = profile(ollama=ollama_service(ollama.port))
     backend = FixedGpus([Gpu(index=0, total_mb=8192, used_mb=2100, processes=[GpuProcess(pid=1, used_mb=100)])])
@@ -111,7 +111,7 @@ def test_ollama_attribution_follows_its_models(spawner):  # noqa: F811
     assert (ollama.pid, 0) in [(p.pid, p.used_mb) for p in after.gpus[0].processes]  # attributed: nothing
 
 
-def test_ollama_seen_by_nvml_is_not_asked(spawner):  # noqa: F811
+def test_ollama_seen_by_nvml_is_not_asked(spawner):
     ollama = spawner.fake_ollama(vram_mb=5800)
     backend = FixedGpus([Gpu(index=0, total_mb=8192, used_mb=4000,
                              processes=[GpuProcess(pid=ollama.pid, used_mb=4000)])])
@@ -119,7 +119,7 @@ def test_ollama_seen_by_nvml_is_not_asked(spawner):  # noqa: F811
     assert [(p.pid, p.used_mb) for p in snapshot.gpus[0].processes] == [(ollama.pid, 4000)]
 
 
-def test_ollama_runner_child_counts_as_attributed(spawner):  # noqa: F811
+def test_ollama_runner_child_counts_as_attributed(spawner):
     """NVML sees the runner, a child of `ollama serve`: the lineage is in the snapshot, no API guess."""
     ollama = spawner.fake_ollama(vram_mb=5800)
     runner = subprocess.Popen(["sleep", "30"])  # stands in for a runner: its parent is this test
@@ -138,7 +138,7 @@ def test_ollama_runner_child_counts_as_attributed(spawner):  # noqa: F811
         runner.wait()
 
 
-def test_dead_or_unhealthy_ollama_is_not_attributed(spawner):  # noqa: F811
+def test_dead_or_unhealthy_ollama_is_not_attributed(spawner):
     ollama = spawner.fake_ollama(vram_mb=5800)
     backend = FixedGpus([Gpu(index=0, total_mb=8192)])
     prof = profile(ollama=ollama_service(ollama.port))
@@ -160,7 +160,7 @@ def test_gpu_failure_is_reported_and_nothing_is_left_running():
     assert backend.closed
 
 
-def test_profile_update_changes_what_is_probed(spawner):  # noqa: F811
+def test_profile_update_changes_what_is_probed(spawner):
     a, b = spawner.service(), spawner.service()
 
     async def run():

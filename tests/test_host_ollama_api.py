@@ -12,7 +12,7 @@ from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
 from reconciler.testing.ports import free_port
 
 
-def test_ps_tags_unload(spawner):  # noqa: F811
+def test_ps_tags_unload(spawner):
     ollama = spawner.fake_ollama(models="llama3.2:3b,qwen2.5:7b", vram_mb=2900)
 
     async def run():
@@ -37,7 +37,7 @@ def test_ps_tags_unload(spawner):  # noqa: F811
     assert (after_all, vram_after) == ([], 0)
 
 
-def test_unknown_model_is_a_driver_error(spawner):  # noqa: F811
+def test_unknown_model_is_a_driver_error(spawner):
     ollama = spawner.fake_ollama(models="a")
 
     async def run():

@@ -21,7 +21,7 @@ async def probe_once(target: Target):
         await prober.aclose()
 
 
-def test_healthy_unhealthy_and_absent(spawner):  # noqa: F811
+def test_healthy_unhealthy_and_absent(spawner):
     ok = spawner.service()
     starting = spawner.service(startup_delay=60)
     custom = spawner.service(health_path="/ready")
@@ -59,7 +59,7 @@ def test_timeout_is_per_target():
     assert (probe.healthy, probe.status, probe.error) == (False, None, "no answer within 0.2s")
 
 
-def test_environment_proxy_is_ignored(spawner, monkeypatch):  # noqa: F811
+def test_environment_proxy_is_ignored(spawner, monkeypatch):
     svc = spawner.service()
     for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")

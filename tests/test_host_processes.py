@@ -13,7 +13,7 @@ from reconciler.host.processes import collect_processes, describe, listeners
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
 
 
-def test_listener_on_a_port_of_interest(spawner):  # noqa: F811
+def test_listener_on_a_port_of_interest(spawner):
     svc = spawner.service(name="listener")
     other = spawner.service(name="not-of-interest")
     found = {p.pid: p for p in collect_processes([svc.port], [])}
@@ -26,7 +26,7 @@ def test_listener_on_a_port_of_interest(spawner):  # noqa: F811
     assert other.pid not in found
 
 
-def test_pids_are_included_and_vanished_ones_skipped(spawner):  # noqa: F811
+def test_pids_are_included_and_vanished_ones_skipped(spawner):
     alive = spawner.service()
     gone = spawner.service()
     gone.process.kill()
@@ -61,7 +61,7 @@ def test_lineage_up_to_an_instance():
         shell.wait()
 
 
-def test_hidden_cmdline_keeps_the_listener(spawner, monkeypatch):  # noqa: F811
+def test_hidden_cmdline_keeps_the_listener(spawner, monkeypatch):
     svc = spawner.service()
 
     def denied(self):
@@ -72,7 +72,7 @@ def test_hidden_cmdline_keeps_the_listener(spawner, monkeypatch):  # noqa: F811
     assert (process.pid, process.cmdline, process.listening) == (svc.pid, [], [svc.port])
 
 
-def test_listeners_without_permission_for_the_system_table(spawner, monkeypatch):  # noqa: F811
+def test_listeners_without_permission_for_the_system_table(spawner, monkeypatch):
     svc = spawner.service()
 
     def denied(kind="inet"):
@@ -84,7 +84,7 @@ def test_listeners_without_permission_for_the_system_table(spawner, monkeypatch)
 
 
 @pytest.mark.skipif(processes._listening_sockets() is None, reason="netlink sock_diag is Linux-only")
-def test_netlink_listeners_match_psutil(spawner):  # noqa: F811
+def test_netlink_listeners_match_psutil(spawner):
     import socket
 
     svc = spawner.service()

@@ -106,7 +106,7 @@ def test_declaration_from_environment(env, expected):
     assert _declaration(FakeProc(env)) == expected
 
 
-def test_real_process_uses_memory_while_it_lives(spawner):  # noqa: F811
+def test_real_process_uses_memory_while_it_lives(spawner):
     backend = open_gpu_backend("sim:2x8192")
     svc = spawner.service(env={"RECONCILER_SIM_GPU_MB": "1500", "CUDA_VISIBLE_DEVICES": "1"})
     gpus = backend.read()
@@ -141,7 +141,7 @@ def test_inherited_declaration_counts_once(tmp_path):
         parent.stdout.close()
 
 
-def test_cache_forgets_processes_that_ended(spawner):  # noqa: F811
+def test_cache_forgets_processes_that_ended(spawner):
     scanner = EnvScanner()
     svc = spawner.service(env={"RECONCILER_SIM_GPU_MB": "100"})
     assert scanner.scan()[svc.pid] == ("0", 100)
@@ -152,7 +152,7 @@ def test_cache_forgets_processes_that_ended(spawner):  # noqa: F811
     assert not any(pid == svc.pid for pid, _ in scanner._cache)
 
 
-def test_process_table_from_proc_matches_psutil(spawner):  # noqa: F811
+def test_process_table_from_proc_matches_psutil(spawner):
     from reconciler.host import sim
 
     svc = spawner.service()

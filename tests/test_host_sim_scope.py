@@ -36,7 +36,7 @@ def test_declaration_in_scope(env, scope, expected):
     assert _declaration(FakeProc(env), scope) == expected
 
 
-def test_backends_in_different_scopes_do_not_see_each_other(spawner, monkeypatch):  # noqa: F811
+def test_backends_in_different_scopes_do_not_see_each_other(spawner, monkeypatch):
     mine = spawner.service(env={"RECONCILER_SIM_GPU_MB": "700", SCOPE_ENV: "test-scope-mine"})
     other = spawner.service(env={"RECONCILER_SIM_GPU_MB": "900", SCOPE_ENV: "test-scope-other"})
     monkeypatch.setenv(SCOPE_ENV, "test-scope-mine")

@@ -85,7 +85,9 @@ def test_negative_max_mb():
 
 @pytest.mark.parametrize("port", [0, 65536, 70000])
 def test_port_out_of_range(port):
-    assert problems(f"services:\n  a:\n    max_mb: 1\n    priority: 1\n    managed:\n      type: docker\n      image: x\n      port: {port}\n") == [
+    text = ("services:\n  a:\n    max_mb: 1\n    priority: 1\n    managed:\n"
+            f"      type: docker\n      image: x\n      port: {port}\n")
+    assert problems(text) == [
         f"p.yaml:10:13: services.a.managed.port: {port} is not a port number; use 1 to 65535"
     ]
 
@@ -219,7 +221,9 @@ def service(exec_path: str, args: str = '""', **kwargs):
 
 def test_environment_references_are_expanded():
     managed = service('"${PY:-python3}"', '"--models ${MODELS}/{model}"', environ={"MODELS": "/srv/m"})
-    assert (managed.exec_path, managed.args_template, managed.env) == ("python3", "--models /srv/m/{model}", {"HOME_DIR": "/home"})
+    assert (managed.exec_path, managed.args_template, managed.env) == (
+        "python3", "--models /srv/m/{model}", {"HOME_DIR": "/home"}
+    )
 
 
 def test_set_variable_wins_over_default_and_empty_means_default():

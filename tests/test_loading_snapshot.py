@@ -57,7 +57,8 @@ def test_the_design_example_loads_and_round_trips_through_json(tmp_path):
 
 
 def test_json_errors_are_located():
-    text = '{\n  "format_version": 1,\n  "node": "local",\n  "now": "2026-11-22T16:00:00",\n  "gpus": [{"index": 0, "total_mb": "8192"}]\n}\n'
+    text = ('{\n  "format_version": 1,\n  "node": "local",\n  "now": "2026-11-22T16:00:00",\n'
+            '  "gpus": [{"index": 0, "total_mb": "8192"}]\n}\n')
     assert problems(text) == [
         "s.json:4:10: now: needs a timezone, e.g. 2026-11-22T16:00:00Z",
         "s.json:5:37: gpus[0].total_mb: expected an integer, got a string ('8192')",
@@ -78,7 +79,8 @@ def test_unknown_key_and_unsupported_version():
 
 
 def test_bad_instance_origin_lists_the_choices():
-    text = "format_version: 1\nnode: n\nnow: 2026-11-22T16:00:00Z\ngpus: []\ninstances: [{service: a, origin: stolen}]\n"
+    text = ("format_version: 1\nnode: n\nnow: 2026-11-22T16:00:00Z\ngpus: []\n"
+            "instances: [{service: a, origin: stolen}]\n")
     assert problems(text, "s.yaml") == [
         "s.yaml:5:34: instances[0].origin: expected one of 'started' or 'adopted', got a string ('stolen')"
     ]

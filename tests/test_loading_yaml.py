@@ -107,7 +107,7 @@ def test_a_directory_is_not_a_profile(tmp_path):
 
 def test_billion_laughs_is_refused_quickly():
     lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
-    for prev, name in zip("abcdefgh", "bcdefghi"):
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
         lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 10) + "]")
     [message] = problems("\n".join(lines) + "\n")
     assert f"aliases expand to more than {MAX_ALIAS_VALUES} values" in message

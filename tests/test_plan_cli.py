@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main
-from reconciler.cli import plan_cmd
+from reconciler.cli import main, plan_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
@@ -68,7 +67,9 @@ def test_invalid_profile_exits_1_with_a_located_error(tmp_path, capsys):
 
 def test_invalid_snapshot_exits_1_with_a_located_error(tmp_path, capsys):
     snapshot = tmp_path / "snapshot.yaml"
-    snapshot.write_text('format_version: 1\nnode: local\nnow: "2026-11-22T16:00:00Z"\ngpus: [{index: -1, total_mb: 8}]\n')
+    snapshot.write_text(
+        'format_version: 1\nnode: local\nnow: "2026-11-22T16:00:00Z"\ngpus: [{index: -1, total_mb: 8}]\n'
+    )
     assert main(["plan", "--profile", str(START / "profile.yaml"), "--snapshot", str(snapshot)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(f"{snapshot}:4:")

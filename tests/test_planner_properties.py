@@ -7,13 +7,16 @@ import os
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.compatibility import capacity
 from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
-from reconciler.core.compatibility import capacity
 from reconciler.core.world import World
 from tests.strategies import crowded_worlds, worlds
 
-SETTINGS = settings(max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def committed(world: World, gpu: int) -> int:

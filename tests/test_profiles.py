@@ -32,7 +32,9 @@ def test_cf_orch_profile_loads_unchanged(path):
 
 
 def test_the_bundled_set_is_complete():
-    assert [p.stem for p in BUNDLED] == ["cpu", "single-gpu-16gb", "single-gpu-24gb", "single-gpu-6gb", "single-gpu-8gb"]
+    assert [p.stem for p in BUNDLED] == [
+        "cpu", "single-gpu-16gb", "single-gpu-24gb", "single-gpu-6gb", "single-gpu-8gb"
+    ]
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
@@ -66,7 +68,8 @@ def test_bundled_profile_keeps_cf_orch_services_vram_and_priorities(path):
 
 
 def test_environment_overrides_reach_the_launch_strings():
-    profile = load_profile(ROOT / "profiles" / "single-gpu-8gb.yaml", environ={"CF_PYTHON": "/venv/bin/python", "CF_MODELS_DIR": "/m"})
+    profile = load_profile(ROOT / "profiles" / "single-gpu-8gb.yaml",
+                           environ={"CF_PYTHON": "/venv/bin/python", "CF_MODELS_DIR": "/m"})
     vllm = profile.services["vllm"].managed
     assert vllm.exec_path == "/venv/bin/python"
     assert '--model "/m/vllm/{model}"' in vllm.args_template

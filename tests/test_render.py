@@ -42,7 +42,8 @@ PLAN_SHAPE = {
             "properties": {"service": {"type": "string"}, "demand": {"type": "string"}, "reason": {"type": "string"}},
         }},
         "gpus": {"type": "array", "items": {
-            "type": "object", "required": ["index", "total_mb", "free_mb", "free_mb_after"], "additionalProperties": False,
+            "type": "object", "required": ["index", "total_mb", "free_mb", "free_mb_after"],
+            "additionalProperties": False,
             "properties": {k: {"type": "integer"} for k in ("index", "total_mb", "free_mb", "free_mb_after")},
         }},
         "summary": {"type": "object", "required": list(ACTION_KINDS), "additionalProperties": False,

@@ -7,9 +7,9 @@ import asyncio
 import httpx
 
 from reconciler.core.snapshot import Instance
+from reconciler.testing.fixtures import spawner  # noqa: F401 (fixture)
 from reconciler.testing.ports import free_port
 from tests.runtime_support import env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
-from reconciler.testing.fixtures import spawner  # noqa: F401 (fixture)
 
 
 def ollama_service(port: int, **extra) -> dict:

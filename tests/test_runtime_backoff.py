@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.core.plan import Action, Plan
 from reconciler.core.backoff import DEFAULT_POLICY as BACKOFF_POLICY
 from reconciler.core.backoff import after_failure
+from reconciler.core.plan import Action, Plan
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.runtime.backoff import action_spec_hash, hold_back
 from reconciler.store import open_store
 from reconciler.testing.ports import free_port

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from reconciler.core.events import EventKind
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.plan import Action
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.errors import GuardError, StoreError
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.runtime import EventBus, check_profile_guard
 from reconciler.runtime.actions import Actuator
 from reconciler.store import open_store

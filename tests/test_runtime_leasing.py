@@ -8,11 +8,10 @@ import time
 import pytest
 
 from reconciler.api.refusals import status_of
-from reconciler.errors import LeaseRefused
+from reconciler.core.snapshot import Demand, Lease
+from reconciler.errors import LeaseRefused, StoreError
 from reconciler.runtime import leasing as leasing_module
 from reconciler.runtime.leasing import LeaseRequest, Leasing
-from reconciler.core.snapshot import Demand, Lease
-from reconciler.errors import StoreError
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
 
 

@@ -39,7 +39,9 @@ def test_independent_starts_overlap_and_a_dependent_waits_for_its_dependency(env
             return rt, report, again
 
     rt, report, again = asyncio.run(main())
-    assert {k: o.status for k, o in report.outcomes.items()} == {"start:a": "done", "start:b": "done", "start:c": "done"}
+    assert {k: o.status for k, o in report.outcomes.items()} == {
+        "start:a": "done", "start:b": "done", "start:c": "done"
+    }
     assert report.exit_code == 0 and again.plan.actions == [] and again.exit_code == 0
     seen = events(rt)
     started = {a: seen.index(("action.started", f"start:{a}")) for a in "abc"}

@@ -103,7 +103,7 @@ def test_an_interrupted_stop_is_checked_again(env):
             await rt.recover()
             return rt, {i.service: i.state for i in rt.store.instances()}, rt.store.open_intents()
 
-    rt, states, still_open = asyncio.run(main())
+    _rt, states, still_open = asyncio.run(main())
     assert states == {"svc": "running"}  # alive: ours again; the ghost's process is gone: forgotten
     assert still_open == []
     assert len(listeners(port)) == 1

@@ -22,7 +22,10 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def record_failure(store, service, error, digest, now, policy=BackoffPolicy(base_s=5, reset_after_s=60)):
+POLICY = BackoffPolicy(base_s=5, reset_after_s=60)
+
+
+def record_failure(store, service, error, digest, now, policy=POLICY):
     return store.update_backoff(service, lambda old: after_failure(old, error, digest, now, policy))
 
 
@@ -37,11 +40,12 @@ def store(tmp_path):
 
 
 def vllm_instance(**kw) -> Instance:
-    data = dict(
-        service="vllm", gpu=0, origin="started", pid=5151, create_time=1763800100.25, model="qwen 2.5; x",
-        launch=Launch(argv=["/opt/vllm", "--model", "qwen 2.5; x"], cwd="", env={"A": "1"}, port=8000),
-        state="running", since=T0,
-    )
+    data = {
+        "service": "vllm", "gpu": 0, "origin": "started", "pid": 5151, "create_time": 1763800100.25,
+        "model": "qwen 2.5; x",
+        "launch": Launch(argv=["/opt/vllm", "--model", "qwen 2.5; x"], cwd="", env={"A": "1"}, port=8000),
+        "state": "running", "since": T0,
+    }
     data.update(kw)
     return Instance(**data)
 
@@ -142,7 +146,7 @@ def test_grant_refuses_past_max_concurrent_and_consumes_demand(store):
     assert store.grant_lease(Lease(id="D1", service="vllm"), 2, now=T0)  # replay: no-op
     assert store.grant_lease(Lease(id="L2", service="vllm", expires_at=at(10)), 2, now=T0)
     assert not store.grant_lease(Lease(id="D2", service="vllm"), 2, demand_id="D2", now=T0)
-    assert [l.id for l in store.leases("vllm")] == ["D1", "L2"]
+    assert [lease.id for lease in store.leases("vllm")] == ["D1", "L2"]
     assert [d.id for d in store.demands()] == ["D2"]  # a refused grant leaves the demand queued
     # an expired lease does not hold a slot, even before expire_leases() removes it
     assert store.grant_lease(Lease(id="D2", service="vllm"), 2, demand_id="D2", now=at(10))
@@ -173,7 +177,7 @@ def test_renew_release_and_expire_with_fake_clock(store):
     assert ledger.renew("A", at(30)).expires_at == at(30)
     assert ledger.renew("nope", at(30)) is None
     assert ledger.expire(at(19)) == []
-    assert [l.id for l in ledger.expire(at(20))] == ["B"]
+    assert [lease.id for lease in ledger.expire(at(20))] == ["B"]
     assert store.get_instance("vllm").idle_since is None  # A still held
     assert ledger.expire(at(20)) == []
     [a] = ledger.expire(at(31))
@@ -264,7 +268,7 @@ def test_unusable_state_dir_is_a_store_error(tmp_path):
 def test_closed_store_raises_store_error(tmp_path):
     s = SqliteStore(tmp_path / "x.db", SYSTEM_CLOCK)
     s.close()
-    with pytest.raises(StoreError, match="x.db"):
+    with pytest.raises(StoreError, match=r"x.db"):
         s.instances()
 
 

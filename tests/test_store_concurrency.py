@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Lease
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 
 MAX = 3
@@ -43,7 +43,7 @@ def test_concurrent_grants_never_exceed_max_concurrent(tmp_path):
         assert peak and max(peak) <= MAX
         held = stores[0].leases("vllm")
         assert len(held) == MAX
-        assert sorted(l.id for l in held) == sorted(granted)
+        assert sorted(lease.id for lease in held) == sorted(granted)
         assert stores[1].leases("vllm") == held
     finally:
         for s in stores:

@@ -12,8 +12,8 @@ import sys
 
 import psutil
 
-from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.core.snapshot import Instance
+from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
 from tests.e2e_support import Host
 from tests.runtime_support import kill_started

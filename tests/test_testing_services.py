@@ -18,7 +18,7 @@ def get(port: int, path: str) -> httpx.Response:
     return httpx.get(f"http://127.0.0.1:{port}{path}", trust_env=False, timeout=5)
 
 
-def test_info_and_health(spawner):  # noqa: F811
+def test_info_and_health(spawner):
     svc = spawner.service(name="vllm", env={"CUDA_VISIBLE_DEVICES": "1"})
     info = get(svc.port, "/").json()
     assert (info["name"], info["pid"], info["cuda_visible_devices"]) == ("vllm", svc.pid, "1")
@@ -28,7 +28,7 @@ def test_info_and_health(spawner):  # noqa: F811
     assert get(svc.port, "/nope").status_code == 404
 
 
-def test_unhealthy_until_the_startup_delay(spawner):  # noqa: F811
+def test_unhealthy_until_the_startup_delay(spawner):
     svc = spawner.service(startup_delay=1.0)
     assert get(svc.port, "/health").status_code == 503  # it listens at once, healthy later
     deadline = time.monotonic() + 10
@@ -37,17 +37,17 @@ def test_unhealthy_until_the_startup_delay(spawner):  # noqa: F811
         time.sleep(0.05)
 
 
-def test_refuse_health(spawner):  # noqa: F811
+def test_refuse_health(spawner):
     svc = spawner.service(refuse_health=True, health_path="/api/ok")
     assert get(svc.port, "/api/ok").status_code == 503
 
 
-def test_crash_after_exits_with_the_code(spawner):  # noqa: F811
+def test_crash_after_exits_with_the_code(spawner):
     svc = spawner.service(crash_after=0.2, exit_code=7)
     assert svc.process.wait(10) == 7
 
 
-def test_sigterm_exits_cleanly(spawner):  # noqa: F811
+def test_sigterm_exits_cleanly(spawner):
     svc = spawner.service()
     svc.process.send_signal(signal.SIGTERM)
     assert svc.process.wait(5) == 0
@@ -65,7 +65,7 @@ def test_ignore_sigterm_needs_sigkill():
     assert svc.process.returncode == -signal.SIGKILL
 
 
-def test_fake_ollama_api(spawner):  # noqa: F811
+def test_fake_ollama_api(spawner):
     ollama = spawner.fake_ollama(models="a,b", vram_mb=100, no_load=True)
     assert get(ollama.port, "/").text == "Ollama is running"
     assert [m["name"] for m in get(ollama.port, "/api/tags").json()["models"]] == ["a", "b"]
@@ -79,9 +79,9 @@ def test_fake_ollama_api(spawner):  # noqa: F811
     assert httpx.post(url, content=b"{", trust_env=False).status_code == 400
 
 
-def test_start_failure_shows_the_output(spawner):  # noqa: F811
+def test_start_failure_shows_the_output(spawner):
     taken = spawner.service()
-    with pytest.raises(RuntimeError, match="(?s)exited with 1 before listening.*Address already in use"):
+    with pytest.raises(RuntimeError, match=r"(?s)exited with 1 before listening.*Address already in use"):
         spawner.service(port=taken.port)
 
 

@@ -20,7 +20,7 @@ SEEDS = [p.read_bytes() for p in sorted((ROOT / "profiles").glob("*.yaml"))]
 SEEDS += [p.read_bytes() for p in sorted((ROOT.parent / "shared" / "cf-orch-profiles").glob("*.yaml"))]
 SEEDS += [YAML_SNAPSHOT.encode(), dump_snapshot(parse_snapshot(YAML_SNAPSHOT, "s.yaml")).encode()]
 LOCATED = re.compile(r"^.+:\d+:\d+: .+$")
-YAMLISH = st.sampled_from(list(":-[]{}&*!|>'\"#%@`,? \t\n\r") + ["\x00", "\xe9", "\u2028", "${", "{model}", "<<"])
+YAMLISH = st.sampled_from([*":-[]{}&*!|>'\"#%@`,? \t\n\r", "\x00", "\xe9", "\u2028", "${", "{model}", "<<"])
 VALUES = ["[]", "{}", "-1", "99999", "yes", "null", "'x'", "1.5", "*a", "&a x", "!!binary AA==", "[[[", '"${NOPE}"', ""]
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -85,8 +85,9 @@ def _stop(sig: signal.Signals = signal.SIGTERM) -> None:
 
 
 def _args(tmp_path: Path, **overrides) -> argparse.Namespace:
-    values = dict(profile=str(tmp_path / "p.yaml"), profiles=None, gpu="none", state_dir=str(tmp_path / "state"),
-                  node="local", resync=3600.0, events="json", allow_empty=False)
+    values = {"profile": str(tmp_path / "p.yaml"), "profiles": None, "gpu": "none",
+              "state_dir": str(tmp_path / "state"), "node": "local", "resync": 3600.0, "events": "json",
+              "allow_empty": False}
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -211,9 +212,8 @@ def test_a_second_watch_on_the_same_state_dir_is_refused(tmp_path, monkeypatch) 
     from reconciler.runtime.lock import StateLock
 
     (tmp_path / "p.yaml").write_text(PROFILE.format(name="one"))
-    with StateLock(tmp_path / "state"):
-        with pytest.raises(GuardError, match="another reconciler"):
-            asyncio.run(watch_cmd.watch(_args(tmp_path)))
+    with StateLock(tmp_path / "state"), pytest.raises(GuardError, match="another reconciler"):
+        asyncio.run(watch_cmd.watch(_args(tmp_path)))
 
 
 def test_text_lines() -> None:

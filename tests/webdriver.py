@@ -117,7 +117,8 @@ class Chrome:
         except ValueError:
             raise WebDriverError("unknown error", f"{response.status_code} {response.text[:500]}") from None
         value = payload.get("value")
-        if response.status_code >= 400 or (isinstance(value, dict) and "error" in value and response.status_code != 200):
+        failed = isinstance(value, dict) and "error" in value and response.status_code != 200
+        if response.status_code >= 400 or failed:
             raise WebDriverError(value.get("error", "unknown error"), value.get("message", "")[:2000])
         return value
 

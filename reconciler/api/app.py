@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -72,7 +72,7 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
     index = STATIC_DIR / "index.html"
 
     @app.get("/", include_in_schema=False)
-    async def dashboard():
+    async def dashboard() -> Response:
         if not index.is_file():
             return JSONResponse({"detail": "no dashboard installed; see /docs and /v1/status"}, status_code=404)
         return FileResponse(index, media_type="text/html")

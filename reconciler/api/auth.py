@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from reconciler.errors import GuardError
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
@@ -100,25 +102,26 @@ def check_exposure(listen: Listen, token: str | None) -> None:
 class BearerAuth:
     """ASGI middleware: mutating calls need ``Authorization: Bearer <token>`` (when a token is set)."""
 
-    def __init__(self, app, token: str | None):
+    def __init__(self, app: ASGIApp, token: str | None):
         self.app = app
         self.token = token.encode() if token else None
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.token is not None and scope["method"] in MUTATING:
-            if not self._authorized(scope):
-                body = json.dumps({"detail": "this call changes things and needs 'Authorization: Bearer <token>' "
-                                             "(the token in the server's --token-file)"}).encode()
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b'Bearer realm="reconciler"')]})
-                await send({"type": "http.response.body", "body": body})
-                return
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and self.token is not None and scope["method"] in MUTATING
+                and not self._authorized(scope, self.token)):
+            body = json.dumps({"detail": "this call changes things and needs 'Authorization: Bearer <token>' "
+                                         "(the token in the server's --token-file)"}).encode()
+            await send({"type": "http.response.start", "status": 401, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="reconciler"')]})
+            await send({"type": "http.response.body", "body": body})
+            return
         await self.app(scope, receive, send)
 
-    def _authorized(self, scope) -> bool:
+    @staticmethod
+    def _authorized(scope: Scope, token: bytes) -> bool:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 scheme, _, credentials = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
         return False

@@ -120,8 +120,9 @@ async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
     return {"released": True, "lease_id": lease_id}
 
 
-@router.post("/services/{service}/allocate", responses={422: {"model": Problem}, 503: {"model": Problem}})
-async def allocate(service: str, body: AllocateRequest, request: Request, ctx: Ctx):
+@router.post("/services/{service}/allocate", response_model=None,  # untyped JSON, as cf-orch has it
+             responses={422: {"model": Problem}, 503: {"model": Problem}})
+async def allocate(service: str, body: AllocateRequest, request: Request, ctx: Ctx) -> dict[str, Any] | Response:
     if not body.model_candidates:
         raise HTTPException(422, "model_candidates must be non-empty")
     if service not in ctx.profile().services:

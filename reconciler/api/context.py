@@ -29,7 +29,8 @@ class ApiContext:
 
 
 def context(request: Request) -> ApiContext:
-    return request.app.state.context
+    ctx: ApiContext = request.app.state.context  # set by create_app
+    return ctx
 
 
 async def disconnected(request: Request) -> None:

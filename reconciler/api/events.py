@@ -52,18 +52,19 @@ async def stream(
 ) -> AsyncIterator[str]:
     subscription = bus.subscribe()
     last = since or 0
-    getting: asyncio.Future | None = None
+    getting: asyncio.Future[dict[str, Any]] | None = None
     stop = asyncio.ensure_future(closing.wait())
     try:
         yield ": connected\n\n"
         if since is not None:
-            for event in store.events(since_id=since, limit=REPLAY_LIMIT):
-                last = event.id
-                yield sse(stored(event))
+            for record in store.events(since_id=since, limit=REPLAY_LIMIT):
+                last = record.id
+                yield sse(stored(record))
         while not closing.is_set():
             if getting is None:
                 getting = asyncio.ensure_future(subscription.__anext__())
-            done, _ = await asyncio.wait({getting, stop}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {getting, stop}
+            done, _ = await asyncio.wait(waiting, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED)
             if getting in done:
                 try:
                     event = getting.result()

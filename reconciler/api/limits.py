@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MAX_BODY_BYTES = 64 * 1024
 DRAIN_BYTES = 4 * 1024 * 1024  # a refused body is read and dropped up to this much (see BodyLimit._drain)
@@ -24,11 +25,11 @@ class _TooLarge(HTTPException):
 class BodyLimit:
     """ASGI middleware enforcing :data:`MAX_BODY_BYTES` on request bodies."""
 
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES):
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for name, value in scope.get("headers", ()):
@@ -43,7 +44,7 @@ class BodyLimit:
         seen = 0
         started = False
 
-        async def limited_receive():
+        async def limited_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -54,7 +55,7 @@ class BodyLimit:
                     raise _TooLarge(413, self._message())
             return message
 
-        async def tracking_send(message):
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
@@ -67,7 +68,7 @@ class BodyLimit:
                 await self._refuse(send, 413, self._message())
 
     @staticmethod
-    async def _drain(receive, seen: int) -> None:
+    async def _drain(receive: Receive, seen: int) -> None:
         """Read (and drop) the rest of a refused body, up to :data:`DRAIN_BYTES`, so the client reads our
         413 instead of a connection reset; past that the connection is closed on it."""
         while seen <= DRAIN_BYTES:
@@ -82,7 +83,7 @@ class BodyLimit:
         return f"request body over {self.max_bytes} bytes; this API takes small JSON objects"
 
     @staticmethod
-    async def _refuse(send, status: int, detail: str) -> None:
+    async def _refuse(send: Send, status: int, detail: str) -> None:
         body = json.dumps({"detail": detail}).encode()
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

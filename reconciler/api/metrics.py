@@ -18,15 +18,16 @@ Counted from the event bus and the leasing service:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from reconciler.api.status import build_status
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.runtime import Runtime
+from reconciler.runtime.events import Subscription
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("starting", "running", "stopping", "failed")
@@ -39,7 +40,7 @@ class StateCollector:
         self.runtime = runtime
         self.profile = profile
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         status = build_status(self.runtime, self.profile())
         memory = GaugeMetricFamily("reconciler_gpu_memory_mb", "GPU memory by use, MB", labels=["gpu", "kind"])
         for gpu in status.gpus:
@@ -83,7 +84,7 @@ class Metrics:
             ["path", "result"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry)
         self.registry.register(StateCollector(runtime, profile))
-        self._listening: asyncio.Task | None = None
+        self._listening: asyncio.Task[None] | None = None
 
     def observe_lease(self, path: str, result: str, seconds: float) -> None:
         self.lease_wait.labels(path, result).observe(seconds)
@@ -99,7 +100,7 @@ class Metrics:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
 
-    async def _listen(self, subscription) -> None:
+    async def _listen(self, subscription: Subscription) -> None:
         async with subscription:
             async for event in subscription:
                 kind = event.get("kind")

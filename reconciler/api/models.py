@@ -68,7 +68,9 @@ class LeaseOut(_Response):
     holder: str = ""
     url: str | None = Field(None, description="http://127.0.0.1:{host_port} of the instance; none for slots.")
     gpu: int | None = None
-    mb: int = Field(0, description="VRAM that backs the lease: the service's reservation (max_mb), or a VRAM lease's mb.")
+    mb: int = Field(
+        0, description="VRAM that backs the lease: the service's reservation (max_mb), or a VRAM lease's mb."
+    )
     model: str | None = None
     expires_at: str | None = Field(None, description="ISO 8601 UTC; none = until released.")
     kind: Literal["service", "vram"] = "service"

@@ -10,7 +10,7 @@ request does.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -30,7 +30,9 @@ router = APIRouter()
 Ctx = Annotated[ApiContext, Depends(context)]
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
-_LEASE_ERRORS = {404: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem}}
+_LEASE_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem},
+}
 
 
 def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
@@ -44,7 +46,7 @@ def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
 
 
 @router.post("/v1/leases", response_model=LeaseOut, responses=_LEASE_ERRORS, tags=["leases"])
-async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx):
+async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx) -> LeaseOut | Response:
     """Lease a service: at once when a compatible instance has room, else after the reconciler starts one."""
     try:
         granted = await ctx.leasing.lease(body.to_request(), disconnected=lambda: disconnected(request))
@@ -62,7 +64,7 @@ async def list_leases(ctx: Ctx) -> dict[str, list[LeaseOut]]:
 
 
 @router.get("/v1/leases/{lease_id}", response_model=LeaseOut, responses={404: {"model": Problem}}, tags=["leases"])
-async def get_lease(lease_id: str, ctx: Ctx):
+async def get_lease(lease_id: str, ctx: Ctx) -> LeaseOut:
     lease = ctx.leasing.lease_by_id(lease_id)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
@@ -71,7 +73,7 @@ async def get_lease(lease_id: str, ctx: Ctx):
 
 @router.post("/v1/leases/{lease_id}/renew", response_model=LeaseOut, responses={404: {"model": Problem}},
              tags=["leases"])
-async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None):
+async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None) -> LeaseOut:
     """The lease now ends ``ttl_s`` (default 300) from now."""
     lease = ctx.leasing.renew(lease_id, (body or RenewRequest()).ttl_s)
     if lease is None:
@@ -81,7 +83,7 @@ async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None)
 
 @router.delete("/v1/leases/{lease_id}", response_model=Released, responses={404: {"model": Problem}},
                tags=["leases"])
-async def release_lease(lease_id: str, ctx: Ctx):
+async def release_lease(lease_id: str, ctx: Ctx) -> Released:
     lease = ctx.leasing.release(lease_id)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
@@ -89,13 +91,13 @@ async def release_lease(lease_id: str, ctx: Ctx):
 
 
 @router.get("/v1/status", response_model=Status, tags=["status"])
-async def status(ctx: Ctx):
+async def status(ctx: Ctx) -> Status:
     """GPUs, services, instances, leases, waiting demands with reasons, the plan, conditions."""
     return build_status(ctx.runtime, ctx.profile())
 
 
 @router.get("/v1/plan", responses={503: {"model": Problem}}, tags=["status"])
-async def plan(ctx: Ctx) -> dict:
+async def plan(ctx: Ctx) -> dict[str, Any]:
     """The last pass's plan, as ``reconciler plan --format json`` prints it."""
     last = ctx.runtime.last_pass()
     if last is None:
@@ -108,7 +110,7 @@ async def plan(ctx: Ctx) -> dict:
 async def event_stream(
     request: Request, ctx: Ctx,
     since: Annotated[int | None, Query(ge=0, description="Replay stored events after this id first.")] = None,
-):
+) -> StreamingResponse:
     """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
     if since is None:
         last = request.headers.get("last-event-id", "")
@@ -120,6 +122,6 @@ async def event_stream(
 
 @router.get("/metrics", tags=["status"], response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})
-async def metrics(ctx: Ctx):
+async def metrics(ctx: Ctx) -> Response:
     """Prometheus text format."""
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)

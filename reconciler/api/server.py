@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 import uvicorn
 
@@ -23,8 +23,8 @@ from reconciler.api.app import create_app
 from reconciler.api.auth import Listen, check_exposure
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
-from reconciler.core.profile import Profile
 from reconciler.core.events import EventKind
+from reconciler.core.profile import Profile
 from reconciler.errors import GuardError
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
@@ -35,8 +35,8 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
-    def capture_signals(self):  # the watch loop handles signals; uvicorn must not take them over
-        yield
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the watch loop handles signals; uvicorn must not take them over
 
 
 class ApiServer:
@@ -47,7 +47,7 @@ class ApiServer:
         self.socket: socket.socket | None = None
         self.context: ApiContext | None = None
         self._server: _Server | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -90,6 +90,7 @@ class ApiServer:
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _Server(config)
+        assert self.socket is not None, "bound above"
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self.socket]))
         deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
         while not self._server.started:
@@ -110,7 +111,7 @@ class ApiServer:
             self._server.should_exit = True
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), SHUTDOWN_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._server.force_exit = True
                 await asyncio.gather(self._task, return_exceptions=True)
         if self.context is not None:

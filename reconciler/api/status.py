@@ -10,8 +10,8 @@ snapshot, for health and GPU memory (with the store's leases accounted, see
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
-from reconciler.core.accounting import world_now
 from reconciler.api.models import (
     Condition,
     DemandStatus,
@@ -22,6 +22,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
+from reconciler.core.accounting import world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -91,7 +92,9 @@ def _gpus(world: World | None) -> list[GpuStatus]:
 def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
     out = []
     for name, spec in sorted(profile.services.items(), key=lambda kv: (kv[1].priority, kv[0])):
-        kind = "unmanaged" if spec.managed is None else ("docker" if isinstance(spec.managed, DockerSpec) else "process")
+        kind: Literal["process", "docker", "unmanaged"] = (
+            "unmanaged" if spec.managed is None else "docker" if isinstance(spec.managed, DockerSpec) else "process"
+        )
         out.append(ServiceStatus(
             service=name, priority=spec.priority, max_mb=spec.max_mb, managed=kind, always_on=spec.always_on,
             max_concurrent=capacity(spec), url=service_url(spec),
@@ -100,7 +103,10 @@ def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
     return out
 
 
-def _instance(instance, profile, world, active, backoffs, now) -> InstanceStatus:
+def _instance(
+    instance: Instance, profile: Profile, world: World | None, active: list[Lease], backoffs: dict[str, Backoff],
+    now: datetime,
+) -> InstanceStatus:
     spec = profile.services.get(instance.service)
     backoff = backoffs.get(instance.service)
     failing = backoff is not None and (backoff.failures > 0 or backoff.stalled)
@@ -111,20 +117,23 @@ def _instance(instance, profile, world, active, backoffs, now) -> InstanceStatus
         leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
         max_concurrent=capacity(spec) if spec is not None else 1,
         uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,
-        last_error=backoff.last_error if failing else None,
+        last_error=backoff.last_error if failing and backoff is not None else None,
         stalled=bool(backoff and backoff.stalled),
     )
 
 
 def _healthy(instance: Instance, world: World | None) -> bool:
     """The last probe's verdict; for an instance newer than the last observation, its start's health check."""
-    seen = world.instances.get(instance.service) if world is not None else None
+    running = instance.state == "running"  # the runtime marks a start running only once it answered healthy
+    if world is None:
+        return running
+    seen = world.instances.get(instance.service)
     if seen is not None and seen.pid == instance.pid:
         return world.healthy(instance.service)
-    dead = world.dead.get(instance.service) if world is not None else None
+    dead = world.dead.get(instance.service)
     if dead is not None and dead.pid == instance.pid:
         return False
-    return instance.state == "running"  # the runtime marks a start running only once it answered healthy
+    return running
 
 
 def _lease(lease: Lease, now: datetime) -> LeaseStatus:
@@ -153,19 +162,20 @@ def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
     )
 
 
-def _conditions(plan: Plan | None, backoffs, observed: bool) -> list[Condition]:
+def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool) -> list[Condition]:
     out = []
     if not observed or plan is None:
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:
         converged = not plan.actions and not plan.pending
-        bits = [f"{len(plan.actions)} action(s)" if plan.actions else "", f"{len(plan.pending)} pending" if plan.pending else ""]
+        bits = [f"{len(plan.actions)} action(s)" if plan.actions else "",
+                f"{len(plan.pending)} pending" if plan.pending else ""]
         out.append(Condition(type="converged", ok=converged,
                              message="converged: nothing to do" if converged else ", ".join(b for b in bits if b)))
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
     for name, backoff in backoffs.items():
         if backoff.stalled:
-            out.append(Condition(type="stalled", ok=False, service=name,
-                                 message=f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"))
+            message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
+            out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out

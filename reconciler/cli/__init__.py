@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from reconciler.errors import InputError, ReconcilerError
 
@@ -22,7 +23,7 @@ COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", 
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would exit 2, which means "changes" for plan
+    def error(self, message: str) -> NoReturn:  # argparse would exit 2, which means "changes" for plan
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 

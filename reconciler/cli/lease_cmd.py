@@ -19,13 +19,17 @@ import getpass
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from reconciler.cli.status_cmd import add_url_argument
 
 DEFAULT_TTL_S = 60.0
+_Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.signal returns and takes
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "lease", help="hold a service (started if needed) while this runs; prints its URL",
         description="Lease SERVICE from a running `reconciler serve`, print its URL, renew the lease while "
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         print("reconciler lease: --ttl must be more than 0", file=sys.stderr)
         return 64
     stop = threading.Event()
-    previous: dict = {}
+    previous: dict[signal.Signals, _Handler] = {}
     body = {"service": args.service, "holder": args.holder or f"{getpass.getuser()}@lease", "ttl_s": args.ttl,
             "wait_s": args.wait}
     if args.model:

@@ -27,7 +27,7 @@ from reconciler.loading import dump_snapshot, load_profile
 from reconciler.store import DB_NAME, StoredState, default_state_dir, open_store
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "observe",
         help="print a snapshot of the live host (GPUs, processes, probes, inventory)",

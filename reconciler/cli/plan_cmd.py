@@ -31,7 +31,7 @@ from reconciler.loading import load_profile, load_snapshot
 from reconciler.render import COLOR_MODES, FORMATS, render, want_color
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="plan the actions that make the host match the profile (dry run)",

@@ -12,7 +12,7 @@ import sys
 from reconciler.schema import KINDS, render
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "schema",
         help="print the JSON Schema (draft 2020-12) of profiles or snapshots",

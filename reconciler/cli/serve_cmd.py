@@ -18,7 +18,7 @@ import argparse
 from reconciler.cli import watch_cmd
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="watch, plus the HTTP API and dashboard (leases, status, events)",

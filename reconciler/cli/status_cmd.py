@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "status", help="GPUs, instances, leases and pending demands of a running `reconciler serve`",
         description="Print the status of a running `reconciler serve` (GET /v1/status) as tables.",
@@ -51,7 +51,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
                and all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in pairs).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in cells)])
 

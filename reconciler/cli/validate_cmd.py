@@ -25,14 +25,16 @@ EXIT_OK = 0
 EXIT_INVALID = 1
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "validate",
         help="check profiles and snapshots; print located errors",
         description="Check profiles and snapshots; print one file:line:col: message per problem.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="profile or snapshot files (YAML or JSON)")
-    parser.add_argument("--format", choices=("text", "json", "github"), default="text", help="output format (default: text)")
+    parser.add_argument(
+        "--format", choices=("text", "json", "github"), default="text", help="output format (default: text)"
+    )
     parser.add_argument(
         "--kind", choices=("auto", "profile", "snapshot"), default="auto", help="what the files are (default: auto)"
     )

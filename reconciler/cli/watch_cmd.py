@@ -86,13 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", metavar="FILE", help="the profile (YAML)")
     source.add_argument(
-        "--profiles", metavar="DIR", help="a directory of profiles: use the largest that fits the GPU (CPU profile without one)"
+        "--profiles", metavar="DIR",
+        help="a directory of profiles: use the largest that fits the GPU (CPU profile without one)",
     )
     parser.add_argument("--gpu", default="auto", metavar="SPEC", help=f"GPU backend; {SPEC_HELP} (default: auto)")
     parser.add_argument("--state-dir", metavar="DIR", help="state directory (default: the reconciler's own)")
     parser.add_argument("--node", default="local", help="node name (default: local)")
     parser.add_argument(
-        "--resync", type=_positive, default=30.0, metavar="S", help="observe and plan again every S seconds (default: 30)"
+        "--resync", type=_positive, default=30.0, metavar="S",
+        help="observe and plan again every S seconds (default: 30)",
     )
     parser.add_argument("--events", choices=("text", "json"), default="text", help="event output (default: text)")
     parser.add_argument(

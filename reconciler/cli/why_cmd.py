@@ -21,7 +21,7 @@ VERBS = {"adopt": "adopt it", "start": "start it", "restart": "restart it", "sto
          "evict": "evict it", "lease": "grant a lease", "release": "release"}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "why", help="why a service is or is not running, in plain words",
         description="Explain, from the plan of a running `reconciler serve`, why SERVICE is or is not running.",

@@ -69,9 +69,9 @@ class Backoff:
 def after_failure(old: Backoff, error: str, digest: str, now: datetime, policy: BackoffPolicy) -> Backoff:
     """The record after one more failure: a changed spec or a long healthy spell counts from zero."""
     failures = old.failures
-    if old.spec_hash != digest:
-        failures = 0
-    elif old.healthy_since and (now - old.healthy_since).total_seconds() >= policy.reset_after_s:
+    if old.spec_hash != digest or (
+        old.healthy_since and (now - old.healthy_since).total_seconds() >= policy.reset_after_s
+    ):
         failures = 0
     failures += 1
     return Backoff(

@@ -35,7 +35,7 @@ def check_profile(profile: Profile) -> list[Problem]:
     owners: dict[int, str] = {}
     for name, service in profile.services.items():
         port = service.probe_port
-        if port is None:
+        if port is None or service.managed is None:  # a probe port comes with a managed spec
             continue
         if port in owners:
             problems.append(

@@ -24,7 +24,7 @@ snapshots, plans, events and the API show them.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -48,4 +48,4 @@ def iso_utc(dt: datetime, *, timespec: str = "auto") -> str:
     """ISO 8601 in UTC with a ``Z``: ``2026-11-22T16:00:00Z``."""
     if dt.tzinfo is None:
         raise ValueError(f"naive datetime {dt!r}: the reconciler writes timezone-aware UTC times only")
-    return dt.astimezone(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
+    return dt.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")

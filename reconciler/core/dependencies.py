@@ -12,8 +12,8 @@ import networkx as nx
 from reconciler.core.profile import Service
 
 
-def dependency_graph(services: Mapping[str, Service]) -> nx.DiGraph:
-    graph = nx.DiGraph()
+def dependency_graph(services: Mapping[str, Service]) -> nx.DiGraph[str]:
+    graph: nx.DiGraph[str] = nx.DiGraph()
     graph.add_nodes_from(services)
     for name, service in services.items():
         for dep in service.depends_on:
@@ -22,7 +22,7 @@ def dependency_graph(services: Mapping[str, Service]) -> nx.DiGraph:
     return graph
 
 
-def find_cycle(graph: nx.DiGraph) -> list[str] | None:
+def find_cycle(graph: nx.DiGraph[str]) -> list[str] | None:
     """One dependency cycle as ``[a, b, …, a]``, or None for a DAG."""
     try:
         edges = nx.find_cycle(graph)
@@ -33,7 +33,7 @@ def find_cycle(graph: nx.DiGraph) -> list[str] | None:
     return list(reversed(cycle))
 
 
-def dependents_closure(graph: nx.DiGraph, roots: Iterable[str]) -> set[str]:
+def dependents_closure(graph: nx.DiGraph[str], roots: Iterable[str]) -> set[str]:
     """``roots`` and everything that (transitively) depends on them."""
     out: set[str] = set()
     for root in roots:
@@ -43,7 +43,7 @@ def dependents_closure(graph: nx.DiGraph, roots: Iterable[str]) -> set[str]:
     return out
 
 
-def dependencies_closure(graph: nx.DiGraph, roots: Iterable[str]) -> set[str]:
+def dependencies_closure(graph: nx.DiGraph[str], roots: Iterable[str]) -> set[str]:
     """``roots`` and everything they (transitively) depend on."""
     out: set[str] = set()
     for root in roots:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+ChoiceKey = tuple[int, int, int, tuple[str, ...]]  # (busy, count, freed MB, names)
+CostKey = tuple[int, int, int, int, tuple[str, ...]]  # (-top priority, *ChoiceKey)
 
 @dataclass(frozen=True)
 class Candidate:
@@ -38,11 +40,11 @@ class EvictionChoice:
     busy: int
 
     @property
-    def key(self) -> tuple:
+    def key(self) -> ChoiceKey:
         return (self.busy, len(self.services), self.freed, self.services)
 
 
-def cost_key(choice: EvictionChoice, candidates: Mapping[str, Candidate]) -> tuple:
+def cost_key(choice: EvictionChoice, candidates: Mapping[str, Candidate]) -> CostKey:
     """Comparable cost of a choice, for comparing GPUs: smaller is cheaper."""
     top = min((candidates[s].priority for s in choice.services), default=None)
     return (0 if top is None else -top, *choice.key)
@@ -65,7 +67,7 @@ def choose_eviction(
         eligible = [
             name for name in candidates if all(candidates[m].priority >= level for m in closures[name])
         ]
-        universe = frozenset().union(*(closures[n] for n in eligible)) if eligible else frozenset()
+        universe: frozenset[str] = frozenset().union(*(closures[n] for n in eligible)) if eligible else frozenset()
         if sum(candidates[m].mb for m in universe) < deficit:
             continue
         best = _search(candidates, closures, eligible, deficit)
@@ -74,7 +76,12 @@ def choose_eviction(
     return None
 
 
-def _search(candidates, closures, eligible, deficit) -> EvictionChoice | None:
+def _search(
+    candidates: Mapping[str, Candidate],
+    closures: Mapping[str, frozenset[str]],
+    eligible: list[str],
+    deficit: int,
+) -> EvictionChoice | None:
     """Branch and bound over the eligible candidates, largest closures first; members as bits."""
     names = sorted({m for n in eligible for m in closures[n]})
     bit = {n: 1 << i for i, n in enumerate(names)}
@@ -86,7 +93,7 @@ def _search(candidates, closures, eligible, deficit) -> EvictionChoice | None:
     top = [0] * (len(items) + 1)  # top[i]: gains of items[:i]; items are sorted by gain, descending
     for i, gain in enumerate(gains):
         top[i + 1] = top[i] + gain
-    best: list[tuple | None] = [None]  # (busy, count, freed, names, mask)
+    best: list[tuple[int, int, int, tuple[str, ...], int] | None] = [None]  # (busy, count, freed, names, mask)
 
     def visit(i: int, chosen: int, freed: int, busy: int, count: int) -> None:
         incumbent = best[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from reconciler.core.eviction import Candidate, EvictionChoice, choose_eviction, cost_key
+from reconciler.core.eviction import Candidate, CostKey, EvictionChoice, choose_eviction, cost_key
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,9 @@ def place(
         return Placement(prefer, NOTHING_EVICTED)
     fitting = [g for g in allowed if free[g] >= need]
     if fitting:
-        best = min(fitting, key=lambda g: (-free[g], g))
-        return Placement(best, NOTHING_EVICTED)
-    best_key: tuple[object, ...] | None = None
+        roomiest = min(fitting, key=lambda g: (-free[g], g))
+        return Placement(roomiest, NOTHING_EVICTED)
+    best_key: tuple[CostKey, int] | None = None
     best: Placement | None = None
     refusals: list[str] = []
     for gpu in sorted(allowed):
@@ -69,7 +69,7 @@ def place(
             refusals.append(refusal(need, gpu, free[gpu], options))
             continue
         key = (cost_key(choice, options.candidates), gpu)
-        if best_key is None or key < best_key:  # type: ignore[operator]  # tuples of ints and names
+        if best_key is None or key < best_key:
             best_key, best = key, Placement(gpu, choice)
     return best if best is not None else NoPlacement(" | ".join(refusals))
 

@@ -91,7 +91,7 @@ class Plan(_Out):
         data = self.model_dump(mode="json")
         for action in data["actions"]:
             for key in ("mb", "lease", "model", "gpu"):
-                if action.get(key) is None and not (key == "gpu"):
+                if action.get(key) is None and key != "gpu":
                     action.pop(key, None)
         for item in data["pending"]:
             if item.get("demand") is None:

@@ -118,7 +118,8 @@ class Planner:
 
     def adopt(self) -> None:
         for name, spec in sorted(self.profile.services.items()):
-            if name in self.world.instances or not spec.adoptable or not self.world.probe_healthy(name):
+            if (name in self.world.instances or spec.managed is None or not spec.adoptable
+                    or not self.world.probe_healthy(name)):
                 continue
             port = spec.probe_port
             listener = self.world.listener(port)
@@ -158,7 +159,8 @@ class Planner:
                 continue
             if instance.origin == "adopted":
                 if spec is None:
-                    self.state.add("release", name, name, f"adopted instance: {why}; it keeps running", gpu=instance.gpu)
+                    self.state.add("release", name, name, f"adopted instance: {why}; it keeps running",
+                                   gpu=instance.gpu)
                     self.state.gone.add(name)
                 continue
             if self.unseen(instance.gpu):
@@ -248,7 +250,8 @@ class Planner:
     def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
         blocked = [d for d in spec.depends_on if d in self.state.failed]
         if blocked:
-            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {self.state.failed[blocked[0]]}")
+            cause = self.state.failed[blocked[0]]
+            return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {cause}")
         dead = self.world.dead.get(name)
         model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
         if model is None and model_bound(spec):
@@ -338,6 +341,7 @@ class Planner:
             spec = self.profile.services.get(name)
             blocked = [m for m in sorted(closures[name]) if not evictable(m)]
             if not blocked:
+                assert spec is not None, "evictable() holds only for services in the profile"
                 busy = self.held(name) > 0
                 mb = self.reservation(name) if live[name].gpu == gpu else 0
                 candidates[name] = Candidate(name, spec.priority, busy, mb)
@@ -412,7 +416,7 @@ class Planner:
                     self.state.gpu_of[key] = holder_gpu
         wanted = compute_wanted(self.world)
         self.stop_unwanted(wanted.unwanted)
-        for name, instance in self.world.instances.items():
+        for name in self.world.instances:
             if name not in self.state.gone:
                 self.state.ready.setdefault(name, None)
         self.converge_services(wanted.wanted)
@@ -487,7 +491,7 @@ class Planner:
 
         rank = {kind: i for i, kind in enumerate(ACTION_KINDS)}
         order = list(self.state.actions)
-        dag = nx.DiGraph()
+        dag: nx.DiGraph[str] = nx.DiGraph()
         dag.add_nodes_from(order)
         for action in self.state.actions.values():
             dag.add_edges_from((req, action.id) for req in action.requires if req in self.state.actions)
@@ -495,7 +499,7 @@ class Planner:
         sorted_ids = nx.lexicographical_topological_sort(
             dag, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
         actions = [self.state.actions[a] for a in sorted_ids]
-        summary = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
+        summary: dict[str, int] = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
         draft = Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions), actions=actions,
                      pending=self.state.pending, gpus=[], summary=summary)
         after = World(self.profile, simulate(self.profile, self.snapshot, draft))

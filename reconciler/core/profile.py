@@ -144,7 +144,9 @@ class Service(_Strict):
     start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
     probe_interval_s: float = Field(5, gt=0, description="Health probe interval once running.")
     probe_timeout_s: float = Field(2, gt=0, description="Timeout of one health probe.")
-    failure_threshold: int = Field(3, ge=1, description="Consecutive failed probes before a running instance is unhealthy.")
+    failure_threshold: int = Field(
+        3, ge=1, description="Consecutive failed probes before a running instance is unhealthy."
+    )
 
     @property
     def probe_port(self) -> int | None:

@@ -14,7 +14,7 @@ the earlier passes in ``history`` (oldest first).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from reconciler.core.plan import Plan
 from reconciler.core.snapshot import Snapshot
@@ -33,7 +33,7 @@ class Outcome:
     def ok(self) -> bool:
         return self.status == "done"
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         return {"status": self.status, "detail": self.detail, "duration_s": round(self.duration_s, 3)}
 
 
@@ -64,13 +64,13 @@ class PassReport:
 
     def counts(self) -> dict[str, int]:
         """Outcomes by status over every pass."""
-        counts = dict.fromkeys(OUTCOME_STATUSES, 0)
+        counts: dict[str, int] = dict.fromkeys(OUTCOME_STATUSES, 0)
         for report in self.passes:
             for outcome in report.outcomes.values():
                 counts[outcome.status] += 1
         return counts
 
-    def to_json_dict(self) -> dict:
+    def to_json_dict(self) -> dict[str, Any]:
         return {
             "format_version": 1,
             "exit_code": self.exit_code,

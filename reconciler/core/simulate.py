@@ -47,15 +47,18 @@ class _Host:
         for index, g in list(self.gpus.items()):
             kept = [p for p in g.processes if p.pid not in pids]
             removed = sum(p.used_mb for p in g.processes if p.pid in pids)
-            add = []
+            add: list[GpuProcess] = []
+            added = 0
             if mb is not None and index == gpu:
+                assert owner is not None, "memory is charged to a process"
                 add = [GpuProcess(pid=owner, used_mb=mb)]
-            used = max(0, g.used_mb - removed) + (mb if add else 0)
+                added = mb
+            used = max(0, g.used_mb - removed) + added
             self.gpus[index] = g.model_copy(update={"processes": kept + add, "used_mb": used, "free_mb": None})
 
     def kill(self, instance: Instance) -> None:
         if instance.pid is None:  # a container we cannot see into: its memory was unattributed
-            gpu = self.gpus.get(instance.gpu)
+            gpu = self.gpus.get(instance.gpu) if instance.gpu is not None else None
             if gpu is not None:
                 unattributed = max(0, gpu.used_mb - sum(p.used_mb for p in gpu.processes))
                 spec = self.profile.services.get(instance.service)
@@ -128,6 +131,7 @@ class _Host:
             self.instances[lease.service] = instance.model_copy(update={"idle_since": self.now})
 
     def _lease(self, action: Action) -> None:
+        assert action.lease is not None, "a lease action names its demand"
         demand = self.demands.pop(action.lease)
         expires = self.now + timedelta(seconds=demand.ttl_s) if demand.ttl_s else None
         self.leases[demand.id] = Lease(id=demand.id, service=demand.service, holder=demand.holder, gpu=action.gpu,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reconciler.core.dependencies import dependency_graph, dependencies_closure
+from reconciler.core.dependencies import dependencies_closure, dependency_graph
 from reconciler.core.world import World
 
 

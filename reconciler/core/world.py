@@ -29,7 +29,7 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -130,15 +130,16 @@ class World:
     def owner_pid(self, pid: int, instance_pids: set[int]) -> int | None:
         """The instance pid that ``pid`` is or descends from, if any."""
         seen = 0
-        while pid is not None and seen < 64:
-            if pid in instance_pids:
-                return pid
-            process = self.processes.get(pid)
-            pid = process.ppid if process else None
+        current: int | None = pid
+        while current is not None and seen < 64:
+            if current in instance_pids:
+                return current
+            process = self.processes.get(current)
+            current = process.ppid if process else None
             seen += 1
         return None
 
-    def listener(self, port: int | None):
+    def listener(self, port: int | None) -> Process | None:
         if port is None:
             return None
         return next((p for p in self.snapshot.processes if port in p.listening), None)
@@ -164,8 +165,8 @@ class World:
         """(MB reserved, whether NVML attributes memory to it) for a live instance on its GPU."""
         spec = self.profile.services.get(service)
         max_mb = spec.max_mb if spec else 0
-        attributed = instance.gpu in observed
-        seen = observed.get(instance.gpu, 0)
+        attributed = instance.gpu is not None and instance.gpu in observed
+        seen = observed.get(instance.gpu, 0) if instance.gpu is not None else 0
         if instance.origin == "adopted":
             if attributed:
                 return seen, True
@@ -173,7 +174,7 @@ class World:
             return (min(max_mb, view.total) if view is not None else max_mb), False  # it runs: it fits
         return max(max_mb, seen), attributed
 
-    def account(self, extra: list[Holder] = ()) -> None:
+    def account(self, extra: Sequence[Holder] = ()) -> None:
         """Fill each GPU's holders and foreign usage. ``extra``: holders planned but not in the snapshot."""
         usage = self.observed_usage()
         for view in self.gpus.values():

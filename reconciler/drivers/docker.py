@@ -61,7 +61,8 @@ class DockerDriver(Driver):
 
     def run_argv(self, request: LaunchRequest) -> list[str]:
         """The ``docker run`` argv (without the executable) for a service."""
-        service_name, service, gpu, sim, launch = request.service, request.spec, request.gpu, request.sim, request.launch
+        service_name, service, gpu = request.service, request.spec, request.gpu
+        sim, launch = request.sim, request.launch
         spec = service.managed
         if not isinstance(spec, DockerSpec):
             raise DriverError(f"service {service_name} is not a managed container; the docker driver cannot start it")
@@ -148,7 +149,7 @@ class DockerDriver(Driver):
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.communicate()
             raise DriverError(f"docker {args[0]} did not answer within {timeout_s:g} s") from None

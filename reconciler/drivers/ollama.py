@@ -38,9 +38,16 @@ class OllamaDriver(Driver):
         self.waiter = waiter or Waiter()
 
     @classmethod
-    def for_service(cls, service: Service, **kwargs: object) -> OllamaDriver:
+    def for_service(
+        cls,
+        service: Service,
+        *,
+        host: str = "127.0.0.1",
+        client: httpx.AsyncClient | None = None,
+        waiter: Waiter | None = None,
+    ) -> OllamaDriver:
         """The driver for a profile service (its ``host_port``, else ``port``, else 11434)."""
-        return cls(service.probe_port or DEFAULT_PORT, **kwargs)  # type: ignore[arg-type]
+        return cls(service.probe_port or DEFAULT_PORT, host=host, client=client, waiter=waiter)
 
     def api(self, timeout_s: float = 5.0) -> OllamaApi:
         return OllamaApi(self.port, host=self.host, client=self._client, timeout_s=timeout_s)

@@ -26,6 +26,7 @@ While we are its parent, a daemon thread reaps it so it never lingers as a zombi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -170,7 +171,8 @@ class ProcessDriver(Driver):
         return pid, create_time
 
     async def start(self, request: LaunchRequest) -> StartedProcess:
-        service_name, service, gpu, sim, launch = request.service, request.spec, request.gpu, request.sim, request.launch
+        service_name, service, gpu = request.service, request.spec, request.gpu
+        sim, launch = request.sim, request.launch
         intent = request.intent
         if not isinstance(service.managed, ProcessSpec):
             raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
@@ -186,7 +188,8 @@ class ProcessDriver(Driver):
             raise DriverError(f"service {service_name}: working directory {cwd} does not exist")
         try:
             with open(log_path, "ab") as log:
-                header = f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: {json.dumps(launch.argv)}\n"
+                header = (f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: "
+                          f"{json.dumps(launch.argv)}\n")
                 log.write(header.encode())
                 log.flush()
                 proc = subprocess.Popen(
@@ -244,10 +247,8 @@ class ProcessDriver(Driver):
             return StopResult("gone", f"{name} (pid {pid}) exited; nothing signalled")
 
         def send(sig: signal.Signals) -> None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig) if group else os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
         async def ended() -> bool:
             return not is_alive(pid, create_time) and not (group and _group_alive(pid))

@@ -12,6 +12,7 @@ failure surfaces as :class:`GpuBackendError`, never as a raw ``NVMLError``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
 from typing import Any
@@ -74,10 +75,8 @@ class NvmlBackend:
     def close(self) -> None:
         if self._open:
             self._open = False
-            try:
+            with contextlib.suppress(self._error):  # nothing left to release
                 self._nvml.nvmlShutdown()
-            except self._error:
-                pass  # nothing left to release
 
     def _read_device(self, index: int) -> Gpu:
         nvml = self._nvml

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import timezone
+from datetime import UTC
 
 from reconciler.core.clock import Clock
 from reconciler.core.identity import is_running
@@ -87,7 +87,7 @@ class Observer:
         instances, profile = list(instances), self._profile
         now = self.clock.now()
         if now.tzinfo is None:
-            now = now.replace(tzinfo=timezone.utc)
+            now = now.replace(tzinfo=UTC)
         probing = asyncio.ensure_future(self.prober.probe_all(probe_targets(profile)))
         try:
             gpus = await asyncio.to_thread(self.gpu_backend.read)
@@ -140,15 +140,19 @@ class Observer:
         answers = await asyncio.gather(*(self._ollama_vram(s) for _, s in candidates))
         extra: dict[int, list[GpuProcess]] = {}
         indexes = {g.index for g in gpus}
-        for (inst, _), mb in zip(candidates, answers):
+        for (inst, _), mb in zip(candidates, answers, strict=True):
             if mb is None:
                 continue
+            assert inst.pid is not None, "a candidate is running, so it has a pid"
             index = inst.gpu if inst.gpu in indexes else min(indexes)
             extra.setdefault(index, []).append(GpuProcess(pid=inst.pid, used_mb=mb))
         return [_with_processes(g, extra.get(g.index, [])) for g in gpus]
 
     async def _ollama_vram(self, service: Service) -> int | None:
-        api = OllamaApi(service.probe_port, client=self.prober.client, timeout_s=service.probe_timeout_s)
+        port = service.probe_port
+        if port is None:  # not a candidate: candidates have a probe port
+            return None
+        api = OllamaApi(port, client=self.prober.client, timeout_s=service.probe_timeout_s)
         try:
             return await api.vram_mb()
         except DriverError:
@@ -159,7 +163,7 @@ class Observer:
         await self.prober.aclose()
         self.gpu_backend.close()
 
-    async def __aenter__(self) -> "Observer":
+    async def __aenter__(self) -> Observer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -180,7 +184,7 @@ def probe_targets(profile: Profile) -> dict[str, Target]:
 
 
 def service_ports(profile: Profile) -> set[int]:
-    ports = set()
+    ports: set[int] = set()
     for service in profile.services.values():
         managed = service.managed
         if managed is not None:

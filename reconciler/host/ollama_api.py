@@ -89,7 +89,7 @@ class OllamaApi:
             await self._client.aclose()
             self._client = None
 
-    async def __aenter__(self) -> "OllamaApi":
+    async def __aenter__(self) -> OllamaApi:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -37,6 +37,7 @@ def _stop_sniffio_lookups() -> None:
     When sniffio is installed, nothing changes.
     """
     if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        # typeshed types sys.modules' values as modules only, without this documented None marker
         sys.modules["sniffio"] = None  # type: ignore[assignment]
 
 
@@ -93,7 +94,7 @@ class Prober:
         """Probe every target at once; results by the same keys."""
         names = list(targets)
         results = await asyncio.gather(*(self.probe(targets[n]) for n in names))
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from reconciler.core.snapshot import Gpu, GpuProcess
 from reconciler.errors import GpuBackendError
@@ -92,7 +93,7 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, gpus: list[SimGpu], scanner: "EnvScanner | None" = None):
+    def __init__(self, gpus: list[SimGpu], scanner: EnvScanner | None = None):
         if not gpus:
             raise GpuBackendError("a simulated host needs at least one GPU")
         self.gpus = list(gpus)

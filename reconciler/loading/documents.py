@@ -42,7 +42,8 @@ def load_document(
     if kind == "snapshot":
         return snapshot_from_text(text, filename)
     if len(data) > PROFILE_SIZE_LIMIT:
-        raise InputError([Diagnostic(filename, 1, 1, f"file too large ({len(data)} bytes, limit {PROFILE_SIZE_LIMIT} bytes)")])
+        message = f"file too large ({len(data)} bytes, limit {PROFILE_SIZE_LIMIT} bytes)"
+        raise InputError([Diagnostic(filename, 1, 1, message)])
     document = parse_yaml(text, filename)
     if kind == "auto" and isinstance(document.data, dict) and "format_version" in document.data:
         return snapshot_from_document(document, filename)

@@ -71,7 +71,8 @@ def expand_profile(
     env = os.environ if environ is None else environ
     diagnostics: list[Diagnostic] = []
 
-    def expand(container: dict[str, Any] | list[Any], key: str | int, path: Path) -> None:
+    def expand(container: dict[str, Any] | list[Any], key: Any, path: Path) -> None:
+        # key: a str into a dict, an int into a list (Any: mypy cannot pair them up)
         value = container[key]
         if not isinstance(value, str):
             return
@@ -89,12 +90,17 @@ def expand_profile(
         base: Path = ("services", name, "managed")
         for field in _STRING_FIELDS:
             if field in managed:
-                expand(managed, field, base + (field,))
+                expand(managed, field, (*base, field))
         for field in ("env", "volumes"):
             items = managed.get(field)
-            keys = items.keys() if isinstance(items, dict) else range(len(items)) if isinstance(items, list) else ()
-            for key in list(keys):
-                expand(items, key, base + (field, key))
+            if isinstance(items, dict):
+                keys: list[str | int] = list(items.keys())
+            elif isinstance(items, list):
+                keys = list(range(len(items)))
+            else:
+                continue
+            for key in keys:
+                expand(items, key, (*base, field, key))
         exec_path = managed.get("exec_path")
         if base_dir is not None and isinstance(exec_path, str) and "/" in exec_path and not os.path.isabs(exec_path):
             managed["exec_path"] = os.path.normpath(os.path.join(os.path.abspath(base_dir), exec_path))

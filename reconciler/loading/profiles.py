@@ -97,7 +97,8 @@ def require_mapping(document: Document, filename: str, what: str) -> None:
         raise InputError(
             [
                 Diagnostic(
-                    filename, 1, 1, f"the top level of {what} must be a mapping (key: value), got {describe(document.data)}"
+                    filename, 1, 1,
+                    f"the top level of {what} must be a mapping (key: value), got {describe(document.data)}",
                 )
             ]
         )

@@ -58,7 +58,8 @@ def decode(data: bytes | str, filename: str, limit: int) -> str:
         line, col = _line_col(text, bad.start())
         char = f"U+{ord(bad.group()):04X}"
         raise InputError(
-            [Diagnostic(filename, line, col, f"control character {char} is not allowed in YAML; is this a binary file?")]
+            [Diagnostic(filename, line, col,
+                        f"control character {char} is not allowed in YAML; is this a binary file?")]
         )
     return text
 

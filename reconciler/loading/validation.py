@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from reconciler.errors import Diagnostic
 from reconciler.loading.positions import Mark, Path, Positions, dotted
@@ -38,7 +39,10 @@ _TYPE_NAMES = {
     "datetime_parsing": "a date-time like 2026-11-22T16:00:00Z",
     "datetime_from_date_parsing": "a date-time like 2026-11-22T16:00:00Z",
 }
-_BOUNDS = {"greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"), "less_than_equal": ("le", "≤"), "less_than": ("lt", "<")}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "≥"), "greater_than": ("gt", ">"),
+    "less_than_equal": ("le", "≤"), "less_than": ("lt", "<"),
+}
 
 
 def describe(value: Any) -> str:
@@ -65,7 +69,7 @@ def validation_diagnostics(
     exc: ValidationError, document: Document, filename: str, model: type[BaseModel]
 ) -> list[Diagnostic]:
     positions = document.positions
-    entries: list[tuple[Path, bool, bool, dict[str, Any]]] = []
+    entries: list[tuple[Path, bool, bool, ErrorDetails]] = []
     for error in exc.errors(include_url=False):
         path, is_key, via_union = _real_path(error["loc"], document.data, error["type"] == "missing")
         entries.append((path, is_key, via_union, error))
@@ -81,7 +85,7 @@ def validation_diagnostics(
         elif kind == "extra_forbidden":
             message, suggestion = _unknown_key(path, document.data, model)
             if suggestion:
-                suggested.add(path[:-1] + (suggestion,))
+                suggested.add((*path[:-1], suggestion))
             out.append(_at(filename, positions.key(path), message))
         elif kind == "missing":
             message = f"{_where(path[:-1])}missing required key {path[-1]!r}"
@@ -92,8 +96,8 @@ def validation_diagnostics(
         elif is_key:
             message = f"{_where(path[:-1])}invalid name {path[-1]!r}: {_key_problem(error)}"
             out.append(_at(filename, positions.key(path), message))
-        elif kind == "union_tag_invalid" and path + ("type",) in positions:
-            out.append(_at(filename, positions.value(path + ("type",)), _message(path + ("type",), error)))
+        elif kind == "union_tag_invalid" and (*path, "type") in positions:
+            out.append(_at(filename, positions.value((*path, "type")), _message((*path, "type"), error)))
         else:
             out.append(_at(filename, _value_mark(path, document.data, positions), _message(path, error)))
     for path, expected in union_types.items():
@@ -117,7 +121,7 @@ def _real_path(loc: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Pa
         if isinstance(current, dict) and part in current:
             current = current[part]
         elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
-            current = current[part]
+            current = current[part]  # a branch of its own: here mypy knows ``part`` is an int
         elif last and missing:
             current = None
         else:
@@ -150,7 +154,7 @@ def _where(path: Path) -> str:
     return f"{dotted(path)}: " if path else ""
 
 
-def _message(path: Path, error: dict[str, Any]) -> str:
+def _message(path: Path, error: ErrorDetails) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     where = _where(path)
     if kind == "string_type" and isinstance(value, (int, float)):
@@ -180,7 +184,7 @@ def _message(path: Path, error: dict[str, Any]) -> str:
     return f"{where}{error['msg']}"
 
 
-def _key_problem(error: dict[str, Any]) -> str:
+def _key_problem(error: ErrorDetails) -> str:
     if error["type"] == "string_pattern_mismatch":
         return "use letters, digits, '.', '_' and '-', starting with a letter or digit"
     if error["type"] == "string_too_long":

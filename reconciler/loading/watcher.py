@@ -56,6 +56,7 @@ from watchfiles import awatch
 
 from reconciler.core.clock import Clock
 from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Gpu
 from reconciler.errors import Diagnostic, ProfileError
 from reconciler.loading.profiles import load_profile
 
@@ -199,7 +200,9 @@ class ProfileDirectory:
         try:
             entries = sorted(self.directory.iterdir())
         except OSError as exc:
-            raise ProfileError([Diagnostic(str(self.directory), 1, 1, f"cannot list profiles: {exc.strerror or exc}")])
+            raise ProfileError(
+                [Diagnostic(str(self.directory), 1, 1, f"cannot list profiles: {exc.strerror or exc}")]
+            ) from exc
         return [p for p in entries if self.relevant(p.name) and p.is_file()]
 
     def read(self) -> ProfileChange:
@@ -256,7 +259,8 @@ def choose_profile(
             path, profile = next(c for c in fitting if c[1].vram_total_mb == best)
             return path, profile, f"GPU of {gpu_total_mb} MB: {profile.vram_total_mb} MB profile {path.name}"
         if cpu:
-            return cpu[0][0], cpu[0][1], f"GPU of {gpu_total_mb} MB is smaller than every GPU profile: CPU profile {cpu[0][0].name}"
+            why = f"GPU of {gpu_total_mb} MB is smaller than every GPU profile: CPU profile {cpu[0][0].name}"
+            return cpu[0][0], cpu[0][1], why
         sizes = ", ".join(str(c[1].vram_total_mb) for c in ordered) or "none"
         return f"no profile fits a GPU of {gpu_total_mb} MB (profiles for {sizes} MB) and there is no CPU profile"
     if cpu:
@@ -264,7 +268,7 @@ def choose_profile(
     return "no GPU found and no CPU profile (one without vram_total_mb) in the directory"
 
 
-def smallest_gpu_total(read_gpus: Callable[[], list]) -> Callable[[], int | None]:
+def smallest_gpu_total(read_gpus: Callable[[], list[Gpu]]) -> Callable[[], int | None]:
     """``gpu_total_mb`` for :class:`ProfileDirectory` from a GPU backend's ``read``."""
 
     def total() -> int | None:
@@ -347,9 +351,9 @@ class ProfileWatcher:
                 running = {p for p in pumps if not p.done()}
                 await asyncio.wait({getting, stopping, *running}, return_when=asyncio.FIRST_COMPLETED)
                 for pump in running:
-                    if pump.done() and pump.exception() is not None:
+                    if pump.done() and (error := pump.exception()) is not None:
                         getting.cancel()
-                        raise pump.exception()  # type: ignore[misc]
+                        raise error
                 if not getting.done():
                     getting.cancel()
                     continue

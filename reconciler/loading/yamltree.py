@@ -151,7 +151,7 @@ class _Builder:
             if isinstance(node, MappingNode) and node.tag == _CORE + "map":
                 return self._mapping(node, path, depth)
             if isinstance(node, SequenceNode) and node.tag == _CORE + "seq":
-                return [self._item(item, path + (i,), depth) for i, item in enumerate(node.value)]
+                return [self._item(item, (*path, i), depth) for i, item in enumerate(node.value)]
             if isinstance(node, ScalarNode) and node.tag in _PLAIN_SCALARS | {_CORE + "timestamp"}:
                 return self._scalar(node)
             self.error(node, f"unsupported YAML tag {_short(node.tag)}; write a plain value, list or mapping")
@@ -186,8 +186,8 @@ class _Builder:
                 )
                 continue
             first_seen[name] = key_mark
-            self.positions.record(path + (name,), key_mark, self._value_mark(key_node, value_node))
-            out[name] = self._build(value_node, path + (name,), depth + 1)
+            self.positions.record((*path, name), key_mark, self._value_mark(key_node, value_node))
+            out[name] = self._build(value_node, (*path, name), depth + 1)
         for merge in merges:
             self._merge(out, merge, path, depth)
         return out
@@ -223,5 +223,7 @@ class _Builder:
         return str(value)
 
 
-def _short(tag: str) -> str:
+def _short(tag: str | None) -> str:
+    if tag is None:  # ruamel: a node without a tag (the composer always sets one)
+        return "(no tag)"
     return "!!" + tag[len(_CORE):] if tag.startswith(_CORE) else tag

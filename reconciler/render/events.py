@@ -43,13 +43,15 @@ def format_text(event: dict[str, Any]) -> str | None:
         return f"{ts}   → {event.get('action')}: {message}"
     if kind == EventKind.ACTION_FINISHED:
         status = event.get("status", "?")
-        return f"{ts}   {_SYMBOLS.get(status, '?')} {event.get('action')} {status} in {event.get('duration_s')} s: {message}"
+        symbol = _SYMBOLS.get(status, "?")
+        return f"{ts}   {symbol} {event.get('action')} {status} in {event.get('duration_s')} s: {message}"
     if kind == EventKind.PASS_FINISHED:
         counts = event.get("outcomes") or {}
         bits = [", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"]
         bits += [f"pending {p['service']}: {p['reason']}" for p in event.get("pending", [])]
         bits += [f"stalled {name}: {why}" for name, why in (event.get("stalled") or {}).items()]
-        return f"{ts} pass {event.get('pass')} ({event.get('reason')}) in {event.get('duration_s')} s: " + "; ".join(bits)
+        head = f"{ts} pass {event.get('pass')} ({event.get('reason')}) in {event.get('duration_s')} s: "
+        return head + "; ".join(bits)
     if kind in (EventKind.WATCH_STOPPED, EventKind.WATCH_DEGRADED, EventKind.PASS_FAILED):
         return f"{ts} {message}"
     detail = message or " ".join(

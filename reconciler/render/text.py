@@ -95,10 +95,10 @@ def render_text(plan: Plan, *, color: bool = False) -> str:
 
 
 def _action_lines(plan: Plan, paint: _Paint) -> list[str]:
-    rows = [(a, label(a), where(a), megabytes(a)) for a in plan.actions]
-    widths = [max(len(row[i]) for row in rows) for i in (1, 2, 3)]
+    texts = [(label(a), where(a), megabytes(a)) for a in plan.actions]
+    widths = [max(len(row[i]) for row in texts) for i in (0, 1, 2)]
     out = []
-    for action, name, gpu, mb in rows:
+    for action, (name, gpu, mb) in zip(plan.actions, texts, strict=True):
         cells = [name.ljust(widths[0]), gpu.ljust(widths[1])]
         if widths[2]:
             cells.append(mb.rjust(widths[2]))

@@ -87,7 +87,8 @@ class Actuator:
             state="running", since=self.now(),
         )
         self.store.put_instance(instance)
-        self.lifecycle.events.publish(EventKind.INSTANCE_ADOPTED, service=action.service, message=f"adopted {who(instance)}")
+        self.lifecycle.events.publish(EventKind.INSTANCE_ADOPTED, service=action.service,
+                                      message=f"adopted {who(instance)}")
         return f"adopted {who(instance)} listening on port {port}; it is never signalled"
 
     async def _lease(self, action: Action) -> str:
@@ -127,5 +128,6 @@ class Actuator:
         if instance.origin != "adopted":
             raise DriverError(f"{who(instance)} was started by us; a release never lets go of our own process")
         self.store.remove_instance(action.service)
-        self.lifecycle.events.publish(EventKind.INSTANCE_RELEASED, service=action.service, message=f"released {who(instance)}")
+        self.lifecycle.events.publish(EventKind.INSTANCE_RELEASED, service=action.service,
+                                      message=f"released {who(instance)}")
         return f"forgot adopted {who(instance)}; it keeps running"

@@ -11,13 +11,13 @@ here signals anything.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
-
-from typing import Any
 
 from reconciler.core.clock import Clock
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service, is_ollama
@@ -79,10 +79,8 @@ class DriverSet:
         info = await self.docker.inspect(container)
         pid = ((info or {}).get("State") or {}).get("Pid") or 0
         if pid > 0:
-            try:
+            with contextlib.suppress(psutil.Error):  # another PID namespace (a remote daemon): the probe decides
                 identity.update(pid=pid, create_time=psutil.Process(pid).create_time())
-            except psutil.Error:
-                pass  # another PID namespace (a remote daemon): the probe decides
         return identity
 
     def exit_note(self, instance: Instance) -> str:

@@ -16,8 +16,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from reconciler.core.plan import Action
-from reconciler.errors import ReconcilerError
 from reconciler.core.report import Outcome
+from reconciler.errors import ReconcilerError
 
 Handler = Callable[[Action], Awaitable[str]]
 Hook = Callable[[Action, Outcome | None], None]
@@ -74,7 +74,7 @@ class Executor:
         try:
             detail = await asyncio.wait_for(self.handler(action), timeout)
             outcome = Outcome("done", detail or "", self.clock() - began)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             outcome = Outcome("failed", f"timed out after {timeout:g} s", self.clock() - began)
         except Deferred as exc:
             outcome = Outcome("deferred", str(exc), self.clock() - began)

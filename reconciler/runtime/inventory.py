@@ -60,9 +60,8 @@ async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
             instance = await _settle_start(lifecycle, instance, spec.probe_port is None or healthy,
                                            spec.start_timeout_s, now)
         elif instance.origin == "started" and instance.state == "running" and instance.launch is not None:
-            probed = spec is not None and spec.probe_port is not None
             key = (name, instance.pid)
-            if probed and not healthy:
+            if spec is not None and spec.probe_port is not None and not healthy:
                 misses[key] = misses.get(key, 0) + 1
                 if misses[key] >= spec.failure_threshold:
                     misses.pop(key)

@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from reconciler.core.accounting import free_now
 from reconciler.core.backoff import backing_off
@@ -57,6 +58,7 @@ from reconciler.core.snapshot import Demand, Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused, Refusal, StoreError
 from reconciler.runtime.runtime import Runtime
+from reconciler.store.base import Store
 
 QUEUE_PER_SLOT = 4  # a service's queue holds this many demands per lease slot (max_concurrent)
 VRAM_LEASES_PER_HOLDER = 1_000_000  # VRAM leases are bounded by memory, not by count
@@ -103,7 +105,8 @@ class Leasing:
         self.vram_priority: dict[str, int] = {}  # cf-orch's priority of a VRAM lease (not persisted)
 
     @property
-    def store(self):  # noqa: ANN201 - the runtime's store
+    def store(self) -> Store:
+        """The runtime's store."""
         return self.runtime.store
 
     def start(self) -> None:
@@ -148,7 +151,8 @@ class Leasing:
         spec = profile.services.get(name)
         if spec is None:
             known = ", ".join(sorted(profile.services)) or "none"
-            raise LeaseRefused(Refusal.UNKNOWN_SERVICE, f"unknown service {name!r}: profile {profile.name!r} has {known}")
+            raise LeaseRefused(Refusal.UNKNOWN_SERVICE,
+                               f"unknown service {name!r}: profile {profile.name!r} has {known}")
         return spec
 
     async def lease(
@@ -175,7 +179,8 @@ class Leasing:
         limit = QUEUE_PER_SLOT * capacity(spec)
         if queued >= limit:
             self._observe("queued", "queue_full", self.clock.monotonic() - began)
-            raise LeaseRefused(Refusal.QUEUE_FULL, f"{request.service}: {queued} requests already wait for it (its queue holds "
+            raise LeaseRefused(Refusal.QUEUE_FULL,
+                               f"{request.service}: {queued} requests already wait for it (its queue holds "
                                f"{limit}: {QUEUE_PER_SLOT} × max_concurrent {capacity(spec)}); retry later")
         demand = Demand(
             id=str(uuid.uuid4()), service=request.service, holder=request.holder, model=request.model,
@@ -245,7 +250,8 @@ class Leasing:
                 if lease is not None:
                     return lease
                 if granted.is_set():  # granted (its demand went with it) and already ended: nothing to wait for
-                    raise LeaseRefused(Refusal.ENDED, f"lease {demand.id} was granted but ended (expired or released) before "
+                    raise LeaseRefused(Refusal.ENDED,
+                                       f"lease {demand.id} was granted but ended (expired or released) before "
                                        f"it could be answered (ttl_s {demand.ttl_s} too short?)")
                 last = self.runtime.last_pass()
                 verdict = last.verdict(demand.id) if last is not None else None
@@ -254,7 +260,9 @@ class Leasing:
                         verdict.state == "pending" or self.backing_off(demand.service))):
                     break
                 passed = self.runtime.passed.current()
-                waits = [asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)]
+                waits: list[asyncio.Future[Any]] = [
+                    asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)
+                ]
                 waits.append(asyncio.ensure_future(self.clock.sleep(remaining)))
                 try:
                     await asyncio.wait([*waits, *([gone] if gone else [])], return_when=asyncio.FIRST_COMPLETED)
@@ -281,7 +289,7 @@ class Leasing:
         """Remove the demand between passes; the lease, when a pass granted it after all."""
         try:
             await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._forget(demand_id)
             return None
         try:
@@ -363,12 +371,13 @@ class Leasing:
             raise LeaseRefused(Refusal.UNKNOWN_GPU, f"Unknown gpu_id {gpu} on node {snapshot.node!r} (GPUs: {known})")
         try:
             await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LeaseRefused(Refusal.BUSY, "Insufficient VRAM — the reconciler is busy; retry in a moment") from None
         try:
             free = self.free_mb().get(gpu, 0)
             if free < mb:
-                raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
+                raise LeaseRefused(Refusal.NO_VRAM,
+                                   f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
             now = self.clock.now()
             lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
                           expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)

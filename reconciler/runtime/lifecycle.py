@@ -189,7 +189,8 @@ class Lifecycle:
             self.events.publish(EventKind.INSTANCE_FORGOTTEN, service=instance.service, message=result.reason)
             raise DriverError(f"refused to stop {who(instance)}: {result.reason}; it is forgotten, not signalled")
         detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
-        self.events.publish(EventKind.INSTANCE_STOPPED, service=instance.service, message=detail, outcome=result.outcome)
+        self.events.publish(EventKind.INSTANCE_STOPPED, service=instance.service, message=detail,
+                            outcome=result.outcome)
         return detail
 
     async def _unload(

@@ -57,6 +57,7 @@ async def recover(lifecycle: Lifecycle) -> list[str]:
 
 async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]:
     data, name = intent.data, intent.service
+    assert name is not None, "a start intent names its service"
     identity = {k: data.get(k) for k in ("pid", "create_time", "container") if data.get(k) is not None}
     launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
     if not identity and launch is not None and launch.image is not None:
@@ -88,7 +89,7 @@ async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str
 async def _recover_stop(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str]:
     store, name = lifecycle.store, intent.service
     recorded = store.get_instance(name) if name else None
-    if recorded is None:
+    if not name or recorded is None:
         return "gone", f"{intent.action_id}: nothing left in the inventory"
     if recorded.origin == "started" and not await lifecycle.drivers.alive(recorded):
         store.remove_instance(name)

@@ -32,6 +32,7 @@ from reconciler.core.events import EventKind
 from reconciler.core.plan import Action
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
+from reconciler.core.report import Outcome, PassReport
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
 from reconciler.host.probes import Prober
@@ -45,7 +46,6 @@ from reconciler.runtime.health import HealthWaiter
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
-from reconciler.core.report import Outcome, PassReport
 from reconciler.store.base import Store
 
 QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only
@@ -143,7 +143,8 @@ class Runtime:
         ran = await executor.run(a for a in plan.actions if a.id not in deferred)
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
         self._last = LastPass(snapshot=snapshot, plan=plan)
-        counts = {s: sum(1 for o in outcomes.values() if o.status == s) for s in ("done", "failed", "skipped", "deferred")}
+        counts = {s: sum(1 for o in outcomes.values() if o.status == s)
+                  for s in ("done", "failed", "skipped", "deferred")}
         # an uneventful pass is shown, never recorded: a watch passes every few seconds
         tell = self.events.publish if plan.actions else self.events.announce
         tell(EventKind.PASS, message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",

@@ -20,9 +20,9 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import Clock
@@ -62,13 +62,27 @@ def _ts(dt: datetime | None) -> str | None:
         return None
     if dt.tzinfo is None:
         raise StoreError(f"naive datetime {dt!r}: the store keeps timezone-aware UTC times only")
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@overload
+def _dt(text: str) -> datetime: ...
+
+
+@overload
+def _dt(text: None) -> None: ...
 
 
 def _dt(text: str | None) -> datetime | None:
     if text is None:
         return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _row_id(cursor: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just wrote (sqlite3 types ``lastrowid`` as optional)."""
+    assert cursor.lastrowid is not None, "an INSERT sets lastrowid"
+    return cursor.lastrowid
 
 
 class SqliteStore:
@@ -156,7 +170,8 @@ class SqliteStore:
 
     @property
     def schema_version(self) -> int:
-        return self._read("PRAGMA user_version")[0][0]
+        version: int = self._read("PRAGMA user_version")[0][0]
+        return version
 
     # -- inventory ------------------------------------------------------------
 
@@ -343,7 +358,7 @@ class SqliteStore:
                 "INSERT INTO events(ts, kind, service, message, data) VALUES (?, ?, ?, ?, ?)",
                 (_ts(ts or self.clock.now()), kind, service, message, json.dumps(dict(data or {}), sort_keys=True)),
             )
-            event_id = int(cur.lastrowid)
+            event_id = _row_id(cur)
             if event_id % EVENT_PRUNE_EVERY == 0:  # the log is bounded: the newest MAX_EVENTS stay
                 c.execute("DELETE FROM events WHERE id <= ?", (event_id - MAX_EVENTS,))
             return event_id
@@ -355,7 +370,7 @@ class SqliteStore:
         if service is not None:
             sql += " AND service = ?"
             params += (service,)
-        rows = self._read(sql + " ORDER BY id LIMIT ?", params + (limit,))
+        rows = self._read(sql + " ORDER BY id LIMIT ?", (*params, limit))
         return [Event(r[0], _dt(r[1]), r[2], r[3], r[4], json.loads(r[5])) for r in rows]
 
     # -- intents (invariant 5) --------------------------------------------------
@@ -376,7 +391,7 @@ class SqliteStore:
                 "INSERT INTO intents(action_id, kind, service, data, started_at) VALUES (?, ?, ?, ?, ?)",
                 (action_id, kind, service, json.dumps(dict(data or {}), sort_keys=True), _ts(self.clock.now())),
             )
-            return int(cur.lastrowid)
+            return _row_id(cur)
 
     def _merge_intent(
         self, intent_id: int, data: Mapping[str, Any] | None, outcome: str | None

@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
-T0 = datetime(2026, 11, 22, 16, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
 
 
 class FakeClock:

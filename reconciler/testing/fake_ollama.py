@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MIB = 1024 * 1024
@@ -42,7 +42,7 @@ class Models:
         return {"models": [_model(name, self.vram_bytes) for name in self.installed]}
 
     def ps(self) -> dict[str, object]:
-        expires = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
         with self.lock:
             loaded = list(self.loaded)
         return {
@@ -62,7 +62,7 @@ class Models:
                 self.loaded.remove(name)
             elif not unload and name not in self.loaded:
                 self.loaded.append(name)
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         reason = "unload" if unload else "load"
         return 200, {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
 

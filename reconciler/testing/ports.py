@@ -35,7 +35,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def is_listening(port: int, host: str = "127.0.0.1") -> bool:
@@ -48,7 +49,7 @@ def is_listening(port: int, host: str = "127.0.0.1") -> bool:
 class Spawned:
     """A program started by a :class:`Spawner`."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     port: int | None
     log: Path
 
@@ -82,8 +83,10 @@ def wait_listening(spawned: Spawned, timeout_s: float = 10.0) -> None:
     Checks that the listener is that process (or its child), so a port somebody else
     already holds does not count as a successful start.
     """
+    port = spawned.port
+    assert port is not None, "only a program given a port can be waited for"
     deadline = time.monotonic() + timeout_s
-    while not listens(spawned.pid, spawned.port):
+    while not listens(spawned.pid, port):
         if spawned.process.poll() is not None:
             raise RuntimeError(
                 f"pid {spawned.pid} exited with {spawned.process.returncode} before listening on "
@@ -167,7 +170,7 @@ class Spawner:
         self.spawned.clear()
         self._logs.cleanup()
 
-    def __enter__(self) -> "Spawner":
+    def __enter__(self) -> Spawner:
         return self
 
     def __exit__(self, *exc: object) -> None:
