@@ -123,6 +123,6 @@ def worlds(draw) -> tuple[Profile, Snapshot]:
 
 @st.composite
 def crowded_worlds(draw) -> tuple[Profile, Snapshot]:
-    """A full 8 GB GPU: most of up to eight services of 1–4 GB running, demands for the rest."""
+    """A full 8 GB GPU: most of up to eight services of 1 to 4 GB running, demands for the rest."""
     profile = draw(profiles(max_services=8, gpu_count=1, sizes=(1024, 2048, 2048, 4096)))
     return profile, draw(snapshots(profile, gpu_count=1, crowded=True))

@@ -83,15 +83,15 @@ def memory_moves(actions: Sequence[Action], reserved: Mapping[tuple[str, int], i
 def peak_extra(plan: Plan, reserved: Mapping[tuple[str, int], int]) -> dict[int, int]:
     """GPU → the most MB beyond today's bookings that any order the plan allows holds at once."""
     moves = memory_moves(plan.actions, reserved)
-    gpu_of = {a.id: a.gpu for a in plan.actions}
-    gpus = sorted({gpu_of[i] for i in (*moves.taken, *moves.given) if gpu_of[i] is not None}
+    gpu_of = {a.id: a.gpu for a in plan.actions if a.gpu is not None}
+    gpus = sorted({gpu_of[i] for i in (*moves.taken, *moves.given) if i in gpu_of}
                   | {gpu for _slot, gpu in moves.slots})
-    return {gpu: _heaviest_closure(plan.actions, moves, gpu) for gpu in gpus}  # type: ignore[misc]
+    return {gpu: _heaviest_closure(plan.actions, moves, gpu) for gpu in gpus}
 
 
 def _heaviest_closure(actions: Sequence[Action], moves: Moves, gpu: int) -> int:
     """Max over reachable states of Σ taken − Σ given back on ``gpu`` (≥ 0: the empty state)."""
-    requires = {a.id: [r for r in a.requires] for a in actions}
+    requires = {a.id: list(a.requires) for a in actions}
     weight: dict[object, int] = {}
     for action in actions:
         on_gpu = action.gpu == gpu

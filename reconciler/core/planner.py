@@ -59,6 +59,7 @@ class Planner:
         self.graph = dependency_graph(profile.services)
         self.state = PlanState()
         self.granting = DemandGranting(self)
+        self.effective: dict[str, int] = {}  # wanted service → priority, inherited by dependencies
 
     # --- building blocks -----------------------------------------------------
 
@@ -79,6 +80,12 @@ class Planner:
             gpus = [g for g in gpus if g == demand.gpu]
         return gpus
 
+    def priority_of(self, service: str) -> int:
+        """A service's priority for eviction: its own, or that of the most important wanted service needing it."""
+        spec = self.profile.services.get(service)
+        own = spec.priority if spec is not None else 0
+        return min(own, self.effective.get(service, own))
+
     def unseen(self, gpu: int | None) -> bool:
         """Whether ``gpu`` is recorded (an instance or lease is on it) but the host does not show it."""
         return gpu is not None and gpu not in self.world.gpus
@@ -90,11 +97,10 @@ class Planner:
     def report_unseen(self) -> None:
         """A condition per instance on a GPU the host does not show: left as it is, and said so."""
         for name, instance in sorted(self.world.instances.items()):
-            if self.unseen(instance.gpu) and name not in self.state.gone and name in self.profile.services:
-                if not any(p.service == name and p.demand is None for p in self.state.pending):
-                    self.state.wait(name, f"{name} runs on GPU {instance.gpu}; {self.unseen_note(instance.gpu)}: "
-                                          f"nothing is started on or evicted from it, and {name} is left running "
-                                          "as it is")
+            if (self.unseen(instance.gpu) and name not in self.state.gone and name in self.profile.services
+                    and not any(p.service == name and p.demand is None for p in self.state.pending)):
+                self.state.wait(name, f"{name} runs on GPU {instance.gpu}; {self.unseen_note(instance.gpu)}: "
+                                      f"nothing is started on or evicted from it, and {name} is left running as it is")
 
     # --- 1. leases -------------------------------------------------------------
 
@@ -197,12 +203,12 @@ class Planner:
         if gpu is not None:
             room = self.state.free[gpu] + self.reservation(name)
             if room < spec.max_mb:
-                options = self._eviction_options(name, gpu, spec.priority)
+                options = self._eviction_options(name, gpu, self.priority_of(name))
                 choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room)
                 if choice is None:
                     self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
                     return None
-                requires += self.evict(Placement(gpu, choice), name, spec.priority)
+                requires += self.evict(Placement(gpu, choice), name, self.priority_of(name))
             self.state.free[gpu] += self.reservation(name) - spec.max_mb
         restart_id = self.state.add("restart", name, name, reason, gpu=gpu,
                                     mb=spec.max_mb if gpu is not None else None, model=model,
@@ -225,6 +231,7 @@ class Planner:
 
     def converge_services(self, wanted: dict[str, str]) -> None:
         order, effective = self.service_order(wanted)
+        self.effective = effective
         demands: dict[str, list[Demand]] = {}
         for demand in sorted(self.snapshot.demands, key=lambda d: (d.requested_at is None, d.requested_at, d.id)):
             demands.setdefault(demand.service, []).append(demand)
@@ -329,7 +336,7 @@ class Planner:
 
         def evictable(name: str) -> bool:
             spec = self.profile.services.get(name)
-            return (name in live and spec is not None and spec.priority > priority and not spec.always_on
+            return (name in live and spec is not None and self.priority_of(name) > priority and not spec.always_on
                     and name not in self.state.touched and name not in protected
                     and not self.unseen(live[name].gpu) and self._can_free(name, live[name]))
 
@@ -344,10 +351,12 @@ class Planner:
                 assert spec is not None, "evictable() holds only for services in the profile"
                 busy = self.held(name) > 0
                 mb = self.reservation(name) if live[name].gpu == gpu else 0
-                candidates[name] = Candidate(name, spec.priority, busy, mb)
+                candidates[name] = Candidate(name, self.priority_of(name), busy, mb)
             elif live[name].gpu == gpu and spec is not None:
-                if spec.priority <= priority:
-                    why = f"priority {spec.priority}"
+                if self.priority_of(name) <= priority:
+                    why = f"priority {self.priority_of(name)}"
+                    if self.priority_of(name) != spec.priority:
+                        why += " as a dependency of a service of that priority"
                 elif spec.always_on:
                     why = "always_on"
                 elif blocked[0] != name:
@@ -465,26 +474,26 @@ class Planner:
         later_of_slot = {m: members[0] for members in moves.slots.values() for m in members[1:]}
         taken: dict[int, int] = {}
         freers: dict[int, list[str]] = {}
-        for action_id in list(self.state.actions):
-            action = self.state.actions[action_id]
+        for current in list(self.state.actions):
+            action = self.state.actions[current]
             if action.gpu is None:
                 continue
             gpu = action.gpu
-            if action_id in later_of_slot:
-                first = self.state.actions[later_of_slot[action_id]]
-                self.state.update(action_id, requires=sorted(set(action.requires) | set(first.requires)))
+            if current in later_of_slot:
+                first = self.state.actions[later_of_slot[current]]
+                self.state.update(current, requires=sorted(set(action.requires) | set(first.requires)))
                 continue
-            take = moves.taken.get(action_id, 0)
-            if action_id in first_of_slot:
-                take = moves.slot_mb[first_of_slot[action_id]]
+            take = moves.taken.get(current, 0)
+            if current in first_of_slot:
+                take = moves.slot_mb[first_of_slot[current]]
             if take > 0:
                 if self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
-                    needed = set(freers.get(gpu, [])) - {action_id}
+                    needed = set(freers.get(gpu, [])) - {current}
                     if not needed <= set(action.requires):
-                        self.state.update(action_id, requires=sorted(set(action.requires) | needed))
+                        self.state.update(current, requires=sorted(set(action.requires) | needed))
                 taken[gpu] = taken.get(gpu, 0) + take
-            if moves.given.get(action_id, 0) > 0:
-                freers.setdefault(gpu, []).append(action_id)
+            if moves.given.get(current, 0) > 0:
+                freers.setdefault(gpu, []).append(current)
 
     def _finish(self, before: World) -> Plan:
         from reconciler.core.simulate import simulate  # simulate imports the planner's helpers
