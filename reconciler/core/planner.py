@@ -45,6 +45,9 @@ from reconciler.core.wanted import compute_wanted
 from reconciler.core.world import World
 
 
+OVER_COMMIT_PRIORITY = -1  # relieving an over-committed GPU may evict any priority (not always_on)
+
+
 def plan(profile: Profile, snapshot: Snapshot) -> Plan:
     return Planner(profile, snapshot).run()
 
@@ -218,6 +221,31 @@ class Planner:
         self.state.touched.add(name)
         return restart_id
 
+    def relieve_over_commits(self) -> None:
+        """A GPU booked beyond its total (a crash mid-eviction, an edit that raised a ceiling, foreign
+        growth) is a condition: evict the least important until it fits, or say why nothing can be.
+
+        Runs after the stops (what they give back counts) and before anything is started or
+        granted, so nothing is granted on an instance about to go. Every running instance but the
+        ``always_on`` is a candidate, compared by the usual eviction order (least important most
+        important member first; fewest busy…).
+        """
+        for gpu in sorted(self.world.gpus):
+            view = self.world.gpus[gpu]
+            deficit = -self.state.free[gpu]
+            if deficit <= 0:
+                continue
+            booked = view.reserved + view.foreign
+            cause = f"GPU {gpu} is over-committed ({booked} MB booked on {view.total} MB)"
+            options = self._eviction_options("", gpu, OVER_COMMIT_PRIORITY)
+            choice = choose_eviction(options.candidates, options.closures, deficit)
+            if choice is None:
+                why = refusal(deficit, gpu, 0, options).split("; ", 1)[1:] or ["nothing here can be evicted"]
+                self.state.wait(f"GPU {gpu}", f"over-committed: {booked} MB booked on {view.total} MB, "
+                                              f"{deficit} MB must be freed; {why[0]}")
+                continue
+            self.evict(Placement(gpu, choice), "", OVER_COMMIT_PRIORITY, cause=cause)
+
     # --- 5. starts and leases --------------------------------------------------
 
     def service_order(self, wanted: dict[str, str]) -> tuple[list[str], dict[str, int]]:
@@ -374,8 +402,10 @@ class Planner:
             return True
         return is_ollama(self.profile.services[name])
 
-    def evict(self, placement: Placement, requester: str, priority: int) -> list[str]:
+    def evict(self, placement: Placement, requester: str, priority: int, *, cause: str | None = None) -> list[str]:
+        """Evict ``placement.eviction`` for ``requester`` (or for ``cause``, said in its words); returns the ids."""
         ids = []
+        beneficiary = f"{requester} (priority {priority})"
         for name in placement.eviction.services:
             spec = self.profile.services[name]
             instance = self.world.instances[name]
@@ -384,11 +414,14 @@ class Planner:
             adopted = self.state.ready_after(name)
             adopting = [adopted.id] if adopted is not None and adopted.kind == "adopt" else []
             evicted_deps = [d for d in spec.depends_on if d in placement.eviction.services]
-            if instance.gpu == placement.gpu or not evicted_deps:
+            if cause is not None:
+                why = f"{cause}: frees {mb} MB" if not evicted_deps else (
+                    f"{cause}: depends on {', '.join(evicted_deps)}, which is evicted")
+            elif instance.gpu == placement.gpu or not evicted_deps:
                 where = f"GPU {instance.gpu}" if instance.gpu is not None else "no GPU"
-                why = f"frees {mb} MB on {where} for {requester} (priority {priority})"
+                why = f"frees {mb} MB on {where} for {beneficiary}"
             else:
-                why = f"depends on {', '.join(evicted_deps)}, which is evicted for {requester} (priority {priority})"
+                why = f"depends on {', '.join(evicted_deps)}, which is evicted for {beneficiary}"
             evict_id = self.state.add(
                 "evict", name, name, f"{why}; {name} has priority {spec.priority}{how}",
                 gpu=instance.gpu, mb=mb, requires=adopting,
@@ -428,6 +461,7 @@ class Planner:
         for name in self.world.instances:
             if name not in self.state.gone:
                 self.state.ready.setdefault(name, None)
+        self.relieve_over_commits()
         self.converge_services(wanted.wanted)
         self.report_unseen()
         self._order_stops()
@@ -465,9 +499,12 @@ class Planner:
         consumer there takes, counts on memory given back by the freers emitted
         before it — so it requires all of them. The later leases of an
         unmanaged slot take nothing more, but whichever is granted first books
-        the slot: each requires what the first one does. So no order the
-        executor may choose books more than a GPU has, at any moment
-        (invariant 4; :mod:`.interleavings` checks it).
+        the slot: each requires what the first one does. On a GPU that is
+        over-committed before the plan, every start, restart and slot lease
+        waits for the freers emitted before it (its bookings say more than its
+        processes use, or the other way round: only what was freed is sure). So
+        no order the executor may choose books more than a GPU has, at any
+        moment (invariant 4; :mod:`.interleavings` checks it).
         """
         moves = memory_moves(list(self.state.actions.values()), self.booked())
         first_of_slot = {members[0]: key for key, members in moves.slots.items()}
@@ -486,8 +523,9 @@ class Planner:
             take = moves.taken.get(current, 0)
             if current in first_of_slot:
                 take = moves.slot_mb[first_of_slot[current]]
-            if take > 0:
-                if self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
+            over = self.headroom.get(gpu, 0) < 0 and action.kind in ("start", "restart", "lease")
+            if take > 0 or over:  # on an over-committed GPU, even a restart to the same ceiling waits
+                if over or self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
                     needed = set(freers.get(gpu, [])) - {current}
                     if not needed <= set(action.requires):
                         self.state.update(current, requires=sorted(set(action.requires) | needed))

@@ -12,8 +12,9 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
   instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
   process is not mistaken for foreign usage.
 * A started instance reserves ``max(max_mb, observed)``; an adopted one its
-  observed usage, or ``max_mb`` when NVML attributes nothing to it — at most
-  the GPU's total (it runs already, so that is all it can hold).
+  observed usage, or ``max_mb`` when NVML attributes nothing to it — either
+  at most the GPU's total (it runs there already: that is all it can hold,
+  whatever its ceiling says now).
 * An adopted instance that NVML attributes nothing to reserves ``max_mb`` and
   absorbs up to that much of the unattributed usage, which is then not also
   counted as foreign (DESIGN §3). So does a started instance without a pid
@@ -167,12 +168,14 @@ class World:
         max_mb = spec.max_mb if spec else 0
         attributed = instance.gpu is not None and instance.gpu in observed
         seen = observed.get(instance.gpu, 0) if instance.gpu is not None else 0
+        view = self.gpus.get(instance.gpu) if instance.gpu is not None else None
+        cap = view.total if view is not None else None  # it runs there: that is all it can hold
         if instance.origin == "adopted":
             if attributed:
                 return seen, True
-            view = self.gpus.get(instance.gpu) if instance.gpu is not None else None
-            return (min(max_mb, view.total) if view is not None else max_mb), False  # it runs: it fits
-        return max(max_mb, seen), attributed
+            return (min(max_mb, cap) if cap is not None else max_mb), False
+        booked = max(max_mb, seen)
+        return (min(booked, cap) if cap is not None else booked), attributed
 
     def account(self, extra: Sequence[Holder] = ()) -> None:
         """Fill each GPU's holders and foreign usage. ``extra``: holders planned but not in the snapshot."""
