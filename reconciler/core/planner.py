@@ -44,7 +44,6 @@ from reconciler.core.snapshot import Demand, Instance, Snapshot
 from reconciler.core.wanted import compute_wanted
 from reconciler.core.world import World
 
-
 OVER_COMMIT_PRIORITY = -1  # relieving an over-committed GPU may evict any priority (not always_on)
 
 
