@@ -64,6 +64,9 @@ class DemandGranting:
         state, planner = self.state, self.planner
         if name in state.failed:
             return state.wait(name, state.failed[name], demand.id)
+        if name in state.draining:
+            return state.wait(name, f"demand {demand.id} waits for the restarted {name} "
+                                    f"({state.draining[name]})", demand.id)
         instance = self.world.instances.get(name)
         unloaded = instance is not None and instance.origin == "adopted" and state.evicts(name)
         moved = state.ready_after_kind(name) == "start"

@@ -17,7 +17,7 @@ import hashlib
 import json
 
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service
-from reconciler.core.snapshot import Launch
+from reconciler.core.snapshot import Instance, Launch
 from reconciler.core.templates import fill, render_argv
 
 
@@ -53,6 +53,14 @@ def launch_spec(name: str, service: Service, gpu: int | None, model: str | None)
             image=managed.image,
         )
     return None
+
+
+def launch_changed(name: str, service: Service, instance: Instance) -> Launch | None:
+    """The launch spec an instance of ours should run now, when it differs from the one it runs; else None."""
+    if instance.origin != "started" or instance.launch is None:
+        return None
+    desired = launch_spec(name, service, instance.gpu, instance.model)
+    return desired if desired is not None and desired != instance.launch else None
 
 
 def launch_digest(launch: Launch | None) -> str:

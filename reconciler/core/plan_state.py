@@ -34,6 +34,7 @@ class PlanState:
     touched: set[str] = field(default_factory=set)  # services with an action in this plan: not evictable
     gone: set[str] = field(default_factory=set)  # services stopped or evicted in this plan
     failed: dict[str, str] = field(default_factory=dict)  # services that cannot be reached → why
+    draining: dict[str, str] = field(default_factory=dict)  # busy services whose restart waits → why
 
     # --- emitting ----------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
 from reconciler.core.interleavings import memory_moves, peak_extra
-from reconciler.core.launch import launch_spec
+from reconciler.core.launch import launch_changed
 from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, place, refusal
 from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
 from reconciler.core.plan_state import PlanState
@@ -186,12 +186,29 @@ class Planner:
         self.state.touched.add(service)
 
     def restart_if_changed(self, name: str) -> None:
+        """Restart our instance when its launch spec changed or an operator asked; a busy one drains first.
+
+        A busy instance (holding leases) keeps serving until its leases end — as a busy instance
+        serving another model does — unless the operator said ``now`` or the service has
+        ``restart_when_busy``; meanwhile new demands wait for the restarted instance.
+        """
         instance = self.world.instances.get(name)
         if instance is None or name in self.state.gone or instance.origin != "started" or instance.launch is None:
             return
-        desired = launch_spec(name, self.profile.services[name], instance.gpu, instance.model)
-        if desired is not None and desired != instance.launch:
-            self.restart(name, instance, instance.model, describe_launch_change(instance.launch, desired))
+        spec = self.profile.services[name]
+        desired = launch_changed(name, spec, instance)
+        if desired is None and instance.restart is None:
+            return
+        reason = describe_launch_change(instance.launch, desired) if desired is not None else (
+            "a restart was asked for" + (" (now)" if instance.restart == "now" else ""))
+        held = self.held(name)
+        if held and instance.restart != "now" and not spec.restart_when_busy:
+            leases = "its lease ends" if held == 1 else f"its {held} leases end"
+            self.state.wait(name, f"restart ({reason}) waits until {leases}; `reconciler restart {name} --now` "
+                                  "restarts it now")
+            self.state.draining[name] = f"it restarts once {leases}"
+            return
+        self.restart(name, instance, instance.model, reason)
 
     def restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""

@@ -147,6 +147,12 @@ class Service(_Strict):
     failure_threshold: int = Field(
         3, ge=1, description="Consecutive failed probes before a running instance is unhealthy."
     )
+    restart_when_busy: bool = Field(
+        False,
+        description="An edit that changes the launch spec of a busy instance (one holding leases) restarts it at "
+        "once, cutting off its lease holders; by default the restart waits until the instance is idle, and new "
+        "lease requests wait for the restarted one.",
+    )
 
     @property
     def probe_port(self) -> int | None:

@@ -89,6 +89,9 @@ class Instance(_Strict):
     since: AwareDatetime | None = Field(None, description="When it entered that state.")
     idle_since: AwareDatetime | None = Field(None, description="When its last lease ended, if idle.")
     container: str | None = Field(None, description="Docker container name, for containers.")
+    restart: Literal["when_idle", "now"] | None = Field(
+        None, description="An operator asked for a restart: once it is idle, or now even if busy."
+    )
 
 
 class Lease(_Strict):

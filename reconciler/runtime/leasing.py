@@ -53,6 +53,7 @@ from reconciler.core.backoff import backing_off
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import can_serve_now, capacity
 from reconciler.core.events import EventKind
+from reconciler.core.launch import launch_changed
 from reconciler.core.profile import Profile, Service
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.core.world import World
@@ -217,6 +218,8 @@ class Leasing:
             instance = store.get_instance(request.service)
             if instance is None or instance.state != "running" or store.demands(request.service):
                 return None
+            if instance.restart is not None or launch_changed(request.service, spec, instance) is not None:
+                return None  # it restarts (now, or once its leases end): new requests wait for the new one
             world = World(self._profile(), last.snapshot)
             seen = world.instances.get(request.service)
             if seen is None or seen.pid != instance.pid or not world.healthy(request.service):
