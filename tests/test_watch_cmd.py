@@ -270,3 +270,60 @@ def test_a_wake_that_arrives_with_a_rejected_edit_is_not_lost(tmp_path) -> None:
         return await loop._next(triggers, ("liveness", 0.5))
 
     assert asyncio.run(main()) == "wake"
+
+
+TWO_SERVICES = """\
+schema_version: 1
+name: torn
+services:
+  a: {max_mb: 0, priority: 1, probe_interval_s: 60}
+  b: {max_mb: 0, priority: 1, probe_interval_s: 60}
+"""
+
+
+def test_a_save_written_in_two_chunks_never_applies_its_first_half(tmp_path, monkeypatch, capsys) -> None:
+    """An in-place save in two writes 150 ms apart: the first half is a valid profile without `b`.
+    It is held (it removes a service) and the second half replaces it before it applies, so no pass
+    ever sees `b` gone; an edit that really removes `b` applies once the file has settled."""
+
+    class Recording(FakeRuntime):
+        async def converge(self, profile, timeout_s: float) -> PassReport:
+            seen.append(sorted(profile.services))
+            return await super().converge(profile, timeout_s)
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(assembly_module, "Runtime", Recording)
+    monkeypatch.setattr(loop_module, "REMOVAL_SETTLE_S", 0.6)
+    path = tmp_path / "p.yaml"
+    path.write_text(TWO_SERVICES)
+    args = _args(tmp_path)
+    cut = TWO_SERVICES.index("  b:")
+
+    async def main() -> int:
+        task = asyncio.ensure_future(watch_cmd.watch(args))
+        await _until(lambda: seen == [["a", "b"]])
+        for _ in range(3):  # three torn saves, each in two chunks
+            with open(path, "r+") as f:
+                f.truncate(0)
+                f.write(TWO_SERVICES[:cut] + "  c: {max_mb: 0, priority: 2}\n")
+                f.flush()
+                os.fsync(f.fileno())
+                await asyncio.sleep(0.15)
+                f.seek(0)
+                f.truncate(0)
+                f.write(TWO_SERVICES + "  c: {max_mb: 0, priority: 2}\n")
+            await _until(lambda: seen[-1] == ["a", "b", "c"])
+            path.write_text(TWO_SERVICES)
+            await _until(lambda: seen[-1] == ["a", "b"])
+        path.write_text(TWO_SERVICES[:cut])  # a real removal: applied once the file settled
+        await _until(lambda: seen[-1] == ["a"], timeout_s=10)
+        _stop(signal.SIGTERM)
+        return await asyncio.wait_for(task, 5)
+
+    FakeRuntime.last = None
+    assert asyncio.run(main()) == 0
+    assert ["a", "c"] not in seen and seen[-1] == ["a"]
+    events = _events(capsys)
+    held = [e for e in events if e["kind"] == "profile.held"]
+    assert {tuple(e["removes"]) for e in held} == {("b",), ("c",)}  # the torn halves, and the real removals
+    assert held[-1]["removes"] == ["b"] and held[-1]["message"].endswith("has not changed for 0.6 s")

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from reconciler.core.profile import Profile
+from reconciler.core.redaction import Redactor, redact_snapshot
 from reconciler.core.snapshot import Snapshot
 from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
@@ -39,12 +40,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--state-dir", metavar="DIR", help="state directory (default: the reconciler's own)")
     parser.add_argument("--node", default="local", help="node name in the snapshot (default: local)")
     parser.add_argument("--format", choices=("json", "yaml"), default="json", help="output format (default: json)")
+    parser.add_argument(
+        "--show-secrets", action="store_true",
+        help="print the launch specs as they are, with the values the profile read from ${VAR}s (by default "
+        "those are shown as their ${VAR} reference, and a plan from such a snapshot restarts what they are in)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile)
     snapshot = asyncio.run(observe_once(profile, args.gpu, read_inventory(args.state_dir), node=args.node))
+    if not args.show_secrets:
+        snapshot = redact_snapshot(snapshot, Redactor(profile.expansions))
     try:
         sys.stdout.write(render(snapshot, args.format))
         sys.stdout.flush()

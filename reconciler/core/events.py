@@ -34,6 +34,7 @@ class EventKind(StrEnum):
     WATCH_DEGRADED = "watch.degraded", "The profile cannot be watched for a while (its directory went away…); retried."
     API_STARTED = "api.started", "The HTTP API listens: its URL and whether it needs a token."
     PROFILE_RELOADED = "profile.reloaded", "A saved edit of the profile is in force now."
+    PROFILE_HELD = "profile.held", "A saved edit removes services; it applies once the file has been stable a while."
     PROFILE_REJECTED = "profile.rejected", "A saved edit is invalid (with its located diagnostics) or refused; the last good profile stays."
     # passes
     PASS_STARTED = "pass.started", "A pass begins (shown, never recorded)."

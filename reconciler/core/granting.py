@@ -22,20 +22,32 @@ from reconciler.core.launch import launch_spec
 from reconciler.core.placement import NoPlacement
 from reconciler.core.plan import Pending
 from reconciler.core.profile import Service
+from reconciler.core.redaction import NO_SECRETS, Redactor
 from reconciler.core.snapshot import Demand, Instance, Launch
 
 if TYPE_CHECKING:
     from reconciler.core.planner import Planner
 
 
-def describe_launch_change(old: Launch, new: Launch) -> str:
+def describe_launch_change(old: Launch, new: Launch, redactor: Redactor = NO_SECRETS) -> str:
+    """What differs between two launch specs, in words; environment values are never shown (invariant 8)."""
     changes = []
-    for field in ("argv", "cwd", "env", "port", "image"):
+    for field in ("argv", "cwd", "port", "image"):
         before, after = getattr(old, field), getattr(new, field)
         if before != after:
             if field == "argv":
-                before, after = " ".join(before), " ".join(after)
+                before, after = " ".join(redactor.argv(before)), " ".join(redactor.argv(after))
+            elif isinstance(before, str) or isinstance(after, str):
+                before = redactor.text(before) if isinstance(before, str) else before
+                after = redactor.text(after) if isinstance(after, str) else after
             changes.append(f"{field} {before!r} → {after!r}")
+    for key in sorted(set(old.env) | set(new.env)):
+        if key not in new.env:
+            changes.append(f"env {key} removed")
+        elif key not in old.env:
+            changes.append(f"env {key} added")
+        elif old.env[key] != new.env[key]:
+            changes.append(f"env {key} changed")
     return "launch spec changed: " + "; ".join(changes)
 
 
@@ -116,8 +128,8 @@ class DemandGranting:
         if planned is not None and planned.kind == "restart":
             desired = launch_spec(name, self.planner.profile.services[name], instance.gpu, demand.model)
             assert instance.launch is not None and desired is not None
-            state.update(planned.id, model=demand.model,
-                         reason=f"{reason}; {describe_launch_change(instance.launch, desired)}")
+            change = describe_launch_change(instance.launch, desired, self.planner.redactor)
+            state.update(planned.id, model=demand.model, reason=f"{reason}; {change}")
             state.models[name] = demand.model
         elif self.planner.restart(name, instance, demand.model, reason) is None:
             state.pending[-1] = Pending(service=name, demand=demand.id, reason=state.pending[-1].reason)

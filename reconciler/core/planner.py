@@ -40,6 +40,7 @@ from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, p
 from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
 from reconciler.core.plan_state import PlanState
 from reconciler.core.profile import Profile, Service, is_ollama
+from reconciler.core.redaction import Redactor, redact_plan
 from reconciler.core.snapshot import Demand, Instance, Snapshot
 from reconciler.core.wanted import compute_wanted
 from reconciler.core.world import World
@@ -61,6 +62,7 @@ class Planner:
         self.graph = dependency_graph(profile.services)
         self.state = PlanState()
         self.granting = DemandGranting(self)
+        self.redactor = Redactor(profile.expansions)  # no reason ever shows an expanded value (invariant 8)
         self.effective: dict[str, int] = {}  # wanted service → priority, inherited by dependencies
 
     # --- building blocks -----------------------------------------------------
@@ -199,7 +201,7 @@ class Planner:
         desired = launch_changed(name, spec, instance)
         if desired is None and instance.restart is None:
             return
-        reason = describe_launch_change(instance.launch, desired) if desired is not None else (
+        reason = describe_launch_change(instance.launch, desired, self.redactor) if desired is not None else (
             "a restart was asked for" + (" (now)" if instance.restart == "now" else ""))
         held = self.held(name)
         if held and instance.restart != "now" and not spec.restart_when_busy:
@@ -563,8 +565,8 @@ class Planner:
             dag, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
         actions = [self.state.actions[a] for a in sorted_ids]
         summary: dict[str, int] = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
-        draft = Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions), actions=actions,
-                     pending=self.state.pending, gpus=[], summary=summary)
+        draft = redact_plan(Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions),
+                                 actions=actions, pending=self.state.pending, gpus=[], summary=summary), self.redactor)
         after = World(self.profile, simulate(self.profile, self.snapshot, draft))
         after.account()
         gpus = [GpuSummary(index=g, total_mb=view.total, free_mb=view.free,

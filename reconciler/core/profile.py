@@ -16,7 +16,7 @@ import difflib
 from pathlib import PurePath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from reconciler.core.templates import PLACEHOLDERS, find_placeholders, split_template
 
@@ -210,3 +210,14 @@ class Profile(_Strict):
         if v != 1:
             raise ValueError(f"unsupported schema_version {v}; this reconciler reads schema_version 1")
         return v
+
+    _expansions: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def expansions(self) -> dict[str, str]:
+        """Value → ``${NAME}`` for every environment variable the loader expanded (never to be printed)."""
+        return dict(self._expansions)
+
+    def remember_expansions(self, expansions: dict[str, str]) -> None:
+        """Recorded by the loader (:mod:`reconciler.loading.environment`); see :mod:`.redaction`."""
+        self._expansions = dict(expansions)

@@ -99,6 +99,7 @@ class LaunchRequest:
     launch: Launch
     sim: bool = False  # the GPU is simulated: the process declares its memory instead of using it
     intent: int | None = None  # the intent the start is written under (a process carries it as a marker)
+    shown_argv: list[str] | None = None  # argv as logs may show it (no expanded ${VAR} value); None: argv
 
     @classmethod
     def of(cls, service: str, spec: Service, gpu: int | None, model: str | None, *, sim: bool = False,

@@ -188,8 +188,8 @@ class ProcessDriver(Driver):
             raise DriverError(f"service {service_name}: working directory {cwd} does not exist")
         try:
             with open(log_path, "ab") as log:
-                header = (f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: "
-                          f"{json.dumps(launch.argv)}\n")
+                shown = request.shown_argv if request.shown_argv is not None else launch.argv  # no secrets
+                header = f"--- {iso_utc(self.clock.now())} reconciler: starting {service_name}: {json.dumps(shown)}\n"
                 log.write(header.encode())
                 log.flush()
                 proc = subprocess.Popen(

@@ -14,6 +14,10 @@ Afterwards a relative ``exec_path`` that contains a ``/`` (``./bin/server``,
 ``../demo/x``) is made absolute against the profile file's directory, so a
 profile can ship with its scripts; a bare name (``python3``) is left for the
 driver to find on ``PATH``.
+
+Every value read from the environment is recorded with the profile
+(:attr:`Profile.expansions <reconciler.core.profile.Profile.expansions>`), so
+that no output ever shows it (:mod:`reconciler.core.redaction`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,14 @@ _BODY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.S)
 _STRING_FIELDS = ("exec_path", "args_template", "cwd", "image", "command_template")
 
 
-def expand_string(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
-    """``text`` with its references expanded, and a message for each bad or unset one."""
+def expand_string(
+    text: str, environ: Mapping[str, str], expansions: dict[str, str] | None = None
+) -> tuple[str, list[str]]:
+    """``text`` with its references expanded, and a message for each bad or unset one.
+
+    ``expansions`` collects value → reference for each variable expanded (what
+    :class:`reconciler.core.redaction.Redactor` hides from every output).
+    """
     problems: list[str] = []
 
     def one(match: re.Match[str]) -> str:
@@ -48,6 +58,8 @@ def expand_string(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]
             return ""
         name, default = body.group(1), body.group(2)
         value = environ.get(name)
+        if value and expansions is not None:
+            expansions[value] = f"${{{name}}}"
         if default is not None:
             return value if value else default
         if value is None:
@@ -66,8 +78,13 @@ def expand_profile(
     filename: str,
     environ: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    expansions: dict[str, str] | None = None,
 ) -> list[Diagnostic]:
-    """Expand the ``managed`` strings of every service in place; return the problems found."""
+    """Expand the ``managed`` strings of every service in place; return the problems found.
+
+    ``expansions`` collects value → ``${NAME}`` for every variable read (a
+    default used instead is no secret and is not collected).
+    """
     env = os.environ if environ is None else environ
     diagnostics: list[Diagnostic] = []
 
@@ -76,7 +93,7 @@ def expand_profile(
         value = container[key]
         if not isinstance(value, str):
             return
-        container[key], problems = expand_string(value, env)
+        container[key], problems = expand_string(value, env, expansions)
         mark = positions.value(path)
         diagnostics.extend(Diagnostic(filename, mark.line, mark.col, f"{dotted(path)}: {p}") for p in problems)
 

@@ -77,7 +77,8 @@ def profile_from_document(
     base_dir: str | os.PathLike[str] | None = None,
 ) -> Profile:
     require_mapping(document, filename, "a profile")
-    diagnostics = expand_profile(document.data, document.positions, filename, environ, base_dir)
+    expansions: dict[str, str] = {}
+    diagnostics = expand_profile(document.data, document.positions, filename, environ, base_dir, expansions)
     try:
         profile = Profile.model_validate(document.data, strict=True)
     except ValidationError as exc:
@@ -89,6 +90,7 @@ def profile_from_document(
     diagnostics += _cross_checks(check_profile(profile), depends_on, document, filename)
     if diagnostics:
         raise InputError(diagnostics)
+    profile.remember_expansions(expansions)
     return profile
 
 

@@ -37,6 +37,8 @@ def format_text(event: dict[str, Any]) -> str | None:
         lines = [f"{ts} profile rejected, {event.get('keeping') or 'the last good profile'} stays: {message}"]
         lines += [f"    {d['file']}:{d['line']}:{d['col']}: {d['message']}" for d in event.get("diagnostics", [])]
         return "\n".join(lines)
+    if kind == EventKind.PROFILE_HELD:
+        return f"{ts} profile held: {message}"
     if kind == EventKind.PROFILE_RELOADED:
         return f"{ts} profile reloaded: {message}" + (f" ({event['detected']})" if event.get("detected") else "")
     if kind == EventKind.ACTION_STARTED:

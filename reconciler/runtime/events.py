@@ -9,7 +9,10 @@ once. Each event is a dict ``{"id", "ts", "kind", ...data}``; ``service`` and
 JSON data; ``ts`` comes from the injected clock. A subscriber is an async
 iterator over its own bounded queue: a subscriber that falls behind loses its
 oldest events (``dropped`` counts them), never blocks the runtime. Subscribe
-and publish from the event loop's thread.
+and publish from the event loop's thread. Every string in an event passes
+the bus's :class:`~reconciler.core.redaction.Redactor` first, so no event —
+in the log, the stream, the output — carries a value read from the
+environment (invariant 8).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.events import EventKind
+from reconciler.core.redaction import Redactor
 from reconciler.store.base import Store
 
 DEFAULT_QUEUE_SIZE = 1000
@@ -67,9 +71,10 @@ class Subscription:
 class EventBus:
     """Publishes runtime events to the store's log and to subscribers."""
 
-    def __init__(self, store: Store | None, *, clock: Clock):
+    def __init__(self, store: Store | None, *, clock: Clock, redactor: Redactor | None = None):
         self.store = store
         self.clock = clock
+        self.redactor = redactor if redactor is not None else Redactor()
         self._subscribers: set[Subscription] = set()
 
     def publish(self, kind: EventKind, **data: Any) -> dict[str, Any]:
@@ -77,6 +82,7 @@ class EventBus:
         if not isinstance(kind, EventKind):
             raise TypeError(f"event kind {kind!r} is not declared in reconciler.core.events.EventKind")
         ts = self.clock.now()
+        data = self.redactor.data(data)  # no event ever carries an expanded ${VAR} value (invariant 8)
         service = data.get("service")
         message = str(data.get("message", ""))
         extra = {k: v for k, v in data.items() if k not in ("service", "message")}

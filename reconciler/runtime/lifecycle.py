@@ -19,7 +19,7 @@ adopted Ollama unloads its models instead — never a signal — and it stays.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.core.backoff import DEFAULT_POLICY, BackoffPolicy, after_failure, after_healthy
@@ -27,6 +27,7 @@ from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.events import EventKind
 from reconciler.core.launch import launch_digest, launch_spec
 from reconciler.core.profile import Service
+from reconciler.core.redaction import Redactor
 from reconciler.core.snapshot import Instance
 from reconciler.drivers.base import LaunchRequest, StartedContainer, StopResult
 from reconciler.errors import DriverError
@@ -66,6 +67,7 @@ class Lifecycle:
     policy: BackoffPolicy = DEFAULT_POLICY
     memory_timeout_s: float = DEFAULT_MEMORY_TIMEOUT_S
     eviction_timeout_s: float = 10.0  # the profile's, set by the runtime for each pass
+    redactor: Redactor = field(default_factory=Redactor)  # what an error or a log line may never show
 
     # --- start ------------------------------------------------------------------
 
@@ -83,7 +85,8 @@ class Lifecycle:
             if launch is None:
                 raise DriverError(f"{name} has no `managed:` block: an unmanaged slot is never started")
             # the intent goes with the launch: recovery finds a process by it even without its pid
-            request = LaunchRequest(name, spec, gpu, model, launch, sim=self.sim, intent=intent)
+            request = LaunchRequest(name, spec, gpu, model, launch, sim=self.sim, intent=intent,
+                                    shown_argv=self.redactor.argv(launch.argv))
             started = await driver.start(request)
         except DriverError as exc:
             self.store.finish_intent(intent, "failed", {"error": str(exc)})
@@ -150,7 +153,7 @@ class Lifecycle:
 
     def failure(self, service: str, reason: str, digest: str) -> None:
         """Count one more failure of ``service`` (its backoff: :mod:`reconciler.core.backoff`)."""
-        now = self.clock.now()
+        now, reason = self.clock.now(), self.redactor.text(reason)
         backoff = self.store.update_backoff(service, lambda old: after_failure(old, reason, digest, now, self.policy))
         self.events.publish(
             EventKind.BACKOFF, service=service, failures=backoff.failures, stalled=backoff.stalled,

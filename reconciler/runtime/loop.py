@@ -14,7 +14,11 @@ is noticed and restarted, subject to backoff).
 **Edits.** A saved edit that is invalid, or that empties ``services`` without
 ``allow_empty``, is rejected — ``profile.rejected`` with the located
 diagnostics — and the last good profile stays in force (invariant 2).
-Otherwise ``profile.reloaded``, and the next pass applies it.
+Otherwise ``profile.reloaded``, and the next pass applies it — at once, unless
+it removes services: then ``profile.held`` and it waits until the file has not
+changed for :data:`REMOVAL_SETTLE_S` (twice that when it removes more than
+half of what runs), so a file written in two chunks never stops what its
+second half keeps.
 
 **Failures.** A pass that raises (the GPU or the store unreadable for a
 moment, or a bug) is reported as ``pass.failed`` and retried after
@@ -61,6 +65,7 @@ STOP_GRACE_S = 5.0  # after SIGINT/SIGTERM, a pass in flight gets this long (plu
 MIN_LIVENESS_S = 0.25
 RETRY_AFTER_ERROR_S = 5.0  # after a pass that raised
 WATCH_RETRY_MAX_S = 5.0  # a profile that cannot be watched is tried again this often (or at resync)
+REMOVAL_SETTLE_S = 1.0  # an edit that removes services waits this long after the file's last change
 
 T = TypeVar("T")
 
@@ -94,6 +99,15 @@ def diagnostics_data(diagnostics: Sequence[Diagnostic]) -> list[dict[str, Any]]:
     return [{"file": d.file, "line": d.line, "col": d.col, "message": d.message} for d in diagnostics]
 
 
+@dataclass(frozen=True)
+class Held:
+    """An edit that removes services, waiting for the file to settle."""
+
+    profile: Profile
+    change: ProfileChange
+    until: float  # on the clock's monotonic time
+
+
 class Loop:
     """The watch loop over one runtime; :meth:`run` until :meth:`stop`."""
 
@@ -121,11 +135,13 @@ class Loop:
         self.where = where  # what a rejected change names when the watcher gives no path
         self.companions = list(companions)
         self.profile: Profile = first.profile  # the profile in force (companions read it)
+        bus.redactor.learn(first.profile.expansions)
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
         self.grace_s = STOP_GRACE_S
         self.signal_name: str | None = None
         self.passes = 0
+        self._held: Held | None = None
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -280,8 +296,13 @@ class Loop:
         why, timeout = due
         deadline = self.clock.monotonic() + timeout
         while True:
+            now = self.clock.monotonic()
+            if self._held is not None and now >= self._held.until:
+                self._apply_held()
+                return "profile"
+            limit = deadline if self._held is None else min(deadline, self._held.until)
             getting = asyncio.ensure_future(triggers.get())
-            woken = asyncio.ensure_future(self.runtime.wait_woken(max(0.0, deadline - self.clock.monotonic())))
+            woken = asyncio.ensure_future(self.runtime.wait_woken(max(0.0, limit - now)))
             stop = asyncio.ensure_future(self.stopping.wait())
             try:
                 done, _ = await asyncio.wait({getting, woken, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -295,13 +316,21 @@ class Loop:
                 if isinstance(event, Resync):
                     return "resync"
                 accepted = self._accept(event)
+                if accepted is not None and self._hold(accepted, event):
+                    accepted = None  # a removal waits for the file to settle
                 if accepted is not None:
+                    self._held = None
+                    self._reloaded(accepted, event)
                     self.profile = accepted
                     return "profile"
                 if woken in done and woken.result():  # the wake was taken (cleared) in this round: keep it
                     return "wake"
                 continue
-            return "wake" if woken.result() else why
+            if woken.result():
+                return "wake"
+            if self._held is not None and self.clock.monotonic() >= self._held.until:
+                continue  # the held edit settled: applied at the top of the loop
+            return why
 
     def _accept(self, change: ProfileChange) -> Profile | None:
         """The changed profile when it may be applied; else report why not (the current one stays)."""
@@ -311,15 +340,48 @@ class Loop:
             self.bus.publish(EventKind.PROFILE_REJECTED, message=f"{path} is invalid; nothing changed", path=path,
                              keeping=keeping, diagnostics=diagnostics_data(change.diagnostics))
             return None
+        self.bus.redactor.learn(change.profile.expansions)  # its values never reach an event
         try:
             check_profile_guard(change.profile, self.allow_empty)
         except GuardError as exc:
             self.bus.publish(EventKind.PROFILE_REJECTED, message=str(exc), path=path, keeping=keeping, diagnostics=[])
             return None
-        self.bus.publish(EventKind.PROFILE_RELOADED, message=f"{path}: profile {change.profile.name}", path=path,
-                         profile=change.profile.name, digest=change.digest[:16],
-                         **({"detected": change.note} if change.note else {}))
         return change.profile
+
+    def _reloaded(self, profile: Profile, change: ProfileChange) -> None:
+        path = str(change.path) if change.path else self.where
+        self.bus.publish(EventKind.PROFILE_RELOADED, message=f"{path}: profile {profile.name}", path=path,
+                         profile=profile.name, digest=change.digest[:16],
+                         **({"detected": change.note} if change.note else {}))
+
+    def _hold(self, profile: Profile, change: ProfileChange) -> bool:
+        """Hold an edit that removes services until the file has been stable for a settle window.
+
+        An editor or a tool that writes the file in two chunks shows the first
+        half for a moment — a valid profile that lacks what the second half
+        holds. Applying it would stop those services, then start them again.
+        So an edit that removes services waits :data:`REMOVAL_SETTLE_S` after
+        the last change of the file (twice that when it removes more than half
+        of what runs); any newer save replaces it. Additions and changes apply
+        at once.
+        """
+        removed = sorted(set(self.profile.services) - set(profile.services))
+        if not removed:
+            return False
+        running = {i.service for i in self.runtime.store.instances()}
+        settle = REMOVAL_SETTLE_S * (2 if running and len(running & set(removed)) * 2 > len(running) else 1)
+        self._held = Held(profile, change, self.clock.monotonic() + settle)
+        path = str(change.path) if change.path else self.where
+        self.bus.publish(EventKind.PROFILE_HELD, message=f"{path}: profile {profile.name} removes "
+                         f"{', '.join(removed)}; applied once the file has not changed for {settle:g} s",
+                         path=path, profile=profile.name, removes=removed, settle_s=settle)
+        return True
+
+    def _apply_held(self) -> None:
+        assert self._held is not None
+        held, self._held = self._held, None
+        self._reloaded(held.profile, held.change)
+        self.profile = held.profile
 
 
 def liveness_s(profile: Profile) -> float:

@@ -32,6 +32,7 @@ from reconciler.core.events import EventKind
 from reconciler.core.plan import Action
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
+from reconciler.core.redaction import redact_plan
 from reconciler.core.report import Outcome, PassReport
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
@@ -77,13 +78,14 @@ class Runtime:
         self.sim = sim
         self.clock = clock
         self.events = events or EventBus(store, clock=clock)
+        self.redactor = self.events.redactor  # learns every profile's expansions; shared with the bus
         self.drivers = drivers or DriverSet.default(self.state_dir, clock)
         self.ledger = Ledger(store, clock)
         self.prober = Prober()
         self.lifecycle = Lifecycle(
             store=store, drivers=self.drivers, gpu_backend=gpu_backend, events=self.events,
             health=HealthWaiter(self.prober, clock=clock.monotonic, sleep=clock.sleep), clock=clock, sim=sim,
-            policy=policy, memory_timeout_s=memory_timeout_s,
+            policy=policy, memory_timeout_s=memory_timeout_s, redactor=self.events.redactor,
         )
         self.passed = PassSignal()  # set as each pass finishes
         self.grants = GrantWatch()  # set as a pass grants a watched demand
@@ -126,6 +128,7 @@ class Runtime:
 
     async def _pass(self, profile: Profile) -> PassReport:
         store, now = self.store, self.clock.now()
+        self.redactor.learn(profile.expansions)
         self.lifecycle.eviction_timeout_s = profile.eviction_timeout_s
         for lease in self.ledger.expire(now):
             self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
@@ -142,6 +145,8 @@ class Runtime:
         )
         ran = await executor.run(a for a in plan.actions if a.id not in deferred)
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
+        outcomes = {k: replace(o, detail=self.redactor.text(o.detail)) for k, o in outcomes.items()}
+        plan = redact_plan(plan, self.redactor)  # reasons may quote a launch spec an older profile expanded
         self._last = LastPass(snapshot=snapshot, plan=plan)
         counts = {s: sum(1 for o in outcomes.values() if o.status == s)
                   for s in ("done", "failed", "skipped", "deferred")}

@@ -18,7 +18,7 @@
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.released", "instance.stopped", "instance.unloaded", "intent.recovered",
     "intent.unresolved", "lease.granted", "lease.renewed", "lease.released", "lease.expired", "pass",
-    "pass.started", "pass.finished", "pass.failed", "profile.reloaded", "profile.rejected", "watch.started",
+    "pass.started", "pass.finished", "pass.failed", "profile.held", "profile.reloaded", "profile.rejected", "watch.started",
     "watch.degraded", "watch.stopped", "message",
   ];
   // Announced around every pass, then summed up by pass.finished: neither logged nor fetched for.
