@@ -43,7 +43,7 @@ services:
 """
 
 
-def test_no_expanded_value_reaches_any_output(host: Host, monkeypatch) -> None:  # noqa: F811
+def test_no_expanded_value_reaches_any_output(host: Host, monkeypatch) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     port = free_port()
