@@ -21,7 +21,8 @@ from reconciler.testing.ports import free_port
 from tests.api_support import ApiRun
 from tests.e2e_support import Host, host  # noqa: F401 (fixture)
 
-SECRETS = {"TOKEN_A": "tok-a-0f9e8d7c6b", "TOKEN_B": "tok-b-5a4b3c2d1e", "KEY_A": "sk-a-1234567890", "KEY_B": "sk-b-0987654321"}
+SECRETS = {"TOKEN_A": "tok-a-0f9e8d7c6b", "TOKEN_B": "tok-b-5a4b3c2d1e",
+           "KEY_A": "sk-a-1234567890", "KEY_B": "sk-b-0987654321"}
 
 PROFILE = """\
 schema_version: 1
