@@ -6,6 +6,7 @@ import asyncio
 
 import httpx
 import psutil
+import pytest
 
 from reconciler.drivers.process import is_alive
 from reconciler.testing.ports import free_port
@@ -137,3 +138,25 @@ def test_a_service_without_a_port_runs_once_it_survives_the_grace(env):
     assert first.outcomes["start:worker"].status == "done"
     assert "no port to probe" in first.outcomes["start:worker"].detail
     assert second.plan.actions == [] and rt.store.get_instance("worker").state == "running"
+
+
+def test_any_launch_error_is_a_failure_that_backs_off(env):
+    """A launch the host cannot execute (a NUL byte in an environment value, past the planner's own
+    check) is a driver failure: counted for the backoff, its intent finished — not a ValueError that
+    escapes and leaves an unfinished start record on every pass."""
+    from reconciler.errors import DriverError
+
+    profile = make_profile({"svc": fake_service(free_port(), always_on=True)})
+    spec = profile.services["svc"]
+    assert spec.managed is not None
+    broken = spec.model_copy(update={"managed": spec.managed.model_copy(update={"env": {"X": "a\x00b"}})})
+
+    async def main():
+        async with env.runtime() as rt:
+            with pytest.raises(DriverError, match="cannot run"):
+                await rt.lifecycle.start("svc", broken, None, None, "start:svc")
+            return rt
+
+    rt = asyncio.run(main())
+    assert rt.store.get_backoff("svc").failures == 1
+    assert rt.store.open_intents() == [] and rt.store.instances() == []

@@ -8,7 +8,9 @@ For containers ``argv`` is the filled ``command_template`` and ``image`` is set.
 
 :func:`launch_digest` is a launch spec's short, stable fingerprint: a
 service's failures are counted per digest (a changed spec starts afresh,
-:mod:`.backoff`).
+:mod:`.backoff`). :func:`launch_problem` says why a spec cannot be executed
+at all (a NUL byte from a model name, an empty command) — the planner then
+starts and stops nothing for it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def launch_changed(name: str, service: Service, instance: Instance) -> Launch | 
         return None
     desired = launch_spec(name, service, instance.gpu, instance.model)
     return desired if desired is not None and desired != instance.launch else None
+
+
+def launch_problem(launch: Launch) -> str | None:
+    """Why the host could not execute ``launch`` (an empty argv, a NUL or control byte), or None."""
+    if not launch.argv or not launch.argv[0]:
+        return "its command is empty"
+    for index, token in enumerate(launch.argv):
+        if "\x00" in token:
+            return f"argument {index} contains a NUL byte"
+    for key, value in launch.env.items():
+        if "\x00" in key or "\x00" in value or "=" in key or not key:
+            return f"environment variable {key!r} is not one the host can set (empty, '=' or a NUL byte)"
+    if "\x00" in launch.cwd:
+        return "its working directory contains a NUL byte"
+    return None
 
 
 def launch_digest(launch: Launch | None) -> str:

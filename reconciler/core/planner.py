@@ -35,7 +35,7 @@ from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
 from reconciler.core.interleavings import memory_moves, peak_extra
-from reconciler.core.launch import launch_changed
+from reconciler.core.launch import launch_changed, launch_problem, launch_spec
 from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, place, refusal
 from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
 from reconciler.core.plan_state import PlanState
@@ -216,6 +216,12 @@ class Planner:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
         spec = self.profile.services[name]
         gpu = instance.gpu
+        desired = launch_spec(name, spec, gpu, model)
+        problem = launch_problem(desired) if desired is not None else None
+        if problem is not None:  # nothing is stopped for a start that cannot happen
+            self.state.wait(name, f"restart ({reason}) cannot launch with model {model!r}: {problem}")
+            self.state.touched.add(name)
+            return None
         if self.unseen(gpu):
             self.state.wait(name, f"restart ({reason}) waits: {self.unseen_note(gpu)}, and nothing is started there")
             self.state.touched.add(name)
@@ -309,6 +315,10 @@ class Planner:
         model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
         if model is None and model_bound(spec):
             return self._unreachable(name, queue, "needs a model: set `model:` in the profile or name one in the lease")
+        launch = launch_spec(name, spec, dead.gpu if dead else None, model)
+        problem = launch_problem(launch) if launch is not None else None
+        if problem is not None:
+            return self._unreachable(name, queue, f"cannot be launched with model {model!r}: {problem}")
         conflict = self._port_conflict(name, spec)
         if conflict:
             return self._unreachable(name, queue, conflict)

@@ -203,8 +203,9 @@ class ProcessDriver(Driver):
                     start_new_session=True,
                     close_fds=True,
                 )
-        except OSError as exc:
-            raise DriverError(f"service {service_name}: cannot run {launch.argv[0]}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in an argument or a variable
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DriverError(f"service {service_name}: cannot run {launch.argv[0]}: {reason}") from None
         try:
             create_time = psutil.Process(proc.pid).create_time()
         except psutil.Error as exc:  # pragma: no cover - the child is ours and unreaped

@@ -88,10 +88,13 @@ class Lifecycle:
             request = LaunchRequest(name, spec, gpu, model, launch, sim=self.sim, intent=intent,
                                     shown_argv=self.redactor.argv(launch.argv))
             started = await driver.start(request)
-        except DriverError as exc:
-            self.store.finish_intent(intent, "failed", {"error": str(exc)})
-            self.failure(name, str(exc), digest)
-            raise
+        except Exception as exc:  # any launch error is a failure that backs off, never a retry every pass
+            error = str(exc) if isinstance(exc, DriverError) else f"{name}: cannot launch: {type(exc).__name__}: {exc}"
+            self.store.finish_intent(intent, "failed", {"error": self.redactor.text(error)})
+            self.failure(name, error, digest)
+            if isinstance(exc, DriverError):
+                raise
+            raise DriverError(self.redactor.text(error)) from None
         identity: dict[str, Any]
         if isinstance(started, StartedContainer):
             identity = await self.drivers.container_identity(started.container)
