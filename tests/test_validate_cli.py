@@ -110,3 +110,18 @@ def test_installed_command_exit_codes(bad):
     failed = subprocess.run([str(executable), "validate", str(bad)], capture_output=True, text=True, timeout=60)
     assert failed.returncode == 1
     assert failed.stdout.startswith(f"{bad}:4:15: ") and "Traceback" not in failed.stderr
+
+
+
+def test_a_bug_is_one_line_without_a_traceback(monkeypatch, capsys) -> None:
+    """No traceback reaches a user: an unexpected error is said in one line, exit 1."""
+    from reconciler.cli import main, validate_cmd
+
+    def boom(args: object) -> int:
+        raise KeyError(0)
+
+    monkeypatch.setattr(validate_cmd, "run", boom)  # register() binds the module's run when the parser is built
+    monkeypatch.delenv("RECONCILER_DEBUG", raising=False)
+    assert main(["validate", "x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (KeyError: 0)" in err and "Traceback" not in err and "RECONCILER_DEBUG=1" in err

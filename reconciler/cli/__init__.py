@@ -1,7 +1,9 @@
 """Command line: one module per command, each with ``register(subparsers)``.
 
 Every command returns its exit code. Deliberate errors (:mod:`reconciler.errors`)
-print as located messages, never as tracebacks. Usage errors exit 64 (EX_USAGE).
+print as located messages, never as tracebacks; an unexpected one (a bug) prints
+one line saying so, and its traceback only with ``RECONCILER_DEBUG=1``. Usage
+errors exit 64 (EX_USAGE).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 from typing import NoReturn
 
 from reconciler.errors import InputError, ReconcilerError
 
 EXIT_USAGE = 64
 EXIT_ERROR = 1
+DEBUG_ENV = "RECONCILER_DEBUG"
 
 # Each module defines register(subparsers); order is the order of --help.
 COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why")
@@ -58,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: said in one line; the traceback only when asked for
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc(file=sys.stderr)
+        print(f"reconciler: internal error ({type(exc).__name__}: {exc}); nothing more was changed. This is a "
+              f"bug: please report it with the command you ran (set {DEBUG_ENV}=1 to see the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
