@@ -225,12 +225,12 @@ class Host:
     def port(self) -> int:
         return free_port()
 
-    def watch(self, *extra: str, resync_s: float = 30) -> WatchRun:
+    def watch(self, *extra: str, resync_s: float = 30, extra_env: dict[str, str] | None = None) -> WatchRun:
         argv = [
             sys.executable, "-m", "reconciler", "watch", "--profile", str(self.profile), "--gpu", "sim:8192",
             "--state-dir", str(self.state_dir), "--events", "json", "--resync", str(resync_s), *extra,
         ]
-        run = WatchRun(argv, self.env(), self.root / f"watch-{len(self.runs)}.stderr")
+        run = WatchRun(argv, {**self.env(), **(extra_env or {})}, self.root / f"watch-{len(self.runs)}.stderr")
         self.runs.append(run)
         return run
 

@@ -23,7 +23,8 @@ EXIT_ERROR = 1
 DEBUG_ENV = "RECONCILER_DEBUG"
 
 # Each module defines register(subparsers); order is the order of --help.
-COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why")
+COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why",
+            "install-service")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMANDS:
-        importlib.import_module(f"reconciler.cli.{name}_cmd").register(sub)
+        importlib.import_module(f"reconciler.cli.{name.replace('-', '_')}_cmd").register(sub)
     return parser
 
 

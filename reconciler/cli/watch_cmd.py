@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from reconciler.core.events import EventKind
 from reconciler.errors import GuardError, ProfileError
+from reconciler.host import systemd
 from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import SPEC_HELP, GpuBackend, open_gpu_backend
 from reconciler.loading.watcher import (
@@ -132,7 +133,7 @@ async def watch(args: argparse.Namespace) -> int:
         started = Started(path=str(first.path), gpu=backend.name, state_dir=str(state_dir), detected=first.note)
         loop = Loop(assembly.runtime, watcher, first, bus=assembly.bus, started=started,
                     allow_empty=args.allow_empty, resync_s=args.resync, where=args.profiles or args.profile,
-                    companions=companions)
+                    companions=companions, notify=systemd.notify)
         try:
             await loop.run()
         finally:

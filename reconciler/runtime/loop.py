@@ -31,6 +31,10 @@ running*: a pass in flight gets :data:`STOP_GRACE_S` plus the profile's
 which leaves what a crash would (open intents), and the next run resolves it
 (invariant 5). The loop owns the signals while it runs.
 
+**Supervisors.** Under systemd (``Type=notify``) the loop says ``READY=1`` once
+it has found its instances again and its companions serve, a ``STATUS=`` line
+after each pass, and ``STOPPING=1`` on a stop signal (:mod:`reconciler.host.systemd`).
+
 **Companions.** Something that serves beside the loop — the HTTP API — is a
 :class:`Companion`: started once the loop is up (with the runtime and a way
 to read the profile in force), stopped before the runtime closes.
@@ -123,6 +127,7 @@ class Loop:
         resync_s: float = 30.0,
         where: str = "",
         companions: Sequence[Companion] = (),
+        notify: Callable[[str], object] = lambda message: None,
     ):
         assert first.profile is not None, "start the loop with a valid profile"
         self.runtime = runtime
@@ -134,6 +139,7 @@ class Loop:
         self.resync_s = resync_s
         self.where = where  # what a rejected change names when the watcher gives no path
         self.companions = list(companions)
+        self.notify = notify  # a supervisor's readiness protocol (systemd's sd_notify), when there is one
         self.profile: Profile = first.profile  # the profile in force (companions read it)
         bus.redactor.learn(first.profile.expansions)
         self.stopping = asyncio.Event()
@@ -174,6 +180,7 @@ class Loop:
 
     def stop(self, sig: signal.Signals | None = None) -> None:
         """End the loop (a signal's handler); a second call cuts the pass in flight short."""
+        self.notify("STOPPING=1")
         if self.stopping.is_set():
             self.hurry.set()
         self.signal_name = sig.name if sig is not None else None
@@ -187,6 +194,7 @@ class Loop:
         try:
             if await self._run(self.runtime.recover()) is CANCELLED:
                 return
+            self.notify(f"READY=1\nSTATUS=serving profile {self.profile.name}")
             reason: str | None = "start"
             while reason is not None and not self.stopping.is_set():
                 report = await self._pass(reason)
@@ -256,6 +264,9 @@ class Loop:
         if isinstance(report, Cancelled):
             return report
         counts = {k: v for k, v in report.counts().items() if v}
+        pending = len(report.plan.pending)
+        self.notify(f"STATUS=profile {profile.name}: " + (f"{pending} pending" if pending else
+                    "converged" if report.converged else "converging"))
         quiet = not any(r.plan.actions for r in report.passes) and not report.plan.pending and not report.stalled
         tell = self.bus.announce if quiet else self.bus.publish
         tell(

@@ -1,0 +1,16 @@
+"""``./dev`` from another directory: the user's paths mean what they typed."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_dev_reconciler_resolves_paths_from_where_it_was_called(tmp_path: Path) -> None:
+    (tmp_path / "my.yaml").write_text("schema_version: 1\nname: mine\nservices: {}\n")
+    done = subprocess.run([str(ROOT / "dev"), "reconciler", "validate", "my.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ok: my.yaml" in done.stdout
