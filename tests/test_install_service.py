@@ -9,6 +9,7 @@ on, as systemd would: ``READY=1`` once it serves, ``STATUS=`` lines, and
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -59,7 +60,7 @@ def test_a_missing_profile_is_an_error_and_writes_nothing(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
-def test_serve_speaks_sd_notify(host: Host, tmp_path: Path) -> None:  # noqa: F811
+def test_serve_speaks_sd_notify(host: Host, tmp_path: Path) -> None:
     address = str(tmp_path / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(address)
@@ -72,10 +73,8 @@ def test_serve_speaks_sd_notify(host: Host, tmp_path: Path) -> None:  # noqa: F8
         deadline = time.monotonic() + timeout_s
         while not any(word in m for m in messages):
             assert time.monotonic() < deadline, f"no {word} within {timeout_s} s; got {messages}"
-            try:
+            with contextlib.suppress(TimeoutError):
                 messages.append(listener.recv(4096).decode())
-            except TimeoutError:
-                pass
 
     try:
         receive_until("READY=1")
