@@ -96,7 +96,7 @@ def test_snapshot_of_a_simulated_host(spawner):
 
 
 def test_ollama_attribution_follows_its_models(spawner):
-    ollama = spawner.fake_ollama(models="a,b", vram_mb=1000)
+    ollama = spawner.fake_ollama(models="a,b", vram_mb=1000, unload_delay=0)  # unloads as it answers
     prof = profile(ollama=ollama_service(ollama.port))
     backend = FixedGpus([Gpu(index=0, total_mb=8192, used_mb=2100, processes=[GpuProcess(pid=1, used_mb=100)])])
     before = observe(prof, backend, [adopted("ollama", ollama.pid)])

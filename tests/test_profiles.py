@@ -20,6 +20,7 @@ OLLAMA = ProcessSpec(
     port=11434,
     host_port=11434,
     health_path="/api/tags",
+    env={"OLLAMA_HOST": "127.0.0.1:{port}"},
 )
 
 

@@ -8,7 +8,9 @@ Like Ollama's scheduler deciding whether a loaded runner can take a request
   is the service's business, not ours);
 * when one of its lease slots is free — ``max_concurrent`` when the service is
   ``shared``, else one (:func:`capacity`);
-* on the GPU asked for, when one is.
+* on the GPU asked for, when one is;
+* and, for an Ollama, when it has pulled the model (its ``/api/tags`` lists
+  it; a name without a tag means ``:latest``) — Ollama would answer 404.
 
 The planner asks these questions while it grants demands
 (:mod:`.granting`), and the leasing service asks :func:`can_serve_now` on its
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from reconciler.core.profile import Service
+from reconciler.core.profile import Service, is_ollama
 from reconciler.core.templates import find_placeholders
 
 
@@ -53,19 +55,34 @@ def gpu_matches(placed: int | None, wanted: int | None) -> bool:
     return wanted is None or placed is None or placed == wanted
 
 
+def ollama_has(installed: list[str], model: str) -> bool:
+    """Whether an Ollama listing ``installed`` has ``model`` (a name without a tag means ``:latest``)."""
+    return model in installed or (":" not in model and f"{model}:latest" in installed)
+
+
+def pulled(spec: Service, installed: list[str] | None, model: str | None) -> bool:
+    """Whether an Ollama has ``model`` (unknown lists, other services and no model: yes)."""
+    return model is None or installed is None or not is_ollama(spec) or ollama_has(installed, model)
+
+
 class Mismatch(Enum):
     """Why a running instance cannot serve a request now."""
 
     MODEL = "it serves another model"
+    NOT_PULLED = "it is an Ollama that has not pulled the model"
     FULL = "every lease slot is held"
     GPU = "it runs on another GPU"
 
 
 def can_serve_now(
-    spec: Service, *, serving: str | None, placed: int | None, held: int, model: str | None, gpu: int | None
+    spec: Service, *, serving: str | None, placed: int | None, held: int, model: str | None, gpu: int | None,
+    installed: list[str] | None = None,
 ) -> Mismatch | None:
     """None when a healthy running instance (serving ``serving`` on GPU ``placed``, holding
-    ``held`` leases) serves a request for ``model`` on ``gpu`` now; else the first reason it does not."""
+    ``held`` leases; an Ollama with ``installed`` models) serves a request for ``model`` on ``gpu``
+    now; else the first reason it does not."""
+    if not pulled(spec, installed, model):
+        return Mismatch.NOT_PULLED
     if not model_matches(spec, serving, model):
         return Mismatch.MODEL
     if not slot_free(spec, held):

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from reconciler.core.compatibility import capacity, gpu_matches, model_bound, model_matches, slot_free
+from reconciler.core.compatibility import capacity, gpu_matches, model_bound, model_matches, pulled, slot_free
 from reconciler.core.launch import launch_spec
 from reconciler.core.placement import NoPlacement
-from reconciler.core.plan import Pending
 from reconciler.core.profile import Service
 from reconciler.core.redaction import NO_SECRETS, Redactor
 from reconciler.core.snapshot import Demand, Instance, Launch
@@ -86,6 +85,11 @@ class DemandGranting:
             return state.wait(name, f"demand {demand.id} waits: {name} is evicted by this plan", demand.id)
         if instance is None and name not in state.ready:
             return state.wait(name, f"demand {demand.id}: {name} is not running", demand.id)
+        installed = self.world.installed_models(name)
+        if not pulled(spec, installed, demand.model):
+            listed = ", ".join(installed or []) or "none"
+            return state.wait(name, f"demand {demand.id}: {name} has not pulled model {demand.model} (installed: "
+                                    f"{listed}); pull it first (ollama pull {demand.model})", demand.id, final=True)
         held = planner.held(name)
         cap = capacity(spec)
         model = state.models.get(name, instance.model if instance else None)
@@ -132,7 +136,7 @@ class DemandGranting:
             state.update(planned.id, model=demand.model, reason=f"{reason}; {change}")
             state.models[name] = demand.model
         elif self.planner.restart(name, instance, demand.model, reason) is None:
-            state.pending[-1] = Pending(service=name, demand=demand.id, reason=state.pending[-1].reason)
+            state.pending[-1] = state.pending[-1].model_copy(update={"service": name, "demand": demand.id})
             return False
         return True
 

@@ -40,6 +40,9 @@ class Pending(_Out):
     service: str
     demand: str | None = Field(None, description="The demand id, when a demand is what waits.")
     reason: str
+    final: bool = Field(
+        False, description="Waiting will not help until the profile or the host changes (a model Ollama has "
+        "not pulled, a launch that cannot work): a lease request is answered at once.")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class DemandVerdict:
 
     state: Literal["pending", "planned"]
     reason: str
+    final: bool = False  # pending, and waiting will not help
 
 
 class GpuSummary(_Out):
@@ -78,7 +82,7 @@ class Plan(_Out):
         """What this plan says about demand ``demand_id``; None when it does not mention it."""
         for item in self.pending:
             if item.demand == demand_id:
-                return DemandVerdict("pending", item.reason)
+                return DemandVerdict("pending", item.reason, item.final)
         for action in self.actions:
             if action.kind == "lease" and action.lease == demand_id:
                 return DemandVerdict("planned", action.reason)
@@ -96,4 +100,6 @@ class Plan(_Out):
         for item in data["pending"]:
             if item.get("demand") is None:
                 item.pop("demand")
+            if not item.get("final"):
+                item.pop("final", None)
         return data

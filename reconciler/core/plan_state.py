@@ -48,8 +48,8 @@ class PlanState:
         """Change fields of an emitted action (its requires, its model and reason)."""
         self.actions[existing] = self.actions[existing].model_copy(update=fields)
 
-    def wait(self, service: str, reason: str, demand: str | None = None) -> None:
-        self.pending.append(Pending(service=service, demand=demand, reason=reason))
+    def wait(self, service: str, reason: str, demand: str | None = None, *, final: bool = False) -> None:
+        self.pending.append(Pending(service=service, demand=demand, reason=reason, final=final))
 
     # --- questions -------------------------------------------------------------------
 

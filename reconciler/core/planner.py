@@ -219,7 +219,7 @@ class Planner:
         desired = launch_spec(name, spec, gpu, model)
         problem = launch_problem(desired) if desired is not None else None
         if problem is not None:  # nothing is stopped for a start that cannot happen
-            self.state.wait(name, f"restart ({reason}) cannot launch with model {model!r}: {problem}")
+            self.state.wait(name, f"restart ({reason}) cannot launch with model {model!r}: {problem}", final=True)
             self.state.touched.add(name)
             return None
         if self.unseen(gpu):
@@ -318,7 +318,7 @@ class Planner:
         launch = launch_spec(name, spec, dead.gpu if dead else None, model)
         problem = launch_problem(launch) if launch is not None else None
         if problem is not None:
-            return self._unreachable(name, queue, f"cannot be launched with model {model!r}: {problem}")
+            return self._unreachable(name, queue, f"cannot be launched with model {model!r}: {problem}", final=True)
         conflict = self._port_conflict(name, spec)
         if conflict:
             return self._unreachable(name, queue, conflict)
@@ -354,14 +354,14 @@ class Planner:
         self.state.models[name], self.state.gpu_of[name] = model, gpu
         self.state.touched.add(name)
 
-    def _unreachable(self, name: str, queue: list[Demand], reason: str) -> None:
+    def _unreachable(self, name: str, queue: list[Demand], reason: str, *, final: bool = False) -> None:
         self.state.failed[name] = reason
         if queue:
             for demand in queue:
-                self.state.wait(name, reason, demand.id)
+                self.state.wait(name, reason, demand.id, final=final)
             queue.clear()
         else:
-            self.state.wait(name, reason)
+            self.state.wait(name, reason, final=final)
 
     def _port_conflict(self, name: str, spec: Service) -> str | None:
         port = spec.probe_port

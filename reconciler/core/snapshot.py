@@ -60,6 +60,9 @@ class Probe(_Strict):
     healthy: bool = Field(description="GET http://127.0.0.1:{host_port}{health_path} answered 2xx.")
     status: int | None = Field(None, description="HTTP status, none when nothing answered.")
     error: str | None = Field(None, description="Why it failed, when it did.")
+    models: list[str] | None = Field(
+        None, description="An Ollama's installed models (what its GET /api/tags listed); none for other services."
+    )
 
 
 class Launch(_Strict):

@@ -118,6 +118,11 @@ class World:
         probe = self.snapshot.probes.get(service)
         return bool(probe and probe.healthy)
 
+    def installed_models(self, service: str) -> list[str] | None:
+        """The models an Ollama service's last probe listed as installed; None when unknown."""
+        probe = self.snapshot.probes.get(service)
+        return list(probe.models) if probe is not None and probe.healthy and probe.models is not None else None
+
     def healthy(self, service: str) -> bool:
         """A live instance is healthy when its probe says so (or it has no probe)."""
         instance = self.instances.get(service)

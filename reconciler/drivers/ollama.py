@@ -16,6 +16,7 @@ import httpx
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance
 from reconciler.drivers.base import Driver, StopResult, Waiter
+from reconciler.errors import DriverError
 from reconciler.host.ollama_api import DEFAULT_PORT, OllamaApi
 
 
@@ -53,15 +54,29 @@ class OllamaDriver(Driver):
         return OllamaApi(self.port, host=self.host, client=self._client, timeout_s=timeout_s)
 
     async def _stop(self, instance: Instance, timeout_s: float) -> StopResult:
-        """Unload every loaded model (raises DriverError when Ollama cannot be reached)."""
+        """Unload every loaded model and wait until Ollama says they are gone.
+
+        Ollama answers ``keep_alive: 0`` before the model is gone, and waits
+        for a request in flight to end first; so ``/api/ps`` is polled until
+        none of the unloaded models is listed, up to ``timeout_s`` (the
+        profile's eviction timeout). Still listed then: a :class:`DriverError`
+        — the eviction failed, and nothing that counted on its memory starts.
+        """
+        where = f"{instance.service} (Ollama on {self.host}:{self.port})"
         async with self.api(timeout_s=max(timeout_s, 5.0)) as api:
             unloaded = await api.unload_all()
-            still = [m.name for m in await api.ps()]
-        where = f"{instance.service} (Ollama on {self.host}:{self.port})"
+
+            async def gone() -> bool:
+                return not set(unloaded) & {m.name for m in await api.ps()}
+
+            began = self.waiter.clock()
+            if unloaded and not await self.waiter.until(gone, timeout_s):
+                still = sorted(set(unloaded) & {m.name for m in await api.ps()})
+                raise DriverError(f"{where} still holds {', '.join(still)} {timeout_s:g} s after it was asked to "
+                                  "unload (a request in flight keeps a model loaded); not evicted")
+            waited = self.waiter.clock() - began
         if unloaded:
-            reason = f"unloaded {', '.join(unloaded)} from {where}; the server keeps running"
+            reason = f"unloaded {', '.join(unloaded)} from {where} in {waited:.1f} s; the server keeps running"
         else:
             reason = f"{where} had no model loaded; the server keeps running"
-        if still:
-            reason += f"; loaded again meanwhile: {', '.join(still)}"
         return StopResult("unloaded", reason, [])

@@ -44,7 +44,7 @@ from reconciler.errors import DriverError
 from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.ollama_api import OllamaApi
-from reconciler.host.probes import Prober, Target
+from reconciler.host.probes import Prober, Target, service_target
 from reconciler.host.processes import collect_processes
 
 
@@ -172,15 +172,8 @@ class Observer:
 
 def probe_targets(profile: Profile) -> dict[str, Target]:
     """What to probe: every managed service with a port."""
-    targets = {}
-    for name, service in profile.services.items():
-        if service.managed is not None and service.probe_port is not None:
-            targets[name] = Target(
-                port=service.probe_port,
-                path=service.managed.health_path,
-                timeout_s=service.probe_timeout_s,
-            )
-    return targets
+    return {name: target for name, service in profile.services.items()
+            if (target := service_target(service)) is not None}
 
 
 def service_ports(profile: Profile) -> set[int]:

@@ -7,6 +7,11 @@ time. ``trust_env=False``: a proxy from the environment must never see, or
 break, loopback probes. Each probe has its own timeout (the service's
 ``probe_timeout_s``), and all probes of one round run concurrently. A probe
 never raises: what went wrong is in :class:`Probe.error`.
+
+An Ollama's probe (``kind="ollama"``, its ``GET /api/tags``) is healthy only
+when the answer *is* an Ollama's — a JSON object with a ``models`` list — so a
+web server that happens to answer 200 on that path is not taken for one (and
+adopted); the installed models' names go into :attr:`Probe.models`.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import importlib.util
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
+from reconciler.core.profile import Service, is_ollama
 from reconciler.core.snapshot import Probe
 
 DEFAULT_TIMEOUT_S = 2.0
@@ -52,11 +59,35 @@ class Target:
     path: str = "/health"
     timeout_s: float = DEFAULT_TIMEOUT_S
     host: str = "127.0.0.1"
+    kind: Literal["http", "ollama"] = "http"  # ollama: the answer must be {"models": [...]}
 
     @property
     def url(self) -> str:
         path = self.path if self.path.startswith("/") else "/" + self.path
         return f"http://{self.host}:{self.port}{path}"
+
+
+def service_target(service: Service) -> Target | None:
+    """How to probe a managed service of the profile (None: it has no port, or is unmanaged)."""
+    managed = service.managed
+    if managed is None or service.probe_port is None:
+        return None
+    ollama = is_ollama(service) and managed.health_path.rstrip("/") == "/api/tags"
+    return Target(port=service.probe_port, path=managed.health_path, timeout_s=service.probe_timeout_s,
+                  kind="ollama" if ollama else "http")
+
+
+def ollama_models(response: httpx.Response) -> list[str] | None:
+    """The model names of an Ollama's ``/api/tags`` answer; None when the answer is not one."""
+    try:
+        data = response.json()
+    except ValueError:
+        return None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        return None
+    return [str(m.get("name") or m.get("model")) for m in models if isinstance(m, dict) and (m.get("name") or
+                                                                                             m.get("model"))]
 
 
 class Prober:
@@ -88,6 +119,12 @@ class Prober:
             return Probe(healthy=False, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
         healthy = response.is_success
         error = None if healthy else f"HTTP {response.status_code}"
+        if healthy and target.kind == "ollama":
+            models = ollama_models(response)
+            if models is None:
+                return Probe(healthy=False, status=response.status_code,
+                             error=f"answers {target.path} but not as an Ollama does (no \"models\" list)")
+            return Probe(healthy=True, status=response.status_code, models=models)
         return Probe(healthy=healthy, status=response.status_code, error=error)
 
     async def probe_all(self, targets: Mapping[str, Target]) -> dict[str, Probe]:

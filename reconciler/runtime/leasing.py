@@ -227,7 +227,7 @@ class Leasing:
             held = sum(1 for lease in store.leases(request.service)
                        if lease.kind == "service" and (lease.expires_at is None or lease.expires_at > now))
             if can_serve_now(spec, serving=instance.model, placed=instance.gpu, held=held, model=request.model,
-                             gpu=request.gpu) is not None:
+                             gpu=request.gpu, installed=world.installed_models(request.service)) is not None:
                 return None
             lease = Lease(
                 id=str(uuid.uuid4()), service=request.service, holder=request.holder, gpu=instance.gpu,
@@ -259,9 +259,10 @@ class Leasing:
                 last = self.runtime.last_pass()
                 verdict = last.verdict(demand.id) if last is not None else None
                 remaining = deadline - self.clock.monotonic()
-                if remaining <= 0 or (fall_through and verdict is not None and (
+                if remaining <= 0 or (verdict is not None and verdict.final) or (
+                        fall_through and verdict is not None and (
                         verdict.state == "pending" or self.backing_off(demand.service))):
-                    break
+                    break  # (a final verdict: waiting would not help — answered at once)
                 passed = self.runtime.passed.current()
                 waits: list[asyncio.Future[Any]] = [
                     asyncio.ensure_future(e.wait()) for e in (granted, passed, self._closing)

@@ -32,7 +32,7 @@ from reconciler.core.snapshot import Instance
 from reconciler.drivers.base import LaunchRequest, StartedContainer, StopResult
 from reconciler.errors import DriverError
 from reconciler.host.gpu import GpuBackend
-from reconciler.host.probes import Target
+from reconciler.host.probes import Target, service_target
 from reconciler.runtime.driverset import DriverSet
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.executor import Deferred
@@ -50,9 +50,7 @@ def who(instance: Instance) -> str:
 
 
 def health_target(spec: Service) -> Target | None:
-    if spec.managed is None or spec.probe_port is None:
-        return None
-    return Target(port=spec.probe_port, path=spec.managed.health_path, timeout_s=spec.probe_timeout_s)
+    return service_target(spec)
 
 
 @dataclass

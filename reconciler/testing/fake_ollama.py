@@ -6,9 +6,12 @@
 ``GET /api/tags`` lists ``--models`` (installed); all of them start loaded
 (unless ``--no-load``), each holding ``--vram-mb`` MB, and ``GET /api/ps``
 lists the loaded ones with ``size`` and ``size_vram`` in bytes.
-``POST /api/generate {"model": m, "keep_alive": 0}`` unloads ``m``; any other
-generate request loads it (unknown models answer 404, as Ollama does).
-``GET /`` answers "Ollama is running". SIGTERM exits 0.
+``POST /api/generate {"model": m, "keep_alive": 0}`` unloads ``m`` the way a
+real Ollama does: it answers at once and unloads *later* — ``--unload-delay``
+seconds after the answer, and later still while a request for that model is
+in flight (the unload waits for it to end). Any other generate request loads
+the model and takes ``--generate-s`` seconds; unknown models answer 404, as
+Ollama does. ``GET /`` answers "Ollama is running". SIGTERM exits 0.
 
 To play an adopted Ollama on a simulated GPU, start it with
 ``RECONCILER_SIM_GPU_MB`` in its environment; that usage is fixed for the life
@@ -23,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,11 +36,16 @@ MIB = 1024 * 1024
 class Models:
     """Installed and loaded models, shared by the request threads."""
 
-    def __init__(self, installed: list[str], vram_mb: int, load: bool):
+    def __init__(self, installed: list[str], vram_mb: int, load: bool, unload_delay_s: float = 0.3,
+                 generate_s: float = 0.0):
         self.installed = installed
         self.vram_bytes = vram_mb * MIB
         self.loaded: list[str] = list(installed) if load else []
         self.lock = threading.Lock()
+        self.unload_delay_s = unload_delay_s
+        self.generate_s = generate_s
+        self.in_flight: dict[str, int] = {}  # model → requests running on it
+        self.idle = threading.Condition(self.lock)
 
     def tags(self) -> dict[str, object]:
         return {"models": [_model(name, self.vram_bytes) for name in self.installed]}
@@ -57,14 +66,32 @@ class Models:
         if name not in self.installed:
             return 404, {"error": f"model '{name}' not found"}
         unload = request.get("keep_alive") in (0, "0", "0s", "0m")
-        with self.lock:
-            if unload and name in self.loaded:
-                self.loaded.remove(name)
-            elif not unload and name not in self.loaded:
-                self.loaded.append(name)
+        if unload:
+            threading.Thread(target=self._unload_later, args=(name,), daemon=True).start()
+        else:
+            with self.lock:
+                if name not in self.loaded:
+                    self.loaded.append(name)
+                self.in_flight[name] = self.in_flight.get(name, 0) + 1
+            try:
+                time.sleep(self.generate_s)
+            finally:
+                with self.lock:
+                    self.in_flight[name] -= 1
+                    self.idle.notify_all()
         now = datetime.now(UTC).isoformat()
         reason = "unload" if unload else "load"
         return 200, {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
+
+
+    def _unload_later(self, name: str) -> None:
+        """Unload ``name`` after the delay, once no request runs on it (as Ollama's scheduler does)."""
+        time.sleep(self.unload_delay_s)
+        with self.lock:
+            while self.in_flight.get(name):
+                self.idle.wait()
+            if name in self.loaded:
+                self.loaded.remove(name)
 
 
 def _model(name: str, size: int) -> dict[str, object]:
@@ -122,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="llama3.2:3b", help="comma-separated model names")
     parser.add_argument("--vram-mb", type=int, default=1024, help="VRAM each loaded model holds")
     parser.add_argument("--no-load", action="store_true", help="start with no model loaded")
+    parser.add_argument("--unload-delay", type=float, default=0.3, metavar="S",
+                        help="an unload (keep_alive 0) happens this long after its answer (default 0.3)")
+    parser.add_argument("--generate-s", type=float, default=0.0, metavar="S", help="how long a generate takes")
     args = parser.parse_args(argv)
-    models = Models([m for m in args.models.split(",") if m], args.vram_mb, not args.no_load)
+    models = Models([m for m in args.models.split(",") if m], args.vram_mb, not args.no_load,
+                    args.unload_delay, args.generate_s)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(models))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
