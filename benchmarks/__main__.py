@@ -1,4 +1,8 @@
-"""``python -m benchmarks [NAME…]``: run the benchmark modules and print a table."""
+"""``python -m benchmarks [NAME…]``: run the benchmark modules and print a table.
+
+Without names, every ``bench_*`` module but the slow ones (:data:`SLOW`: the
+kill -9 soak), which run when named (``./dev bench soak``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import importlib
 import sys
 from pathlib import Path
 
+SLOW = {"bench_soak"}  # run only when named: ./dev bench soak
 COLUMNS = ("benchmark", "median_ms", "p95_ms", "p99_ms", "throughput_rps", "value", "target", "ok")
 
 
@@ -19,7 +24,7 @@ def _cell(value) -> str:
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
-    names = argv or sorted(p.stem for p in here.glob("bench_*.py"))
+    names = argv or sorted(p.stem for p in here.glob("bench_*.py") if p.stem not in SLOW)
     rows: list[dict] = []
     for name in names:
         module = importlib.import_module(f"benchmarks.{name if name.startswith('bench_') else 'bench_' + name}")
