@@ -69,7 +69,7 @@ def large_cluster_box() -> tuple[Profile, Snapshot]:
         }
     profile = Profile.model_validate({"schema_version": 1, "name": "big", "services": services})
     for i in range(0, 200, 2):
-        name, gpu, pid = f"svc{i:03d}", i % 8, 10000 + i
+        name, gpu, pid = f"svc{i:03d}", (i // 2) % 8, 10000 + i  # the running half, spread over all 8
         spec = profile.services[name]
         launch = launch_spec(name, spec, gpu, None)
         processes.append({"pid": pid, "create_time": float(pid), "cmdline": launch.argv, "listening": [20000 + i]})

@@ -5,7 +5,7 @@ An edge ``dep → service`` means "start ``dep`` first, stop ``service`` first".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import networkx as nx
 
@@ -33,21 +33,36 @@ def find_cycle(graph: nx.DiGraph[str]) -> list[str] | None:
     return list(reversed(cycle))
 
 
-def dependents_closure(graph: nx.DiGraph[str], roots: Iterable[str]) -> set[str]:
-    """``roots`` and everything that (transitively) depends on them."""
-    out: set[str] = set()
-    for root in roots:
-        if root in graph:
-            out.add(root)
-            out |= nx.descendants(graph, root)
-    return out
+class Dependencies:
+    """One profile's dependency graph, with every look-up the planner makes computed once.
 
+    A plan asks "what does X need" and "what needs X" for many services, many
+    times (once per eviction option, per stop, per wanted service); each
+    answer is computed on first use and kept for the plan's life.
+    """
 
-def dependencies_closure(graph: nx.DiGraph[str], roots: Iterable[str]) -> set[str]:
-    """``roots`` and everything they (transitively) depend on."""
-    out: set[str] = set()
-    for root in roots:
-        if root in graph:
-            out.add(root)
-            out |= nx.ancestors(graph, root)
-    return out
+    def __init__(self, services: Mapping[str, Service]):
+        self.graph = dependency_graph(services)
+        self._needs: dict[str, frozenset[str]] = {}
+        self._needed_by: dict[str, frozenset[str]] = {}
+        self._order: dict[str, int] | None = None
+
+    def needs(self, name: str) -> frozenset[str]:
+        """``name`` and everything it (transitively) depends on; empty for a name not in the graph."""
+        if name not in self._needs:
+            found = {name, *nx.ancestors(self.graph, name)} if name in self.graph else set()
+            self._needs[name] = frozenset(found)
+        return self._needs[name]
+
+    def needed_by(self, name: str) -> frozenset[str]:
+        """``name`` and everything that (transitively) depends on it; empty for a name not in the graph."""
+        if name not in self._needed_by:
+            found = {name, *nx.descendants(self.graph, name)} if name in self.graph else set()
+            self._needed_by[name] = frozenset(found)
+        return self._needed_by[name]
+
+    def order(self) -> dict[str, int]:
+        """Each service's place in the lexicographical topological order (dependencies first)."""
+        if self._order is None:
+            self._order = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(self.graph))}
+        return self._order

@@ -30,7 +30,7 @@ import networkx as nx
 
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import model_bound
-from reconciler.core.dependencies import dependencies_closure, dependency_graph, dependents_closure
+from reconciler.core.dependencies import Dependencies
 from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
@@ -59,7 +59,7 @@ class Planner:
         self.profile = profile
         self.snapshot = snapshot
         self.world = World(profile, snapshot)
-        self.graph = dependency_graph(profile.services)
+        self.deps = Dependencies(profile.services)
         self.state = PlanState()
         self.granting = DemandGranting(self)
         self.redactor = Redactor(profile.expansions)  # no reason ever shows an expanded value (invariant 8)
@@ -275,10 +275,10 @@ class Planner:
     def service_order(self, wanted: dict[str, str]) -> tuple[list[str], dict[str, int]]:
         effective = {name: self.profile.services[name].priority for name in wanted}
         for name in wanted:
-            for dep in dependencies_closure(self.graph, [name]):
+            for dep in self.deps.needs(name):
                 if dep in effective:
                     effective[dep] = min(effective[dep], self.profile.services[name].priority)
-        topo = {name: i for i, name in enumerate(nx.lexicographical_topological_sort(self.graph))}
+        topo = self.deps.order()
         return sorted(wanted, key=lambda n: (effective[n], topo[n], n)), effective
 
     def converge_services(self, wanted: dict[str, str]) -> None:
@@ -383,7 +383,7 @@ class Planner:
                      lambda gpu: self._eviction_options(name, gpu, priority), prefer)
 
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:
-        protected = dependencies_closure(self.graph, [requester])
+        protected = self.deps.needs(requester)
         live = {n: i for n, i in self.world.instances.items() if n not in self.state.gone}
         # leased unmanaged slots hold memory no driver can free: they are never evicted, and
         # neither is anything they depend on
@@ -397,7 +397,7 @@ class Planner:
                     and not self.unseen(live[name].gpu) and self._can_free(name, live[name]))
 
         holders = set(live) | held_slots
-        closures = {n: frozenset(dependents_closure(self.graph, [n]) & holders) for n in live}
+        closures = {n: self.deps.needed_by(n) & holders for n in live}
         candidates: dict[str, Candidate] = {}
         blockers: list[str] = []
         for name in sorted(live):
@@ -464,7 +464,7 @@ class Planner:
                                gpu=lease.gpu, lease=lease.id, requires=[evict_id])
         for evict_id in ids:  # dependents go first
             name = self.state.actions[evict_id].service
-            dependents = dependents_closure(self.graph, [name]) - {name}
+            dependents = self.deps.needed_by(name) - {name}
             deps = [evicting for d in dependents if (evicting := action_id("evict", d)) in ids]
             self.state.update(evict_id, requires=sorted(set(self.state.actions[evict_id].requires) | set(deps)))
         return ids
@@ -484,7 +484,7 @@ class Planner:
             for key, holder in view.holders.items():
                 if holder.origin == "slot":
                     self.state.gpu_of[key] = holder_gpu
-        wanted = compute_wanted(self.world)
+        wanted = compute_wanted(self.world, self.deps)
         self.stop_unwanted(wanted.unwanted)
         for name in self.world.instances:
             if name not in self.state.gone:
@@ -500,7 +500,7 @@ class Planner:
         for action in list(self.state.actions.values()):
             if action.kind != "stop" or action.service not in self.profile.services:
                 continue
-            dependents = dependents_closure(self.graph, [action.service]) - {action.service}
+            dependents = self.deps.needed_by(action.service) - {action.service}
             extra = [stop.id for d in sorted(dependents) if (stop := self.state.action("stop", d)) is not None]
             if extra:
                 self.state.update(action.id, requires=sorted(set(action.requires) | set(extra)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reconciler.core.dependencies import dependencies_closure, dependency_graph
+from reconciler.core.dependencies import Dependencies
 from reconciler.core.world import World
 
 
@@ -47,7 +47,7 @@ def idle_reason(world: World, service: str) -> tuple[bool, str]:
     return False, f"idle for {_seconds(idle)} (idle_stop_after_s is {_seconds(spec.idle_stop_after_s)})"
 
 
-def compute_wanted(world: World) -> Wanted:
+def compute_wanted(world: World, deps: Dependencies | None = None) -> Wanted:
     profile = world.profile
     wanted: dict[str, str] = {}
     unwanted: dict[str, str] = {}
@@ -65,9 +65,9 @@ def compute_wanted(world: World) -> Wanted:
         elif name in world.instances:
             keep, why = idle_reason(world, name)
             (wanted if keep else unwanted)[name] = why
-    graph = dependency_graph(profile.services)
+    deps = deps if deps is not None else Dependencies(profile.services)
     for name in list(wanted):
-        for dep in sorted(dependencies_closure(graph, [name]) - {name}):
+        for dep in sorted(deps.needs(name) - {name}):
             if dep not in wanted:
                 wanted[dep] = f"needed by {name}"
                 unwanted.pop(dep, None)
