@@ -20,23 +20,16 @@ something wanted is pending; ``1`` an error; ``64`` a usage error. With
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconciler.cli.observe_cmd import observe_once, read_inventory
 from reconciler.cli.plan_cmd import write_stdout
-from reconciler.core.plan import Plan
-from reconciler.core.planner import plan as make_plan
-from reconciler.core.profile import Profile
-from reconciler.core.report import PassReport
-from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
-from reconciler.loading import load_profile
-from reconciler.render import render
-from reconciler.render.report import render_report
-from reconciler.runtime import check_profile_guard
-from reconciler.runtime.assembly import Assembly
-from reconciler.store import default_state_dir
+from reconciler.host.specs import SPEC_HELP
+
+if TYPE_CHECKING:
+    from reconciler.core.plan import Plan
+    from reconciler.core.profile import Profile
+    from reconciler.core.report import PassReport
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -63,6 +56,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from reconciler.loading import load_profile
+    from reconciler.render import render
+    from reconciler.render.report import render_report
+    from reconciler.runtime.guard import check_profile_guard
+    from reconciler.store import default_state_dir
+
     profile = load_profile(args.profile)
     check_profile_guard(profile, args.allow_empty)
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
@@ -76,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) -> PassReport:
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.host.gpu import open_gpu_backend
+    from reconciler.runtime.assembly import Assembly
+
     backend = open_gpu_backend(args.gpu, default_sim_mb=profile.vram_total_mb)
     async with Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
                         purpose="apply") as parts:
@@ -86,5 +91,8 @@ async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) ->
 
 
 async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
+    from reconciler.cli.observe_cmd import observe_once, read_inventory
+    from reconciler.core.planner import plan as make_plan
+
     snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
     return make_plan(profile, snapshot)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from reconciler.errors import GuardError
-from reconciler.host.gpu import SPEC_HELP
+from reconciler.host.specs import SPEC_HELP
 from reconciler.render.systemd import UnitOptions, unit_text
 
 SYSTEM_UNIT_DIR = Path("/etc/systemd/system")

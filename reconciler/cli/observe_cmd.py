@@ -12,20 +12,18 @@ output is what ``reconciler plan --snapshot`` reads.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from reconciler.core.profile import Profile
-from reconciler.core.redaction import Redactor, redact_snapshot
-from reconciler.core.snapshot import Snapshot
-from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.host.gpu import SPEC_HELP, open_gpu_backend
-from reconciler.host.observer import Observer
-from reconciler.loading import dump_snapshot, load_profile
-from reconciler.store import DB_NAME, StoredState, default_state_dir, open_store
+from reconciler.host.specs import SPEC_HELP
+
+if TYPE_CHECKING:
+    from reconciler.core.profile import Profile
+    from reconciler.core.snapshot import Snapshot
+    from reconciler.store import StoredState
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from reconciler.core.redaction import Redactor, redact_snapshot
+    from reconciler.loading import load_profile
+
     profile = load_profile(args.profile)
     snapshot = asyncio.run(observe_once(profile, args.gpu, read_inventory(args.state_dir), node=args.node))
     if not args.show_secrets:
@@ -62,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def observe_once(profile: Profile, gpu_spec: str, inventory: StoredState, *, node: str) -> Snapshot:
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.host.gpu import open_gpu_backend
+    from reconciler.host.observer import Observer
+
     backend = open_gpu_backend(gpu_spec, default_sim_mb=profile.vram_total_mb)
     async with Observer(profile, backend, node=node, clock=SYSTEM_CLOCK) as observer:
         return await observer.observe(inventory.instances, inventory.leases, inventory.demands)
@@ -69,6 +76,9 @@ async def observe_once(profile: Profile, gpu_spec: str, inventory: StoredState, 
 
 def read_inventory(state_dir: str | None) -> StoredState:
     """The store's instances, leases and demands; empty when there is no store yet."""
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.store import DB_NAME, StoredState, default_state_dir, open_store
+
     directory = Path(state_dir) if state_dir else default_state_dir()
     if not (directory / DB_NAME).is_file():
         return StoredState(instances=[], leases=[], demands=[])
@@ -79,6 +89,8 @@ def read_inventory(state_dir: str | None) -> StoredState:
 def render(snapshot: Snapshot, fmt: str) -> str:
     """The snapshot as JSON (what ``plan --snapshot`` reads) or YAML, field order kept."""
     if fmt == "json":
+        from reconciler.loading import dump_snapshot
+
         return dump_snapshot(snapshot)
     from ruamel.yaml import YAML
 

@@ -26,8 +26,6 @@ import argparse
 import os
 import sys
 
-from reconciler.core.planner import plan as make_plan
-from reconciler.loading import load_profile, load_snapshot
 from reconciler.render import COLOR_MODES, FORMATS, render, want_color
 
 
@@ -51,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from reconciler.core.planner import plan as make_plan
+    from reconciler.loading import load_profile, load_snapshot
+
     profile = load_profile(args.profile)
     snapshot = load_snapshot(args.snapshot)
     result = make_plan(profile, snapshot)

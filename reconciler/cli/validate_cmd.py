@@ -19,7 +19,6 @@ import argparse
 import json
 
 from reconciler.errors import Diagnostic, InputError
-from reconciler.loading import load_document
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -42,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from reconciler.loading import load_document
+
     problems: list[Diagnostic] = []
     valid: list[str] = []
     for path in args.paths:

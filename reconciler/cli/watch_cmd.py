@@ -28,32 +28,18 @@ to do.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.core.events import EventKind
-from reconciler.errors import GuardError, ProfileError
-from reconciler.host import systemd
-from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.host.gpu import SPEC_HELP, GpuBackend, open_gpu_backend
-from reconciler.loading.watcher import (
-    ProfileChange,
-    ProfileDirectory,
-    ProfileFile,
-    ProfileSource,
-    ProfileWatcher,
-    smallest_gpu_total,
-)
-from reconciler.render.events import Printer
-from reconciler.runtime import check_profile_guard
-from reconciler.runtime.assembly import Assembly
-from reconciler.runtime.events import Subscription
-from reconciler.runtime.loop import Companion, Loop, Started, diagnostics_data
-from reconciler.store import default_state_dir
+from reconciler.errors import GuardError
+from reconciler.host.specs import SPEC_HELP
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the command's parts are imported when it runs: other commands' parsers stay light
     from reconciler.api.server import ApiServer
+    from reconciler.host.gpu import GpuBackend
+    from reconciler.loading.watcher import ProfileChange, ProfileWatcher
+    from reconciler.render.events import Printer
+    from reconciler.runtime.events import Subscription
 
 DEFAULT_LISTEN = "127.0.0.1:7700"  # the API's (reconciler.api.auth.DEFAULT_LISTEN; not imported: watch stays light)
 
@@ -114,11 +100,22 @@ def _positive(text: str) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     return asyncio.run(watch(args))
 
 
 async def watch(args: argparse.Namespace) -> int:
     """Put the loop together from ``args`` and run it until a signal; 0, or raise (exit 1) at start-up."""
+    import asyncio
+
+    from reconciler.host import systemd
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.render.events import Printer
+    from reconciler.runtime.assembly import Assembly
+    from reconciler.runtime.loop import Companion, Loop, Started
+    from reconciler.store import default_state_dir
+
     printer = Printer(args.events)
     api = api_server(args)
     backend, watcher, first = load(args, printer)
@@ -158,6 +155,20 @@ def api_server(args: argparse.Namespace) -> ApiServer | None:
 
 def load(args: argparse.Namespace, printer: Printer) -> tuple[GpuBackend, ProfileWatcher, ProfileChange]:
     """The GPU backend, the watcher and the first profile; raises (exit 1) when the profile is not usable."""
+    from reconciler.core.events import EventKind
+    from reconciler.errors import ProfileError
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.host.gpu import open_gpu_backend
+    from reconciler.loading.watcher import (
+        ProfileDirectory,
+        ProfileFile,
+        ProfileSource,
+        ProfileWatcher,
+        smallest_gpu_total,
+    )
+    from reconciler.runtime.guard import check_profile_guard
+    from reconciler.runtime.loop import diagnostics_data
+
     source: ProfileSource
     if args.profiles:
         backend = open_gpu_backend(args.gpu)

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import networkx as nx
-
 from reconciler.core.dependencies import find_cycle
 from reconciler.core.profile import Profile
 
@@ -67,11 +65,7 @@ def check_dependencies(depends_on: Mapping[str, Sequence[str]]) -> list[Problem]
                         f"service {name!r} depends on {dep!r}, which is not a service of this profile",
                     )
                 )
-    # The same graph as :func:`~.dependencies.dependency_graph` builds from the models (edge dep → service).
-    graph: nx.DiGraph[str] = nx.DiGraph()
-    graph.add_nodes_from(depends_on)
-    graph.add_edges_from((dep, name) for name, deps in depends_on.items() for dep in deps if dep in depends_on)
-    cycle = find_cycle(graph)
+    cycle = find_cycle(depends_on)
     if cycle and len(cycle) > 2:
         problems.append(
             Problem(("services", cycle[0], "depends_on"), "dependency cycle: " + " → ".join(cycle))

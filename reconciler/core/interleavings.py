@@ -39,10 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from reconciler.core.plan import Action, Plan
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass
@@ -103,6 +105,8 @@ def _heaviest_closure(actions: Sequence[Action], moves: Moves, gpu: int) -> int:
     positive = sum(w for w in weight.values() if w > 0)
     if positive == 0:
         return 0
+    import networkx as nx  # only where a plan is checked (tests, tools), never on the command line's path
+
     infinite = positive + 1
     graph: nx.DiGraph[object] = nx.DiGraph()
     source, sink = "source", "sink"

@@ -26,11 +26,9 @@ nothing that touches the host.
 
 from __future__ import annotations
 
-import networkx as nx
-
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import model_bound
-from reconciler.core.dependencies import Dependencies
+from reconciler.core.dependencies import Dependencies, topological_order
 from reconciler.core.eviction import Candidate, choose_eviction
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
@@ -566,13 +564,10 @@ class Planner:
 
         rank = {kind: i for i, kind in enumerate(ACTION_KINDS)}
         order = list(self.state.actions)
-        dag: nx.DiGraph[str] = nx.DiGraph()
-        dag.add_nodes_from(order)
-        for action in self.state.actions.values():
-            dag.add_edges_from((req, action.id) for req in action.requires if req in self.state.actions)
+        edges = [(req, action.id) for action in self.state.actions.values() for req in action.requires
+                 if req in self.state.actions]
         index = {a: i for i, a in enumerate(order)}
-        sorted_ids = nx.lexicographical_topological_sort(
-            dag, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
+        sorted_ids = topological_order(order, edges, key=lambda a: (rank[self.state.actions[a].kind], index[a]))
         actions = [self.state.actions[a] for a in sorted_ids]
         summary: dict[str, int] = {kind: sum(1 for a in actions if a.kind == kind) for kind in ACTION_KINDS}
         draft = redact_plan(Plan(node=self.snapshot.node, profile=self.profile.name, changes=bool(actions),

@@ -17,12 +17,7 @@ from reconciler.core.snapshot import Gpu
 from reconciler.errors import GpuBackendError
 from reconciler.host.nvml import NvmlBackend
 from reconciler.host.sim import SimBackend, parse_sim_spec
-
-SPEC_HELP = (
-    "write --gpu nvml (NVIDIA GPUs), --gpu auto (NVML if available, else a CPU-only host), "
-    "--gpu sim:8192 (one simulated 8192 MB GPU), --gpu sim:2x24576 (two of 24576 MB) "
-    "or --gpu sim:path/to/gpus.yaml"
-)
+from reconciler.host.specs import SPEC_HELP
 
 
 @runtime_checkable
