@@ -125,10 +125,10 @@ class DemandGranting:
         planned = state.ready_after(name)
         if held > 0 or instance is None or instance.origin != "started" or (planned and planned.kind == "start"):
             who = "adopted and serves" if instance is not None and instance.origin == "adopted" else "serves"
-            state.wait(name, f"demand {demand.id} needs model {demand.model}; {name} {who} {model} "
+            state.wait(name, f"demand {demand.id} needs model {demand.model}; {name} {who} {_named(model)} "
                              f"with {held}/{cap} leases held, so it waits", demand.id)
             return False
-        reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {model}"
+        reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {_named(model)}"
         if planned is not None and planned.kind == "restart":
             desired = launch_spec(name, self.planner.profile.services[name], instance.gpu, demand.model)
             assert instance.launch is not None and desired is not None
@@ -173,3 +173,7 @@ class DemandGranting:
 
 
 __all__ = ["DemandGranting", "describe_launch_change", "model_bound"]
+
+
+def _named(model: str | None) -> str:
+    return model if model is not None else "no model named in its launch"

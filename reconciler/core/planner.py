@@ -214,6 +214,11 @@ class Planner:
         """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
         spec = self.profile.services[name]
         gpu = instance.gpu
+        if model is None and model_bound(spec):  # {model} would be filled with nothing
+            self.state.wait(name, f"restart ({reason}) needs a model: set `model:` in the profile or name one in "
+                                  "a lease", final=True)
+            self.state.touched.add(name)
+            return None
         desired = launch_spec(name, spec, gpu, model)
         problem = launch_problem(desired) if desired is not None else None
         if problem is not None:  # nothing is stopped for a start that cannot happen

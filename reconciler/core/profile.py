@@ -123,6 +123,7 @@ Managed = Annotated[ProcessSpec | DockerSpec, Field(discriminator="type")]
 class Service(_Strict):
     """One service slot: its VRAM ceiling, priority, and how to run it."""
 
+    description: str | None = Field(None, description="What it is, in words: shown on the dashboard and in status.")
     max_mb: int = Field(ge=0, description="VRAM ceiling in MB, reserved when the service starts. 0 = CPU only.")
     priority: int = Field(ge=0, description="Lower number = more important (1 beats 2 beats 4).")
     shared: bool = Field(False, description="One instance serves several leases at once (up to max_concurrent).")
