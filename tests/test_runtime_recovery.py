@@ -12,6 +12,7 @@ import pytest
 
 from reconciler.core.snapshot import Instance
 from reconciler.drivers.process import is_alive
+from reconciler.errors import StoreError
 from reconciler.testing.ports import free_port
 from tests.runtime_support import env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
 
@@ -148,3 +149,24 @@ def test_a_start_interrupted_before_its_pid_was_written_is_found_by_its_marker(e
     finally:
         if is_alive(launched, launched_at):
             os.killpg(launched, signal.SIGKILL)
+
+
+def test_a_launched_process_that_cannot_be_recorded_is_stopped_again(env):
+    """The store fails between the launch and recording it: nothing of ours may run unaccounted for."""
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+    launched: list[tuple[int, float]] = []
+
+    async def main():
+        async with env.runtime() as rt:
+            def failing(intent_id, data):
+                launched.append((data["pid"], data["create_time"]))
+                raise StoreError(f"state store {rt.store.path}: write failed: disk I/O error")
+            rt.store.update_intent = failing
+            return await rt.reconcile(profile)
+
+    report = asyncio.run(main())
+    outcome = report.outcomes["start:svc"]
+    assert outcome.status == "failed" and "cannot be recorded: it was stopped again" in outcome.detail, outcome
+    [(pid, create_time)] = launched
+    assert not is_alive(pid, create_time) and listeners(port) == []
