@@ -70,6 +70,7 @@ def test_a_truncated_shared_memory_file_does_not_kill_the_server(host: Host) -> 
             api.run.wait_kind("pass.started")
         assert api.run.process.poll() is None, f"the server died: {api.run.process.poll()}"
         assert api.status()["instances"][0]["pid"] == pid and alive(pid)
+        assert not shm.exists(), "the store keeps a shared-memory file that anyone can truncate"
     finally:
         api.close()
 
