@@ -306,3 +306,27 @@ def test_simulated_gpu_backend_sees_a_process_started_under_sim(driver, child):
         asyncio.run(scenario())
     finally:
         backend.close()
+
+
+def test_find_ours_rebuilds_what_a_launch_runs_from_its_marker_and_takes_the_group_leader(driver, child, tmp_path,
+                                                                                          monkeypatch):
+    marker = tmp_path / "grandchild"
+    monkeypatch.setenv("RECONCILER_INSTANCE", '{"service": "inherited"}')  # a marker of ours is never inherited
+    svc = service(child, f"group {shlex.quote(str(marker))} --model {{model}}", env={"FOO": "bar", "EMPTY": ""})
+
+    async def scenario():
+        request = LaunchRequest.of("svc", svc, 1, "qwen", intent=7)
+        started = await driver.start(request)
+        driver.started = [started.pid]
+        wait_for_log(started.log_path, "ready")
+        grandchild = int(marker.read_text())  # carries the same markers, in the same process group
+        assert psutil.Process(grandchild).environ()["RECONCILER_INSTANCE"] == driver.instance_marker(request)
+        return started, grandchild
+
+    started, grandchild = asyncio.run(scenario())
+    [found] = driver.find_ours()
+    assert (found.service, found.pid, found.gpu, found.model) == ("svc", started.pid, 1, "qwen")
+    assert abs(found.create_time - started.create_time) <= 1 and found.launched == driver.intent_marker(7)
+    assert found.launch == started.launch  # argv from /proc, cwd as written, the profile's env keys, the port
+    assert ProcessDriver(tmp_path / "another-state-dir").find_ours() == []  # another state directory's: not ours
+    assert grandchild != found.pid

@@ -12,8 +12,9 @@ import pytest
 
 from reconciler.core.snapshot import Instance
 from reconciler.drivers.process import is_alive
+from reconciler.errors import StoreError
 from reconciler.testing.ports import free_port
-from tests.runtime_support import env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
+from tests.runtime_support import RuntimeEnv, env, fake_service, listeners, make_profile  # noqa: F401 (fixture)
 
 
 class SimulatedCrash(BaseException):
@@ -148,3 +149,138 @@ def test_a_start_interrupted_before_its_pid_was_written_is_found_by_its_marker(e
     finally:
         if is_alive(launched, launched_at):
             os.killpg(launched, signal.SIGKILL)
+
+
+# --- an inventory that lost our processes (state.db deleted, moved aside): their marker finds them ------------
+
+
+def _forget_the_store(runtime_env) -> None:
+    """What an operator who deletes (or moves aside) the store leaves: no file, the processes running."""
+    for runtime in runtime_env.runtimes:
+        runtime.store.close()
+    for name in ("state.db", "state.db-journal", "state.db-wal", "state.db-shm"):
+        (runtime_env.state_dir / name).unlink(missing_ok=True)
+
+
+def _with_env(service: dict, **env_vars: str) -> dict:
+    service["managed"]["env"] = dict(env_vars)
+    return service
+
+
+def test_an_empty_store_finds_our_processes_by_their_marker_and_may_stop_them(env):
+    ports = {"gpu-svc": free_port(), "cpu-svc": free_port()}
+    services = {"gpu-svc": _with_env(fake_service(ports["gpu-svc"], max_mb=512, always_on=True), MODEL_DIR="/models"),
+                "cpu-svc": fake_service(ports["cpu-svc"], always_on=True)}
+    profile = make_profile(services)
+
+    async def first():
+        async with env.runtime() as rt:
+            await rt.reconcile(profile)
+            return {i.service: i for i in rt.store.instances()}
+
+    before = asyncio.run(first())
+    assert {i.state for i in before.values()} == {"running"} and before["gpu-svc"].gpu == 0
+    _forget_the_store(env)
+
+    async def second():
+        async with env.runtime() as rt:
+            assert rt.store.instances() == []
+            await rt.recover()
+            found = {i.service: i for i in rt.store.instances()}
+            again = await rt.reconcile(profile)
+            running = {i.service: i.state for i in rt.store.instances()}
+            without_cpu_svc = await rt.reconcile(make_profile({"gpu-svc": services["gpu-svc"]}))
+            return found, again, running, without_cpu_svc, rt.store.events(limit=1000)
+
+    found, again, running, removed, events = asyncio.run(second())
+    for name, was in before.items():
+        now = found[name]
+        assert (now.origin, now.state) == ("started", "starting")
+        assert (now.pid, now.gpu, now.model) == (was.pid, was.gpu, was.model)
+        assert abs(now.create_time - was.create_time) <= 1
+        assert now.launch == was.launch, name  # argv, cwd, the profile's env keys, port: rebuilt from the process
+    assert found["gpu-svc"].launch.env == {"MODEL_DIR": "/models"}  # only the profile's keys, not the rest
+    assert again.plan.actions == [] and running == {"gpu-svc": "running", "cpu-svc": "running"}
+    assert env.launches("gpu-svc") == 1 and env.launches("cpu-svc") == 1  # never a second copy
+    assert sorted(e.service for e in events if e.kind == "instance.recovered") == ["cpu-svc", "gpu-svc"]
+    assert [a.id for a in removed.plan.actions] == ["stop:cpu-svc"]  # ours: stopped when no longer wanted
+    assert removed.outcomes["stop:cpu-svc"].status == "done"
+    assert not is_alive(before["cpu-svc"].pid, before["cpu-svc"].create_time)
+    assert listeners(ports["gpu-svc"]) == [before["gpu-svc"].pid]
+
+
+def test_a_found_process_whose_launch_differs_from_the_profile_is_restarted(env):
+    port = free_port()
+    service = _with_env(fake_service(port, always_on=True), MODEL_DIR="/models")
+
+    async def first():
+        async with env.runtime() as rt:
+            await rt.reconcile(make_profile({"svc": service}))
+            return rt.store.get_instance("svc")
+
+    was = asyncio.run(first())
+    _forget_the_store(env)
+    changed = make_profile({"svc": _with_env(fake_service(port, always_on=True), MODEL_DIR="/other-models")})
+
+    async def second():
+        async with env.runtime() as rt:
+            await rt.recover()
+            report = await rt.reconcile(changed)
+            return report, rt.store.get_instance("svc")
+
+    report, now = asyncio.run(second())
+    assert [a.id for a in report.plan.actions] == ["restart:svc"] and report.outcomes["restart:svc"].ok
+    assert "MODEL_DIR" in report.plan.actions[0].reason or "launch" in report.plan.actions[0].reason
+    assert not is_alive(was.pid, was.create_time) and now.pid != was.pid
+    assert now.launch.env == {"MODEL_DIR": "/other-models"} and listeners(port) == [now.pid]
+
+
+def test_a_process_whose_marker_names_another_state_directory_is_never_taken(env, tmp_path):
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+
+    async def start_elsewhere():
+        async with env.runtime() as rt:
+            await rt.reconcile(profile)
+            return rt.store.get_instance("svc")
+
+    theirs = asyncio.run(start_elsewhere())
+    other = RuntimeEnv(tmp_path / "other-state", env.tag, clock=env.clock)
+
+    async def here():
+        async with other.runtime() as rt:
+            await rt.recover()
+            recovered = rt.store.instances()
+            report = await rt.reconcile(profile)
+            return recovered, report, rt.store.events(limit=1000)
+
+    try:
+        recovered, report, events = asyncio.run(here())
+    finally:
+        for runtime in other.runtimes:
+            runtime.store.close()
+    assert recovered == [] and not [e for e in events if e.kind.startswith("instance.")]
+    assert report.plan.actions == [] and [p.service for p in report.plan.pending] == ["svc"]  # its port is taken
+    assert f"pid {theirs.pid}" in report.plan.pending[0].reason
+    assert is_alive(theirs.pid, theirs.create_time) and listeners(port) == [theirs.pid]  # never signalled
+
+
+def test_a_launched_process_that_cannot_be_recorded_is_stopped_again(env):
+    """The store fails between the launch and recording it: nothing of ours may run unaccounted for."""
+    port = free_port()
+    profile = make_profile({"svc": fake_service(port, always_on=True)})
+    launched: list[tuple[int, float]] = []
+
+    async def main():
+        async with env.runtime() as rt:
+            def failing(intent_id, data):
+                launched.append((data["pid"], data["create_time"]))
+                raise StoreError(f"state store {rt.store.path}: write failed: disk I/O error")
+            rt.store.update_intent = failing
+            return await rt.reconcile(profile)
+
+    report = asyncio.run(main())
+    outcome = report.outcomes["start:svc"]
+    assert outcome.status == "failed" and "cannot be recorded: it was stopped again" in outcome.detail, outcome
+    [(pid, create_time)] = launched
+    assert not is_alive(pid, create_time) and listeners(port) == []

@@ -58,6 +58,12 @@ class EventKind(StrEnum):
     # crash recovery
     INTENT_RECOVERED = "intent.recovered", "An action a previous run left half done was resolved at start-up."
     INTENT_UNRESOLVED = "intent.unresolved", "Such an action cannot be checked now (the Docker daemon is down…); left open."
+    INSTANCE_RECOVERED = "instance.recovered", "At start-up, a process of ours the inventory did not know (found by the marker in its environment) is an instance again."
+    INSTANCE_STRAY = "instance.stray", "At start-up, a process of ours that cannot be an instance (its service has one): left running, never signalled."
+    # the state store
+    STORE_FAILED = "store.failed", "The state store cannot be read or written: which file, what to do (shown; it cannot be recorded). Passes are retried."
+    STORE_RECOVERED = "store.recovered", "The state store works again after a failure."
+    STORE_RESTORED = "store.restored", "state.db was deleted or replaced while running; the reconciler wrote its state back."
     # leases and demands
     DEMAND_ADDED = "demand.added", "A lease request waits for its service (a demand)."
     DEMAND_WITHDRAWN = "demand.withdrawn", "A demand was withdrawn: its caller gave up, went away, or a previous run left it."

@@ -7,9 +7,25 @@ The environment is the reconciler's own, plus the profile's ``env``, plus
 ``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
 when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when the GPU is
 simulated (the sim backend attributes memory to processes carrying it), plus
-``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent: a
-reconciler that died between the launch and recording the pid finds its
-process again by that marker (:meth:`ProcessDriver.find_started`).
+two markers that make the process findable without the store:
+
+* ``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent:
+  a reconciler that died between the launch and recording the pid finds its
+  process again by it (:meth:`ProcessDriver.find_started`);
+* ``RECONCILER_INSTANCE=<JSON>``, always: the (real) state directory, the
+  service, the GPU and model it was started with, and of its launch spec
+  what ``/proc`` cannot tell — the ``cwd`` as written in the profile, the
+  *names* (never the values) of the profile's ``env`` keys, and the port.
+  A reconciler whose inventory lost the process (``state.db`` deleted, moved
+  aside, restored from an old copy) finds it again by it
+  (:meth:`ProcessDriver.find_ours`) and rebuilds what it runs: ``argv`` from
+  its command line, ``cwd`` (the profile's words when they name the
+  directory it runs in, else the directory itself), ``env`` from its
+  environment for the marked keys. Anything that differs from the profile
+  then restarts it, like any launch spec that changed. Only a process of
+  this user (real uid), alive, whose marker names *this* state directory is
+  ever taken as ours; of a launch's processes (children inherit the
+  markers) the group leader, else the oldest.
 
 ``stop`` enforces invariant 1. It signals nothing unless the instance's origin
 is ``started`` and a live process with its pid has its ``create_time`` (±1 s);
@@ -33,13 +49,16 @@ import shutil
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+from pydantic import ValidationError
 
 from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.identity import same_start
-from reconciler.core.profile import ProcessSpec, Service
+from reconciler.core.profile import ProcessSpec
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.drivers.base import Driver, LaunchRequest, StartedProcess, StopResult, Waiter
 from reconciler.errors import DriverError
@@ -47,6 +66,7 @@ from reconciler.host.clock import SYSTEM_CLOCK
 
 SIM_GPU_MB_ENV = "RECONCILER_SIM_GPU_MB"
 INTENT_ENV = "RECONCILER_INTENT"
+INSTANCE_ENV = "RECONCILER_INSTANCE"
 KILL_CONFIRM_S = 5.0
 
 
@@ -101,6 +121,30 @@ def _whereabouts(pid: int, create_time: float) -> str:
     return f"is not running any more: pid {pid} now belongs to a process started at {other:.2f}, not {create_time:.2f}"
 
 
+@dataclass(frozen=True)
+class FoundProcess:
+    """A live process that this state directory's reconciler started, as its marker and ``/proc`` tell it."""
+
+    service: str
+    pid: int
+    create_time: float
+    gpu: int | None
+    model: str | None
+    launch: Launch  # what it runs: argv from its command line, cwd, the marked env keys, the port
+    launched: str  # which launch it belongs to (its RECONCILER_INTENT marker, or service@process group)
+
+
+def _marker(raw: str) -> dict[str, Any] | None:
+    """A ``RECONCILER_INSTANCE`` value as a dict with a service name, or None when it is not one."""
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(marker, dict) or not isinstance(marker.get("service"), str) or not marker["service"]:
+        return None
+    return marker
+
+
 class ProcessDriver(Driver):
     """Starts and stops local processes; logs and the default cwd live under ``state_dir``."""
 
@@ -132,19 +176,27 @@ class ProcessDriver(Driver):
         tells two reconcilers apart)."""
         return f"{os.path.realpath(self.state_dir)}#{intent_id}"
 
-    def environment(
-        self, launch: Launch, service: Service, gpu: int | None, sim: bool, intent: int | None = None
-    ) -> dict[str, str]:
+    def instance_marker(self, request: LaunchRequest) -> str:
+        """The ``RECONCILER_INSTANCE`` value of a process started for ``request`` (see the module docstring)."""
+        launch = request.launch
+        return json.dumps({
+            "state_dir": os.path.realpath(self.state_dir), "service": request.service, "gpu": request.gpu,
+            "model": request.model, "cwd": launch.cwd, "env": sorted(launch.env), "port": launch.port,
+        }, sort_keys=True)
+
+    def environment(self, request: LaunchRequest) -> dict[str, str]:
         env = dict(os.environ)
         env.pop(SIM_GPU_MB_ENV, None)  # only what we launch under sim declares simulated memory
-        env.pop(INTENT_ENV, None)  # nor does it inherit a marker of ours
-        env.update(launch.env)
-        if gpu is not None:
-            env[self.gpu_env] = str(gpu)
-            if sim:
-                env[SIM_GPU_MB_ENV] = str(service.max_mb)
-        if intent is not None:
-            env[INTENT_ENV] = self.intent_marker(intent)
+        for marker in (INTENT_ENV, INSTANCE_ENV):  # nor does it inherit a marker of ours
+            env.pop(marker, None)
+        env.update(request.launch.env)
+        if request.gpu is not None:
+            env[self.gpu_env] = str(request.gpu)
+            if request.sim:
+                env[SIM_GPU_MB_ENV] = str(request.spec.max_mb)
+        if request.intent is not None:
+            env[INTENT_ENV] = self.intent_marker(request.intent)
+        env[INSTANCE_ENV] = self.instance_marker(request)
         return env
 
     def find_started(self, intent_id: int) -> tuple[int, float] | None:
@@ -170,14 +222,59 @@ class ProcessDriver(Driver):
         _, create_time, pid = min(found)
         return pid, create_time
 
+    def find_ours(self) -> list[FoundProcess]:
+        """Every launch of this state directory's reconciler still running, one process each, by service.
+
+        Of a launch's processes (its children inherit the markers) the group
+        leader — our launch is one — or else the oldest stands for it.
+        """
+        state_dir, uid = os.path.realpath(self.state_dir), os.getuid()
+        launches: dict[str, list[tuple[bool, float, int, dict[str, Any], dict[str, str], psutil.Process]]] = {}
+        for proc in psutil.process_iter(["uids", "status"]):
+            try:
+                if proc.info["uids"] is None or proc.info["uids"].real != uid:
+                    continue
+                if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                environ = proc.environ()
+                marker = _marker(environ.get(INSTANCE_ENV, ""))
+                if marker is None or marker.get("state_dir") != state_dir:
+                    continue  # not ours, or another state directory's: never taken
+                group = os.getpgid(proc.pid)
+                launch_key = environ.get(INTENT_ENV) or f"{marker['service']}@{group}"
+                member = (group != proc.pid, proc.create_time(), proc.pid, marker, environ, proc)
+                launches.setdefault(launch_key, []).append(member)
+            except (psutil.Error, OSError):
+                continue
+        found = []
+        for launch_key, members in launches.items():
+            _, create_time, pid, marker, environ, proc = min(members, key=lambda m: m[:3])
+            try:
+                launch = self._launch_of(marker, proc.cmdline(), proc.cwd(), environ)
+                gpu, model = marker.get("gpu"), marker.get("model")
+                if not (gpu is None or (isinstance(gpu, int) and gpu >= 0)) or not isinstance(model, str | None):
+                    continue
+            except (psutil.Error, ValidationError, TypeError):
+                continue
+            found.append(FoundProcess(marker["service"], pid, create_time, gpu, model, launch, launch_key))
+        return sorted(found, key=lambda f: (f.service, f.create_time, f.pid))
+
+    def _launch_of(self, marker: dict[str, Any], argv: list[str], cwd: str, environ: dict[str, str]) -> Launch:
+        """The launch spec a found process runs (its marker says what ``/proc`` cannot)."""
+        written = marker.get("cwd") or ""
+        expected = Path(written) if written else self.state_dir
+        if os.path.realpath(expected) != os.path.realpath(cwd):
+            written = cwd  # it runs elsewhere: a difference, which restarts it
+        keys = marker.get("env") or []
+        env = {k: environ[k] for k in keys if isinstance(k, str) and k in environ}
+        return Launch(argv=argv, cwd=written, env=env, port=marker.get("port"))
+
     async def start(self, request: LaunchRequest) -> StartedProcess:
-        service_name, service, gpu = request.service, request.spec, request.gpu
-        sim, launch = request.sim, request.launch
-        intent = request.intent
+        service_name, service, launch = request.service, request.spec, request.launch
         if not isinstance(service.managed, ProcessSpec):
             raise DriverError(f"service {service_name} is not a managed process; the process driver cannot start it")
         cwd = Path(launch.cwd) if launch.cwd else self.state_dir
-        env = self.environment(launch, service, gpu, sim, intent)
+        env = self.environment(request)
         log_path = self.log_path(service_name)
         try:
             log_path.parent.mkdir(parents=True, exist_ok=True)

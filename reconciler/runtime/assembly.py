@@ -4,7 +4,9 @@
 parts, opened in the same order and closed in reverse whatever happens:
 
 1. the state directory's lock (:mod:`.lock`): one reconciler per state
-   directory, or a clear error naming the pid that has it;
+   directory, or a clear error naming the pid that has it — once the
+   directory is known to be usable (a writable directory, created if
+   missing; else a ``StoreError`` that says which path and what to do);
 2. the store (:mod:`reconciler.store`), stamping with the injected clock;
 3. the event bus, recording into the store;
 4. the runtime, with the GPU backend the caller chose (a simulated one makes
@@ -26,7 +28,7 @@ from reconciler.host.sim import SimBackend
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.lock import StateLock
 from reconciler.runtime.runtime import Runtime
-from reconciler.store import open_store
+from reconciler.store import check_state_dir, open_store
 from reconciler.store.sqlite import SqliteStore
 
 
@@ -52,7 +54,12 @@ class Assembly:
         return self.runtime.events
 
     async def __aenter__(self) -> Assembly:
-        self.lock.acquire()
+        try:
+            check_state_dir(self.state_dir)
+            self.lock.acquire()
+        except BaseException:
+            self.gpu_backend.close()  # closed here whatever happens, like the runtime's
+            raise
         try:
             self._store = open_store(self.state_dir, self.clock)
             self._runtime = Runtime(

@@ -13,17 +13,29 @@ and publish from the event loop's thread. Every string in an event passes
 the bus's :class:`~reconciler.core.redaction.Redactor` first, so no event —
 in the log, the stream, the output — carries a value read from the
 environment (invariant 8).
+
+**The store's own news.** An event that cannot be recorded (the store
+fails) is still delivered: the store failing must not silence what is
+happening, nor end the loop that publishes it. What the store has to say
+about itself (:class:`~reconciler.store.base.StoreNotice`) is reported here,
+at the next event: ``store.failed`` (shown only — the store cannot take it;
+the store logs it as well), ``store.recovered`` and ``store.restored``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.events import EventKind
 from reconciler.core.redaction import Redactor
+from reconciler.errors import StoreError
 from reconciler.store.base import Store
+
+NOTICE_KINDS = {"failed": EventKind.STORE_FAILED, "recovered": EventKind.STORE_RECOVERED,
+                "restored": EventKind.STORE_RESTORED}
 
 DEFAULT_QUEUE_SIZE = 1000
 
@@ -76,9 +88,17 @@ class EventBus:
         self.clock = clock
         self.redactor = redactor if redactor is not None else Redactor()
         self._subscribers: set[Subscription] = set()
+        self._reporting = False
 
     def publish(self, kind: EventKind, **data: Any) -> dict[str, Any]:
-        """Record and deliver one event; returns it."""
+        """Record and deliver one event; returns it (``id`` None when the store could not record it)."""
+        return self._emit(kind, data, record=True)
+
+    def announce(self, kind: EventKind, **data: Any) -> dict[str, Any]:
+        """Deliver to subscribers without recording: for the frequent, uneventful (a pass with nothing to do)."""
+        return self._emit(kind, data, record=False)
+
+    def _emit(self, kind: EventKind, data: dict[str, Any], *, record: bool) -> dict[str, Any]:
         if not isinstance(kind, EventKind):
             raise TypeError(f"event kind {kind!r} is not declared in reconciler.core.events.EventKind")
         ts = self.clock.now()
@@ -87,20 +107,26 @@ class EventBus:
         message = str(data.get("message", ""))
         extra = {k: v for k, v in data.items() if k not in ("service", "message")}
         event_id = None
-        if self.store is not None:
-            event_id = self.store.record_event(kind.value, service=service, message=message, data=extra, ts=ts)
+        if record and self.store is not None:
+            with contextlib.suppress(StoreError):  # the store's own notice says so (store.failed); it still goes out
+                event_id = self.store.record_event(kind.value, service=service, message=message, data=extra, ts=ts)
+        self._report_store()
         event = {"id": event_id, "ts": iso_utc(ts), "kind": kind, **data}
         for subscriber in list(self._subscribers):
             subscriber._deliver(event)
         return event
 
-    def announce(self, kind: EventKind, **data: Any) -> dict[str, Any]:
-        """Deliver to subscribers without recording: for the frequent, uneventful (a pass with nothing to do)."""
-        store, self.store = self.store, None
+    def _report_store(self) -> None:
+        """Publish what the store has to say about itself (failed, recovered, restored) since the last event."""
+        if self.store is None or self._reporting:
+            return
+        self._reporting = True
         try:
-            return self.publish(kind, **data)
+            for notice in self.store.take_notices():
+                self._emit(NOTICE_KINDS[notice.kind], {"message": notice.message, "path": notice.path},
+                           record=notice.kind != "failed")
         finally:
-            self.store = store
+            self._reporting = False
 
     def subscribe(self, maxsize: int = DEFAULT_QUEUE_SIZE) -> Subscription:
         """A new subscription; it sees every event published from now on."""

@@ -8,7 +8,9 @@ Exited or timed out → whatever was started is stopped (through the driver,
 which signals only what we started), the instance leaves the store, and the
 service's backoff counts a failure. A caller's deadline that comes first
 leaves the instance ``starting`` for a later pass to finish. A reconciler
-that dies at any step finds the intent on restart (:mod:`.recovery`).
+that dies at any step finds the intent on restart (:mod:`.recovery`). A
+process that was launched but cannot be recorded (the store fails at that
+moment) is stopped again at once: nothing of ours runs unaccounted for.
 
 Stop and evict: intent, state ``stopping``, driver stop (SIGTERM to the
 group, ``eviction_timeout_s``, SIGKILL, confirm gone), then the wait for the
@@ -30,7 +32,7 @@ from reconciler.core.profile import Service
 from reconciler.core.redaction import Redactor
 from reconciler.core.snapshot import Instance
 from reconciler.drivers.base import LaunchRequest, StartedContainer, StopResult
-from reconciler.errors import DriverError
+from reconciler.errors import DriverError, StoreError
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.probes import Target, service_target
 from reconciler.runtime.driverset import DriverSet
@@ -98,12 +100,16 @@ class Lifecycle:
             identity = await self.drivers.container_identity(started.container)
         else:
             identity = {"pid": started.pid, "create_time": started.create_time}
-        self.store.update_intent(intent, identity)
         instance = Instance(
             service=name, gpu=gpu, origin="started", model=model, launch=started.launch, state="starting",
             since=self.clock.now(), **identity,
         )
-        self.store.put_instance(instance)
+        try:
+            self.store.update_intent(intent, identity)
+            self.store.put_instance(instance)
+        except StoreError as exc:
+            await self._unrecorded(instance, exc)
+            raise
         self.events.publish(EventKind.INSTANCE_LAUNCHED, service=name, message=f"launched {who(instance)}", **identity)
         try:
             result = await self.health.wait(
@@ -129,6 +135,15 @@ class Lifecycle:
         finally:
             self.store.finish_intent(intent, "failed", {"error": reason})
         raise DriverError(f"{who(instance)} {reason}")
+
+    async def _unrecorded(self, instance: Instance, exc: StoreError) -> None:
+        """A launched process the store cannot take: stopped again, or it would run unaccounted for."""
+        try:
+            result = await self.drivers.stopper(instance).stop(instance, self.eviction_timeout_s)
+            what = f"it was stopped again ({result.reason})"
+        except DriverError as stop_error:
+            what = f"stopping it failed ({stop_error}); the next start-up finds it by its marker"
+        exc.args = (f"{exc}; {who(instance)} was launched but cannot be recorded: {what}",)
 
     def promote(self, instance: Instance, digest: str) -> Instance:
         """A starting instance became healthy: ``running`` in the store, healthy for the backoff."""

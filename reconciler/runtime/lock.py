@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from reconciler.errors import GuardError
+from reconciler.errors import GuardError, StoreError
 
 LOCK_NAME = "watch.lock"  # the name `reconciler watch` uses, so apply and watch exclude each other
 
@@ -25,8 +25,14 @@ class StateLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`GuardError` naming the pid that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the lock file {self.path}: {exc.strerror or exc}; make it (and {self.path.parent}) "
+                f"writable by uid {os.geteuid()}, or use another --state-dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

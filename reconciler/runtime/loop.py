@@ -23,7 +23,10 @@ second half keeps.
 **Failures.** A pass that raises (the GPU or the store unreadable for a
 moment, or a bug) is reported as ``pass.failed`` and retried after
 :data:`RETRY_AFTER_ERROR_S`; it touched no service, so the loop goes on. A
-bug's traceback goes to stderr; a deliberate error's message is enough.
+bug's traceback goes to stderr; a deliberate error's message is enough. A
+store that fails is reported once (``store.failed``, by the event bus) and
+does not end the loop: the events that cannot be recorded are still shown,
+the services keep running, and passes are retried until it works again.
 
 **Stopping.** SIGINT or SIGTERM ends the loop, *leaving the services
 running*: a pass in flight gets :data:`STOP_GRACE_S` plus the profile's
@@ -46,6 +49,7 @@ Every wait is on the injected clock; the events are declared in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -57,7 +61,7 @@ from typing import Any, Protocol, TypeVar
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.core.report import PassReport
-from reconciler.errors import Diagnostic, GuardError, ReconcilerError
+from reconciler.errors import Diagnostic, GuardError, ReconcilerError, StoreError
 from reconciler.loading.watcher import ProfileChange, ProfileWatcher, Resync
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.guard import check_profile_guard
@@ -200,7 +204,10 @@ class Loop:
                 report = await self._pass(reason)
                 if isinstance(report, Cancelled):
                     return
-                due = self._due_in(report) if report is not None else ("retry", RETRY_AFTER_ERROR_S)
+                due = ("retry", RETRY_AFTER_ERROR_S)
+                if report is not None:
+                    with contextlib.suppress(StoreError):  # the store failing now: the next pass says so
+                        due = self._due_in(report)
                 reason = await self._next(triggers, due)
         finally:
             self.watcher.stop()

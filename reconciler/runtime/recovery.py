@@ -20,6 +20,27 @@ Every intent is finished with what was found — except one that cannot be
 checked now (a ``DriverError``: the Docker daemon is down), which stays open
 for the next recovery and is reported as ``intent.unresolved``. Instances merely recorded
 (no open intent) need nothing here: each pass prunes the dead (identity rule).
+
+Then the processes the inventory does not know. Every process the process
+driver starts carries a marker in its environment naming this state
+directory, its service, GPU and model (:mod:`reconciler.drivers.process`), so
+an inventory that lost it — ``state.db`` deleted, or moved aside because it
+was corrupt, or restored from an old copy — need not orphan it. A service
+with no instance on record (or only a dead one) whose marked process is
+alive gets it back as a ``started`` instance (``instance.recovered``): ours,
+so it may be stopped, restarted when its launch spec differs from the
+profile, idle-stopped. It is kept as ``starting``, ``since`` now: the next
+pass promotes it once healthy (or stops it once past ``start_timeout_s``),
+and its idle time counts from now — whoever held leases on it may still be
+using it. Its launch spec is rebuilt from the process (argv, cwd, the marked
+env keys), so a process that runs something else than the profile says is
+restarted. When a service has several such processes (the newest is taken)
+or already has a live instance, the others are reported as
+``instance.stray`` — left running, never signalled: that they are ours is an
+inference from their environment, and stopping one is the operator's call.
+A process whose marker names another state directory is never taken.
+Leases, demands and backoff records are not in the processes: a lost
+inventory loses them.
 """
 
 from __future__ import annotations
@@ -28,6 +49,7 @@ from reconciler.core.events import EventKind
 from reconciler.core.identity import same_process
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.drivers.docker import container_name
+from reconciler.drivers.process import FoundProcess
 from reconciler.errors import DriverError
 from reconciler.runtime.lifecycle import Lifecycle, who
 from reconciler.store.base import Intent
@@ -52,6 +74,44 @@ async def recover(lifecycle: Lifecycle) -> list[str]:
         lifecycle.events.publish(EventKind.INTENT_RECOVERED, service=intent.service, action=intent.action_id,
                                  outcome=outcome, message=line)
         lines.append(line)
+    return lines + await refind(lifecycle)
+
+
+async def refind(lifecycle: Lifecycle) -> list[str]:
+    """Take back the live processes of ours that the inventory does not know; one line each, for the log."""
+    store = lifecycle.store
+    recorded = {i.service: i for i in store.instances()}
+    unknown: dict[str, list[FoundProcess]] = {}
+    for found in lifecycle.drivers.process.find_ours():
+        known = recorded.get(found.service)
+        if known is None or not same_process(known, found):
+            unknown.setdefault(found.service, []).append(found)
+    lines = []
+    for service, candidates in sorted(unknown.items()):
+        candidates.sort(key=lambda f: (f.create_time, f.pid), reverse=True)  # the newest launch first
+        known = recorded.get(service)
+        holder = known if known is not None and await lifecycle.drivers.alive(known) else None
+        strays = candidates
+        if holder is None:
+            chosen, strays = candidates[0], candidates[1:]
+            holder = Instance(
+                service=service, gpu=chosen.gpu, origin="started", pid=chosen.pid, create_time=chosen.create_time,
+                model=chosen.model, launch=chosen.launch, state="starting", since=lifecycle.clock.now(),
+            )
+            store.put_instance(holder)
+            line = (f"found {who(holder)} running, started from this state directory (its environment says so) "
+                    "but missing from the inventory: it is an instance again, kept as starting until healthy")
+            lifecycle.events.publish(EventKind.INSTANCE_RECOVERED, service=service, pid=chosen.pid,
+                                     create_time=chosen.create_time, gpu=chosen.gpu, model=chosen.model,
+                                     message=line)
+            lines.append(line)
+        for stray in strays:
+            line = (f"{service} (pid {stray.pid}) was started from this state directory, but {who(holder)} is "
+                    f"the instance of {service}; pid {stray.pid} is left running and never signalled — stop it "
+                    "yourself if it is not needed")
+            lifecycle.events.publish(EventKind.INSTANCE_STRAY, service=service, pid=stray.pid,
+                                     create_time=stray.create_time, message=line)
+            lines.append(line)
     return lines
 
 

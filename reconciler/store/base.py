@@ -16,6 +16,11 @@ values or as a change to apply in one transaction. It has no clock of its
 own either: the stamps it writes (when an intent began, when an instance
 record changed) come from the clock it is opened with, the runtime's. All
 times are timezone-aware UTC datetimes.
+
+Nor does it report. What it has to say about itself — it failed (the file
+named, what to do), it works again, its file was deleted or replaced while
+open and it wrote its state back — it keeps as :class:`StoreNotice` values
+until :meth:`Store.take_notices`; the runtime's event bus publishes them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from reconciler.core.backoff import Backoff
 from reconciler.core.snapshot import Demand, Instance, Lease
@@ -51,6 +56,20 @@ class Intent:
     started_at: datetime
     finished_at: datetime | None = None
     outcome: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreNotice:
+    """Something the store has to say about itself, for the runtime to report (an event, a log line).
+
+    ``failed``: it cannot be read or written (the first failure of a streak; ``message``
+    names the file and what to do). ``recovered``: it works again. ``restored``: its
+    file was deleted or replaced while open, and it wrote its state back.
+    """
+
+    kind: Literal["failed", "recovered", "restored"]
+    message: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -106,5 +125,8 @@ class Store(Protocol):
     def finish_intent(self, intent_id: int, outcome: str, data: Mapping[str, Any] | None = None) -> Intent: ...
     def open_intents(self) -> list[Intent]: ...
     def get_intent(self, intent_id: int) -> Intent | None: ...
+
+    # what the store has to say about itself since the last call (failures, recoveries, a restored file)
+    def take_notices(self) -> list[StoreNotice]: ...
 
     def close(self) -> None: ...

@@ -1,11 +1,52 @@
-"""The SQLite state store: one file, ``<state_dir>/state.db``, in WAL mode.
+"""The SQLite state store: one file, ``<state_dir>/state.db``, with a rollback journal.
 
 Several connections and processes may share the file: writes run in
 ``BEGIN IMMEDIATE`` transactions (one writer at a time, others wait up to the
 busy timeout), reads see a consistent snapshot. A lease grant counts the
 service's unexpired leases and inserts the new one in the same transaction,
 so ``max_concurrent`` holds under any concurrency (invariant 4). Every SQLite
-failure surfaces as :class:`~reconciler.errors.StoreError` naming the file.
+failure surfaces as :class:`~reconciler.errors.StoreError` naming the file
+and what to do (:mod:`.files` finds which file is at fault).
+
+**No shared memory.** The journal is SQLite's rollback journal
+(``journal_mode=DELETE``: ``state.db-journal`` exists only while a write
+commits) and nothing is memory-mapped (``mmap_size=0``). WAL mode, which
+this store used before, keeps its index in ``state.db-shm`` and maps it into
+every process that opens the database: whoever truncates that file — SQLite
+itself does, in a process that believes it is the first to open it (one that
+cannot see the others' locks, or that could open an unwritable ``-shm`` only
+read-only) — kills every process that has it mapped with SIGBUS, with no
+message, and an unwritable one leaves the store unusable. A file read with
+``read()`` fails with an error instead, which is reported and retried. The
+price: a commit that changes something syncs its journal and the file
+(``synchronous=NORMAL``: a few hundred microseconds on an idle SSD, more on a
+busy disk; a transaction that changes nothing costs nothing), and a write
+waits for a read in progress in another process. A database an older
+reconciler left in WAL mode is switched over when opened; its ``-wal`` and
+``-shm`` go away then.
+
+**Start-up.** Before SQLite sees anything, the state directory must be (or
+become) a writable directory, and ``state.db`` and its journal, where they
+exist, readable and writable regular files; otherwise the store is not
+opened, and the error names the file and says what to do (:mod:`.files`).
+
+**While open.** A failure is a ``StoreError`` for the caller, and the first of
+a streak is also a :class:`~reconciler.store.base.StoreNotice` (``failed``;
+``recovered`` once something works again), which the runtime reports as an
+event and this module as a log line. A failed commit is rolled back, so the
+connection is usable again as soon as the cause is gone.
+
+**The file deleted or replaced while open.** Before every use the store
+compares the file at its path with the one it opened (device and inode, one
+``stat``). If ``state.db`` was deleted, or something else was put in its
+place, the open connection still reads the old file — all of it, as this
+process left it. It is written back: whatever now sits at the path (and its
+journal, WAL and index) is renamed to ``state.db.replaced-<UTC time>`` and
+kept, the open database is copied (SQLite's backup API) to a new file that is
+renamed into place, and the store goes on with that one. The state is the
+running reconciler's: it knows which processes it started, and a file put
+there behind its back does not. A ``restored`` notice says so, naming the
+path; if it cannot be written back, each use fails saying why, until it can.
 
 Stamps (``updated_at``, an intent's ``started_at``/``finished_at``, an event's
 ``ts`` when the caller gives none, the ``now`` a lease is counted at) come
@@ -14,7 +55,9 @@ from the clock the store is opened with: the runtime's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -22,19 +65,32 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.errors import StoreError
-from reconciler.store.base import Event, Intent, StoredState
+from reconciler.store.base import Event, Intent, StoredState, StoreNotice
+from reconciler.store.files import COMPANIONS, check_state_dir, companion, diagnose, file_problem
 from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 DB_NAME = "state.db"
 MAX_EVENTS = 10_000  # the event log keeps this many newest events
 EVENT_PRUNE_EVERY = 500
 _KIND = "coalesce(json_extract(data, '$.kind'), 'service')"  # Lease.kind, kept in the JSON
+RESTORED = "was deleted or replaced while running"
+CORRUPT_HINT = (
+    "the file is corrupt: stop the reconciler, move it aside (with its -journal, if any) and start again "
+    "with an empty state — running services are found again by the marker in their environment; "
+    "leases, demands, backoff records and the event log are lost"
+)
+LOCKED_HINT = (
+    "another process holds the database locked (a sqlite3 shell with an open transaction, a reconciler of "
+    "an older version?); end it, and the reconciler retries"
+)
+
+log = logging.getLogger("reconciler.store")
 
 
 def default_state_dir() -> Path:
@@ -85,38 +141,73 @@ def _row_id(cursor: sqlite3.Cursor) -> int:
     return cursor.lastrowid
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path`` (None: nothing there, or it cannot be looked at)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class SqliteStore:
     """:class:`~reconciler.store.base.Store` on a SQLite file. Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike[str], clock: Clock, *, busy_timeout_s: float = 10.0):
         self.path = Path(path)
         self.clock = clock
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.RLock()
+        self._notices: list[StoreNotice] = []
+        self._failing: str | None = None  # the error of a failure streak, while it lasts
+        self._closed = False
+        self._depth = 0  # nested uses of the connection under the lock
+        check_state_dir(self.path.parent)
+        for suffix in ("", "-journal"):
+            problem = file_problem(companion(self.path, suffix))
+            if problem is not None:
+                raise StoreError(f"cannot open state store {self.path}: {problem}")
+        self._conn = self._connect()
+        self._file = _identity(self.path)
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new connection to the file at ``self.path``, set up and migrated (errors are the caller's to report)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create state directory {self.path.parent}: {exc.strerror or exc}") from None
-        try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state store {self.path}: {exc}") from None
+            raise StoreError(self._describe("open", exc)) from None
         try:
-            self._setup(busy_timeout_s)
+            with self._errors("open", notify=False):
+                self._setup(conn)
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
+        return conn
 
-    def _setup(self, busy_timeout_s: float) -> None:
-        with self._errors("open"):
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"state store {self.path}: cannot switch to WAL mode (got {mode!r})")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-        with self._tx() as c:
-            version = c.execute("PRAGMA user_version").fetchone()[0]
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        conn.execute("PRAGMA mmap_size = 0")  # read(), never a mapping: a truncated file is an error, not SIGBUS
+        mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+        if str(mode).lower() != "delete":
+            why = diagnose(self.path) or (
+                "another process has it open in WAL mode (a reconciler of an older version?); stop it"
+            )
+            raise StoreError(f"state store {self.path}: cannot leave WAL mode (journal mode {mode!r}): {why}")
+        conn.execute("PRAGMA synchronous = NORMAL")  # syncs at the critical moments: a commit costs one or two fsyncs
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"state store {self.path} has schema version {version}, newer than this "
@@ -125,41 +216,154 @@ class SqliteStore:
             for migration in MIGRATIONS[version:]:
                 for statement in migration.split(";"):
                     if statement.strip():
-                        c.execute(statement)
+                        conn.execute(statement)
             if version != SCHEMA_VERSION:
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            _rollback(conn)
+            raise
+        conn.execute("COMMIT")
 
     # -- plumbing -----------------------------------------------------------
 
+    def _describe(self, what: str, exc: sqlite3.Error) -> str:
+        """``exc`` in words an operator can act on: which file, what to do."""
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            hint = CORRUPT_HINT
+        elif "locked" in text or "busy" in text:
+            hint = LOCKED_HINT
+        else:
+            hint = diagnose(self.path) or (
+                f"check that {self.path.parent} and the {self.path.name} files in it are readable and writable "
+                f"by uid {os.geteuid()} and that its disk is not full, or use another --state-dir"
+            )
+        return f"state store {self.path}: {what} failed: {text} ({hint})"
+
+    def _notice(self, kind: Literal["failed", "recovered", "restored"], message: str) -> None:
+        log.warning("%s", message)
+        self._notices.append(StoreNotice(kind, message, str(self.path)))
+
+    def _failed(self, message: str) -> None:
+        if self._failing is None:
+            self._notice("failed", message)
+        self._failing = message
+
+    def _worked(self) -> None:
+        if self._failing is not None:
+            self._failing = None
+            self._notice("recovered", f"state store {self.path} works again")
+
+    def take_notices(self) -> list[StoreNotice]:
+        """What happened to the store since the last call (see :class:`~reconciler.store.base.StoreNotice`)."""
+        with self._lock:
+            notices, self._notices = self._notices, []
+        return notices
+
     @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
+    def _errors(self, what: str, *, notify: bool = True) -> Iterator[None]:
         try:
             yield
-        except sqlite3.DatabaseError as exc:
-            hint = ""
-            if "not a database" in str(exc) or "malformed" in str(exc):
-                hint = " (the file is corrupt; move it aside to start with an empty state)"
-            raise StoreError(f"state store {self.path}: {what} failed: {exc}{hint}") from None
+        except sqlite3.Error as exc:
+            message = self._describe(what, exc)
+            if notify:
+                self._failed(message)
+            raise StoreError(message) from None
+
+    @contextmanager
+    def _use(self, what: str) -> Iterator[sqlite3.Connection]:
+        """The connection, for one read or write, once the file at the path is known to be ours."""
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"state store {self.path} is closed; open it again")
+            if not self._depth:  # a use inside another (state() reads three tables) is the same use
+                self._verify()
+            self._depth += 1
+            try:
+                with self._errors(what):
+                    yield self._conn
+            finally:
+                self._depth -= 1
+            self._worked()
+
+    def _verify(self) -> None:
+        """Write the state back if ``state.db`` was deleted or replaced since it was opened."""
+        if self._file is not None and _identity(self.path) == self._file:
+            return
+        try:
+            aside = self._restore()
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            why = diagnose(self.path) or (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            message = f"{self.path} {RESTORED}, and the state cannot be written back: {why}"
+            if "--state-dir" not in message:
+                message += "; fix that, or use another --state-dir"
+            self._failed(message)
+            raise StoreError(message) from None
+        kept = f"; what was found there is kept as {aside}" if aside else ""
+        self._notice("restored", f"{self.path} {RESTORED}; the state this reconciler holds (inventory, leases, "
+                                 f"demands, backoff, intents, event log) was written back{kept}")
+
+    def _restore(self) -> Path | None:
+        """Copy the open database to a new file at the path; returns where a file found there was moved."""
+        check_state_dir(self.path.parent)
+        aside: Path | None = None
+        found = [companion(self.path, suffix) for suffix in ("", *COMPANIONS)]
+        if any(os.path.lexists(f) for f in found):  # a journal found there must not be rolled back into ours
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")  # a name for the operator: the host's time
+            base = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+            n = 1
+            while any(os.path.lexists(companion(base, suffix)) for suffix in ("", *COMPANIONS)):
+                n += 1
+                base = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+            for suffix, path in zip(("", *COMPANIONS), found, strict=True):
+                if os.path.lexists(path):
+                    os.rename(path, companion(base, suffix))
+                    aside = aside or companion(base, suffix)
+        copy = self.path.with_name(f"{self.path.name}.restoring-{os.getpid()}")
+        try:
+            for suffix in ("", "-journal"):
+                companion(copy, suffix).unlink(missing_ok=True)
+            target = sqlite3.connect(copy, isolation_level=None)
+            try:
+                self._conn.backup(target)
+            finally:
+                target.close()
+            os.replace(copy, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                copy.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path.parent)
+        conn = self._connect()
+        old, self._conn = self._conn, conn
+        self._file = _identity(self.path)
+        old.close()
+        return aside
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, taken with the write lock up front (no upgrade deadlocks)."""
-        with self._lock, self._errors("write"):
-            conn = self._conn
+        with self._use("write") as conn:
+            _rollback(conn)  # a commit that failed may have left its transaction open
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._lock, self._errors("read"):
-            return self._conn.execute(sql, params).fetchall()
+        with self._use("read") as conn:
+            return conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._conn.close()
 
     def __enter__(self) -> SqliteStore:
@@ -301,14 +505,15 @@ class SqliteStore:
 
     def state(self) -> StoredState:
         """Instances, leases and demands read in one consistent transaction."""
-        with self._lock, self._errors("read"):
-            self._conn.execute("BEGIN")
+        with self._use("read") as conn:
+            _rollback(conn)
+            conn.execute("BEGIN")
             try:
                 instances = self.instances()
                 leases = self.leases()
                 demands = self.demands()
             finally:
-                self._conn.execute("COMMIT")
+                _rollback(conn)  # read only: ending it either way is the same
         return StoredState(instances=instances, leases=leases, demands=demands)
 
     # -- backoff (invariant 6) --------------------------------------------------
@@ -333,8 +538,8 @@ class SqliteStore:
 
     def get_backoff(self, service: str) -> Backoff:
         """The service's record (a fresh one when none is kept)."""
-        with self._lock, self._errors("read"):
-            return self._load_backoff(self._conn, service)
+        with self._use("read") as conn:
+            return self._load_backoff(conn, service)
 
     def update_backoff(self, service: str, change: Callable[[Backoff], Backoff]) -> Backoff:
         """Apply ``change`` to the service's record in one transaction; returns the new record."""
@@ -428,3 +633,10 @@ class SqliteStore:
     def get_intent(self, intent_id: int) -> Intent | None:
         rows = self._read(f"SELECT {self._INTENT_COLS} FROM intents WHERE id = ?", (intent_id,))
         return self._intent(rows[0]) if rows else None
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End the connection's open transaction, if any (it may already be gone with a failed statement)."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")

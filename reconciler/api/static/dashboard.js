@@ -16,8 +16,9 @@
   const KINDS = [
     "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
-    "instance.launched", "instance.released", "instance.stopped", "instance.unloaded", "intent.recovered",
-    "intent.unresolved", "lease.granted", "lease.renewed", "lease.released", "lease.expired", "pass",
+    "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
+    "instance.unloaded", "intent.recovered", "intent.unresolved", "lease.granted", "lease.renewed", "lease.released",
+    "lease.expired", "pass", "store.failed", "store.recovered", "store.restored",
     "pass.started", "pass.finished", "pass.failed", "profile.held", "profile.reloaded", "profile.rejected", "watch.started",
     "watch.degraded", "watch.stopped", "message",
   ];
