@@ -110,6 +110,7 @@ def test_why_explains_running_waiting_and_unknown(api: ApiRun) -> None:
     assert running.stdout.splitlines()[0].startswith("llm is running (healthy) on GPU 0, started by the reconciler")
     assert "Running, nothing to do: it is always_on." in running.stdout
 
+    api.wait_status(lambda s: not any(p["service"] == "tts" for p in s["pending"]), "no plan about tts", 10)
     idle = cli(api, "why", "tts")
     assert idle.stdout.splitlines() == [
         "tts is not running.", "Nothing to do: nothing wants it (not always_on, no lease, no lease request)."]

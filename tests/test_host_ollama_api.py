@@ -13,7 +13,7 @@ from reconciler.testing.ports import free_port
 
 
 def test_ps_tags_unload(spawner):
-    ollama = spawner.fake_ollama(models="llama3.2:3b,qwen2.5:7b", vram_mb=2900)
+    ollama = spawner.fake_ollama(models="llama3.2:3b,qwen2.5:7b", vram_mb=2900, unload_delay=0)  # unloads as it answers
 
     async def run():
         async with OllamaApi(ollama.port) as api:

@@ -304,6 +304,7 @@ class Leasing:
         if removed is not None:
             self.runtime.events.publish(EventKind.DEMAND_WITHDRAWN, service=removed.service, demand=demand_id,
                                         holder=removed.holder)
+            self.runtime.wake()  # the plan (status, why) stops saying it waits at once, not at the next tick
         return lease
 
     def _forget(self, demand_id: str) -> None:
