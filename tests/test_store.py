@@ -50,7 +50,7 @@ def vllm_instance(**kw) -> Instance:
     return Instance(**data)
 
 
-def test_created_on_first_open_with_a_rollback_journal_and_version(tmp_path):
+def test_created_on_first_open_with_wal_and_version(tmp_path):
     with open_store(tmp_path / "deep" / "dir", SYSTEM_CLOCK) as s:
         assert s.path == tmp_path / "deep" / "dir" / "state.db"
         assert s.path.is_file()
@@ -58,7 +58,7 @@ def test_created_on_first_open_with_a_rollback_journal_and_version(tmp_path):
         assert isinstance(s, Store)
     conn = sqlite3.connect(tmp_path / "deep" / "dir" / "state.db")
     try:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
