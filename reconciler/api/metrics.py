@@ -4,7 +4,7 @@ State, read at scrape time (from the same sources as the status document):
 
 - ``reconciler_gpu_memory_mb{gpu, kind}``: kind = total, used, reserved_started, adopted, leased, foreign, free
 - ``reconciler_instances{state}``: instances by state (starting, running, stopping, failed)
-- ``reconciler_leases{service, kind}``, ``reconciler_demands{service}``
+- ``reconciler_leases{service, kind}`` (held: an expired lease not yet released is not), ``reconciler_demands{service}``
 - ``reconciler_pending``: items the last plan could not reach
 
 Counted from the event bus and the leasing service:
@@ -51,9 +51,10 @@ class StateCollector:
         for state in STATES:
             instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
         yield instances
-        leases = GaugeMetricFamily("reconciler_leases", "Leases held, by service and kind", labels=["service", "kind"])
+        leases = GaugeMetricFamily("reconciler_leases", "Leases held (not expired), by service and kind",
+                                   labels=["service", "kind"])
         counts: dict[tuple[str, str], int] = {}
-        for lease in status.leases:
+        for lease in (lease for lease in status.leases if lease.state == "active"):
             counts[(lease.service, lease.kind)] = counts.get((lease.service, lease.kind), 0) + 1
         for (service, kind), n in sorted(counts.items()):
             leases.add_metric([service, kind], n)

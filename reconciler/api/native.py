@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from reconciler.api import events
+from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.metrics import CONTENT_TYPE
 from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
@@ -26,7 +27,7 @@ from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Lease
 from reconciler.errors import CallerGone, LeaseRefused
 
-router = APIRouter()
+router = APIRouter(route_class=TextRoute)
 Ctx = Annotated[ApiContext, Depends(context)]
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
@@ -109,12 +110,12 @@ async def plan(ctx: Ctx) -> dict[str, Any]:
             responses={200: {"content": {"text/event-stream": {}}}})
 async def event_stream(
     request: Request, ctx: Ctx,
-    since: Annotated[int | None, Query(ge=0, description="Replay stored events after this id first.")] = None,
+    since: Annotated[int | None, Query(ge=0, le=events.MAX_EVENT_ID,
+                                       description="Replay stored events after this id first.")] = None,
 ) -> StreamingResponse:
     """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
     if since is None:
-        last = request.headers.get("last-event-id", "")
-        since = int(last) if last.isdigit() else None
+        since = events.last_event_id(request.headers.get("last-event-id"))
     body = events.stream(ctx.runtime.events, ctx.runtime.store, since, ctx.closing)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
