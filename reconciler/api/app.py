@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import reconciler
 from reconciler.api import compat, native
@@ -67,6 +68,10 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
     @app.exception_handler(ReconcilerError)
     async def _host_error(request: Request, exc: ReconcilerError) -> SafeJSONResponse:
         return SafeJSONResponse({"detail": f"the reconciler could not do it now: {exc}"}, status_code=503)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client went away (or was cut off): nobody reads this
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> SafeJSONResponse:

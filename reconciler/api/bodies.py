@@ -24,10 +24,11 @@ import re
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from fastapi import Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 
 SURROGATE = re.compile("[\ud800-\udfff]")
 Path = tuple[str | int, ...]
@@ -81,6 +82,8 @@ async def refuse_lone_surrogates(request: Request) -> None:
         body = await request.json()  # cached on the request: the route reads this same parse
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deeply: the route's parsing says so
         return
+    except ClientDisconnect:  # gone (or cut off for stalling) before the body came: nobody reads an answer
+        raise HTTPException(400, "the client went away before its body arrived") from None
     found = lone_surrogate(body)
     if found is not None:
         raise RequestValidationError([problem_at(*found)])
