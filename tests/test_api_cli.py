@@ -185,6 +185,8 @@ def test_an_expired_lease_shows_as_expired_until_the_next_pass_releases_it(api: 
             active_line = next(line for line in lines if line.startswith(held["id"]))
             assert expired_line.rstrip().endswith("expired (released on the next pass)"), expired_line
             assert "expired" not in active_line and re.search(r" (5m00|4m5\d)s$", active_line), active_line
+            renewed = api.http.post(f"/v1/leases/{lease['id']}/renew", json={"ttl_s": 60})
+            assert renewed.status_code == 404 and "expired" in renewed.json()["detail"], renewed.text
             api.http.delete(f"/v1/leases/{lease['id']}")
             return
         finally:

@@ -153,7 +153,7 @@ class ServiceStatus(_Response):
 
 class LeaseStatus(_Response):
     """A lease in the store. ``expired``: its time is up but the reconciler has not released it yet (it does
-    on its next pass); it holds nothing any more (no slot, no VRAM) and cannot be renewed back to life."""
+    on its next pass); it holds nothing any more (no slot, no VRAM), and renewing it is a 404."""
 
     id: str
     kind: Literal["service", "vram"]

@@ -25,6 +25,7 @@ from reconciler.api.status import build_status, service_url
 from reconciler.core.clock import iso_utc
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Lease
+from reconciler.core.world import lease_active
 from reconciler.errors import CallerGone, LeaseRefused
 
 router = APIRouter(route_class=TextRoute)
@@ -75,7 +76,12 @@ async def get_lease(lease_id: str, ctx: Ctx) -> LeaseOut:
 @router.post("/v1/leases/{lease_id}/renew", response_model=LeaseOut, responses={404: {"model": Problem}},
              tags=["leases"])
 async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None) -> LeaseOut:
-    """The lease now ends ``ttl_s`` (default 300) from now."""
+    """The lease now ends ``ttl_s`` (default 300) from now; 404 once it expired (even before a pass released it:
+    its slot may be someone else's by now)."""
+    held, now = ctx.leasing.lease_by_id(lease_id), ctx.runtime.clock.now()
+    if held is not None and not lease_active(held, now):
+        raise HTTPException(404, f"lease {lease_id!r} expired at {iso_utc(held.expires_at or now)}; "
+                                 "ask for a new one (POST /v1/leases)")
     lease = ctx.leasing.renew(lease_id, (body or RenewRequest()).ttl_s)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
