@@ -9,13 +9,14 @@ kills the server and every service it started.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from tests.e2e_support import Host
+from tests.e2e_support import Host, WatchRun
 
 WAIT_S = 15.0
 
@@ -50,13 +51,32 @@ def profile(*blocks: str, name: str = "api") -> str:
             "services:\n" + "".join(blocks))
 
 
-class ApiRun:
-    """One ``watch --api`` process and an HTTP client for it."""
+# runs the rest of its argv with RLIMIT_NOFILE (soft and hard) set to argv[1]: a host with few descriptors
+LIMITED = ("import os, resource, sys; n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+           "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
 
-    def __init__(self, host: Host, *extra: str, listen: str = "127.0.0.1:0"):
+
+def limited_watch(host: Host, nofile: int, *extra: str, resync_s: float = 30) -> WatchRun:
+    """``host.watch(*extra)``, but in a process whose file descriptor limit is ``nofile`` (soft = hard)."""
+    argv = [
+        sys.executable, "-c", LIMITED, str(nofile),
+        "-m", "reconciler", "watch", "--profile", str(host.profile), "--gpu", "sim:8192",
+        "--state-dir", str(host.state_dir), "--events", "json", "--resync", str(resync_s), *extra,
+    ]
+    run = WatchRun(argv, host.env(), host.root / f"watch-{len(host.runs)}.stderr")
+    host.runs.append(run)
+    return run
+
+
+class ApiRun:
+    """One ``watch --api`` process and an HTTP client for it (``nofile``: its descriptor limit)."""
+
+    def __init__(self, host: Host, *extra: str, listen: str = "127.0.0.1:0", nofile: int | None = None):
         self.host = host
-        self.run = host.watch("--api", listen, *extra)
+        self.run = (host.watch("--api", listen, *extra) if nofile is None
+                    else limited_watch(host, nofile, "--api", listen, *extra))
         started = self.run.wait_kind("api.started", timeout_s=WAIT_S)
+        self.started = started
         self.url: str = started["url"]
         self.http = httpx.Client(base_url=self.url, timeout=30.0)
 

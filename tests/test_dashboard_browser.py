@@ -9,6 +9,12 @@ the page as text: a holder named like an HTML tag stays text and creates no
 element. Skipped, saying why, where chromium or chromedriver is absent
 (``.ci/run`` installs them).
 
+With ``--token-file`` every read needs the token but the page itself: the
+page asks for it (a wrong one is refused), or takes it from ``#token=…`` in
+its URL (and drops it from the address bar), keeps it in the tab's
+sessionStorage, and stays live — the event stream is read with ``fetch()``,
+which can send the token, where EventSource cannot.
+
 The screenshot of the page is saved as ``dashboard.png`` in the test's tmp
 directory (or where ``RECONCILER_DASHBOARD_SCREENSHOT`` says) and its path printed.
 """
@@ -29,6 +35,7 @@ import pytest
 
 from reconciler.testing.ports import free_port, is_listening
 from tests import webdriver
+from tests.api_support import profile, service
 from tests.e2e_support import Host, WatchRun, host, wait_until  # noqa: F401
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "profile.yaml"
@@ -58,7 +65,7 @@ def poll(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: 
 class Server:
     """``reconciler serve`` on the test host's profile, on a free loopback port."""
 
-    def __init__(self, world: Host):
+    def __init__(self, world: Host, token: str | None = None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         argv = [
@@ -66,10 +73,16 @@ class Server:
             "--profile", str(world.profile), "--gpu", "sim:8192", "--state-dir", str(world.state_dir),
             "--listen", f"127.0.0.1:{self.port}",
         ]
+        if token is not None:
+            token_file = world.root / "token"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+            argv += ["--token-file", str(token_file)]
         # WatchRun reads its stdout on a thread (and keeps it from filling a pipe); Host kills it at the end
         self.run = WatchRun(argv, world.env(), world.root / "serve.stderr")
         world.runs.append(self.run)
-        self.http = httpx.Client(base_url=self.base, timeout=30)
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        self.http = httpx.Client(base_url=self.base, timeout=30, headers=headers)
 
     def status(self) -> dict[str, Any]:
         response = self.http.get("/v1/status")
@@ -271,5 +284,68 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
             waiting.join(10)
         assert answer["tts"].status_code == 503 and answer["tts"].json()["detail"] == shown_reason
         poll(lambda: browser.text("#pending-empty") == "Nothing is waiting.", 1.0, "the withdrawn demand gone")
+    finally:
+        server.close()
+
+
+TOKEN = "dashboard-token-for-tests"
+
+
+def submit_token(browser: webdriver.Chrome, token: str) -> None:
+    browser.script("const form = document.getElementById('auth'); form.elements.token.value = arguments[0];"
+                   "form.requestSubmit();", token)
+
+
+def test_dashboard_with_a_token_asks_for_it_and_stays_live(host: Host, browser: webdriver.Chrome) -> None:
+    host.write(profile(service("llm", host.port(), mb=1024, priority=1, always_on=True),
+                       service("embed", host.port(), mb=512, max_concurrent=2), name="secured"))
+    server = Server(host, token=TOKEN)
+    try:
+        server.wait_up()
+        poll(lambda: any(i["service"] == "llm" and i["state"] == "running" for i in server.status()["instances"]),
+             START_S, "llm running", 0.1)
+        assert httpx.get(server.base + "/v1/status").status_code == 401  # the data is private…
+        assert httpx.get(server.base + "/").status_code == 200  # …the page is not
+
+        # -- no token yet: the page asks for it, shows no data, refuses a wrong one ---------------
+        browser.get(server.base + "/")
+        poll(lambda: browser.script("return !document.getElementById('auth').hidden"), 5, "the token form")
+        assert browser.text("#profile") == "—"
+        assert browser.text("#conn") == "token needed"
+        submit_token(browser, "not-the-token")
+        poll(lambda: "not accepted" in browser.text("#auth-error"), 5, "the wrong token refused")
+        assert browser.script("return document.getElementById('auth').hidden") is False
+        assert browser.text("#profile") == "—"
+
+        # -- the right one: data, and live updates over the fetch() stream -------------------------
+        submit_token(browser, TOKEN)
+        poll(lambda: browser.text("#profile") == "secured", 5, "the status rendered with the token")
+        poll(lambda: browser.text("#conn") == "live", 5, "the event stream connected with the token")
+        assert browser.script("return document.getElementById('auth').hidden") is True
+        assert browser.script("return sessionStorage.getItem('reconciler.token')") == TOKEN
+        lease = server.http.post("/v1/leases", json={"service": "llm", "holder": "secret-keeper", "ttl_s": 60})
+        assert lease.status_code == 200, lease.text
+        answered = time.monotonic()
+        row = poll(lambda: row_text(browser, "leases", "lease", lease.json()["id"]), 1.0, "the lease, live")
+        print(f"\nwith a token: lease → page {1000 * (time.monotonic() - answered):.0f} ms")
+        assert row["holder"] == "secret-keeper"
+        poll(lambda: browser.script(
+            "return [...document.querySelectorAll('#events li')].some(li => li.dataset.kind === 'lease.granted')"),
+            1.0, "lease.granted in the event log")
+
+        # -- a link with #token=… works in a fresh tab, and the token leaves the address bar -------
+        browser.script("sessionStorage.clear()")
+        browser.get("about:blank")
+        browser.get(server.base + "/#token=" + TOKEN)
+        poll(lambda: browser.text("#profile") == "secured", 5, "the status rendered with the token from the URL")
+        poll(lambda: browser.text("#conn") == "live", 5, "the event stream connected")
+        assert browser.script("return location.hash") == ""
+        assert TOKEN not in browser.script("return location.href")
+        assert row_text(browser, "leases", "lease", lease.json()["id"]) is not None
+        assert server.http.delete(f"/v1/leases/{lease.json()['id']}").status_code == 200
+        poll(lambda: row_text(browser, "leases", "lease", lease.json()["id"]) is None, 1.0, "the release, live")
+
+        errors = [e for e in browser.console() if e.get("level") == "SEVERE" and " 401 " not in e.get("message", "")]
+        assert errors == [], errors
     finally:
         server.close()

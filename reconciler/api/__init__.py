@@ -13,9 +13,11 @@ Modules, one concept each:
 - :mod:`.compat`     the cf-orch compatible ``/api/...`` routes and their bodies
 - :mod:`.events`     ``GET /v1/events``: the event bus as server-sent events
 - :mod:`.metrics`    ``GET /metrics``: Prometheus
-- :mod:`.auth`       listen addresses, the bearer token (invariant 7)
+- :mod:`.auth`       listen addresses, the bearer token (invariant 7): with one, every call but the page needs it
 - :mod:`.limits`     request body size limit
+- :mod:`.bodies`     JSON bodies are text: a lone surrogate is a 422; answers that always encode
 - :mod:`.app`        the application factory
+- :mod:`.connections` request timeouts and a connection cap sized from RLIMIT_NOFILE (the loop keeps its fds)
 - :mod:`.server`     uvicorn in the watch loop's event loop (the loop's companion)
 - :mod:`.context`    what every route needs (the runtime, the profile in force, leasing, metrics)
 - :mod:`.client`     a small client for the CLI commands (status, lease, why)

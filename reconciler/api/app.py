@@ -1,10 +1,13 @@
 """The application factory: routes, middleware, error answers, the dashboard's files.
 
-Layers, outermost first: :class:`.auth.BearerAuth` (a mutating call without
-the token never reaches anything else), :class:`.limits.BodyLimit`, then
-FastAPI's routing and validation. Every error is ``{"detail": ...}``; an
-unexpected exception is a 500 that says what went wrong, and a store or host
-error a 503 (try again), never a dropped connection.
+Layers, outermost first: :class:`.auth.BearerAuth` (a call without the token,
+when one is set, never reaches anything else), :class:`.limits.BodyLimit`,
+then FastAPI's routing and validation, where :class:`.bodies.TextRoute`
+refuses a JSON body holding a lone surrogate before the route's models see
+it. Every error is ``{"detail": ...}``; an unexpected exception is a 500 that
+says what went wrong, and a store or host error a 503 (try again), never a
+dropped connection. Answers are written by :class:`.bodies.SafeJSONResponse`,
+which cannot fail on a string that is not text (it escapes it).
 
 ``GET /`` serves ``static/index.html`` (the dashboard) and ``/static/…`` the
 files beside it, when they exist; ``GET /openapi.json`` the API's OpenAPI
@@ -20,13 +23,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import reconciler
 from reconciler.api import compat, native
 from reconciler.api.auth import BearerAuth
+from reconciler.api.bodies import SafeJSONResponse, escaped
 from reconciler.api.context import ApiContext
 from reconciler.api.limits import BodyLimit
 from reconciler.errors import ReconcilerError
@@ -43,38 +48,43 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
         version=getattr(reconciler, "__version__", "0"),
         description="Leases, status and events of a declarative reconciler for GPU services; "
         "cf-orch compatible routes under /api.",
-        docs_url="/docs", redoc_url=None,
+        docs_url="/docs", redoc_url=None, default_response_class=SafeJSONResponse,
     )
     app.state.context = context
     app.include_router(native.router)
     app.include_router(compat.router)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": [problem(e) for e in exc.errors()]}, status_code=422)
+    async def _invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": [problem(e) for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
         detail = exc.detail
         if exc.status_code == 400 and detail == UNPARSABLE:  # FastAPI's words for a body json cannot read
             detail = "the body is not a JSON document this API can read (invalid UTF-8, or nested too deeply)"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        return SafeJSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(ReconcilerError)
-    async def _host_error(request: Request, exc: ReconcilerError) -> JSONResponse:
-        return JSONResponse({"detail": f"the reconciler could not do it now: {exc}"}, status_code=503)
+    async def _host_error(request: Request, exc: ReconcilerError) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": f"the reconciler could not do it now: {exc}"}, status_code=503)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        return Response(status_code=499)  # the client went away (or was cut off): nobody reads this
 
     @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    async def _bug(request: Request, exc: Exception) -> SafeJSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        return SafeJSONResponse({"detail": f"internal error: {type(exc).__name__}: {escaped(str(exc))}"},
+                                status_code=500)
 
     index = STATIC_DIR / "index.html"
 
     @app.get("/", include_in_schema=False)
     async def dashboard() -> Response:
         if not index.is_file():
-            return JSONResponse({"detail": "no dashboard installed; see /docs and /v1/status"}, status_code=404)
+            return SafeJSONResponse({"detail": "no dashboard installed; see /docs and /v1/status"}, status_code=404)
         return FileResponse(index, media_type="text/html")
 
     if STATIC_DIR.is_dir():
@@ -87,8 +97,10 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
 
 def problem(error: dict[str, Any]) -> dict[str, Any]:
     """One validation error as ``{type, loc, msg, input}``, in words a client author can act on."""
-    loc = list(error.get("loc", ()))
-    out: dict[str, Any] = {"type": error.get("type"), "loc": loc, "msg": error.get("msg", "invalid")}
+    loc = [escaped(part) if isinstance(part, str) else part for part in error.get("loc", ())]
+    out: dict[str, Any] = {"type": error.get("type"), "loc": loc, "msg": escaped(str(error.get("msg", "invalid")))}
+    if loc[:1] == ["body"] and out["type"] == "json_invalid":  # FastAPI says only "JSON decode error"
+        out["msg"] = f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'unreadable')}"
     if loc == ["body"] and error.get("type") == "model_attributes_type":
         out["msg"] = "the body must be a JSON object, sent with Content-Type: application/json"
     elif loc == ["body"] and error.get("type") == "missing":
@@ -99,10 +111,12 @@ def problem(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def echo(value: Any) -> Any:
-    """A bad input as a 422 repeats it: as it was when short and valid JSON, else as shortened text."""
+    """A bad input as a 422 repeats it: as it was when short, valid JSON and text, else as shortened text
+    (a string that is not text, e.g. with a lone surrogate, is repeated escaped)."""
     try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):  # NaN, infinity, bytes, objects
-        text = repr(value)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError):  # NaN, infinity, bytes, objects; UnicodeEncodeError: not text
+        text = escaped(repr(value) if not isinstance(value, str) else value)
         return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"
     return value if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "…"

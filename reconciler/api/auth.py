@@ -3,9 +3,23 @@
 The API listens on ``127.0.0.1:7700`` unless told otherwise. Listening on an
 address outside loopback (``127.0.0.0/8``, ``::1``) needs a token file
 (``--token-file``): without one the server refuses to start. Whenever a token
-is configured — on loopback too — every mutating call (``POST``, ``PUT``,
-``PATCH``, ``DELETE``) must carry ``Authorization: Bearer <token>``, else it
-gets 401 and changes nothing. Reads stay open (the dashboard, ``status``).
+is configured — on loopback too — every call must carry
+``Authorization: Bearer <token>``, else it gets 401 (with
+``WWW-Authenticate: Bearer``) and changes and shows nothing; the exceptions
+are the reads in :data:`PUBLIC`, which show nothing of the host.
+
+Why reads too: the event log replays what the reconciler did, and events may
+carry a service's environment values (a start's launch spec, an error's
+output); the status document, the plan, the leases and the metrics show the
+host's layout, who holds what and where each service answers. Someone who
+may not change things has no business reading them either, and one rule
+("with a token, everything needs it but the page") is easier to get right
+than a list of which reads are harmless. So the public reads are: the
+dashboard's page and its static files (code, no data: the page asks for the
+token and sends it with every call), ``/api/health`` (cf-orch's liveness
+check, ``{"status": "ok"}``) and the API's own description
+(``/openapi.json``, ``/docs``). Prometheus sends the token with
+``authorization: {credentials_file: …}`` in its scrape config.
 """
 
 from __future__ import annotations
@@ -25,6 +39,18 @@ from reconciler.errors import GuardError
 
 DEFAULT_LISTEN = "127.0.0.1:7700"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+READING = frozenset({"GET", "HEAD"})
+PUBLIC = frozenset({"/", "/api/health", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
+PUBLIC_PREFIXES = ("/static/",)  # the dashboard's files
+MUTATING_DETAIL = ("this call changes things and needs 'Authorization: Bearer <token>' "
+                   "(the token in the server's --token-file)")
+READING_DETAIL = ("this server has a token: reading it needs 'Authorization: Bearer <token>' (the token in the "
+                  "server's --token-file); only the dashboard page, /api/health and /openapi.json are open")
+
+
+def is_public(method: str, path: str) -> bool:
+    """A read anyone may make when a token is set: the page, its files, health, the API's description."""
+    return method in READING and (path in PUBLIC or path.startswith(PUBLIC_PREFIXES))
 
 
 @dataclass(frozen=True)
@@ -94,23 +120,24 @@ def check_exposure(listen: Listen, token: str | None) -> None:
     if not listen.loopback and token is None:
         raise GuardError(
             f"refusing to listen on {listen.host}:{listen.port} without a token: off loopback, anyone who can "
-            "reach it could start and stop services. Give --token-file FILE (mutating calls then need "
-            "'Authorization: Bearer <token>'), or listen on 127.0.0.1"
+            "reach it could start and stop services. Give --token-file FILE (every call but the dashboard's "
+            "page then needs 'Authorization: Bearer <token>'), or listen on 127.0.0.1"
         )
 
 
 class BearerAuth:
-    """ASGI middleware: mutating calls need ``Authorization: Bearer <token>`` (when a token is set)."""
+    """ASGI middleware: when a token is set, every call but the :func:`is_public` reads needs
+    ``Authorization: Bearer <token>``."""
 
     def __init__(self, app: ASGIApp, token: str | None):
         self.app = app
         self.token = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and self.token is not None and scope["method"] in MUTATING
+        if (scope["type"] == "http" and self.token is not None and not is_public(scope["method"], scope["path"])
                 and not self._authorized(scope, self.token)):
-            body = json.dumps({"detail": "this call changes things and needs 'Authorization: Bearer <token>' "
-                                         "(the token in the server's --token-file)"}).encode()
+            detail = MUTATING_DETAIL if scope["method"] in MUTATING else READING_DETAIL
+            body = json.dumps({"detail": detail}).encode()
             await send({"type": "http.response.start", "status": 401, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", b'Bearer realm="reconciler"')]})

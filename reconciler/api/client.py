@@ -1,15 +1,21 @@
 """A small client of the native API, for ``reconciler status``, ``lease`` and ``why``.
 
 The server is ``--url``, else ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``.
-The token (for mutating calls, when the server has one) comes from
-``--token-file``, else ``$RECONCILER_TOKEN``. Every failure is an
-:class:`ApiError` (a :class:`~reconciler.errors.ReconcilerError`, so the CLI
-prints it as one line): no server there, or the server's ``detail``.
+The token (every call needs it when the server has one: ``reconciler/api/auth.py``)
+comes from the first of: ``--token-file FILE``, ``$RECONCILER_TOKEN_FILE``
+(a file, like the server's ``--token-file``: the same file can serve both),
+``$RECONCILER_TOKEN`` (the token itself, for a CI job's secret). A file
+that cannot be read, or is empty, is an error naming it, never a silent
+call without the token. Every failure is an :class:`ApiError` (a
+:class:`~reconciler.errors.ReconcilerError`, so the CLI prints it as one
+line): no server there, or the server's ``detail`` — a 401 adds how to give
+the token.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +25,8 @@ from reconciler.errors import ReconcilerError
 DEFAULT_URL = "http://127.0.0.1:7700"
 URL_ENV = "RECONCILER_URL"
 TOKEN_ENV = "RECONCILER_TOKEN"
+TOKEN_FILE_ENV = "RECONCILER_TOKEN_FILE"
+TOKEN_HINT = f"give the server's token: --token-file FILE, or ${TOKEN_FILE_ENV} (a file) or ${TOKEN_ENV}"
 
 
 class ApiError(ReconcilerError):
@@ -32,12 +40,25 @@ def default_url() -> str:
 
 
 def load_token(token_file: str | None) -> str | None:
+    """The token from ``--token-file``, else ``$RECONCILER_TOKEN_FILE``, else ``$RECONCILER_TOKEN``; None if
+    none is given. ApiError naming the file when a given file cannot be read or holds no token."""
     if token_file:
-        try:
-            return open(token_file, encoding="utf-8").read().strip() or None
-        except OSError as exc:
-            raise ApiError(f"--token-file {token_file}: {exc.strerror or exc}") from None
-    return os.environ.get(TOKEN_ENV) or None
+        return _read_token(token_file, "--token-file")
+    from_env = os.environ.get(TOKEN_FILE_ENV)
+    if from_env:
+        return _read_token(from_env, f"${TOKEN_FILE_ENV}")
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def _read_token(path: str, source: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ApiError(f"{source} {path}: cannot read the token: {reason}") from None
+    if not token:
+        raise ApiError(f"{source} {path} is empty; put the server's token in it (the one its --token-file holds)")
+    return token
 
 
 def describe(detail: Any) -> str:
@@ -84,6 +105,8 @@ class ApiClient:
             detail = describe(response.json().get("detail"))
         except ValueError:
             detail = response.text[:200] or response.reason_phrase
+        if response.status_code == 401:
+            detail = f"{detail} — {TOKEN_HINT}"
         raise ApiError(f"{method} {path}: {response.status_code} {detail}", status=response.status_code)
 
     def get(self, path: str) -> Any:

@@ -10,7 +10,9 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
   0.0 for none (as cf-orch writes it). ``priority`` is echoed back; it does
   not evict anything (and is forgotten when the server restarts: 2).
 * ``POST /api/services/{svc}/allocate`` is a service lease through the same
-  path as ``POST /v1/leases``: the candidates are tried in order; one the
+  path as ``POST /v1/leases`` (each candidate must be a model name, as a
+  lease's ``model``: a 422 names the one that is not); the candidates are
+  tried in order; one the
   reconciler cannot grant now (the plan leaves it pending, or its start is
   backing off) falls through to the next, and when none is left the answer is
   503 with each candidate's reason, at once, as cf-orch answers "no
@@ -28,8 +30,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context, disconnected
-from reconciler.api.models import MAX_TTL_S, Problem
+from reconciler.api.models import MAX_TTL_S, ModelName, Problem
 from reconciler.api.native import CLIENT_CLOSED
 from reconciler.api.refusals import http_error, status_of
 from reconciler.api.status import service_url
@@ -38,7 +41,7 @@ from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused
 from reconciler.runtime.leasing import LeaseRequest
 
-router = APIRouter(prefix="/api", tags=["cf-orch"])
+router = APIRouter(prefix="/api", tags=["cf-orch"], route_class=TextRoute)
 Ctx = Annotated[ApiContext, Depends(context)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 ALLOCATE_WAIT_S = 110.0  # cf-orch's client gives up after 120 s
@@ -58,7 +61,7 @@ class VramLeaseRequest(_Body):
 
 
 class AllocateRequest(_Body):
-    model_candidates: list[Name] = Field(default_factory=list, max_length=64)
+    model_candidates: list[ModelName] = Field(default_factory=list, max_length=64)
     gpu_id: int | None = Field(None, ge=0, le=1024)
     params: dict[str, str] = Field(default_factory=dict)
     ttl_s: float = Field(3600.0, gt=0, le=MAX_TTL_S)

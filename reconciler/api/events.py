@@ -6,6 +6,12 @@ and one ``data:`` line holding the event as a JSON object (``kind``
 included). ``?since=N`` (or the ``Last-Event-ID`` header a reconnecting
 browser sends) first replays the stored events after id N, then goes on
 live without gaps or repeats (the subscription is taken before the replay).
+Event ids are SQLite integers, so ``since`` is 0 to :data:`MAX_EVENT_ID`
+(2^63 − 1): a query parameter past it is a 422 saying so. A
+``Last-Event-ID`` header that is not such a number (too large, not ASCII
+digits) is ignored, as if absent: the stream starts live with no replay,
+since this server never sent that id and a browser resends whatever it was
+given (a proxy's or another server's).
 A comment (``: keep-alive``) every :data:`KEEPALIVE_S` keeps proxies from
 closing an idle stream. The stream ends when the server stops.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +30,16 @@ from reconciler.store.base import Event, Store
 
 KEEPALIVE_S = 15.0
 REPLAY_LIMIT = 1000
+MAX_EVENT_ID = 2**63 - 1  # SQLite's largest integer: the store's ids, and what it can compare with
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def last_event_id(header: str | None) -> int | None:
+    """The id in a ``Last-Event-ID`` header; None (no replay) when it is not one this server could have sent."""
+    if header is None or not _DIGITS.fullmatch(header.strip()):
+        return None
+    value = int(header.strip())
+    return value if value <= MAX_EVENT_ID else None
 
 
 def sse(event: dict[str, Any]) -> str:

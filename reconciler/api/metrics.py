@@ -4,8 +4,14 @@ State, read at scrape time (from the same sources as the status document):
 
 - ``reconciler_gpu_memory_mb{gpu, kind}``: kind = total, used, reserved_started, adopted, leased, foreign, free
 - ``reconciler_instances{state}``: instances by state (starting, running, stopping, failed)
-- ``reconciler_leases{service, kind}``, ``reconciler_demands{service}``
+- ``reconciler_leases{service, kind}`` (held: an expired lease not yet released is not), ``reconciler_demands{service}``
 - ``reconciler_pending``: items the last plan could not reach
+
+The API's own connections (:mod:`.connections`):
+
+- ``reconciler_api_connections``, ``reconciler_api_connections_max``: open now, and the cap
+- ``reconciler_api_connections_closed_total{reason}``: closed by the server — refused (at the cap, every
+  connection busy), evicted (to make room), head_timeout, body_timeout, idle (kept alive, unused)
 
 Counted from the event bus and the leasing service:
 
@@ -21,8 +27,9 @@ import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from reconciler.api.connections import CLOSE_REASONS, ConnectionGuard
 from reconciler.api.status import build_status
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
@@ -51,9 +58,10 @@ class StateCollector:
         for state in STATES:
             instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
         yield instances
-        leases = GaugeMetricFamily("reconciler_leases", "Leases held, by service and kind", labels=["service", "kind"])
+        leases = GaugeMetricFamily("reconciler_leases", "Leases held (not expired), by service and kind",
+                                   labels=["service", "kind"])
         counts: dict[tuple[str, str], int] = {}
-        for lease in status.leases:
+        for lease in (lease for lease in status.leases if lease.state == "active"):
             counts[(lease.service, lease.kind)] = counts.get((lease.service, lease.kind), 0) + 1
         for (service, kind), n in sorted(counts.items()):
             leases.add_metric([service, kind], n)
@@ -70,8 +78,25 @@ class StateCollector:
         yield pending
 
 
+class ConnectionCollector:
+    """The API's connections: open, the cap, and how many the server closed, by reason."""
+
+    def __init__(self, guard: ConnectionGuard):
+        self.guard = guard
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("reconciler_api_connections", "HTTP connections open now", value=self.guard.open)
+        yield GaugeMetricFamily("reconciler_api_connections_max", "HTTP connections at most (from RLIMIT_NOFILE)",
+                                value=self.guard.sizing.max_connections)
+        closed = CounterMetricFamily("reconciler_api_connections_closed", "HTTP connections the server closed",
+                                     labels=["reason"])
+        for reason in CLOSE_REASONS:
+            closed.add_metric([reason], self.guard.closed[reason])
+        yield closed
+
+
 class Metrics:
-    def __init__(self, runtime: Runtime, profile: Callable[[], Profile]):
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], connections: ConnectionGuard | None = None):
         self.runtime = runtime
         self.registry = CollectorRegistry()
         self.actions = Counter("reconciler_actions", "Plan actions carried out, by kind and outcome",
@@ -84,6 +109,8 @@ class Metrics:
             ["path", "result"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry)
         self.registry.register(StateCollector(runtime, profile))
+        if connections is not None:
+            self.registry.register(ConnectionCollector(connections))
         self._listening: asyncio.Task[None] | None = None
 
     def observe_lease(self, path: str, result: str, seconds: float) -> None:

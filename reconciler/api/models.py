@@ -2,7 +2,10 @@
 
 Every request body forbids unknown keys (a misspelt ``ttl`` is a 422 naming it,
 not a silently ignored field) and bounds its numbers, so that no input can
-overflow a date or a timer into a 500. The status document
+overflow a date or a timer into a 500. A ``model`` must be a model name
+(:mod:`reconciler.core.model_names`: what real names look like, never a path
+out of a directory, an option or a control character), since it reaches a
+started process's argv through the profile's templates: a 422 states the rule. The status document
 (:class:`Status`) is what the dashboard and ``reconciler status`` read; its
 shape is documented field by field here and in ``reconciler/api/README.md``.
 """
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from reconciler.core.model_names import check_model_name
 from reconciler.runtime import leasing
 
 MAX_TTL_S = 30 * 24 * 3600.0  # a month: longer is a mistake (and would overflow nothing, but still)
@@ -22,6 +26,17 @@ DEFAULT_WAIT_S = 120.0
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Holder = Annotated[str, StringConstraints(max_length=200)]
+
+
+def _model_name(value: str) -> str:
+    reason = check_model_name(value)
+    if reason is not None:
+        raise ValueError(reason)
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+"""A model name (:mod:`reconciler.core.model_names`); a 422 says which part of the rule it breaks."""
 
 
 class _Request(BaseModel):
@@ -40,7 +55,9 @@ class LeaseRequest(_Request):
 
     service: Name = Field(description="A service of the profile in force.")
     holder: Holder = Field("", description="Who asks (shown in the status and the events).")
-    model: Name | None = Field(None, description="Model it must serve; none = whatever it serves.")
+    model: ModelName | None = Field(
+        None, description="Model it must serve; none = whatever it serves. 1-200 ASCII letters, digits and "
+        "`._:/+-`, starting with a letter or digit, no empty, `.` or `..` segment (e.g. `llama3.2:3b`).")
     ttl_s: float = Field(DEFAULT_TTL_S, gt=0, le=MAX_TTL_S, description="Lifetime once granted; renew to extend.")
     gpu: int | None = Field(None, ge=0, le=1024, description="GPU index it must be on; none = any.")
     wait_s: float = Field(
@@ -135,6 +152,9 @@ class ServiceStatus(_Response):
 
 
 class LeaseStatus(_Response):
+    """A lease in the store. ``expired``: its time is up but the reconciler has not released it yet (it does
+    on its next pass); it holds nothing any more (no slot, no VRAM), and renewing it is a 404."""
+
     id: str
     kind: Literal["service", "vram"]
     service: str
@@ -143,7 +163,8 @@ class LeaseStatus(_Response):
     mb: int
     model: str | None
     expires_at: str | None
-    remaining_s: float | None = Field(description="Seconds left; none = until released.")
+    state: Literal["active", "expired"] = Field(description="active, or expired and not yet released.")
+    remaining_s: float | None = Field(description="Seconds left (0 once expired); none = until released.")
 
 
 class DemandStatus(_Response):

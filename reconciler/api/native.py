@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from reconciler.api import events
+from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.metrics import CONTENT_TYPE
 from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
@@ -24,9 +25,10 @@ from reconciler.api.status import build_status, service_url
 from reconciler.core.clock import iso_utc
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Lease
+from reconciler.core.world import lease_active
 from reconciler.errors import CallerGone, LeaseRefused
 
-router = APIRouter()
+router = APIRouter(route_class=TextRoute)
 Ctx = Annotated[ApiContext, Depends(context)]
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it
 
@@ -74,7 +76,12 @@ async def get_lease(lease_id: str, ctx: Ctx) -> LeaseOut:
 @router.post("/v1/leases/{lease_id}/renew", response_model=LeaseOut, responses={404: {"model": Problem}},
              tags=["leases"])
 async def renew_lease(lease_id: str, ctx: Ctx, body: RenewRequest | None = None) -> LeaseOut:
-    """The lease now ends ``ttl_s`` (default 300) from now."""
+    """The lease now ends ``ttl_s`` (default 300) from now; 404 once it expired (even before a pass released it:
+    its slot may be someone else's by now)."""
+    held, now = ctx.leasing.lease_by_id(lease_id), ctx.runtime.clock.now()
+    if held is not None and not lease_active(held, now):
+        raise HTTPException(404, f"lease {lease_id!r} expired at {iso_utc(held.expires_at or now)}; "
+                                 "ask for a new one (POST /v1/leases)")
     lease = ctx.leasing.renew(lease_id, (body or RenewRequest()).ttl_s)
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
@@ -109,12 +116,12 @@ async def plan(ctx: Ctx) -> dict[str, Any]:
             responses={200: {"content": {"text/event-stream": {}}}})
 async def event_stream(
     request: Request, ctx: Ctx,
-    since: Annotated[int | None, Query(ge=0, description="Replay stored events after this id first.")] = None,
+    since: Annotated[int | None, Query(ge=0, le=events.MAX_EVENT_ID,
+                                       description="Replay stored events after this id first.")] = None,
 ) -> StreamingResponse:
     """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
     if since is None:
-        last = request.headers.get("last-event-id", "")
-        since = int(last) if last.isdigit() else None
+        since = events.last_event_id(request.headers.get("last-event-id"))
     body = events.stream(ctx.runtime.events, ctx.runtime.store, since, ctx.closing)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -4,9 +4,13 @@
 starts (off loopback without a token it refuses: invariant 7), binds its
 socket early (a port in use is a clear start-up error, not a log line), and
 then serves beside the watch loop: same event loop, same runtime, same
-store, no threads. The watch loop owns SIGINT/SIGTERM; on stop, waiting lease
-requests are answered (503) and withdrawn, event streams end, and uvicorn
-closes the connections.
+store, no threads. Because it shares the process's file descriptors with the
+loop, binding also raises the soft descriptor limit and sizes a cap on
+connections from it, and uvicorn runs with a protocol that times out
+requests that never finish (:mod:`.connections`): no client can starve the
+loop of descriptors. The watch loop owns SIGINT/SIGTERM; on stop, waiting
+lease requests are answered (503) and withdrawn, event streams end, and
+uvicorn closes the connections.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ import uvicorn
 
 from reconciler.api.app import create_app
 from reconciler.api.auth import Listen, check_exposure
+from reconciler.api.connections import (
+    KEEP_ALIVE_S,
+    MAX_HEAD_BYTES,
+    ConnectionGuard,
+    GuardedSocket,
+    raise_nofile,
+    size,
+)
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
 from reconciler.core.events import EventKind
@@ -48,6 +60,7 @@ class ApiServer:
         self.context: ApiContext | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self.guard: ConnectionGuard | None = None
 
     @property
     def url(self) -> str:
@@ -58,12 +71,15 @@ class ApiServer:
         return self.socket.getsockname()[1] if self.socket is not None else self.listen.port
 
     def bind(self) -> None:
-        """Take the address now; GuardError naming it when it cannot be had."""
+        """Take the address now; GuardError naming it when it cannot be had. Raises the descriptor limit and
+        sizes the connection cap from it (:mod:`.connections`)."""
         host = "127.0.0.1" if self.listen.host == "localhost" else self.listen.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.guard = ConnectionGuard(size(raise_nofile()))
         # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only for sockets that say they are
         # TCP, and accepted sockets inherit it; with proto 0 every answer waits ~40 ms for a delayed ACK
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock = GuardedSocket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.guard = self.guard
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, self.listen.port))
@@ -78,7 +94,8 @@ class ApiServer:
     async def start(self, runtime: Runtime, profile: Callable[[], Profile]) -> None:
         if self.socket is None:
             self.bind()
-        metrics = Metrics(runtime, profile)
+        assert self.socket is not None and self.guard is not None, "bound above"
+        metrics = Metrics(runtime, profile, self.guard)
         leasing = Leasing(runtime, profile, observe=metrics.observe_lease)
         self.context = ApiContext(runtime=runtime, profile=profile, leasing=leasing, metrics=metrics,
                                   base_url=self.url)
@@ -86,11 +103,11 @@ class ApiServer:
         metrics.start()
         config = uvicorn.Config(
             create_app(self.context, self.token), log_level="warning", access_log=False, lifespan="off",
-            timeout_graceful_shutdown=2, ws="none", server_header=False,
+            timeout_graceful_shutdown=2, ws="none", server_header=False, http=self.guard.protocol_class(),
+            timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _Server(config)
-        assert self.socket is not None, "bound above"
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self.socket]))
         deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
         while not self._server.started:
@@ -100,8 +117,10 @@ class ApiServer:
             if asyncio.get_running_loop().time() > deadline:
                 raise GuardError(f"the API server on {self.url} did not start within {STARTUP_TIMEOUT_S:g} s")
             await asyncio.sleep(0.01)
+        sizing = self.guard.sizing
         runtime.events.publish(EventKind.API_STARTED, message=f"API on {self.url} (dashboard at {self.url}/)",
-                               url=self.url, port=self.port, auth=self.token is not None)
+                               url=self.url, port=self.port, auth=self.token is not None, nofile=sizing.nofile,
+                               max_connections=sizing.max_connections)
 
     async def stop(self) -> None:
         if self.context is not None:

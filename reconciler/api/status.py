@@ -1,7 +1,9 @@
 """The status document (``GET /v1/status``): what runs where, who holds what, what waits and why.
 
 Made on request from three sources: the store, read now (instances, leases,
-demands: a lease granted a moment ago shows at once); the last pass's
+demands: a lease granted a moment ago shows at once; one whose time is up
+but that no pass has released yet shows as ``state: "expired"`` with
+``remaining_s: 0``, and is not counted as held); the last pass's
 snapshot, for health and GPU memory (with the store's leases accounted, see
 :mod:`.accounting`); and the last pass's plan, for the reasons. The shape is
 :class:`reconciler.api.models.Status` (example in ``reconciler/api/README.md``).
@@ -137,11 +139,13 @@ def _healthy(instance: Instance, world: World | None) -> bool:
 
 
 def _lease(lease: Lease, now: datetime) -> LeaseStatus:
+    """A lease as the document shows it: an expired one (not yet released by a pass) says so, with 0 s left."""
+    active = lease_active(lease, now)
     remaining = max(0.0, (lease.expires_at - now).total_seconds()) if lease.expires_at else None
     return LeaseStatus(
         id=lease.id, kind=lease.kind, service=lease.service, holder=lease.holder, gpu=lease.gpu, mb=lease.mb,
-        model=lease.model, expires_at=_iso(lease.expires_at),
-        remaining_s=_seconds(remaining) if remaining is not None else None,
+        model=lease.model, expires_at=_iso(lease.expires_at), state="active" if active else "expired",
+        remaining_s=(_seconds(remaining) if active else 0.0) if remaining is not None else None,
     )
 
 

@@ -8,8 +8,10 @@ compatible instance has room, else after it is started), prints the
 service's URL as the first line of stdout, then renews the lease every
 third of its TTL until SIGINT (Ctrl-C) or SIGTERM, and releases it on the
 way out. Ctrl-C while it still waits for the grant withdraws the request
-(the server sees the connection close). Exit 0 after a clean release; 1 when the lease is refused (the
-reason is printed) or lost (expired or evicted while held).
+(the server sees the connection close). The token, when the server has one:
+``--token-file``, else ``$RECONCILER_TOKEN_FILE``, else ``$RECONCILER_TOKEN``.
+Exit 0 after a clean release; 1 when the lease is refused (the reason is
+printed) or lost (expired or evicted while held).
 """
 
 from __future__ import annotations
@@ -43,8 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--wait", type=float, default=120.0, metavar="S",
                         help="how long to wait for a start or a free slot (default 120)")
     parser.add_argument("--gpu", type=int, default=None, metavar="N", help="the GPU it must be on")
-    add_url_argument(parser)
-    parser.add_argument("--token-file", metavar="FILE", help="the server's token (default: $RECONCILER_TOKEN)")
+    add_url_argument(parser)  # and --token-file
     parser.set_defaults(func=run)
 
 

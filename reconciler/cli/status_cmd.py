@@ -1,12 +1,15 @@
 """``reconciler status``: what runs where, who holds what, what waits — from a running server.
 
-    reconciler status [--url URL] [--format text|json]
+    reconciler status [--url URL] [--token-file FILE] [--format text|json]
 
 Reads ``GET /v1/status`` of ``reconciler serve`` (``--url``, else
 ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``) and prints tables:
-GPUs (memory by use), instances, leases, pending demands and conditions.
-``--format json`` prints the document as it came. Exit 0, or 1 when no
-server answers.
+GPUs (memory by use), instances, leases (an expired one the next pass
+releases says so), pending demands and conditions.
+``--format json`` prints the document as it came. A server with a token
+needs it: ``--token-file``, else ``$RECONCILER_TOKEN_FILE``, else
+``$RECONCILER_TOKEN`` (see :mod:`reconciler.api.client`). Exit 0, or 1 when
+no server answers or it refuses (a 401 says how to give the token).
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def add_url_argument(parser: argparse.ArgumentParser) -> None:
+    """``--url`` and ``--token-file``: where the server is, and its token when it has one."""
     parser.add_argument("--url", metavar="URL",
                         help="the server (default: $RECONCILER_URL, else http://127.0.0.1:7700)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="the server's token, when it has one (default: the file $RECONCILER_TOKEN_FILE "
+                             "names, else $RECONCILER_TOKEN)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from reconciler.api.client import ApiClient
+    from reconciler.api.client import ApiClient, load_token
 
-    with ApiClient(args.url) as client:
+    with ApiClient(args.url, load_token(args.token_file)) as client:
         status = client.get("/v1/status")
     if args.format == "json":
         print(json.dumps(status, indent=2))
@@ -70,6 +77,13 @@ def duration(seconds: float | None) -> str | None:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _remaining(lease: dict[str, Any]) -> str | None:
+    """How long a lease has left; an expired one (the next pass releases it) says so."""
+    if lease.get("state") == "expired":
+        return "expired (released on the next pass)"
+    return duration(lease["remaining_s"]) if lease["remaining_s"] is not None else "until released"
+
+
 def render(status: dict[str, Any]) -> str:
     observed = (status.get("observed_at") or "not yet")[:19].replace("T", " ")
     out = [f"node {status['node']} · profile {status['profile']} · observed {observed}", ""]
@@ -98,8 +112,7 @@ def render(status: dict[str, Any]) -> str:
             ["LEASE", "KIND", "SERVICE", "HOLDER", "GPU", "MB", "MODEL", "REMAINING"],
             [[lease["id"], lease["kind"], lease["service"], lease["holder"] or None, lease["gpu"],
               lease["mb"] if lease["kind"] == "vram" else None, lease["model"],
-              duration(lease["remaining_s"]) if lease["remaining_s"] is not None else "until released"]
-             for lease in leases])]
+              _remaining(lease)] for lease in leases])]
     demands = status.get("demands") or []
     if demands:
         out += ["", table(["DEMAND", "SERVICE", "HOLDER", "WAITED", "REASON"],

@@ -1,8 +1,9 @@
 """``reconciler why SERVICE``: why a service is or is not running, in plain words, from the plan.
 
-    reconciler why SERVICE [--url URL]
+    reconciler why SERVICE [--url URL] [--token-file FILE]
 
-Reads ``GET /v1/status`` of a running ``reconciler serve``: the service's
+Reads ``GET /v1/status`` of a running ``reconciler serve`` (with its token
+when it has one, found as ``reconciler status`` finds it): the service's
 instance (state, health, leases), what the last plan does about it (each
 action with its reason), what waits for it (pending reasons, queued
 demands), and whether it is backing off. Exit 0; 1 when the service is not in
@@ -32,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from reconciler.api.client import ApiClient
+    from reconciler.api.client import ApiClient, load_token
 
-    with ApiClient(args.url) as client:
+    with ApiClient(args.url, load_token(args.token_file)) as client:
         status = client.get("/v1/status")
     lines = explain(status, args.service)
     if lines is None:

@@ -2,6 +2,14 @@
 //
 // Every value from the server reaches the page as text (textContent, text nodes, setAttribute
 // on fixed attribute names); nothing is ever parsed as HTML. Links are made only for http(s) URLs.
+//
+// A server with a token (--token-file) answers every read but this page with 401 until the
+// request carries "Authorization: Bearer <token>". The page then shows a form that asks for the
+// token, or takes it from the URL's fragment (#token=…, which never reaches the server or its
+// logs) and removes it from the address bar. The token is kept in sessionStorage: this tab only,
+// gone when it closes. Every request sends it. The event stream is therefore read with fetch()
+// and parsed here (EventSource cannot send a header); on a break it reconnects with
+// Last-Event-ID, and the server replays what was missed.
 "use strict";
 
 (function () {
@@ -9,10 +17,12 @@
   const REFRESH_GAP_MS = 100;      // at most one status fetch per 100 ms: a burst of events costs two
   const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
   const TICK_MS = 250;             // countdowns (lease TTL, uptime)
+  const RETRY_MS = [1000, 2000, 5000, 10000]; // reconnecting the stream: waits, then the last one again
+  const TOKEN_KEY = "reconciler.token";
 
-  // Event kinds the server may name in "event: <kind>" lines. EventSource delivers a named
-  // event only to a listener for that name, so we listen to each of these (and to unnamed ones);
-  // a kind missing here is not logged, and the page still catches up on the next fetch.
+  // Every kind the server declares (reconciler/core/events.py; a test keeps this list in sync).
+  // The stream brings every kind whatever this list says; one missing here (a newer server) is
+  // still logged, marked as a kind this page does not know.
   const KINDS = [
     "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
@@ -22,6 +32,7 @@
     "pass.started", "pass.finished", "pass.failed", "profile.held", "profile.reloaded", "profile.rejected", "watch.started",
     "watch.degraded", "watch.stopped", "message",
   ];
+  const KNOWN = new Set(KINDS);
   // Announced around every pass, then summed up by pass.finished: neither logged nor fetched for.
   const SILENT = new Set(["pass.started", "pass"]);
   const SYMBOL_OF = { done: "✓", failed: "✗", skipped: "-", deferred: "…" };
@@ -37,7 +48,11 @@
     lastFetch: -Infinity, // performance.now() when the last status fetch began
     again: false,
     timer: null,
-    source: null,
+    streaming: false,  // a fetch of v1/events is open (or being opened)
+    stream: null,      // its AbortController
+    lastId: "",        // the last event id seen: sent as Last-Event-ID when reconnecting
+    retries: 0,
+    needToken: false,  // the server answered 401: waiting for the form
   };
   window.reconcilerDashboard = state;
 
@@ -374,7 +389,7 @@
     return text.length > 240 ? text.slice(0, 239) + "…" : text;
   }
 
-  // a reconnecting EventSource sends Last-Event-ID and the server replays what came after it:
+  // a reconnecting stream sends Last-Event-ID and the server replays what came after it:
   // skip what we already logged
   const seenIds = new Set();
   function fresh(id) {
@@ -400,28 +415,136 @@
     const failed = kind === "action.finished" && obj.status === "failed";
     const severity = failed || /fail|reject|degrad|backoff|gone/.test(kind) ? "bad"
       : /granted|healthy|adopted|reloaded/.test(kind) ? "good" : "";
-    ol.prepend(el("li", { class: severity ? `ev ev-${severity}` : "ev", dataset: { kind } },
+    const known = KNOWN.has(kind);
+    ol.prepend(el("li", { class: severity ? `ev ev-${severity}` : "ev", dataset: known ? { kind } : { kind, unknown: "1" } },
       el("time", { class: "mono muted" }, clock(obj.ts)),
-      el("span", { class: "ev-kind mono" }, kind),
+      el("span", { class: "ev-kind mono", title: known ? null : "a kind this page does not know (a newer server?)" }, kind),
       el("span", { class: "ev-service", title: obj.service ? String(obj.service) : null }, obj.service ? String(obj.service) : ""),
       el("span", { class: "ev-text" }, summarize(kind, data))));
     while (ol.children.length > EVENTS_MAX) ol.removeChild(ol.lastChild);
     show("events-empty", false);
   }
 
-  function connect() {
-    if (!window.EventSource) {
+  // ---- the token ----------------------------------------------------------------------------
+
+  function token() {
+    try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return ""; }
+  }
+
+  function setToken(value) {
+    try {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) { /* storage disabled: the form asks again on the next load */ }
+  }
+
+  // #token=… in the URL: keep it for this tab, and take it out of the address bar and history
+  function takeTokenFromUrl() {
+    const match = /(?:^#|&)token=([^&]*)/.exec(window.location.hash);
+    if (!match) return;
+    try { setToken(decodeURIComponent(match[1]).trim()); } catch (e) { /* malformed escape: ignored */ }
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
+  }
+
+  function authorized(headers) {
+    const value = token();
+    return value ? Object.assign({ Authorization: `Bearer ${value}` }, headers) : headers;
+  }
+
+  // a 401: show the form (saying so when the token we sent was refused), stop the stream
+  function needToken() {
+    const refused = Boolean(token());
+    setToken("");
+    state.needToken = true;
+    if (state.stream) state.stream.abort();
+    $("auth-error").textContent = refused ? "That token was not accepted (401). Check the server's --token-file." : "";
+    $("auth").hidden = false;
+    setConn("bad", "token needed");
+  }
+
+  function onTokenSubmit(event) {
+    event.preventDefault();
+    const value = String($("auth").elements.token.value || "").trim();
+    if (!value) return;
+    setToken(value);
+    $("auth").elements.token.value = "";
+    $("auth").hidden = true;
+    $("auth-error").textContent = "";
+    state.needToken = false;
+    setConn("wait", "connecting…");
+    refresh();
+    stream();
+  }
+
+  // ---- the event stream: fetch() + a server-sent events parser --------------------------------
+
+  // feeds text as it arrives; calls onEvent(kind, data, id) for each complete event (the SSE format:
+  // "field: value" lines, a blank line ends an event, ":" starts a comment)
+  function sseParser(onEvent) {
+    let buffer = "";
+    let kind = "";
+    let data = [];
+    let id = "";
+    return function feed(text) {
+      buffer += text;
+      const lines = buffer.split(/\r\n|\r|\n/);
+      buffer = lines.pop();
+      for (const line of lines) {
+        if (line === "") {
+          if (data.length) onEvent(kind || "message", data.join("\n"), id);
+          kind = ""; data = []; id = "";
+          continue;
+        }
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let value = colon < 0 ? "" : line.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") kind = value;
+        else if (field === "data") data.push(value);
+        else if (field === "id" && !value.includes("\0")) id = value;
+      }
+    };
+  }
+
+  async function stream() {
+    if (state.streaming || state.needToken) return;
+    if (!window.fetch || !window.ReadableStream || !window.TextDecoder) {
       setConn("bad", "no live updates (polling)");
       return;
     }
-    const source = new EventSource("v1/events");
-    state.source = source;
-    source.onopen = () => { setConn("ok", "live"); scheduleRefresh(); };
-    source.onerror = () => setConn(source.readyState === EventSource.CLOSED ? "bad" : "wait",
-      source.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting…");
-    source.onmessage = (e) => logEvent(null, e.data, e.lastEventId);
-    for (const kind of KINDS) {
-      if (kind !== "message") source.addEventListener(kind, (e) => logEvent(kind, e.data, e.lastEventId));
+    state.streaming = true;
+    const controller = new AbortController();
+    state.stream = controller;
+    try {
+      const headers = authorized({ Accept: "text/event-stream" });
+      if (state.lastId) headers["Last-Event-ID"] = state.lastId;
+      const response = await fetch("v1/events", { headers, cache: "no-store", signal: controller.signal });
+      if (response.status === 401) { needToken(); return; }
+      if (!response.ok || !response.body) throw new Error(`GET /v1/events: ${response.status}`);
+      setConn("ok", "live");
+      state.retries = 0;
+      scheduleRefresh(); // whatever happened while we were not listening
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const feed = sseParser((kind, data, id) => {
+        if (id) state.lastId = id;
+        logEvent(kind, data, id);
+      });
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        feed(decoder.decode(value, { stream: true }));
+      }
+      throw new Error("the server ended the stream");
+    } catch (err) {
+      if (controller.signal.aborted || state.needToken) return;
+      const wait = RETRY_MS[Math.min(state.retries, RETRY_MS.length - 1)];
+      state.retries += 1;
+      setConn("wait", "reconnecting…");
+      setTimeout(stream, wait);
+    } finally {
+      state.streaming = false;
+      if (state.stream === controller) state.stream = null;
     }
   }
 
@@ -443,11 +566,13 @@
   }
 
   async function refresh() {
+    if (state.needToken) return;
     if (state.fetching) { state.again = true; return; }
     state.fetching = true;
     state.lastFetch = performance.now();
     try {
-      const response = await fetch("v1/status", { headers: { Accept: "application/json" }, cache: "no-store" });
+      const response = await fetch("v1/status", { headers: authorized({ Accept: "application/json" }), cache: "no-store" });
+      if (response.status === 401) { needToken(); return; }
       if (!response.ok) throw new Error(`GET /v1/status: ${response.status}`);
       const status = await response.json();
       state.status = status;
@@ -466,8 +591,10 @@
 
   function init() {
     setText("events-max", String(EVENTS_MAX));
+    takeTokenFromUrl();
+    $("auth").addEventListener("submit", onTokenSubmit);
     refresh();
-    connect();
+    stream();
     setInterval(tick, TICK_MS);
     setInterval(refresh, FALLBACK_POLL_MS);
   }
