@@ -15,9 +15,8 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-
 from itertools import combinations
+from pathlib import Path
 
 from benchmarks.timing import measure
 from reconciler.core.eviction import Candidate, choose_eviction
