@@ -3,10 +3,12 @@
 A demand is served by a running, healthy instance of its service when
 :mod:`.compatibility` says it can be (the model matches, or the demand names
 none, or the service's launch does not use ``{model}``; a lease slot is
-free; the GPU asked for): nothing but a ``lease``. A demand for another
+free; the GPU asked for — one of its GPUs, for a service spanning several):
+nothing but a ``lease``. A demand for another
 model restarts an idle instance of ours with that model; a busy one keeps
 serving and the demand waits. An unmanaged slot starts nothing: its first
-lease reserves ``max_mb`` on a GPU (evicting if needed).
+lease reserves ``max_mb`` on a GPU (on each of ``gpu_count`` GPUs; evicting
+if needed).
 
 :class:`DemandGranting` works for one :class:`~.planner.Planner`: it reads
 and changes the plan only through the planner's :class:`~.plan_state.PlanState`

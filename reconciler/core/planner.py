@@ -15,12 +15,22 @@ The planner walks the world once, in a fixed order, keeping a running per-GPU
    instance for another model. A service evicted by a more important one
    earlier in the pass is left alone.
 
+A service with ``gpu_count: N > 1`` spans N GPUs, ``max_mb`` on each: it is
+placed on a set (:mod:`.gpu_sets`, through :func:`.placement.place_set`), its
+actions carry ``gpus``, and everything above is kept per GPU — the running
+``free`` figure, what a stop or an eviction gives back (a pair frees on
+both its GPUs, so it is a candidate for either), what a restart in place
+takes, the "every moment of an apply" requirements. An instance of ours
+whose ``gpu_count`` was edited is stopped with the stops (step 3), when some
+set could take it, and started again in step 4 like any start.
+
 Anything wanted that cannot be reached goes to ``pending`` with a reason that
 names the numbers. Everything the plan so far does lives in one
 :class:`~.plan_state.PlanState`; granting demands is :mod:`.granting` (which
 asks the planner to restart, place and evict through its methods), the
-eviction choice :mod:`.eviction`, placement :mod:`.placement`, and "can this
-instance serve that request" :mod:`.compatibility`. The planner imports
+eviction choice :mod:`.eviction` (on one GPU) and :mod:`.gpu_sets` (on a set),
+placement :mod:`.placement`, and "can this instance serve that request"
+:mod:`.compatibility`. The planner imports
 nothing that touches the host.
 """
 

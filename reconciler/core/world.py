@@ -8,6 +8,13 @@ already stopped what it started.
 
 VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations − foreign)``.
 
+* An instance spanning several GPUs (``gpus``, a service with ``gpu_count``)
+  holds a reservation on each of them, each computed from what NVML shows
+  its process tree using *there* — a tensor-parallel server on one GPU and
+  its worker process on the other both count for it. Usage of an
+  instance's processes on a GPU that is not one of its own is no
+  reservation's: it is foreign there.
+
 * GPU memory of a process counts for an instance when the process is the
   instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
   process is not mistaken for foreign usage.

@@ -14,7 +14,10 @@ moment) is stopped again at once: nothing of ours runs unaccounted for.
 
 Stop and evict: intent, state ``stopping``, driver stop (SIGTERM to the
 group, ``eviction_timeout_s``, SIGKILL, confirm gone), then the wait for the
-GPU memory to come back (:mod:`.memory`), and out of the store. Evicting an
+GPU memory to come back (:mod:`.memory`; on each GPU of an instance spanning
+several), and out of the store. A start on several GPUs launches once, with
+every GPU in the request (``CUDA_VISIBLE_DEVICES=0,1``), and records them in
+the intent and the instance (``gpus``). Evicting an
 adopted Ollama unloads its models instead — never a signal — and it stays.
 """
 
