@@ -56,8 +56,8 @@ class StateCollector:
         placed = GaugeMetricFamily("reconciler_instance_gpu", "GPUs each instance is on (1 per GPU)",
                                    labels=["service", "gpu"])
         for instance in status.instances:
-            for gpu in instance.gpus or ([instance.gpu] if instance.gpu is not None else []):
-                placed.add_metric([instance.service, str(gpu)], 1)
+            for index in instance.gpus or ([instance.gpu] if instance.gpu is not None else []):
+                placed.add_metric([instance.service, str(index)], 1)
         yield placed
         leases = GaugeMetricFamily("reconciler_leases", "Leases held, by service and kind", labels=["service", "kind"])
         counts: dict[tuple[str, str], int] = {}
