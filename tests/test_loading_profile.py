@@ -131,7 +131,7 @@ def test_unknown_placeholder():
         """
     ) == [
         "p.yaml:10:22: services.a.managed.args_template: unknown placeholder {modle} in args_template; "
-        "did you mean {model}? known placeholders: {port}, {host_port}, {gpu_id}, {model}, {service}"
+        "did you mean {model}? known placeholders: {port}, {host_port}, {gpu_id}, {gpu_ids}, {model}, {service}"
     ]
 
 

@@ -1,4 +1,12 @@
-"""Properties of the planner over random, self-consistent profiles and snapshots."""
+"""Properties of the planner over random, self-consistent profiles and snapshots.
+
+Every property also runs on hosts of up to four GPUs with services that span several of them
+(``gpu_count``, :func:`tests.strategies.spanning_worlds`): no GPU over its total, convergence in
+one step, and no order of an apply over-commits any GPU, each GPU counted on its own. Like the
+one full GPU of :func:`~tests.strategies.crowded_worlds`, three full GPUs shared by pairs and
+single-GPU services (:func:`~tests.strategies.crowded_spanning_worlds`) feed the every-order
+property, where evictions, slots and starts meet in one plan.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from reconciler.core.compatibility import capacity
 from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
 from reconciler.core.world import World
-from tests.strategies import crowded_worlds, worlds
+from tests.strategies import crowded_spanning_worlds, crowded_worlds, spanning_worlds, worlds
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("PLANNER_EXAMPLES", "150")), deadline=None,
@@ -25,7 +33,7 @@ def committed(world: World, gpu: int) -> int:
 
 
 @SETTINGS
-@given(worlds())
+@given(st.one_of(worlds(), spanning_worlds()))
 def test_every_action_has_a_reason_and_known_requirements(case):
     profile, snapshot = case
     result = plan(profile, snapshot)
@@ -40,7 +48,7 @@ def test_every_action_has_a_reason_and_known_requirements(case):
 
 
 @SETTINGS
-@given(worlds())
+@given(st.one_of(worlds(), spanning_worlds()))
 def test_plan_never_reserves_more_than_a_gpu_holds(case):
     profile, snapshot = case
     result = plan(profile, snapshot)
@@ -54,7 +62,7 @@ def test_plan_never_reserves_more_than_a_gpu_holds(case):
 
 
 @SETTINGS
-@given(worlds())
+@given(st.one_of(worlds(), spanning_worlds()))
 def test_leases_never_exceed_max_concurrent(case):
     profile, snapshot = case
     result = plan(profile, snapshot)
@@ -67,7 +75,7 @@ def test_leases_never_exceed_max_concurrent(case):
 
 
 @SETTINGS
-@given(worlds())
+@given(st.one_of(worlds(), spanning_worlds()))
 def test_planning_the_simulated_result_converges_in_one_step(case):
     profile, snapshot = case
     first = plan(profile, snapshot)
@@ -84,7 +92,7 @@ def test_planning_the_simulated_result_converges_in_one_step(case):
 
 
 @SETTINGS
-@given(st.one_of(worlds(), crowded_worlds()))
+@given(st.one_of(worlds(), crowded_worlds(), spanning_worlds(), crowded_spanning_worlds()))
 def test_no_order_the_executor_may_choose_books_more_than_a_gpu_holds(case):
     """Invariant 4 at every moment of an apply: over every interleaving the ``requires`` DAG allows
     (the heaviest closure, :mod:`reconciler.core.interleavings`), a plan never books more than what

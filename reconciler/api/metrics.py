@@ -4,6 +4,8 @@ State, read at scrape time (from the same sources as the status document):
 
 - ``reconciler_gpu_memory_mb{gpu, kind}``: kind = total, used, reserved_started, adopted, leased, foreign, free
 - ``reconciler_instances{state}``: instances by state (starting, running, stopping, failed)
+- ``reconciler_instance_gpu{service, gpu}``: 1 for each GPU an instance is on (each of them, for one
+  spanning several)
 - ``reconciler_leases{service, kind}`` (held: an expired lease not yet released is not), ``reconciler_demands{service}``
 - ``reconciler_pending``: items the last plan could not reach
 
@@ -58,6 +60,12 @@ class StateCollector:
         for state in STATES:
             instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
         yield instances
+        placed = GaugeMetricFamily("reconciler_instance_gpu", "GPUs each instance is on (1 per GPU)",
+                                   labels=["service", "gpu"])
+        for instance in status.instances:
+            for index in instance.gpus or ([instance.gpu] if instance.gpu is not None else []):
+                placed.add_metric([instance.service, str(index)], 1)
+        yield placed
         leases = GaugeMetricFamily("reconciler_leases", "Leases held (not expired), by service and kind",
                                    labels=["service", "kind"])
         counts: dict[tuple[str, str], int] = {}

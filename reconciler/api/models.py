@@ -127,7 +127,8 @@ class InstanceStatus(_Response):
     state: str = Field(description="starting | running | stopping | failed (the inventory's state).")
     healthy: bool = Field(description="The last health probe answered 2xx.")
     url: str | None = Field(None, description="http://127.0.0.1:{host_port}, when the service has a port.")
-    gpu: int | None = None
+    gpu: int | None = Field(None, description="Its GPU (the first, when it spans several).")
+    gpus: list[int] | None = Field(None, description="Every GPU it spans, when more than one (gpu_count > 1).")
     origin: Literal["started", "adopted"]
     pid: int | None = None
     model: str | None = None

@@ -115,7 +115,8 @@ def _instance(
     return InstanceStatus(
         service=instance.service, state=instance.state,
         healthy=_healthy(instance, world),
-        url=service_url(spec), gpu=instance.gpu, origin=instance.origin, pid=instance.pid, model=instance.model,
+        url=service_url(spec), gpu=instance.gpu, gpus=instance.gpus, origin=instance.origin, pid=instance.pid,
+        model=instance.model,
         leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
         max_concurrent=capacity(spec) if spec is not None else 1,
         uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,

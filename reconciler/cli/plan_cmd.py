@@ -13,7 +13,9 @@ Exit codes (DESIGN §4), so CI can act on them:
 * ``0`` nothing to do;
 * ``2`` actions to take;
 * ``3`` something wanted cannot be reached (anything pending, even with actions);
-* ``1`` an invalid profile or snapshot (``file:line:col: message`` on stderr);
+* ``1`` an invalid profile or snapshot (``file:line:col: message`` on stderr),
+  or a profile that asks what the snapshot's host cannot give (a
+  ``gpu_count`` larger than its GPUs);
 * ``64`` a usage error.
 
 A reader that goes away early (``reconciler plan | head``) is not an error:
@@ -49,11 +51,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    from reconciler.core.checks import check_host
     from reconciler.core.planner import plan as make_plan
     from reconciler.loading import load_profile, load_snapshot
 
     profile = load_profile(args.profile)
     snapshot = load_snapshot(args.snapshot)
+    if check_host(profile, snapshot):  # e.g. a gpu_count larger than the snapshot's GPUs: located errors
+        profile = load_profile(args.profile, host=snapshot)
     result = make_plan(profile, snapshot)
     color = want_color(args.color, sys.stdout, os.environ)
     write_stdout(render(result, args.format, color=color))

@@ -8,7 +8,9 @@ line per problem and ``ok: PATH`` for each valid file; ``json`` prints a list
 of ``{file, line, col, message}`` (empty when all are valid); ``github``
 prints ``::error`` workflow commands, which GitHub Actions shows as
 annotations on the lines concerned. With ``--kind auto`` a document with a
-top-level ``format_version`` is a snapshot, anything else a profile.
+top-level ``format_version`` is a snapshot, anything else a profile. Given
+one snapshot among the paths, each profile is also checked against the host
+it shows (a ``gpu_count`` larger than its GPUs is an error).
 ``${VAR}`` references are expanded from this process's environment, exactly
 as the reconciler would when loading the profile.
 """
@@ -41,17 +43,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from reconciler.loading import load_document
+    from reconciler.core.checks import check_host
+    from reconciler.core.snapshot import Snapshot
+    from reconciler.loading import load_document, load_profile
 
     problems: list[Diagnostic] = []
     valid: list[str] = []
+    loaded = {}
     for path in args.paths:
         try:
-            load_document(path, args.kind)
+            loaded[path] = load_document(path, args.kind)
         except InputError as exc:
             problems.extend(exc.diagnostics)
         else:
             valid.append(path)
+    hosts = [doc for doc in loaded.values() if isinstance(doc, Snapshot)]
+    if len(hosts) == 1:  # profiles given with one snapshot are checked against its host
+        for path, doc in loaded.items():
+            if isinstance(doc, Snapshot) or not check_host(doc, hosts[0]):
+                continue
+            try:
+                load_profile(path, host=hosts[0])
+            except InputError as exc:
+                problems.extend(exc.diagnostics)
+                valid.remove(path)
     if args.format == "json":
         print(json.dumps([_as_dict(d) for d in problems], indent=2, ensure_ascii=False))
     elif args.format == "github":

@@ -57,11 +57,12 @@ def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
     """
     extra: dict[int, int] = {}
     for action in plan.actions if plan is not None else ():
-        if action.kind not in ("start", "restart") or action.gpu is None or not action.mb:
+        if action.kind not in ("start", "restart") or not action.mb:
             continue
-        view = world.gpus.get(action.gpu)
-        held = view.holders.get(action.service) if view is not None else None
-        mb = action.mb - (held.reservation if held is not None else 0)
-        if mb > 0:
-            extra[action.gpu] = extra.get(action.gpu, 0) + mb
+        for gpu in action.gpu_set:  # a service spanning several GPUs reserves its mb on each
+            view = world.gpus.get(gpu)
+            held = view.holders.get(action.service) if view is not None else None
+            mb = action.mb - (held.reservation if held is not None else 0)
+            if mb > 0:
+                extra[gpu] = extra.get(gpu, 0) + mb
     return extra

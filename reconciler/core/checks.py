@@ -4,7 +4,8 @@ Field-level rules live on the models; these need the whole profile: a
 ``depends_on`` naming a missing service, a dependency cycle, two services on
 the same host port, a ``gpus:`` entry that excludes every GPU of a node is left
 to the planner (it depends on the host). The loader turns each path into
-``file:line:col``.
+``file:line:col``. :func:`check_host` checks a profile against the host a
+snapshot shows (a ``gpu_count`` larger than its GPUs), where both are given.
 
 The dependency checks (:func:`check_dependencies`) read only service names and
 their ``depends_on`` lists, not validated models, so the loader can also run
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from reconciler.core.dependencies import find_cycle
 from reconciler.core.profile import Profile
+from reconciler.core.snapshot import Snapshot
 
 Path = tuple[str | int, ...]
 
@@ -44,6 +46,35 @@ def check_profile(profile: Profile) -> list[Problem]:
             )
         else:
             owners[port] = name
+    return problems
+
+
+def check_host(profile: Profile, snapshot: Snapshot) -> list[Problem]:
+    """What a profile asks that the host of ``snapshot`` cannot give: a service spanning more GPUs
+    (``gpu_count``) than the host has, or than its ``gpus:`` list names on this host.
+
+    Checked where a profile meets a snapshot (``plan``, ``validate`` given both); live, the
+    planner says the same as a pending reason, since GPUs come and go.
+    """
+    indexes = {gpu.index for gpu in snapshot.gpus}
+    count = len(indexes)
+    problems = []
+    for name, service in profile.services.items():
+        if service.gpu_count == 1 or service.max_mb == 0:
+            continue
+        if service.gpu_count > count:
+            problems.append(Problem(
+                ("services", name, "gpu_count"),
+                f"gpu_count is {service.gpu_count} but node {snapshot.node!r} has {count} GPU"
+                f"{'s' if count != 1 else ''}; lower gpu_count or run it on a host with more GPUs"))
+        elif service.gpus is not None:
+            here = sorted(set(service.gpus) & indexes)
+            if len(here) < service.gpu_count:
+                listed = ", ".join(map(str, here)) or "none"
+                problems.append(Problem(
+                    ("services", name, "gpus"),
+                    f"gpu_count is {service.gpu_count} but only {len(here)} of the GPUs in gpus are on node "
+                    f"{snapshot.node!r} ({listed}); list at least {service.gpu_count} of its GPUs"))
     return problems
 
 

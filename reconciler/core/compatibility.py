@@ -8,7 +8,8 @@ Like Ollama's scheduler deciding whether a loaded runner can take a request
   is the service's business, not ours);
 * when one of its lease slots is free — ``max_concurrent`` when the service is
   ``shared``, else one (:func:`capacity`);
-* on the GPU asked for, when one is;
+* on the GPU asked for, when one is (for a service spanning several GPUs:
+  when it is one of them);
 * and, for an Ollama, when it has pulled the model (its ``/api/tags`` lists
   it; a name without a tag means ``:latest``) — Ollama would answer 404.
 
@@ -20,6 +21,7 @@ fast path, between passes, so the two can never disagree about what
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 
 from reconciler.core.profile import Service, is_ollama
@@ -50,9 +52,14 @@ def slot_free(spec: Service, held: int) -> bool:
     return held < capacity(spec)
 
 
-def gpu_matches(placed: int | None, wanted: int | None) -> bool:
-    """Whether an instance on GPU ``placed`` serves a request for GPU ``wanted`` (None: any)."""
-    return wanted is None or placed is None or placed == wanted
+def gpu_matches(placed: int | Sequence[int] | None, wanted: int | None) -> bool:
+    """Whether an instance on GPU ``placed`` (or on every GPU of ``placed``, for one spanning several) serves
+    a request for GPU ``wanted`` (None: any): when ``wanted`` is one of its GPUs."""
+    if wanted is None or placed is None:
+        return True
+    if isinstance(placed, int):
+        return placed == wanted
+    return not placed or wanted in placed
 
 
 def ollama_has(installed: list[str], model: str) -> bool:
@@ -75,7 +82,8 @@ class Mismatch(Enum):
 
 
 def can_serve_now(
-    spec: Service, *, serving: str | None, placed: int | None, held: int, model: str | None, gpu: int | None,
+    spec: Service, *, serving: str | None, placed: int | Sequence[int] | None, held: int, model: str | None,
+    gpu: int | None,
     installed: list[str] | None = None,
 ) -> Mismatch | None:
     """None when a healthy running instance (serving ``serving`` on GPU ``placed``, holding

@@ -1,5 +1,10 @@
 """Which running instances to evict on one GPU to make room (DESIGN §3, "Eviction").
 
+(For a service spanning several GPUs, the same order over one eviction across
+a set of GPUs, and the choice of the set: :mod:`.gpu_sets`. A candidate that
+spans several GPUs itself counts here with what it frees on the GPU in
+question.)
+
 Exact, not greedy. Among the sets of candidates (each closed under "what
 depends on it goes too") that free enough, the chosen one, in this order:
 

@@ -3,10 +3,12 @@
 A demand is served by a running, healthy instance of its service when
 :mod:`.compatibility` says it can be (the model matches, or the demand names
 none, or the service's launch does not use ``{model}``; a lease slot is
-free; the GPU asked for): nothing but a ``lease``. A demand for another
+free; the GPU asked for — one of its GPUs, for a service spanning several):
+nothing but a ``lease``. A demand for another
 model restarts an idle instance of ours with that model; a busy one keeps
 serving and the demand waits. An unmanaged slot starts nothing: its first
-lease reserves ``max_mb`` on a GPU (evicting if needed).
+lease reserves ``max_mb`` on a GPU (on each of ``gpu_count`` GPUs; evicting
+if needed).
 
 :class:`DemandGranting` works for one :class:`~.planner.Planner`: it reads
 and changes the plan only through the planner's :class:`~.plan_state.PlanState`
@@ -99,9 +101,10 @@ class DemandGranting:
             model = demand.model
         if not slot_free(spec, held):
             return state.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
-        placed = state.gpu_of.get(name)
+        placed = state.gpus(name)
         if not gpu_matches(placed, demand.gpu):
-            return state.wait(name, f"demand {demand.id} asks for GPU {demand.gpu}; {name} runs on GPU {placed} "
+            where = ",".join(map(str, placed)) if placed else "None"
+            return state.wait(name, f"demand {demand.id} asks for GPU {demand.gpu}; {name} runs on GPU {where} "
                                     f"(one instance per service)", demand.id)
         waits_for = state.ready.get(name)
         if waits_for is None and not self.world.healthy(name):
@@ -112,7 +115,7 @@ class DemandGranting:
         how = f"once {waits_for} is done" if waits_for else f"{name} is running and healthy"
         holder = f" from {demand.holder}" if demand.holder else ""
         state.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: {how}, {held + 1}/{cap} leases held",
-                  gpu=state.gpu_of.get(name), lease=demand.id, model=model,
+                  **planner.on_gpus(placed), lease=demand.id, model=model,
                   requires=[waits_for] if waits_for else [])
         state.touched.add(name)
         return None
@@ -130,7 +133,7 @@ class DemandGranting:
             return False
         reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {_named(model)}"
         if planned is not None and planned.kind == "restart":
-            desired = launch_spec(name, self.planner.profile.services[name], instance.gpu, demand.model)
+            desired = launch_spec(name, self.planner.profile.services[name], planned.gpu_set, demand.model)
             assert instance.launch is not None and desired is not None
             change = describe_launch_change(instance.launch, desired, self.planner.redactor)
             state.update(planned.id, model=demand.model, reason=f"{reason}; {change}")
@@ -150,25 +153,30 @@ class DemandGranting:
             if not slot_free(spec, held):
                 state.wait(name, f"demand {demand.id} waits: {held}/{cap} leases held", demand.id)
                 continue
-            gpu, requires = (held_leases[0].gpu if held_leases else state.gpu_of.get(name)), []
-            if gpu is None and spec.max_mb > 0:
+            gpus, requires = (held_leases[0].gpu_set if held_leases else state.gpus(name)), []
+            if not gpus and spec.max_mb > 0:
                 if not self.world.gpus:
                     state.wait(name, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU", demand.id)
                     continue
-                placement = planner.place(name, spec, demand, priority, None)
+                if spec.gpu_count > len(self.world.gpus):
+                    state.wait(name, planner.too_few_gpus(spec), demand.id)
+                    continue
+                placement = planner.place(name, spec, demand, priority, ())
                 if isinstance(placement, NoPlacement):
                     state.wait(name, placement.reason, demand.id)
                     continue
-                gpu = placement.gpu
+                gpus = placement.gpus
                 requires = planner.evict(placement, name, priority)
-                state.free[gpu] -= spec.max_mb
-                state.gpu_of[name] = gpu
+                for gpu in gpus:
+                    state.free[gpu] -= spec.max_mb
+                state.placed[name] = gpus
             state.granted[name] = state.granted.get(name, 0) + 1
             holder = f" from {demand.holder}" if demand.holder else ""
-            reserved = f"{spec.max_mb} MB reserved" if gpu is not None else "no GPU memory"
+            each = " on each of its GPUs" if len(gpus) > 1 else ""
+            reserved = f"{spec.max_mb} MB reserved{each}" if gpus else "no GPU memory"
             state.add("lease", demand.id, name, f"grant demand {demand.id}{holder}: unmanaged slot {name} "
-                      f"({reserved}), {held + 1}/{cap} leases held", gpu=gpu, lease=demand.id,
-                      mb=spec.max_mb if gpu is not None else None, model=demand.model, requires=requires)
+                      f"({reserved}), {held + 1}/{cap} leases held", **planner.on_gpus(gpus), lease=demand.id,
+                      mb=spec.max_mb if gpus else None, model=demand.model, requires=requires)
             state.touched.add(name)
 
 

@@ -5,16 +5,19 @@ order its ``requires`` edges allow, independent actions in parallel. A plan is
 safe (invariant 4) only if *no* such order ever books more of a GPU than it
 has — not just the listed order, and not just the end state.
 
-Memory moves at two moments of an action on a GPU:
+Memory moves at two moments of an action on a GPU — on *each* of its GPUs,
+for a service that spans several (``gpus``), every GPU counted on its own:
 
 * when it is **dispatched**, a *consumer* takes memory: a ``start`` its
   ``mb``; a ``restart`` what its new ceiling needs beyond the reservation it
-  already holds; a ``lease`` on an unmanaged slot the slot's ``mb`` — once
+  already holds there (all of it on a GPU it moves to, when ``gpu_count``
+  was edited); a ``lease`` on an unmanaged slot the slot's ``mb`` — once
   per slot and GPU, whichever of its leases comes first (a slot already
   booked before the plan takes nothing more);
 * when it **completes**, a *freer* gives memory back: a ``stop`` or
-  ``evict`` the reservation it names (``mb``); a ``restart`` whose new
-  ceiling is smaller, the difference.
+  ``evict`` the reservation it names (``mb``; what its service booked on
+  each GPU, for one spanning several); a ``restart`` whose new ceiling is
+  smaller, the difference (all it held on a GPU it leaves).
 
 An action is dispatched only once every action it requires has completed,
 and completes only after it was dispatched. The adversary — the worst order —
@@ -49,45 +52,60 @@ if TYPE_CHECKING:
 
 @dataclass
 class Moves:
-    """Memory moves of a plan's actions, on their GPUs."""
+    """Memory moves of a plan's actions, per GPU (an action on several GPUs moves memory on each)."""
 
-    taken: dict[str, int] = field(default_factory=dict)  # action id → MB taken when dispatched
-    given: dict[str, int] = field(default_factory=dict)  # action id → MB given back when completed
+    taken: dict[tuple[str, int], int] = field(default_factory=dict)  # (action id, gpu) → MB taken when dispatched
+    given: dict[tuple[str, int], int] = field(default_factory=dict)  # (action id, gpu) → MB given back, completed
     slots: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (slot, gpu) → its lease actions
     slot_mb: dict[tuple[str, int], int] = field(default_factory=dict)  # (slot, gpu) → what its first lease takes
 
+    def gives_on(self, action_id: str) -> list[int]:
+        """The GPUs where ``action_id`` gives memory back, ascending."""
+        return sorted(gpu for (moved, gpu), mb in self.given.items() if moved == action_id and mb > 0)
+
 
 def memory_moves(actions: Sequence[Action], reserved: Mapping[tuple[str, int], int]) -> Moves:
-    """What each action takes and gives back; ``reserved[(service, gpu)]`` is booked before the plan."""
+    """What each action takes and gives back on each GPU; ``reserved[(service, gpu)]`` is booked before the plan.
+
+    An action's ``mb`` counts on each of its GPUs. A stop or an evict gives back what its service
+    booked there (its ``mb`` where nothing is known); a restart compares, GPU by GPU, what its
+    service booked with its new ceiling on its (possibly other) GPUs.
+    """
     moves = Moves()
+    held: dict[str, list[int]] = {}  # service → GPUs it books before the plan
+    for service, gpu in reserved:
+        held.setdefault(service, []).append(gpu)
     for action in actions:
-        mb, gpu = action.mb or 0, action.gpu
-        if gpu is None:
+        mb, gpus = action.mb or 0, action.gpu_set
+        if not gpus:
             continue
         if action.kind == "start" and mb:
-            moves.taken[action.id] = mb
+            for gpu in gpus:
+                moves.taken[(action.id, gpu)] = mb
         elif action.kind == "lease" and mb:
-            key = (action.service, gpu)
-            if not reserved.get(key):
-                moves.slots.setdefault(key, []).append(action.id)
-                moves.slot_mb[key] = mb
+            for gpu in gpus:
+                key = (action.service, gpu)
+                if not reserved.get(key):
+                    moves.slots.setdefault(key, []).append(action.id)
+                    moves.slot_mb[key] = mb
         elif action.kind in ("stop", "evict") and mb:
-            moves.given[action.id] = mb
+            for gpu in gpus:
+                moves.given[(action.id, gpu)] = reserved.get((action.service, gpu), mb) if len(gpus) > 1 else mb
         elif action.kind == "restart":
-            old = reserved.get((action.service, gpu), 0)
-            if mb > old:
-                moves.taken[action.id] = mb - old
-            elif old > mb:
-                moves.given[action.id] = old - mb
+            for gpu in sorted(set(gpus) | set(held.get(action.service, []))):
+                old = reserved.get((action.service, gpu), 0)
+                new = mb if gpu in gpus else 0
+                if new > old:
+                    moves.taken[(action.id, gpu)] = new - old
+                elif old > new:
+                    moves.given[(action.id, gpu)] = old - new
     return moves
 
 
 def peak_extra(plan: Plan, reserved: Mapping[tuple[str, int], int]) -> dict[int, int]:
     """GPU → the most MB beyond today's bookings that any order the plan allows holds at once."""
     moves = memory_moves(plan.actions, reserved)
-    gpu_of = {a.id: a.gpu for a in plan.actions if a.gpu is not None}
-    gpus = sorted({gpu_of[i] for i in (*moves.taken, *moves.given) if i in gpu_of}
-                  | {gpu for _slot, gpu in moves.slots})
+    gpus = sorted({gpu for _id, gpu in (*moves.taken, *moves.given)} | {gpu for _slot, gpu in moves.slots})
     return {gpu: _heaviest_closure(plan.actions, moves, gpu) for gpu in gpus}
 
 
@@ -96,9 +114,8 @@ def _heaviest_closure(actions: Sequence[Action], moves: Moves, gpu: int) -> int:
     requires = {a.id: list(a.requires) for a in actions}
     weight: dict[object, int] = {}
     for action in actions:
-        on_gpu = action.gpu == gpu
-        weight[("d", action.id)] = moves.taken.get(action.id, 0) if on_gpu else 0  # dispatched
-        weight[("c", action.id)] = -moves.given.get(action.id, 0) if on_gpu else 0  # completed
+        weight[("d", action.id)] = moves.taken.get((action.id, gpu), 0)  # dispatched
+        weight[("c", action.id)] = -moves.given.get((action.id, gpu), 0)  # completed
     groups = {key: members for key, members in moves.slots.items() if key[1] == gpu}
     for key in groups:
         weight[("slot", key)] = moves.slot_mb[key]

@@ -1,9 +1,11 @@
-"""The launch spec of a service on a GPU with a model (DESIGN §3, "Launch spec").
+"""The launch spec of a service on its GPUs with a model (DESIGN §3, "Launch spec").
 
 What the planner compares with ``instances[].launch`` to decide a restart, and
 what the drivers execute. ``argv`` = ``exec_path`` + the split, filled
 ``args_template``; ``cwd`` missing = ``""``; ``env`` as written (driver
 additions such as ``CUDA_VISIBLE_DEVICES`` are not part of it); ``port``.
+``{gpu_id}`` is the (first) GPU, ``{gpu_ids}`` every GPU a service spans,
+comma-separated and ascending (``0,1``; just ``0`` on one GPU).
 For containers ``argv`` is the filled ``command_template`` and ``image`` is set.
 
 :func:`launch_digest` is a launch spec's short, stable fingerprint: a
@@ -17,28 +19,42 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 from reconciler.core.profile import DockerSpec, ProcessSpec, Service
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.core.templates import fill, render_argv
 
+Gpus = int | Sequence[int] | None  # one GPU, the GPUs a service spans, or none
 
-def template_values(name: str, service: Service, gpu: int | None, model: str | None) -> dict[str, object]:
+
+def gpu_tuple(gpus: Gpus) -> tuple[int, ...]:
+    """``gpus`` as an ascending tuple: ``0`` → ``(0,)``, ``[1, 0]`` → ``(0, 1)``, None → ``()``."""
+    if gpus is None:
+        return ()
+    if isinstance(gpus, int):
+        return (gpus,)
+    return tuple(sorted(set(gpus)))
+
+
+def template_values(name: str, service: Service, gpus: Gpus, model: str | None) -> dict[str, object]:
     managed = service.managed
     port = managed.port if managed else None
+    placed = gpu_tuple(gpus)
     return {
         "port": port,
         "host_port": (managed.host_port or port) if managed else None,
-        "gpu_id": gpu,
+        "gpu_id": placed[0] if placed else None,
+        "gpu_ids": ",".join(map(str, placed)) if placed else None,
         "model": model,
         "service": name,
     }
 
 
-def launch_spec(name: str, service: Service, gpu: int | None, model: str | None) -> Launch | None:
-    """The launch spec, or None for an unmanaged slot."""
+def launch_spec(name: str, service: Service, gpus: Gpus, model: str | None) -> Launch | None:
+    """The launch spec on ``gpus`` (one index, or every GPU it spans), or None for an unmanaged slot."""
     managed = service.managed
-    values = template_values(name, service, gpu, model)
+    values = template_values(name, service, gpus, model)
     if isinstance(managed, ProcessSpec):
         return Launch(
             argv=[managed.exec_path, *render_argv(managed.args_template, values)],
@@ -61,7 +77,7 @@ def launch_changed(name: str, service: Service, instance: Instance) -> Launch | 
     """The launch spec an instance of ours should run now, when it differs from the one it runs; else None."""
     if instance.origin != "started" or instance.launch is None:
         return None
-    desired = launch_spec(name, service, instance.gpu, instance.model)
+    desired = launch_spec(name, service, instance.gpu_set, instance.model)
     return desired if desired is not None and desired != instance.launch else None
 
 

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.core.snapshot import GPUS_DESCRIPTION, Spanning
+
 ActionKind = Literal["adopt", "start", "restart", "stop", "evict", "lease", "release"]
 ACTION_KINDS: tuple[ActionKind, ...] = ("adopt", "start", "restart", "stop", "evict", "lease", "release")
 
@@ -24,12 +26,14 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Action(_Out):
+class Action(_Out, Spanning):
     id: str = Field(description="Unique within the plan, `kind:subject`, e.g. `start:vllm`, `lease:D1`.")
     kind: ActionKind
     service: str
-    gpu: int | None = None
-    mb: int | None = Field(None, description="start/restart: reservation taken; stop/evict: reservation freed.")
+    gpu: int | None = Field(None, description="The GPU it concerns (the first, when it spans several).")
+    gpus: list[int] | None = Field(None, description=GPUS_DESCRIPTION)
+    mb: int | None = Field(None, description="start/restart: reservation taken; stop/evict: reservation freed "
+                           "(on each of its GPUs).")
     lease: str | None = Field(None, description="lease/release: the lease or demand id.")
     model: str | None = Field(None, description="Model it starts/serves, where relevant.")
     requires: list[str] = Field(default_factory=list, description="Ids of actions that must succeed first.")

@@ -3,11 +3,12 @@
 While it walks the world, the planner keeps one account of what the plan so
 far does: the actions emitted (by id, in emission order), what waits and why,
 each GPU's running ``free`` figure, leases granted and released, which
-action each service waits for before it is ready, the model and GPU each
-service will have, which services the plan already touches (so never evicts)
-or removes, and which cannot be reached at all (so their dependents say
-why). :class:`PlanState` holds all of it; the planner (:mod:`.planner`) and
-the demand granting (:mod:`.granting`) read and change it only through it.
+action each service waits for before it is ready, the model and GPUs each
+service will have (one, or every GPU of a service spanning several), which
+services the plan already touches (so never evicts) or removes, and which
+cannot be reached at all (so their dependents say why). :class:`PlanState`
+holds all of it; the planner (:mod:`.planner`) and the demand granting
+(:mod:`.granting`) read and change it only through it.
 
 Questions about the plan are asked of typed fields — "does the plan evict
 vllm?", "is tts ready only after an adopt?" — never by parsing action ids.
@@ -30,11 +31,12 @@ class PlanState:
     released: set[str] = field(default_factory=set)  # lease ids released in this plan
     ready: dict[str, str | None] = field(default_factory=dict)  # service → action it waits for (None: live already)
     models: dict[str, str | None] = field(default_factory=dict)  # service → model it will serve
-    gpu_of: dict[str, int | None] = field(default_factory=dict)  # service → GPU it will be on
+    placed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # service → GPUs it will be on (ascending)
     touched: set[str] = field(default_factory=set)  # services with an action in this plan: not evictable
     gone: set[str] = field(default_factory=set)  # services stopped or evicted in this plan
     failed: dict[str, str] = field(default_factory=dict)  # services that cannot be reached → why
     draining: dict[str, str] = field(default_factory=dict)  # busy services whose restart waits → why
+    respanned: dict[str, str] = field(default_factory=dict)  # stopped to start again on more or fewer GPUs → why
 
     # --- emitting ----------------------------------------------------------------
 
@@ -70,5 +72,14 @@ class PlanState:
         return action.kind if action is not None else None
 
     def of_kind(self, kind: ActionKind, gpu: int | None = None) -> list[Action]:
-        """Emitted actions of ``kind`` (on ``gpu``, when given), in emission order."""
-        return [a for a in self.actions.values() if a.kind == kind and (gpu is None or a.gpu == gpu)]
+        """Emitted actions of ``kind`` (on ``gpu``, one of their GPUs, when given), in emission order."""
+        return [a for a in self.actions.values() if a.kind == kind and (gpu is None or gpu in a.gpu_set)]
+
+    def gpus(self, service: str) -> tuple[int, ...]:
+        """The GPUs ``service`` will be on once the plan so far is applied (none: no GPU, or not placed)."""
+        return self.placed.get(service, ())
+
+    def gpu(self, service: str) -> int | None:
+        """The (first) GPU ``service`` will be on."""
+        span = self.placed.get(service, ())
+        return span[0] if span else None

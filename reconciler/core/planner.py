@@ -15,33 +15,62 @@ The planner walks the world once, in a fixed order, keeping a running per-GPU
    instance for another model. A service evicted by a more important one
    earlier in the pass is left alone.
 
+A service with ``gpu_count: N > 1`` spans N GPUs, ``max_mb`` on each: it is
+placed on a set (:mod:`.gpu_sets`, through :func:`.placement.place_set`), its
+actions carry ``gpus``, and everything above is kept per GPU — the running
+``free`` figure, what a stop or an eviction gives back (a pair frees on
+both its GPUs, so it is a candidate for either), what a restart in place
+takes, the "every moment of an apply" requirements. An instance of ours
+whose ``gpu_count`` was edited is stopped with the stops (step 3), when some
+set could take it, and started again in step 4 like any start.
+
 Anything wanted that cannot be reached goes to ``pending`` with a reason that
 names the numbers. Everything the plan so far does lives in one
 :class:`~.plan_state.PlanState`; granting demands is :mod:`.granting` (which
 asks the planner to restart, place and evict through its methods), the
-eviction choice :mod:`.eviction`, placement :mod:`.placement`, and "can this
-instance serve that request" :mod:`.compatibility`. The planner imports
+eviction choice :mod:`.eviction` (on one GPU) and :mod:`.gpu_sets` (on a set),
+placement :mod:`.placement`, and "can this instance serve that request"
+:mod:`.compatibility`. The planner imports
 nothing that touches the host.
 """
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import model_bound
 from reconciler.core.dependencies import Dependencies, topological_order
-from reconciler.core.eviction import Candidate, choose_eviction
+from reconciler.core.eviction import choose_eviction
+from reconciler.core.gpu_sets import Spread
 from reconciler.core.granting import DemandGranting, describe_launch_change
 from reconciler.core.identity import same_start
 from reconciler.core.interleavings import memory_moves, peak_extra
 from reconciler.core.launch import launch_changed, launch_problem, launch_spec
-from reconciler.core.placement import EvictionOptions, NoPlacement, Placement, place, refusal
-from reconciler.core.plan import ACTION_KINDS, GpuSummary, Plan, action_id
+from reconciler.core.placement import (
+    EvictionOptions,
+    EvictionPool,
+    NoPlacement,
+    Placement,
+    place,
+    place_set,
+    refusal,
+)
+from reconciler.core.plan import ACTION_KINDS, Action, GpuSummary, Plan, action_id
 from reconciler.core.plan_state import PlanState
 from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.redaction import Redactor, redact_plan
 from reconciler.core.snapshot import Demand, Instance, Snapshot
 from reconciler.core.wanted import compute_wanted
 from reconciler.core.world import World
+
+
+class OnGpus(TypedDict):
+    """The ``gpu`` and ``gpus`` fields of an action or instance."""
+
+    gpu: int | None
+    gpus: list[int] | None
+
 
 OVER_COMMIT_PRIORITY = -1  # relieving an over-committed GPU may evict any priority (not always_on)
 
@@ -70,11 +99,32 @@ class Planner:
         kept = [lease for lease in self.world.leases_of(service) if lease.id not in self.state.released]
         return len(kept) + self.state.granted.get(service, 0)
 
-    def reservation(self, service: str) -> int:
-        gpu = self.state.gpu_of.get(service)
+    def reservation(self, service: str, gpu: int | None = None) -> int:
+        """What ``service`` books on ``gpu`` (default: its first GPU) before the plan, after adoption."""
+        gpu = self.state.gpu(service) if gpu is None else gpu
         view = self.world.gpus.get(gpu) if gpu is not None else None
         holder = view.holders.get(service) if view else None
         return holder.reservation if holder else 0
+
+    def freed(self, service: str) -> int:
+        """What stopping or evicting ``service`` frees on each of its GPUs (the least, where they differ)."""
+        booked = [self.reservation(service, g) for g in self.state.gpus(service)]
+        return min(booked) if booked else 0
+
+    def frees_text(self, service: str) -> str:
+        """``6144 MB on GPU 0``; ``20000 MB on each of GPUs 0 and 1`` for a service spanning several."""
+        span = self.state.gpus(service)
+        if len(span) <= 1:
+            return f"{self.freed(service)} MB on " + (f"GPU {span[0]}" if span else "no GPU")
+        booked = [self.reservation(service, g) for g in span]
+        if len(set(booked)) == 1:
+            return f"{booked[0]} MB on each of GPUs {_and(span)}"
+        return _and([f"{mb} MB on GPU {g}" for g, mb in zip(span, booked, strict=True)])
+
+    @staticmethod
+    def on_gpus(gpus: tuple[int, ...]) -> OnGpus:
+        """A record's ``gpu`` and ``gpus`` fields for ``gpus`` (``gpus`` only when there are several)."""
+        return {"gpu": gpus[0] if gpus else None, "gpus": list(gpus) if len(gpus) > 1 else None}
 
     def allowed_gpus(self, spec: Service, demand: Demand | None = None) -> list[int]:
         gpus = [g for g in self.world.gpus if spec.gpus is None or g in spec.gpus]
@@ -92,6 +142,10 @@ class Planner:
         """Whether ``gpu`` is recorded (an instance or lease is on it) but the host does not show it."""
         return gpu is not None and gpu not in self.world.gpus
 
+    def lost(self, gpus: tuple[int, ...]) -> int | None:
+        """The first of ``gpus`` that the host does not show, if any."""
+        return next((g for g in gpus if self.unseen(g)), None)
+
     @staticmethod
     def unseen_note(gpu: int | None) -> str:
         return f"GPU {gpu} cannot be seen on this host (NVML failing, or a --gpu spec that leaves it out)"
@@ -99,9 +153,10 @@ class Planner:
     def report_unseen(self) -> None:
         """A condition per instance on a GPU the host does not show: left as it is, and said so."""
         for name, instance in sorted(self.world.instances.items()):
-            if (self.unseen(instance.gpu) and name not in self.state.gone and name in self.profile.services
+            gpu = self.lost(instance.gpu_set)
+            if (gpu is not None and name not in self.state.gone and name in self.profile.services
                     and not any(p.service == name and p.demand is None for p in self.state.pending)):
-                self.state.wait(name, f"{name} runs on GPU {instance.gpu}; {self.unseen_note(instance.gpu)}: "
+                self.state.wait(name, f"{name} runs on GPU {_ids(instance.gpu_set)}; {self.unseen_note(gpu)}: "
                                       f"nothing is started on or evicted from it, and {name} is left running as it is")
 
     # --- 1. leases -------------------------------------------------------------
@@ -111,13 +166,13 @@ class Planner:
             stamp = iso_utc(lease.expires_at) if lease.expires_at is not None else "?"
             holder = f" (holder {lease.holder})" if lease.holder else ""
             self.state.add("release", lease.id, lease.service, f"lease {lease.id}{holder} expired at {stamp}",
-                     gpu=lease.gpu, lease=lease.id)
+                     **self.on_gpus(lease.gpu_set), lease=lease.id)
         keep = []
         for lease in self.world.active_leases:
             if lease.kind == "service" and lease.service not in self.profile.services:
                 self.state.add("release", lease.id, lease.service,
                          f"lease {lease.id}: service {lease.service!r} is no longer in the profile",
-                         gpu=lease.gpu, lease=lease.id)
+                         **self.on_gpus(lease.gpu_set), lease=lease.id)
             else:
                 keep.append(lease)
         self.world.active_leases = keep
@@ -131,9 +186,9 @@ class Planner:
                 continue
             port = spec.probe_port
             listener = self.world.listener(port)
-            gpu = self._adopted_gpu(spec, listener.pid if listener else None)
+            gpus = self._adopted_gpus(spec, listener.pid if listener else None)
             instance = Instance(
-                service=name, gpu=gpu, origin="adopted", pid=listener.pid if listener else None,
+                service=name, **self.on_gpus(gpus), origin="adopted", pid=listener.pid if listener else None,
                 create_time=listener.create_time if listener else None, state="running", since=self.world.now,
             )
             self.world.instances[name] = instance
@@ -142,18 +197,20 @@ class Planner:
                 "adopt", name, name,
                 f"healthy listener on port {port}{holder} answers {spec.managed.health_path}; "
                 f"adopting it instead of starting a second one",
-                gpu=gpu,
+                **self.on_gpus(gpus),
             )
 
-    def _adopted_gpu(self, spec: Service, pid: int | None) -> int | None:
+    def _adopted_gpus(self, spec: Service, pid: int | None) -> tuple[int, ...]:
+        """Every GPU where NVML shows its process tree; else (nothing attributed) the first allowed ones."""
         if pid is not None:
-            for gpu in self.snapshot.gpus:
-                if any(self.world.owner_pid(p.pid, {pid}) == pid for p in gpu.processes):
-                    return gpu.index
+            seen = tuple(sorted(gpu.index for gpu in self.snapshot.gpus
+                                if any(self.world.owner_pid(p.pid, {pid}) == pid for p in gpu.processes)))
+            if seen:
+                return seen
         if spec.max_mb == 0:
-            return None
+            return ()
         allowed = self.allowed_gpus(spec)
-        return allowed[0] if allowed else None
+        return tuple(allowed[:spec.gpu_count]) if len(allowed) >= spec.gpu_count else tuple(allowed[:1])
 
     # --- 3. stops and 4. restarts ----------------------------------------------
 
@@ -168,20 +225,21 @@ class Planner:
             if instance.origin == "adopted":
                 if spec is None:
                     self.state.add("release", name, name, f"adopted instance: {why}; it keeps running",
-                                   gpu=instance.gpu)
+                                   **self.on_gpus(instance.gpu_set))
                     self.state.gone.add(name)
                 continue
-            if self.unseen(instance.gpu):
-                why += f"; {self.unseen_note(instance.gpu)}, so the memory it frees is not counted"
-                self.state.add("stop", name, name, why, gpu=instance.gpu)
+            lost = self.lost(instance.gpu_set)
+            if lost is not None:
+                why += f"; {self.unseen_note(lost)}, so the memory it frees is not counted"
+                self.state.add("stop", name, name, why, **self.on_gpus(instance.gpu_set))
             else:
-                self.state.add("stop", name, name, why, gpu=instance.gpu, mb=self.reservation(name))
+                self.state.add("stop", name, name, why, **self.on_gpus(instance.gpu_set), mb=self.freed(name))
             self._free_up(name)
 
     def _free_up(self, service: str) -> None:
-        gpu = self.state.gpu_of.get(service)
-        if gpu is not None and gpu in self.state.free:
-            self.state.free[gpu] += self.reservation(service)
+        for gpu in self.state.gpus(service):
+            if gpu in self.state.free:
+                self.state.free[gpu] += self.reservation(service, gpu)
         self.state.gone.add(service)
         self.state.touched.add(service)
 
@@ -197,7 +255,7 @@ class Planner:
             return
         spec = self.profile.services[name]
         desired = launch_changed(name, spec, instance)
-        if desired is None and instance.restart is None:
+        if (desired is None and instance.restart is None) or name in self.state.draining:
             return
         reason = describe_launch_change(instance.launch, desired, self.redactor) if desired is not None else (
             "a restart was asked for" + (" (now)" if instance.restart == "now" else ""))
@@ -210,10 +268,20 @@ class Planner:
             return
         self.restart(name, instance, instance.model, reason)
 
+    @staticmethod
+    def span_change(spec: Service, instance: Instance) -> str | None:
+        """Why an instance of ours runs on the wrong number of GPUs (``gpu_count`` was edited), or None."""
+        span = instance.gpu_set
+        if instance.origin != "started" or not span or spec.max_mb == 0 or len(span) == spec.gpu_count:
+            return None
+        return (f"gpu_count is {spec.gpu_count}: it runs on {len(span)} GPU{'s' if len(span) != 1 else ''} "
+                f"(GPU {_ids(span)})")
+
     def restart(self, name: str, instance: Instance, model: str | None, reason: str) -> str | None:
-        """Stop and start again on the same GPU; evicts first when the new ceiling does not fit."""
+        """Stop and start again on the same GPUs; evicts first when the new ceiling does not fit there."""
         spec = self.profile.services[name]
-        gpu = instance.gpu
+        span = instance.gpu_set
+        gpu = span[0] if span else None
         if model is None and model_bound(spec):  # {model} would be filled with nothing
             self.state.wait(name, f"restart ({reason}) needs a model: set `model:` in the profile or name one in "
                                   "a lease", final=True)
@@ -225,28 +293,82 @@ class Planner:
             self.state.wait(name, f"restart ({reason}) cannot launch with model {model!r}: {problem}", final=True)
             self.state.touched.add(name)
             return None
-        if self.unseen(gpu):
-            self.state.wait(name, f"restart ({reason}) waits: {self.unseen_note(gpu)}, and nothing is started there")
+        lost = self.lost(span)
+        if lost is not None:
+            self.state.wait(name, f"restart ({reason}) waits: {self.unseen_note(lost)}, and nothing is started there")
             self.state.touched.add(name)
             return None
         requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
-        if gpu is not None:
-            room = self.state.free[gpu] + self.reservation(name)
-            if room < spec.max_mb:
-                options = self._eviction_options(name, gpu, self.priority_of(name))
-                choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room)
+        priority = self.priority_of(name)
+        if len(span) == 1 and gpu is not None:
+            room_on = self.state.free[gpu] + self.reservation(name)
+            if room_on < spec.max_mb:
+                options = self._eviction_options(name, gpu, priority)
+                choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room_on)
                 if choice is None:
-                    self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
+                    self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room_on), options)}")
                     return None
-                requires += self.evict(Placement(gpu, choice), name, self.priority_of(name))
-            self.state.free[gpu] += self.reservation(name) - spec.max_mb
-        restart_id = self.state.add("restart", name, name, reason, gpu=gpu,
-                                    mb=spec.max_mb if gpu is not None else None, model=model,
+                requires += self.evict(Placement((gpu,), choice), name, priority)
+        elif span:  # every GPU of the set must take the new ceiling: one eviction across them
+            room = {g: self.state.free[g] + self.reservation(name, g) for g in span}
+            if any(room[g] < spec.max_mb for g in span):
+                placed = place_set(spec.max_mb, len(span), list(span), room, self._eviction_pool(name, priority),
+                                   prefer=span)
+                if isinstance(placed, NoPlacement):
+                    self.state.wait(name, f"restart ({reason}) {placed.reason}")
+                    return None
+                requires += self.evict(placed, name, priority)
+        for g in span:
+            self.state.free[g] += self.reservation(name, g) - spec.max_mb
+        restart_id = self.state.add("restart", name, name, reason, **self.on_gpus(span),
+                                    mb=spec.max_mb if span else None, model=model,
                                     requires=sorted(set(requires)))
         self.state.ready[name] = restart_id
         self.state.models[name] = model
         self.state.touched.add(name)
         return restart_id
+
+    def stop_respanned(self, wanted: dict[str, str]) -> None:
+        """Our instances whose ``gpu_count`` was edited (they run on another number of GPUs): stopped
+        here, with the stops, and started again on a new set in priority order like any start — so
+        what they give back counts for everything planned after. An instance is stopped only when
+        some set could take it (its own memory counted as free); else it keeps running, pending. A
+        busy one waits for its leases to end, as a restart does.
+        """
+        for name, instance in sorted(self.world.instances.items()):
+            spec = self.profile.services.get(name)
+            note = self.span_change(spec, instance) if spec is not None and spec.managed is not None else None
+            if spec is None or note is None or name not in wanted or name in self.state.gone:
+                continue
+            if self.lost(instance.gpu_set) is not None:
+                continue  # report_unseen says why it is left as it is
+            held = self.held(name)
+            if held and instance.restart != "now" and not spec.restart_when_busy:
+                leases = "its lease ends" if held == 1 else f"its {held} leases end"
+                self.state.wait(name, f"restart ({note}) waits until {leases}; `reconciler restart {name} --now` "
+                                      "restarts it now")
+                self.state.draining[name] = f"it restarts once {leases}"
+                continue
+            if spec.gpu_count > len(self.world.gpus):
+                self.state.wait(name, f"restart ({note}) {self.too_few_gpus(spec)}; it keeps running as it is")
+                continue
+            room = dict(self.state.free)
+            for g in instance.gpu_set:
+                room[g] += self.reservation(name, g)
+            placement = self.place(name, spec, None, self.priority_of(name), (), free=room)
+            if isinstance(placement, NoPlacement):
+                self.state.wait(name, f"restart ({note}) {placement.reason}; it keeps running as it is")
+                continue
+            self.state.add("stop", name, name, f"{note}; it starts again on {spec.gpu_count} GPU"
+                           f"{'s' if spec.gpu_count != 1 else ''}", **self.on_gpus(instance.gpu_set),
+                           mb=self.freed(name))
+            self._free_up(name)
+            self.state.respanned[name] = note
+
+    def too_few_gpus(self, spec: Service) -> str:
+        count = len(self.world.gpus)
+        return (f"needs {spec.max_mb} MB on {spec.gpu_count} GPUs (gpu_count {spec.gpu_count}); this node has "
+                f"{count} GPU{'s' if count != 1 else ''}")
 
     def relieve_over_commits(self) -> None:
         """A GPU booked beyond its total (a crash mid-eviction, an edit that raised a ceiling, foreign
@@ -271,7 +393,7 @@ class Planner:
                 self.state.wait(f"GPU {gpu}", f"over-committed: {booked} MB booked on {view.total} MB, "
                                               f"{deficit} MB must be freed; {why[0]}")
                 continue
-            self.evict(Placement(gpu, choice), "", OVER_COMMIT_PRIORITY, cause=cause)
+            self.evict(Placement((gpu,), choice), "", OVER_COMMIT_PRIORITY, cause=cause)
 
     # --- 5. starts and leases --------------------------------------------------
 
@@ -290,12 +412,15 @@ class Planner:
         demands: dict[str, list[Demand]] = {}
         for demand in sorted(self.snapshot.demands, key=lambda d: (d.requested_at is None, d.requested_at, d.id)):
             demands.setdefault(demand.service, []).append(demand)
+        demanded = set(demands)
         for name in order:
             spec = self.profile.services[name]
             queue = demands.pop(name, [])
             self.restart_if_changed(name)
-            if spec.managed is not None and (name not in self.world.instances or self._moved(name, queue)):
-                self.start(name, spec, wanted[name], queue, effective[name])
+            moved = self._moved(name, queue, wanted, demanded) if name in self.world.instances else None
+            if spec.managed is not None and (name not in self.world.instances or moved is not None
+                                             or name in self.state.respanned):
+                self.start(name, spec, moved or self.state.respanned.get(name) or wanted[name], queue, effective[name])
             if spec.managed is None:
                 self.granting.grant_slot(name, spec, queue, effective[name])
             else:
@@ -304,10 +429,21 @@ class Planner:
             for demand in queue:
                 self.state.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
 
-    def _moved(self, name: str, queue: list[Demand]) -> bool:
-        """An instance of ours evicted earlier in this pass that still has demands: start it elsewhere."""
+    def _moved(self, name: str, queue: list[Demand], wanted: dict[str, str], demanded: set[str]) -> str | None:
+        """An instance of ours evicted earlier in this pass that is still wanted: start it elsewhere.
+
+        Still wanted: it has demands, or a wanted service that stays (or is itself started
+        elsewhere for its demands) needs it — a dependency evicted to relieve an over-committed
+        GPU, say. Otherwise the next pass would start it, and a plan must converge in one step.
+        """
         instance = self.world.instances[name]
-        return bool(queue) and self.state.evicts(name) and instance.origin == "started"
+        if not self.state.evicts(name) or instance.origin != "started":
+            return None
+        if queue:
+            return wanted[name]
+        needing = sorted(other for other in wanted if other != name and name in self.deps.needs(other)
+                         and (other not in self.state.gone or other in demanded))
+        return f"needed by {', '.join(needing)}" if needing else None
 
     def start(self, name: str, spec: Service, why: str, queue: list[Demand], priority: int) -> None:
         blocked = [d for d in spec.depends_on if d in self.state.failed]
@@ -315,32 +451,39 @@ class Planner:
             cause = self.state.failed[blocked[0]]
             return self._unreachable(name, queue, f"waits for {blocked[0]}, which cannot start: {cause}")
         dead = self.world.dead.get(name)
-        model = (queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None) or spec.model
+        respanned = self.world.instances[name] if name in self.state.respanned else None  # it keeps its model
+        model = ((queue[0].model if queue and queue[0].model else None) or (dead.model if dead else None)
+                 or (respanned.model if respanned else None) or spec.model)
         if model is None and model_bound(spec):
             return self._unreachable(name, queue, "needs a model: set `model:` in the profile or name one in the lease")
-        launch = launch_spec(name, spec, dead.gpu if dead else None, model)
+        launch = launch_spec(name, spec, dead.gpu_set if dead else None, model)
         problem = launch_problem(launch) if launch is not None else None
         if problem is not None:
             return self._unreachable(name, queue, f"cannot be launched with model {model!r}: {problem}", final=True)
         conflict = self._port_conflict(name, spec)
         if conflict:
             return self._unreachable(name, queue, conflict)
-        gpu, requires = None, [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
-        evicted = self.state.action("evict", name)
-        if evicted is not None:
-            requires.append(evicted.id)  # the evicted instance still holds the port until it is gone
+        gpus: tuple[int, ...] = ()
+        requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
+        for gone in (self.state.action("evict", name), self.state.action("stop", name)):
+            if gone is not None:
+                requires.append(gone.id)  # the instance evicted or stopped still holds the port until it is gone
         if spec.max_mb > 0:
             if not self.world.gpus:
                 return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
-            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None)
+            if spec.gpu_count > len(self.world.gpus):
+                return self._unreachable(name, queue, self.too_few_gpus(spec))
+            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu_set if dead else ())
             if isinstance(placement, NoPlacement):
                 return self._unreachable(name, queue, placement.reason)
-            gpu = placement.gpu
+            gpus = placement.gpus
             requires += self.evict(placement, name, priority)
-            stops = [a for a in self.state.actions.values() if a.kind == "stop" and a.gpu == gpu]
-            if self.state.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
-                requires += [a.id for a in stops]  # it needs the memory those stops give back
-            self.state.free[gpu] -= spec.max_mb
+            for gpu in gpus:
+                stops = [a for a in self.state.actions.values() if a.kind == "stop" and gpu in a.gpu_set]
+                if self.state.free[gpu] - sum(self._gives(a, gpu) for a in stops) < spec.max_mb:
+                    requires += [a.id for a in stops]  # it needs the memory those stops give back
+            for gpu in gpus:
+                self.state.free[gpu] -= spec.max_mb
         detail = ""
         if dead is not None and dead.pid is not None:
             process = self.world.processes.get(dead.pid)
@@ -350,12 +493,24 @@ class Planner:
                 detail = f"; was pid {dead.pid}, which now belongs to another process"
             else:
                 detail = f"; its last instance (pid {dead.pid}) failed"
-        where = f" on GPU {gpu} ({spec.max_mb} MB, {self.state.free[gpu]} MB left free)" if gpu is not None else ""
+        if len(gpus) == 1:
+            where = f" on GPU {gpus[0]} ({spec.max_mb} MB, {self.state.free[gpus[0]]} MB left free)"
+        elif gpus:
+            left = _and([str(self.state.free[g]) for g in gpus])
+            where = f" on GPUs {_and(gpus)} ({spec.max_mb} MB on each; {left} MB left free)"
+        else:
+            where = ""
         self.state.ready[name] = self.state.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
-                                    gpu=gpu, mb=spec.max_mb if gpu is not None else None, model=model,
+                                    **self.on_gpus(gpus), mb=spec.max_mb if gpus else None, model=model,
                                     requires=sorted(set(requires)))
-        self.state.models[name], self.state.gpu_of[name] = model, gpu
+        self.state.models[name], self.state.placed[name] = model, gpus
         self.state.touched.add(name)
+
+    def _gives(self, action: Action, gpu: int) -> int:
+        """What a stop or an evict emitted so far gives back on ``gpu``."""
+        if action.mb is None:
+            return 0
+        return action.mb if len(action.gpu_set) == 1 else self.reservation(action.service, gpu)
 
     def _unreachable(self, name: str, queue: list[Demand], reason: str, *, final: bool = False) -> None:
         self.state.failed[name] = reason
@@ -380,12 +535,21 @@ class Planner:
         return None
 
     def place(
-        self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None
+        self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: tuple[int, ...],
+        free: dict[int, int] | None = None,
     ) -> Placement | NoPlacement:
-        return place(spec.max_mb, self.allowed_gpus(spec, demand), self.state.free,
-                     lambda gpu: self._eviction_options(name, gpu, priority), prefer)
+        """Where ``name`` goes: one GPU, or a set of ``gpu_count`` (``prefer``: where it ran last)."""
+        free = self.state.free if free is None else free
+        if spec.gpu_count == 1:
+            return place(spec.max_mb, self.allowed_gpus(spec, demand), free,
+                         lambda gpu: self._eviction_options(name, gpu, priority), prefer[0] if prefer else None)
+        return place_set(spec.max_mb, spec.gpu_count, self.allowed_gpus(spec), free,
+                         self._eviction_pool(name, priority), prefer, demand.gpu if demand is not None else None)
 
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:
+        return self._eviction_pool(requester, priority).on(gpu)
+
+    def _eviction_pool(self, requester: str, priority: int) -> EvictionPool:
         protected = self.deps.needs(requester)
         live = {n: i for n, i in self.world.instances.items() if n not in self.state.gone}
         # leased unmanaged slots hold memory no driver can free: they are never evicted, and
@@ -397,21 +561,21 @@ class Planner:
             spec = self.profile.services.get(name)
             return (name in live and spec is not None and self.priority_of(name) > priority and not spec.always_on
                     and name not in self.state.touched and name not in protected
-                    and not self.unseen(live[name].gpu) and self._can_free(name, live[name]))
+                    and self.lost(live[name].gpu_set) is None and self._can_free(name, live[name]))
 
         holders = set(live) | held_slots
         closures = {n: self.deps.needed_by(n) & holders for n in live}
-        candidates: dict[str, Candidate] = {}
-        blockers: list[str] = []
+        candidates: dict[str, Spread] = {}
+        blockers: dict[int, list[str]] = {}
         for name in sorted(live):
             spec = self.profile.services.get(name)
             blocked = [m for m in sorted(closures[name]) if not evictable(m)]
             if not blocked:
                 assert spec is not None, "evictable() holds only for services in the profile"
                 busy = self.held(name) > 0
-                mb = self.reservation(name) if live[name].gpu == gpu else 0
-                candidates[name] = Candidate(name, self.priority_of(name), busy, mb)
-            elif live[name].gpu == gpu and spec is not None:
+                mb = {g: self.reservation(name, g) for g in live[name].gpu_set}
+                candidates[name] = Spread(name, self.priority_of(name), busy, mb)
+            elif live[name].gpu_set and spec is not None:
                 if self.priority_of(name) <= priority:
                     why = f"priority {self.priority_of(name)}"
                     if self.priority_of(name) != spec.priority:
@@ -424,8 +588,9 @@ class Planner:
                     why = "needed by this plan"
                 else:
                     why = "adopted; its memory cannot be freed without killing it"
-                blockers.append(f"{name} ({why})")
-        return EvictionOptions(candidates, {n: closures[n] for n in candidates}, blockers)
+                for g in live[name].gpu_set:
+                    blockers.setdefault(g, []).append(f"{name} ({why})")
+        return EvictionPool(candidates, {n: closures[n] for n in candidates}, blockers)
 
     def _can_free(self, name: str, instance: Instance) -> bool:
         """Adopted instances are evictable only where a driver frees memory without killing (Ollama)."""
@@ -441,21 +606,22 @@ class Planner:
             spec = self.profile.services[name]
             instance = self.world.instances[name]
             how = " (its models are unloaded; the process keeps running)" if instance.origin == "adopted" else ""
-            mb = self.reservation(name)
+            span = self.state.gpus(name)
+            mb = self.freed(name)
             adopted = self.state.ready_after(name)
             adopting = [adopted.id] if adopted is not None and adopted.kind == "adopt" else []
             evicted_deps = [d for d in spec.depends_on if d in placement.eviction.services]
             if cause is not None:
-                why = f"{cause}: frees {mb} MB" if not evicted_deps else (
+                frees = f"{mb} MB" if len(span) <= 1 else self.frees_text(name)
+                why = f"{cause}: frees {frees}" if not evicted_deps else (
                     f"{cause}: depends on {', '.join(evicted_deps)}, which is evicted")
-            elif instance.gpu == placement.gpu or not evicted_deps:
-                where = f"GPU {instance.gpu}" if instance.gpu is not None else "no GPU"
-                why = f"frees {mb} MB on {where} for {beneficiary}"
+            elif set(span) & set(placement.gpus) or not evicted_deps:
+                why = f"frees {self.frees_text(name)} for {beneficiary}"
             else:
                 why = f"depends on {', '.join(evicted_deps)}, which is evicted for {beneficiary}"
             evict_id = self.state.add(
                 "evict", name, name, f"{why}; {name} has priority {spec.priority}{how}",
-                gpu=instance.gpu, mb=mb, requires=adopting,
+                **self.on_gpus(span), mb=mb, requires=adopting,
             )
             self._free_up(name)
             if instance.origin == "adopted":
@@ -464,7 +630,7 @@ class Planner:
             for lease in self.world.leases_of(name):
                 self.state.released.add(lease.id)
                 self.state.add("release", lease.id, name, f"lease {lease.id}: {name} is evicted for {requester}",
-                               gpu=lease.gpu, lease=lease.id, requires=[evict_id])
+                               **self.on_gpus(lease.gpu_set), lease=lease.id, requires=[evict_id])
         for evict_id in ids:  # dependents go first
             name = self.state.actions[evict_id].service
             dependents = self.deps.needed_by(name) - {name}
@@ -482,17 +648,20 @@ class Planner:
         self.world.account()
         self.state.free = {g: view.headroom for g, view in self.world.gpus.items()}
         self.headroom = dict(self.state.free)  # what is free before the plan: what consumers may count on
-        self.state.gpu_of = {name: i.gpu for name, i in self.world.instances.items()}
+        self.state.placed = {name: i.gpu_set for name, i in self.world.instances.items()}
+        slots: dict[str, tuple[int, ...]] = {}
         for holder_gpu, view in self.world.gpus.items():
             for key, holder in view.holders.items():
                 if holder.origin == "slot":
-                    self.state.gpu_of[key] = holder_gpu
+                    slots[key] = (*slots.get(key, ()), holder_gpu)
+        self.state.placed.update(slots)
         wanted = compute_wanted(self.world, self.deps)
         self.stop_unwanted(wanted.unwanted)
         for name in self.world.instances:
             if name not in self.state.gone:
                 self.state.ready.setdefault(name, None)
         self.relieve_over_commits()
+        self.stop_respanned(wanted.wanted)
         self.converge_services(wanted.wanted)
         self.report_unseen()
         self._order_stops()
@@ -538,30 +707,31 @@ class Planner:
         moment (invariant 4; :mod:`.interleavings` checks it).
         """
         moves = memory_moves(list(self.state.actions.values()), self.booked())
-        first_of_slot = {members[0]: key for key, members in moves.slots.items()}
+        first_of_slot: dict[tuple[str, int], int] = {}  # (first lease, GPU) → what it books there
+        for key, members in moves.slots.items():
+            first_of_slot[(members[0], key[1])] = moves.slot_mb[key]
         later_of_slot = {m: members[0] for members in moves.slots.values() for m in members[1:]}
         taken: dict[int, int] = {}
         freers: dict[int, list[str]] = {}
         for current in list(self.state.actions):
             action = self.state.actions[current]
-            if action.gpu is None:
+            if not action.gpu_set:
                 continue
-            gpu = action.gpu
             if current in later_of_slot:
                 first = self.state.actions[later_of_slot[current]]
                 self.state.update(current, requires=sorted(set(action.requires) | set(first.requires)))
                 continue
-            take = moves.taken.get(current, 0)
-            if current in first_of_slot:
-                take = moves.slot_mb[first_of_slot[current]]
-            over = self.headroom.get(gpu, 0) < 0 and action.kind in ("start", "restart", "lease")
-            if take > 0 or over:  # on an over-committed GPU, even a restart to the same ceiling waits
-                if over or self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
-                    needed = set(freers.get(gpu, [])) - {current}
-                    if not needed <= set(action.requires):
-                        self.state.update(current, requires=sorted(set(action.requires) | needed))
-                taken[gpu] = taken.get(gpu, 0) + take
-            if moves.given.get(current, 0) > 0:
+            needed: set[str] = set()
+            for gpu in action.gpu_set:  # each GPU it takes memory on, on its own
+                take = first_of_slot.get((current, gpu), moves.taken.get((current, gpu), 0))
+                over = self.headroom.get(gpu, 0) < 0 and action.kind in ("start", "restart", "lease")
+                if take > 0 or over:  # on an over-committed GPU, even a restart to the same ceiling waits
+                    if over or self.headroom.get(gpu, 0) - taken.get(gpu, 0) < take:
+                        needed |= set(freers.get(gpu, [])) - {current}
+                    taken[gpu] = taken.get(gpu, 0) + take
+            if not needed <= set(action.requires):
+                self.state.update(current, requires=sorted(set(action.requires) | needed))
+            for gpu in moves.gives_on(current):
                 freers.setdefault(gpu, []).append(current)
 
     def _finish(self, before: World) -> Plan:
@@ -583,3 +753,14 @@ class Planner:
                            free_mb_after=after.gpus[g].free if g in after.gpus else view.free)
                 for g, view in before.gpus.items()]
         return draft.model_copy(update={"gpus": gpus})
+
+
+def _ids(gpus: tuple[int, ...]) -> str:
+    """``0`` or ``0,1``: GPU indexes as a reason names them after the word GPU."""
+    return ",".join(map(str, gpus))
+
+
+def _and(items: tuple[int, ...] | list[str]) -> str:
+    """``0 and 1``; ``0, 1 and 2``."""
+    words = [str(i) for i in items]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"

@@ -16,7 +16,7 @@ import difflib
 from pathlib import PurePath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from reconciler.core.templates import PLACEHOLDERS, find_placeholders, split_template
 
@@ -57,7 +57,7 @@ class ProcessSpec(_Strict):
     args_template: str = Field(
         "",
         description="Arguments, split like a shell would (no shell is ever used); placeholders "
-        "such as {port}, {gpu_id}, {model} are filled inside each token.",
+        "such as {port}, {gpu_id}, {gpu_ids}, {model} are filled inside each token.",
     )
     cwd: str | None = Field(None, description="Working directory; none = the reconciler's state directory.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
@@ -139,7 +139,14 @@ class Service(_Strict):
         default_factory=list, description="Start after these are healthy; stop before them."
     )
     gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="GPU indexes it may be placed on; none = any."
+        None, description="GPU indexes it may be placed on; none = any. With `gpu_count`, list at least that many."
+    )
+    gpu_count: int = Field(
+        1, ge=1, le=64,
+        description="GPUs it needs at once (tensor parallel: vLLM --tensor-parallel-size, llama.cpp --split-mode, "
+        "SGLang --tp): `max_mb` is reserved on each. {gpu_ids} fills in the chosen indexes, comma-separated and "
+        "ascending (`0,1`); {gpu_id} is the first. The process driver sets CUDA_VISIBLE_DEVICES=0,1, the docker "
+        "driver --gpus \"device=0,1\".",
     )
     model: str | None = Field(None, description="Default model, fills {model} when a lease names none.")
     start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
@@ -154,6 +161,21 @@ class Service(_Strict):
         "once, cutting off its lease holders; by default the restart waits until the instance is idle, and new "
         "lease requests wait for the restarted one.",
     )
+
+    @field_validator("gpu_count")
+    @classmethod
+    def _enough_gpus(cls, v: int, info: ValidationInfo) -> int:
+        if v == 1:
+            return v
+        if info.data.get("max_mb") == 0:
+            raise ValueError(f"gpu_count is {v} but max_mb is 0: a service without GPU memory uses no GPU; "
+                             "give max_mb (per GPU) or drop gpu_count")
+        gpus = info.data.get("gpus")
+        if gpus is not None and len(set(gpus)) < v:
+            listed = ", ".join(map(str, sorted(set(gpus)))) or "none"
+            raise ValueError(f"gpu_count is {v} but gpus lists only {len(set(gpus))} ({listed}); "
+                             f"list at least {v} GPU indexes or lower gpu_count")
+        return v
 
     @property
     def probe_port(self) -> int | None:

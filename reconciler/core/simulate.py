@@ -4,7 +4,8 @@ Used for ``free_mb_after`` and for the convergence property (planning the
 simulated result of a plan yields no actions). The simulated host behaves
 like the simulated GPU backend: a started instance is a new process (fresh
 pid, ``create_time`` = now) listening on its port, answering its probe, and
-using its ``max_mb`` on its GPU; a stopped or evicted one is gone with its
+using its ``max_mb`` on its GPU (on each of its GPUs, for a service that
+spans several); a stopped or evicted one is gone with its
 memory; an evicted adopted Ollama keeps running with its models unloaded.
 """
 
@@ -42,14 +43,16 @@ class _Host:
             grew = bool(more)
         return tree
 
-    def _set_usage(self, pids: set[int], gpu: int | None, mb: int | None, owner: int | None = None) -> None:
-        """Drop ``pids`` from every GPU, then (if ``mb`` is given) charge ``mb`` to ``owner`` on ``gpu``."""
+    def _set_usage(
+        self, pids: set[int], gpus: tuple[int, ...], mb: int | None, owner: int | None = None
+    ) -> None:
+        """Drop ``pids`` from every GPU, then (if ``mb`` is given) charge ``mb`` to ``owner`` on each of ``gpus``."""
         for index, g in list(self.gpus.items()):
             kept = [p for p in g.processes if p.pid not in pids]
             removed = sum(p.used_mb for p in g.processes if p.pid in pids)
             add: list[GpuProcess] = []
             added = 0
-            if mb is not None and index == gpu:
+            if mb is not None and index in gpus:
                 assert owner is not None, "memory is charged to a process"
                 add = [GpuProcess(pid=owner, used_mb=mb)]
                 added = mb
@@ -58,30 +61,31 @@ class _Host:
 
     def kill(self, instance: Instance) -> None:
         if instance.pid is None:  # a container we cannot see into: its memory was unattributed
-            gpu = self.gpus.get(instance.gpu) if instance.gpu is not None else None
-            if gpu is not None:
-                unattributed = max(0, gpu.used_mb - sum(p.used_mb for p in gpu.processes))
-                spec = self.profile.services.get(instance.service)
-                freed = min(unattributed, spec.max_mb if spec else 0)
-                self.gpus[gpu.index] = gpu.model_copy(update={"used_mb": gpu.used_mb - freed, "free_mb": None})
+            for index in instance.gpu_set:
+                gpu = self.gpus.get(index)
+                if gpu is not None:
+                    unattributed = max(0, gpu.used_mb - sum(p.used_mb for p in gpu.processes))
+                    spec = self.profile.services.get(instance.service)
+                    freed = min(unattributed, spec.max_mb if spec else 0)
+                    self.gpus[gpu.index] = gpu.model_copy(update={"used_mb": gpu.used_mb - freed, "free_mb": None})
             return
         tree = self._tree(instance.pid)
-        self._set_usage(tree, None, None)
+        self._set_usage(tree, (), None)
         for pid in tree:
             self.processes.pop(pid, None)
 
     def spawn(self, action: Action) -> Instance:
         spec = self.profile.services[action.service]
-        launch = launch_spec(action.service, spec, action.gpu, action.model)
+        launch = launch_spec(action.service, spec, action.gpu_set, action.model)
         pid, self.next_pid = self.next_pid, self.next_pid + 1
         port = spec.probe_port
         self.processes[pid] = Process(pid=pid, create_time=self.now.timestamp(), cmdline=launch.argv if launch else [],
                                       listening=[port] if port else [])
-        if action.gpu is not None and spec.max_mb > 0:
-            self._set_usage({pid}, action.gpu, spec.max_mb, pid)
+        if action.gpu_set and spec.max_mb > 0:
+            self._set_usage({pid}, action.gpu_set, spec.max_mb, pid)
         if port is not None:
             self.probes[action.service] = Probe(healthy=True, status=200)
-        return Instance(service=action.service, gpu=action.gpu, origin="started", pid=pid,
+        return Instance(service=action.service, gpu=action.gpu, gpus=action.gpus, origin="started", pid=pid,
                         create_time=self.now.timestamp(), model=action.model, launch=launch, state="running",
                         since=self.now)
 
@@ -94,7 +98,8 @@ class _Host:
         port = self.profile.services[action.service].probe_port
         listener = next((p for p in self.processes.values() if port in p.listening), None)
         self.instances[action.service] = Instance(
-            service=action.service, gpu=action.gpu, origin="adopted", pid=listener.pid if listener else None,
+            service=action.service, gpu=action.gpu, gpus=action.gpus, origin="adopted",
+            pid=listener.pid if listener else None,
             create_time=listener.create_time if listener else None, state="running", since=self.now)
 
     def _start(self, action: Action) -> None:
@@ -114,7 +119,7 @@ class _Host:
         instance = self.instances[action.service]
         if instance.origin == "adopted":  # models unloaded, process keeps running
             if instance.pid is not None:
-                self._set_usage(self._tree(instance.pid), instance.gpu, 0, instance.pid)
+                self._set_usage(self._tree(instance.pid), instance.gpu_set, 0, instance.pid)
             return
         self._stop(action)
 
@@ -135,7 +140,7 @@ class _Host:
         demand = self.demands.pop(action.lease)
         expires = self.now + timedelta(seconds=demand.ttl_s) if demand.ttl_s else None
         self.leases[demand.id] = Lease(id=demand.id, service=demand.service, holder=demand.holder, gpu=action.gpu,
-                                       mb=action.mb or 0, model=action.model, expires_at=expires)
+                                       gpus=action.gpus, mb=action.mb or 0, model=action.model, expires_at=expires)
         instance = self.instances.get(action.service)
         if instance is not None:
             self.instances[action.service] = instance.model_copy(update={"idle_since": None})

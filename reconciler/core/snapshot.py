@@ -7,9 +7,18 @@ are required. Times are timezone-aware datetimes (UTC when written by us).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 NonNegInt = Annotated[int, Field(ge=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -17,6 +26,54 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+GPUS_DESCRIPTION = (
+    "Every GPU it spans, ascending, when more than one (a service with gpu_count > 1); `gpu` is the first. "
+    "Omitted for one GPU."
+)
+
+
+class Spanning(BaseModel):
+    """A record on one GPU (``gpu``) or several (``gpus``, ascending, ``gpu`` their first).
+
+    ``gpus`` is kept and written only when there are several, so a
+    single-GPU record reads and writes exactly as before (``gpu: 0, gpus:
+    [0]`` reads as ``gpu: 0``); :attr:`gpu_set` is the one way to ask "which GPUs",
+    whatever the record's shape. Instances, leases and plan actions are such
+    records.
+    """
+
+    if TYPE_CHECKING:  # declared by each subclass, where its fields' order is the format's
+        gpu: int | None
+        gpus: list[int] | None
+
+    @field_validator("gpus", check_fields=False)
+    @classmethod
+    def _ascending_from_gpu(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("gpus lists no GPU; leave it out for a record on one GPU (or none)")
+        unique = sorted(set(v))
+        if "gpu" in info.data and info.data["gpu"] != unique[0]:
+            raise ValueError(f"gpu is {info.data['gpu']} but gpus starts with {unique[0]}: "
+                             "gpu must be given, and be the first of gpus")
+        return unique if len(unique) > 1 else None
+
+    @model_serializer(mode="wrap")
+    def _omit_single(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("gpus") is None:
+            data.pop("gpus", None)
+        return data
+
+    @property
+    def gpu_set(self) -> tuple[int, ...]:
+        """The GPUs it is on, ascending: ``gpus``, else ``(gpu,)``, else none."""
+        if self.gpus:
+            return tuple(self.gpus)
+        return (self.gpu,) if self.gpu is not None else ()
 
 
 class GpuProcess(_Strict):
@@ -78,11 +135,13 @@ class Launch(_Strict):
 InstanceState = Literal["starting", "running", "stopping", "failed"]
 
 
-class Instance(_Strict):
+class Instance(_Strict, Spanning):
     """A service instance in the reconciler's own inventory."""
 
     service: str = Field(description="Service name in the profile.")
-    gpu: NonNegInt | None = Field(None, description="GPU index it is placed on; none for CPU services.")
+    gpu: NonNegInt | None = Field(
+        None, description="GPU index it is placed on (the first, when it spans several); none for CPU services.")
+    gpus: list[NonNegInt] | None = Field(None, description=GPUS_DESCRIPTION)
     origin: Literal["started", "adopted"] = Field(description="Started by us, or adopted (never signalled).")
     pid: int | None = Field(None, ge=0, description="Main process id, when known.")
     create_time: float | None = Field(None, description="Its create_time, identifying it with the pid.")
@@ -97,7 +156,7 @@ class Instance(_Strict):
     )
 
 
-class Lease(_Strict):
+class Lease(_Strict, Spanning):
     """A granted lease: a holder is using a service (or VRAM) until it ends."""
 
     id: str = Field(min_length=1, description="Lease id.")
@@ -108,8 +167,9 @@ class Lease(_Strict):
     )
     service: str = Field(description="Service it holds (for a `vram` lease: the holder's service name).")
     holder: str = Field("", description="Who holds it.")
-    gpu: NonNegInt | None = Field(None, description="GPU index.")
-    mb: NonNegInt = Field(0, description="MB it accounts for (a VRAM lease without a service instance).")
+    gpu: NonNegInt | None = Field(None, description="GPU index (the first, when its service spans several).")
+    gpus: list[NonNegInt] | None = Field(None, description=GPUS_DESCRIPTION)
+    mb: NonNegInt = Field(0, description="MB it accounts for (a VRAM lease without a service instance; per GPU).")
     model: str | None = Field(None, description="Model it was granted for.")
     expires_at: AwareDatetime | None = Field(None, description="When it ends; none = until released.")
 

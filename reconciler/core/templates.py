@@ -11,7 +11,7 @@ import re
 import shlex
 from collections.abc import Mapping
 
-PLACEHOLDERS = ("port", "host_port", "gpu_id", "model", "service")
+PLACEHOLDERS = ("port", "host_port", "gpu_id", "gpu_ids", "model", "service")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 

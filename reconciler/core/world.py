@@ -8,6 +8,13 @@ already stopped what it started.
 
 VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations − foreign)``.
 
+* An instance spanning several GPUs (``gpus``, a service with ``gpu_count``)
+  holds a reservation on each of them, each computed from what NVML shows
+  its process tree using *there* — a tensor-parallel server on one GPU and
+  its worker process on the other both count for it. Usage of an
+  instance's processes on a GPU that is not one of its own is no
+  reservation's: it is foreign there.
+
 * GPU memory of a process counts for an instance when the process is the
   instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
   process is not mistaken for foreign usage.
@@ -167,13 +174,17 @@ class World:
                     per_gpu[gpu.index] = per_gpu.get(gpu.index, 0) + proc.used_mb
         return usage
 
-    def reservation_for(self, service: str, instance: Instance, observed: dict[int, int]) -> tuple[int, bool]:
-        """(MB reserved, whether NVML attributes memory to it) for a live instance on its GPU."""
+    def reservation_for(
+        self, service: str, instance: Instance, observed: dict[int, int], gpu: int | None = None
+    ) -> tuple[int, bool]:
+        """(MB reserved, whether NVML attributes memory to it) for a live instance on ``gpu``, one of its
+        GPUs (default: its first); ``max_mb`` is a ceiling per GPU."""
         spec = self.profile.services.get(service)
         max_mb = spec.max_mb if spec else 0
-        attributed = instance.gpu is not None and instance.gpu in observed
-        seen = observed.get(instance.gpu, 0) if instance.gpu is not None else 0
-        view = self.gpus.get(instance.gpu) if instance.gpu is not None else None
+        gpu = instance.gpu if gpu is None else gpu
+        attributed = gpu is not None and gpu in observed
+        seen = observed.get(gpu, 0) if gpu is not None else 0
+        view = self.gpus.get(gpu) if gpu is not None else None
         cap = view.total if view is not None else None  # it runs there: that is all it can hold
         if instance.origin == "adopted":
             if attributed:
@@ -189,20 +200,26 @@ class World:
             view.holders.clear()
         holders: list[Holder] = list(extra)
         for service, instance in self.instances.items():
-            if instance.gpu is None or instance.gpu not in self.gpus:
-                continue
-            mb, attributed = self.reservation_for(service, instance, usage.get(service, {}))
-            absorbs = not attributed and (instance.origin == "adopted" or instance.pid is None)
-            holders.append(Holder(service, instance.gpu, mb, attributed, instance.origin, absorbs))
+            for gpu in instance.gpu_set:
+                if gpu not in self.gpus:
+                    continue
+                mb, attributed = self.reservation_for(service, instance, usage.get(service, {}), gpu)
+                absorbs = not attributed and (instance.origin == "adopted" or instance.pid is None)
+                holders.append(Holder(service, gpu, mb, attributed, instance.origin, absorbs))
         holders.extend(self.lease_holders())
         for holder in holders:
             if holder.gpu in self.gpus:
                 self.gpus[holder.gpu].holders[holder.key] = holder
-        attributed_pids = {i.pid for i in self.instances.values() if i.pid is not None}
+        on_gpu: dict[int, set[int]] = {}  # GPU → pids of the instances placed on it
+        for instance in self.instances.values():
+            for gpu in instance.gpu_set:
+                if instance.pid is not None:
+                    on_gpu.setdefault(gpu, set()).add(instance.pid)
         for view in self.gpus.values():
             per_process = sum(p.used_mb for p in view.gpu.processes)
-            unowned = sum(
-                p.used_mb for p in view.gpu.processes if self.owner_pid(p.pid, attributed_pids) is None
+            placed = on_gpu.get(view.index, set())
+            unowned = sum(  # an instance's usage on a GPU that is not one of its own is no reservation's
+                p.used_mb for p in view.gpu.processes if self.owner_pid(p.pid, placed) is None
             )
             raw = unowned + max(0, view.gpu.used_mb - per_process)
             absorbed = sum(h.reservation for h in view.holders.values() if h.absorbs)
@@ -219,7 +236,8 @@ class World:
             spec = self.profile.services.get(lease.service)
             if spec is None or spec.managed is not None or spec.max_mb == 0:
                 continue
-            if (lease.service, lease.gpu) not in slots:
-                slots.add((lease.service, lease.gpu))
-                out.append(Holder(lease.service, lease.gpu, spec.max_mb, False, "slot"))
+            for gpu in lease.gpu_set or (None,):
+                if (lease.service, gpu) not in slots:
+                    slots.add((lease.service, gpu))
+                    out.append(Holder(lease.service, gpu, spec.max_mb, False, "slot"))
         return out

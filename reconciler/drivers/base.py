@@ -5,8 +5,8 @@ Docker container (:mod:`.docker`), or an adopted Ollama whose models it unloads
 (:mod:`.ollama`). All three are a :class:`Driver`:
 
 * ``start(request)`` launches what a :class:`LaunchRequest` describes — the
-  service, its GPU and model, and its launch spec, computed once by the
-  caller — and returns the identity of what it started (a
+  service, its GPU (or every GPU of a service spanning several) and model,
+  and its launch spec, computed once by the caller — and returns the identity of what it started (a
   :class:`StartedProcess` or a :class:`StartedContainer`). A driver that
   cannot start anything (Ollama's: it only frees an adopted server's memory)
   says so with a :class:`~reconciler.errors.DriverError`.
@@ -26,12 +26,12 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from reconciler.core.launch import launch_spec
+from reconciler.core.launch import gpu_tuple, launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.snapshot import Instance, Launch
 from reconciler.errors import DriverError
@@ -90,7 +90,11 @@ class StopResult:
 
 @dataclass(frozen=True)
 class LaunchRequest:
-    """What to start: a service of the profile, where, with which model, and its launch spec."""
+    """What to start: a service of the profile, where, with which model, and its launch spec.
+
+    ``gpu`` is the GPU it goes to — the first, for a service spanning several, whose every GPU
+    (ascending) is in ``gpus``; :attr:`devices` is the one to ask either way.
+    """
 
     service: str
     spec: Service
@@ -100,15 +104,31 @@ class LaunchRequest:
     sim: bool = False  # the GPU is simulated: the process declares its memory instead of using it
     intent: int | None = None  # the intent the start is written under (a process carries it as a marker)
     shown_argv: list[str] | None = None  # argv as logs may show it (no expanded ${VAR} value); None: argv
+    gpus: tuple[int, ...] = ()  # every GPU of a service spanning several; () for one GPU (or none)
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        """Every GPU it goes to, ascending: ``(0, 1)`` for a pair, ``(0,)`` for one, ``()`` for none."""
+        if self.gpus:
+            return self.gpus
+        return (self.gpu,) if self.gpu is not None else ()
+
+    @property
+    def device_list(self) -> str:
+        """``0,1``: the GPUs as ``CUDA_VISIBLE_DEVICES`` (and docker's ``device=``) name them."""
+        return ",".join(map(str, self.devices))
 
     @classmethod
-    def of(cls, service: str, spec: Service, gpu: int | None, model: str | None, *, sim: bool = False,
-           intent: int | None = None) -> LaunchRequest:
-        """The request for ``service`` with its launch spec filled in; DriverError for an unmanaged slot."""
-        launch = launch_spec(service, spec, gpu, model)
+    def of(cls, service: str, spec: Service, gpu: int | Sequence[int] | None, model: str | None, *,
+           sim: bool = False, intent: int | None = None) -> LaunchRequest:
+        """The request for ``service`` on ``gpu`` (one GPU, or every GPU it spans) with its launch spec filled
+        in; DriverError for an unmanaged slot."""
+        devices = gpu_tuple(gpu)
+        launch = launch_spec(service, spec, devices, model)
         if launch is None:
             raise DriverError(f"{service} has no `managed:` block: an unmanaged slot is never started")
-        return cls(service, spec, gpu, model, launch, sim=sim, intent=intent)
+        return cls(service, spec, devices[0] if devices else None, model, launch, sim=sim, intent=intent,
+                   gpus=devices if len(devices) > 1 else ())
 
 
 Started = StartedProcess | StartedContainer

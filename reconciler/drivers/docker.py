@@ -3,9 +3,13 @@
 ``start`` runs ``docker run -d --name reconciler-<service> --label
 reconciler.managed=true --label reconciler.service=<service> [--gpus device=<gpu>]
 [--runtime …] [--ipc …] -p host_port:port -v … -e … image cmd…`` — an argv list
-through an asyncio subprocess, never a shell. Under a simulated GPU there is no
-``--gpus`` (no NVIDIA runtime to ask); the container gets
-``CUDA_VISIBLE_DEVICES`` and ``RECONCILER_SIM_GPU_MB`` instead, as processes do.
+through an asyncio subprocess, never a shell. A service spanning several GPUs
+gets ``--gpus '"device=0,1"'`` as a shell would pass it: docker splits the
+value as CSV, so the double quotes are part of the argument (``device=0,1``
+alone would read as ``device=0`` and a stray ``1``). Under a simulated GPU there
+is no ``--gpus`` (no NVIDIA runtime to ask); the container gets
+``CUDA_VISIBLE_DEVICES`` (``0,1`` for a pair) and ``RECONCILER_SIM_GPU_MB``
+instead, as processes do.
 
 ``stop`` enforces invariant 1 for containers: it ``docker inspect``s the
 container first and acts only on one carrying ``reconciler.managed=true``,
@@ -75,7 +79,10 @@ class DockerDriver(Driver):
             argv += ["--label", f"{OWNER_LABEL}={self.owner}"]
         env = dict(launch.env)
         if gpu is not None and sim:
-            env.update({"CUDA_VISIBLE_DEVICES": str(gpu), SIM_GPU_MB_ENV: str(service.max_mb)})
+            env.update({"CUDA_VISIBLE_DEVICES": request.device_list, SIM_GPU_MB_ENV: str(service.max_mb)})
+        elif len(request.devices) > 1:
+            # docker reads --gpus as CSV: several devices need the quotes inside the value itself
+            argv += ["--gpus", f'"device={request.device_list}"']
         elif gpu is not None:
             argv += ["--gpus", f"device={gpu}"]
         if spec.runtime:

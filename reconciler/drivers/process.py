@@ -5,9 +5,11 @@ as an argv list — one value, one token, never a shell — in its own session a
 process group, with stdout and stderr appended to ``<state_dir>/logs/<service>.log``.
 The environment is the reconciler's own, plus the profile's ``env``, plus
 ``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
-when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when the GPU is
-simulated (the sim backend attributes memory to processes carrying it), plus
-two markers that make the process findable without the store:
+when placed on a GPU — ``CUDA_VISIBLE_DEVICES=0,1`` for a service spanning
+GPUs 0 and 1 (``gpu_count: 2``) — plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when
+the GPU is simulated (the sim backend attributes memory to processes carrying
+it, on each listed GPU), plus two markers that make the process findable
+without the store:
 
 * ``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent:
   a reconciler that died between the launch and recording the pid finds its
@@ -15,7 +17,8 @@ two markers that make the process findable without the store:
 * ``RECONCILER_INSTANCE=<JSON>``, always: the (real) state directory, the
   service, the GPU and model it was started with, and of its launch spec
   what ``/proc`` cannot tell — the ``cwd`` as written in the profile, the
-  *names* (never the values) of the profile's ``env`` keys, and the port.
+  *names* (never the values) of the profile's ``env`` keys, and the port
+  (and ``gpus``, every GPU of a service spanning several).
   A reconciler whose inventory lost the process (``state.db`` deleted, moved
   aside, restored from an old copy) finds it again by it
   (:meth:`ProcessDriver.find_ours`) and rebuilds what it runs: ``argv`` from
@@ -132,6 +135,7 @@ class FoundProcess:
     model: str | None
     launch: Launch  # what it runs: argv from its command line, cwd, the marked env keys, the port
     launched: str  # which launch it belongs to (its RECONCILER_INTENT marker, or service@process group)
+    gpus: tuple[int, ...] = ()  # every GPU of a service spanning several; () for one
 
 
 def _marker(raw: str) -> dict[str, Any] | None:
@@ -179,10 +183,13 @@ class ProcessDriver(Driver):
     def instance_marker(self, request: LaunchRequest) -> str:
         """The ``RECONCILER_INSTANCE`` value of a process started for ``request`` (see the module docstring)."""
         launch = request.launch
-        return json.dumps({
+        marker: dict[str, Any] = {
             "state_dir": os.path.realpath(self.state_dir), "service": request.service, "gpu": request.gpu,
             "model": request.model, "cwd": launch.cwd, "env": sorted(launch.env), "port": launch.port,
-        }, sort_keys=True)
+        }
+        if len(request.devices) > 1:
+            marker["gpus"] = list(request.devices)
+        return json.dumps(marker, sort_keys=True)
 
     def environment(self, request: LaunchRequest) -> dict[str, str]:
         env = dict(os.environ)
@@ -190,8 +197,8 @@ class ProcessDriver(Driver):
         for marker in (INTENT_ENV, INSTANCE_ENV):  # nor does it inherit a marker of ours
             env.pop(marker, None)
         env.update(request.launch.env)
-        if request.gpu is not None:
-            env[self.gpu_env] = str(request.gpu)
+        if request.devices:
+            env[self.gpu_env] = request.device_list
             if request.sim:
                 env[SIM_GPU_MB_ENV] = str(request.spec.max_mb)
         if request.intent is not None:
@@ -251,12 +258,17 @@ class ProcessDriver(Driver):
             _, create_time, pid, marker, environ, proc = min(members, key=lambda m: m[:3])
             try:
                 launch = self._launch_of(marker, proc.cmdline(), proc.cwd(), environ)
-                gpu, model = marker.get("gpu"), marker.get("model")
+                gpu, model, gpus = marker.get("gpu"), marker.get("model"), marker.get("gpus") or []
                 if not (gpu is None or (isinstance(gpu, int) and gpu >= 0)) or not isinstance(model, str | None):
+                    continue
+                if not isinstance(gpus, list) or not all(isinstance(g, int) and g >= 0 for g in gpus):
+                    continue
+                span = tuple(sorted(set(gpus))) if gpu is not None and len(set(gpus)) > 1 else ()
+                if span and span[0] != gpu:
                     continue
             except (psutil.Error, ValidationError, TypeError):
                 continue
-            found.append(FoundProcess(marker["service"], pid, create_time, gpu, model, launch, launch_key))
+            found.append(FoundProcess(marker["service"], pid, create_time, gpu, model, launch, launch_key, span))
         return sorted(found, key=lambda f: (f.service, f.create_time, f.pid))
 
     def _launch_of(self, marker: dict[str, Any], argv: list[str], cwd: str, environ: dict[str, str]) -> Launch:

@@ -4,9 +4,13 @@ Specs: ``sim:8192`` (one GPU of 8192 MB), ``sim:2x24576`` (two), or
 ``sim:gpus.yaml`` with ``gpus: [{total_mb: 8192, name: ..., uuid: ..., foreign_mb: 300}]``.
 
 Rules. A live process whose environment holds ``RECONCILER_SIM_GPU_MB=<mb>``
-uses that much memory on simulated GPU ``CUDA_VISIBLE_DEVICES`` (its first
-entry, an index or a sim UUID; unset = 0, empty = none) for as long as it lives. A carrier
-whose parent carries the same declaration (an inherited environment, e.g. a
+uses that much memory on each simulated GPU that ``CUDA_VISIBLE_DEVICES``
+lists (indexes or sim UUIDs, comma-separated; unset = 0, empty = none) for as
+long as it lives: ``CUDA_VISIBLE_DEVICES=0,1`` with ``RECONCILER_SIM_GPU_MB=20000``
+is 20000 MB on GPU 0 and 20000 MB on GPU 1, as a tensor-parallel server
+started on a pair uses its ``max_mb`` on each (entries that name no
+simulated GPU are left out, a GPU listed twice counts once). A carrier whose
+parent carries the same declaration (an inherited environment, e.g. a
 runner spawned by a server) is not counted again. ``foreign_mb`` is used memory
 attributed to no process. ``used_mb`` is foreign plus the carriers' sum and may
 exceed the total (an over-committed simulation shows as 0 MB free rather than
@@ -104,10 +108,12 @@ class SimBackend:
 
     def read(self) -> list[Gpu]:
         usage: dict[int, dict[int, int]] = {i: {} for i in range(len(self.gpus))}
-        for pid, (device, mb) in self._scanner.scan().items():
-            index = self._device_index(device)
-            if index is not None:
-                usage[index][pid] = mb
+        for pid, declaration in self._scanner.scan().items():
+            devices = declaration.devices if isinstance(declaration, Declaration) else (declaration[0],)
+            for device in devices:
+                index = self._device_index(device)
+                if index is not None:
+                    usage[index][pid] = declaration[1]
         result = []
         for index, spec in enumerate(self.gpus):
             used = spec.foreign_mb + sum(usage[index].values())
@@ -134,7 +140,27 @@ class SimBackend:
         return next((i for i in range(len(self.gpus)) if self.uuid(i) == device), None)
 
 
-Declaration = tuple[str, int]  # (device as written in CUDA_VISIBLE_DEVICES, MB)
+class Declaration(tuple[str, int]):
+    """What a process declares: ``(first device, MB)`` — the first entry of ``CUDA_VISIBLE_DEVICES``
+    as written — with :attr:`devices`, every entry, on each of which it uses the MB."""
+
+    devices: tuple[str, ...]
+
+    def __new__(cls, devices: tuple[str, ...], mb: int) -> Declaration:
+        declaration = super().__new__(cls, (devices[0], mb))
+        declaration.devices = devices
+        return declaration
+
+    def __getnewargs__(self) -> tuple[tuple[str, ...], int]:
+        return self.devices, self[1]
+
+    @property
+    def mb(self) -> int:
+        return self[1]
+
+    def same(self, other: Declaration | None) -> bool:
+        """The same declaration (an inherited environment): devices and MB."""
+        return other is not None and other.devices == self.devices and other.mb == self.mb
 
 
 class EnvScanner:
@@ -171,7 +197,7 @@ class EnvScanner:
         for key in self._cache.keys() - seen:
             del self._cache[key]
         # An inherited declaration (parent declares the same) is the parent's memory.
-        return {pid: d for pid, d in found.items() if found.get(parents[pid]) != d}
+        return {pid: d for pid, d in found.items() if not d.same(found.get(parents[pid]))}
 
 
 def _process_table() -> list[tuple[int, int, float]]:
@@ -243,5 +269,7 @@ def _declaration(proc: psutil.Process, scope: str | None = None) -> Declaration 
     except ValueError:
         return None
     # Missing means device 0; set but empty means no device at all, as for CUDA.
-    device = env.get(DEVICES_ENV, "0").split(",")[0].strip()
-    return (device, mb) if mb > 0 and device else None
+    devices = tuple(dict.fromkeys(d.strip() for d in env.get(DEVICES_ENV, "0").split(",")))
+    if mb <= 0 or not devices or not devices[0]:
+        return None
+    return Declaration(tuple(d for d in devices if d), mb)

@@ -34,8 +34,9 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from reconciler.core.checks import Problem, check_dependencies, check_profile
+from reconciler.core.checks import Problem, check_dependencies, check_host, check_profile
 from reconciler.core.profile import Profile, ServiceName
+from reconciler.core.snapshot import Snapshot
 from reconciler.errors import Diagnostic, InputError, ProfileError
 from reconciler.loading.environment import expand_profile
 from reconciler.loading.positions import Path
@@ -46,14 +47,17 @@ from reconciler.loading.yamltree import Document, parse_yaml
 _DEPENDS_ON: TypeAdapter[list[str]] = TypeAdapter(list[ServiceName])
 
 
-def load_profile(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Profile:
-    """Read and check the profile at ``path``; raises :class:`ProfileError`."""
+def load_profile(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, host: Snapshot | None = None
+) -> Profile:
+    """Read and check the profile at ``path`` (against the host ``host`` shows, when given: see
+    :func:`~reconciler.core.checks.check_host`); raises :class:`ProfileError`."""
     filename = os.fspath(path)
     try:
         data = read_bytes(path, PROFILE_SIZE_LIMIT)
     except InputError as exc:
         raise ProfileError(exc.diagnostics) from None
-    return parse_profile(data, filename, environ=environ, base_dir=FilePath(filename).parent)
+    return parse_profile(data, filename, environ=environ, base_dir=FilePath(filename).parent, host=host)
 
 
 def parse_profile(
@@ -61,11 +65,12 @@ def parse_profile(
     filename: str,
     environ: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    host: Snapshot | None = None,
 ) -> Profile:
     """Check a profile given as text; ``filename`` names it in diagnostics."""
     try:
         document = parse_yaml(decode(text, filename, PROFILE_SIZE_LIMIT), filename)
-        return profile_from_document(document, filename, environ, base_dir)
+        return profile_from_document(document, filename, environ, base_dir, host)
     except InputError as exc:
         raise ProfileError(exc.diagnostics) from None
 
@@ -75,6 +80,7 @@ def profile_from_document(
     filename: str,
     environ: Mapping[str, str] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
+    host: Snapshot | None = None,
 ) -> Profile:
     require_mapping(document, filename, "a profile")
     expansions: dict[str, str] = {}
@@ -88,6 +94,8 @@ def profile_from_document(
         raise InputError(diagnostics) from None
     depends_on = {name: service.depends_on for name, service in profile.services.items()}
     diagnostics += _cross_checks(check_profile(profile), depends_on, document, filename)
+    if host is not None:
+        diagnostics += _cross_checks(check_host(profile, host), depends_on, document, filename)
     if diagnostics:
         raise InputError(diagnostics)
     profile.remember_expansions(expansions)

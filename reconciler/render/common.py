@@ -39,11 +39,16 @@ def label(action: Action) -> str:
 
 
 def where(action: Action) -> str:
-    return f"GPU {action.gpu}" if action.gpu is not None else "-"
+    """``GPU 0``; ``GPU 0,1`` for an action on a service spanning several GPUs; ``-`` for none."""
+    return f"GPU {','.join(map(str, action.gpu_set))}" if action.gpu_set else "-"
 
 
 def megabytes(action: Action) -> str:
-    return f"{action.mb} MB" if action.mb is not None else ""
+    """``6144 MB``; ``2×20000 MB`` for an action on two GPUs (its ``mb`` on each)."""
+    if action.mb is None:
+        return ""
+    count = len(action.gpu_set)
+    return f"{count}×{action.mb} MB" if count > 1 else f"{action.mb} MB"
 
 
 def pending_subject(item: Pending) -> str:

@@ -36,8 +36,8 @@ def render_markdown(plan: Plan) -> str:
         lines += ["", "| | Action | Kind | Service | GPU | MB | After | Reason |",
                   "|---|---|---|---|--:|--:|---|---|"]
         for a in plan.actions:
-            gpu = "" if a.gpu is None else str(a.gpu)
-            mb = "" if a.mb is None else str(a.mb)
+            gpu = ",".join(map(str, a.gpu_set))
+            mb = "" if a.mb is None else str(a.mb) + (f" × {len(a.gpu_set)}" if len(a.gpu_set) > 1 else "")
             after = ", ".join(_code(r) for r in a.requires)
             lines.append(f"| {SYMBOLS[a.kind]} | {_code(a.id)} | {a.kind} | {_code(a.service)} | {gpu} | {mb} "
                          f"| {after} | {_cell(a.reason)} |")

@@ -21,8 +21,10 @@ Layout (sections are left out when empty)::
 One line per action: its symbol (legend in :mod:`.common`: ``=`` adopt, ``+``
 start, ``~`` restart, ``-`` stop, ``!`` evict, ``>`` lease, ``<`` release, ``?``
 pending), its id (with the service and model when the id does not name them),
-the GPU (``-`` for none), the MB it reserves (start, restart, slot lease) or
-frees (stop, evict), its reason, and the actions it waits for as ``[after: …]``.
+the GPU (``-`` for none; ``GPU 0,1`` for a service spanning several), the MB
+it reserves (start, restart, slot lease) or frees (stop, evict) — ``2×20000
+MB`` on each of two GPUs —, its reason, and the actions it waits for as
+``[after: …]``.
 Actions are listed in the plan's order, which respects ``requires``. A plan
 with nothing to do and nothing pending ends with "No changes. The host matches
 the profile." instead of the summary line.

@@ -6,7 +6,7 @@ profile and the snapshot the plan came from. ``start``/``restart``/``stop``/
 ``release`` only touch the store:
 
 * adopt — an ``adopted`` instance: the listener's pid and create_time where
-  the snapshot shows it, the GPU the plan chose;
+  the snapshot shows it, the GPU (or GPUs) the plan chose;
 * lease — granted atomically against ``max_concurrent``, removing its demand
   in the same transaction (invariant 4); a refusal is a failure;
 * release — a lease ends; or an adopted instance whose service left the
@@ -57,7 +57,8 @@ class Actuator:
 
     async def _start(self, action: Action) -> str:
         spec = self.profile.services[action.service]
-        return await self.lifecycle.start(action.service, spec, action.gpu, action.model, action.id, self.deadline)
+        return await self.lifecycle.start(action.service, spec, action.gpu_set or action.gpu, action.model, action.id,
+                                          self.deadline)
 
     async def _restart(self, action: Action) -> str:
         stopped = await self._stop(action)
@@ -82,7 +83,7 @@ class Actuator:
         port = spec.probe_port
         listener = next((p for p in self.snapshot.processes if port in p.listening), None)
         instance = Instance(
-            service=action.service, gpu=action.gpu, origin="adopted",
+            service=action.service, gpu=action.gpu, gpus=action.gpus, origin="adopted",
             pid=listener.pid if listener else None, create_time=listener.create_time if listener else None,
             state="running", since=self.now(),
         )
@@ -102,7 +103,8 @@ class Actuator:
         now = self.now()
         spec = self.profile.services[action.service]
         lease = Lease(
-            id=demand.id, service=action.service, holder=demand.holder, gpu=action.gpu, mb=action.mb or 0,
+            id=demand.id, service=action.service, holder=demand.holder, gpu=action.gpu, gpus=action.gpus,
+            mb=action.mb or 0,
             model=action.model or demand.model,
             expires_at=now + timedelta(seconds=demand.ttl_s) if demand.ttl_s is not None else None,
         )

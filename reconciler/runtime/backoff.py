@@ -24,7 +24,7 @@ from reconciler.store.base import Store
 def action_spec_hash(profile: Profile, action: Action) -> str:
     """The launch digest of what a start/restart action would launch."""
     spec = profile.services[action.service]
-    return launch_digest(launch_spec(action.service, spec, action.gpu, action.model))
+    return launch_digest(launch_spec(action.service, spec, action.gpu_set or action.gpu, action.model))
 
 
 def hold_back(plan: Plan, profile: Profile, store: Store, now: datetime) -> tuple[dict[str, str], dict[str, str]]:

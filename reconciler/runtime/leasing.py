@@ -226,11 +226,12 @@ class Leasing:
                 return None
             held = sum(1 for lease in store.leases(request.service)
                        if lease.kind == "service" and (lease.expires_at is None or lease.expires_at > now))
-            if can_serve_now(spec, serving=instance.model, placed=instance.gpu, held=held, model=request.model,
+            if can_serve_now(spec, serving=instance.model, placed=instance.gpu_set, held=held, model=request.model,
                              gpu=request.gpu, installed=world.installed_models(request.service)) is not None:
                 return None
             lease = Lease(
                 id=str(uuid.uuid4()), service=request.service, holder=request.holder, gpu=instance.gpu,
+                gpus=instance.gpus,
                 model=instance.model if instance.model is not None else request.model,
                 expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
             )

@@ -14,20 +14,24 @@ moment) is stopped again at once: nothing of ours runs unaccounted for.
 
 Stop and evict: intent, state ``stopping``, driver stop (SIGTERM to the
 group, ``eviction_timeout_s``, SIGKILL, confirm gone), then the wait for the
-GPU memory to come back (:mod:`.memory`), and out of the store. Evicting an
+GPU memory to come back (:mod:`.memory`; on each GPU of an instance spanning
+several), and out of the store. A start on several GPUs launches once, with
+every GPU in the request (``CUDA_VISIBLE_DEVICES=0,1``), and records them in
+the intent and the instance (``gpus``). Evicting an
 adopted Ollama unloads its models instead — never a signal — and it stays.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.core.backoff import DEFAULT_POLICY, BackoffPolicy, after_failure, after_healthy
 from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.events import EventKind
-from reconciler.core.launch import launch_digest, launch_spec
+from reconciler.core.launch import gpu_tuple, launch_digest, launch_spec
 from reconciler.core.profile import Service
 from reconciler.core.redaction import Redactor
 from reconciler.core.snapshot import Instance
@@ -72,21 +76,26 @@ class Lifecycle:
     # --- start ------------------------------------------------------------------
 
     async def start(
-        self, name: str, spec: Service, gpu: int | None, model: str | None, action_id: str,
+        self, name: str, spec: Service, gpus: int | Sequence[int] | None, model: str | None, action_id: str,
         deadline: float | None = None,
     ) -> str:
-        launch = launch_spec(name, spec, gpu, model)
+        """Start ``name`` on ``gpus`` (one GPU, or every GPU of a service spanning several)."""
+        devices = gpu_tuple(gpus)
+        gpu, span = (devices[0] if devices else None), (list(devices) if len(devices) > 1 else None)
+        launch = launch_spec(name, spec, devices, model)
         digest = launch_digest(launch)
         driver = self.drivers.starter(name, spec)
-        intent = self.store.begin_intent(action_id, "start", name, {
-            "gpu": gpu, "model": model, "launch": launch.model_dump(mode="json") if launch else None,
-        })
+        data: dict[str, Any] = {"gpu": gpu, "model": model,
+                                "launch": launch.model_dump(mode="json") if launch else None}
+        if span is not None:
+            data["gpus"] = span
+        intent = self.store.begin_intent(action_id, "start", name, data)
         try:
             if launch is None:
                 raise DriverError(f"{name} has no `managed:` block: an unmanaged slot is never started")
             # the intent goes with the launch: recovery finds a process by it even without its pid
             request = LaunchRequest(name, spec, gpu, model, launch, sim=self.sim, intent=intent,
-                                    shown_argv=self.redactor.argv(launch.argv))
+                                    shown_argv=self.redactor.argv(launch.argv), gpus=tuple(span or ()))
             started = await driver.start(request)
         except Exception as exc:  # any launch error is a failure that backs off, never a retry every pass
             error = str(exc) if isinstance(exc, DriverError) else f"{name}: cannot launch: {type(exc).__name__}: {exc}"
@@ -101,8 +110,8 @@ class Lifecycle:
         else:
             identity = {"pid": started.pid, "create_time": started.create_time}
         instance = Instance(
-            service=name, gpu=gpu, origin="started", model=model, launch=started.launch, state="starting",
-            since=self.clock.now(), **identity,
+            service=name, gpu=gpu, gpus=span, origin="started", model=model, launch=started.launch,
+            state="starting", since=self.clock.now(), **identity,
         )
         try:
             self.store.update_intent(intent, identity)
@@ -207,7 +216,7 @@ class Lifecycle:
         if not result.ok:  # not identifiable as ours: forget it, never signal it
             self.events.publish(EventKind.INSTANCE_FORGOTTEN, service=instance.service, message=result.reason)
             raise DriverError(f"refused to stop {who(instance)}: {result.reason}; it is forgotten, not signalled")
-        detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
+        detail = result.reason + memory_note(result, expect_mb, instance.gpu_set, self.memory_timeout_s)
         self.events.publish(EventKind.INSTANCE_STOPPED, service=instance.service, message=detail,
                             outcome=result.outcome)
         return detail
@@ -222,14 +231,15 @@ class Lifecycle:
             )
         freed, expect_mb = await memory_watch(self.gpu_backend, instance, reservation_mb)
         result = await driver.stop(instance, timeout_s, freed, self.memory_timeout_s)
-        detail = result.reason + memory_note(result, expect_mb, instance.gpu, self.memory_timeout_s)
+        detail = result.reason + memory_note(result, expect_mb, instance.gpu_set, self.memory_timeout_s)
         self.events.publish(EventKind.INSTANCE_UNLOADED, service=instance.service, message=detail)
         return detail
 
 
-def memory_note(result: StopResult, expect_mb: int, gpu: int | None, timeout_s: float) -> str:
+def memory_note(result: StopResult, expect_mb: int, gpus: tuple[int, ...], timeout_s: float) -> str:
     if result.memory_freed is None:
         return ""
     if result.memory_freed:
-        return f"; {expect_mb} MB back on GPU {gpu} after {result.memory_wait_s:.1f} s"
+        where = f"GPU {gpus[0] if gpus else None}" if len(gpus) <= 1 else f"GPUs {','.join(map(str, gpus))} (in all)"
+        return f"; {expect_mb} MB back on {where} after {result.memory_wait_s:.1f} s"
     return ""  # the driver's reason already says "memory not freed within … s"

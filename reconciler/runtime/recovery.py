@@ -95,7 +95,8 @@ async def refind(lifecycle: Lifecycle) -> list[str]:
         if holder is None:
             chosen, strays = candidates[0], candidates[1:]
             holder = Instance(
-                service=service, gpu=chosen.gpu, origin="started", pid=chosen.pid, create_time=chosen.create_time,
+                service=service, gpu=chosen.gpu, gpus=list(chosen.gpus) or None, origin="started", pid=chosen.pid,
+                create_time=chosen.create_time,
                 model=chosen.model, launch=chosen.launch, state="starting", since=lifecycle.clock.now(),
             )
             store.put_instance(holder)
@@ -129,7 +130,8 @@ async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str
     if not identity:
         return "abandoned", f"{intent.action_id}: interrupted before anything was launched"
     candidate = Instance(
-        service=name, gpu=data.get("gpu"), origin="started", model=data.get("model"), launch=launch,
+        service=name, gpu=data.get("gpu"), gpus=data.get("gpus"), origin="started", model=data.get("model"),
+        launch=launch,
         state="starting", since=intent.started_at, **identity,
     )
     store = lifecycle.store

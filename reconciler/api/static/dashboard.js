@@ -171,7 +171,8 @@
         ["foreign", "foreign", Number(gpu.foreign_mb) || 0],
         ["free", "free", Number(gpu.free_mb) || 0],
       ];
-      const onGpu = instances.filter((i) => i.gpu === gpu.index);
+      // an instance spanning several GPUs (gpus: [0, 1]) is named on the bar of each of them
+      const onGpu = instances.filter((i) => (Array.isArray(i.gpus) ? i.gpus : [i.gpu]).includes(gpu.index));
       const names = (origin) => onGpu.filter((i) => i.origin === origin).map((i) => i.service);
       const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${gpu.index} memory` });
       const scale = Math.max(total, parts.reduce((sum, p) => sum + p[2], 0)) || 1;
@@ -230,7 +231,7 @@
         el("td", { class: "service" }, dash(inst.service)),
         el("td", { class: "state" }, ...badges),
         el("td", { class: "url" }, url),
-        el("td", { class: "num gpu" }, dash(inst.gpu)),
+        el("td", { class: "num gpu" }, Array.isArray(inst.gpus) ? inst.gpus.join(",") : dash(inst.gpu)),
         el("td", { class: "origin" }, el("span", { class: `tag origin-${inst.origin === "adopted" ? "adopted" : "started"}` }, dash(inst.origin))),
         el("td", { class: "model" }, dash(inst.model)),
         el("td", { class: "num leases" }, typeof inst.max_concurrent === "number" ? `${dash(leases)}/${inst.max_concurrent}` : dash(leases)),
@@ -319,8 +320,9 @@
     for (const action of actions) {
       const kind = String(action.kind || "");
       const bits = [];
-      if (action.gpu !== undefined && action.gpu !== null) bits.push(`GPU ${action.gpu}`);
-      if (action.mb) bits.push(mb(action.mb));
+      if (Array.isArray(action.gpus)) bits.push(`GPU ${action.gpus.join(",")}`);
+      else if (action.gpu !== undefined && action.gpu !== null) bits.push(`GPU ${action.gpu}`);
+      if (action.mb) bits.push(Array.isArray(action.gpus) ? `${action.gpus.length}×${mb(action.mb)}` : mb(action.mb));
       if (list(action.requires).length) bits.push(`after ${action.requires.join(", ")}`);
       ol.append(el("li", { class: `action kind-${kind.replace(/[^a-z]/g, "")}`, dataset: { action: String(action.id || kind) } },
         el("span", { class: "symbol", "aria-hidden": "true" }, SYMBOLS[kind] || "•"),
