@@ -230,18 +230,19 @@ class Planner:
             self.state.touched.add(name)
             return None
         requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
+        need = spec.ceiling_mb(model)  # the model's own ceiling, when models: gives it one
         if gpu is not None:
             room = self.state.free[gpu] + self.reservation(name)
-            if room < spec.max_mb:
+            if room < need:
                 options = self._eviction_options(name, gpu, self.priority_of(name))
-                choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room)
+                choice = choose_eviction(options.candidates, options.closures, need - room)
                 if choice is None:
-                    self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room), options)}")
+                    self.state.wait(name, f"restart ({reason}) {refusal(need, gpu, max(0, room), options)}")
                     return None
                 requires += self.evict(Placement(gpu, choice), name, self.priority_of(name))
-            self.state.free[gpu] += self.reservation(name) - spec.max_mb
+            self.state.free[gpu] += self.reservation(name) - need
         restart_id = self.state.add("restart", name, name, reason, gpu=gpu,
-                                    mb=spec.max_mb if gpu is not None else None, model=model,
+                                    mb=need if gpu is not None else None, model=model,
                                     requires=sorted(set(requires)))
         self.state.ready[name] = restart_id
         self.state.models[name] = model
@@ -329,18 +330,20 @@ class Planner:
         evicted = self.state.action("evict", name)
         if evicted is not None:
             requires.append(evicted.id)  # the evicted instance still holds the port until it is gone
-        if spec.max_mb > 0:
+        need = spec.ceiling_mb(model)  # the model's own ceiling, when models: gives it one
+        if need > 0:
             if not self.world.gpus:
-                return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
-            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None)
+                return self._unreachable(name, queue, f"needs {need} MB of GPU memory; this node has no GPU")
+            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu if dead else None,
+                                   need=need)
             if isinstance(placement, NoPlacement):
                 return self._unreachable(name, queue, placement.reason)
             gpu = placement.gpu
             requires += self.evict(placement, name, priority)
             stops = [a for a in self.state.actions.values() if a.kind == "stop" and a.gpu == gpu]
-            if self.state.free[gpu] - sum(a.mb or 0 for a in stops) < spec.max_mb:
+            if self.state.free[gpu] - sum(a.mb or 0 for a in stops) < need:
                 requires += [a.id for a in stops]  # it needs the memory those stops give back
-            self.state.free[gpu] -= spec.max_mb
+            self.state.free[gpu] -= need
         detail = ""
         if dead is not None and dead.pid is not None:
             process = self.world.processes.get(dead.pid)
@@ -350,9 +353,9 @@ class Planner:
                 detail = f"; was pid {dead.pid}, which now belongs to another process"
             else:
                 detail = f"; its last instance (pid {dead.pid}) failed"
-        where = f" on GPU {gpu} ({spec.max_mb} MB, {self.state.free[gpu]} MB left free)" if gpu is not None else ""
+        where = f" on GPU {gpu} ({need} MB, {self.state.free[gpu]} MB left free)" if gpu is not None else ""
         self.state.ready[name] = self.state.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
-                                    gpu=gpu, mb=spec.max_mb if gpu is not None else None, model=model,
+                                    gpu=gpu, mb=need if gpu is not None else None, model=model,
                                     requires=sorted(set(requires)))
         self.state.models[name], self.state.gpu_of[name] = model, gpu
         self.state.touched.add(name)
@@ -380,9 +383,11 @@ class Planner:
         return None
 
     def place(
-        self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None
+        self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: int | None,
+        *, need: int | None = None,
     ) -> Placement | NoPlacement:
-        return place(spec.max_mb, self.allowed_gpus(spec, demand), self.state.free,
+        """Where ``need`` MB (default: the service's ``max_mb``) of ``name`` go, evicting what it may."""
+        return place(spec.max_mb if need is None else need, self.allowed_gpus(spec, demand), self.state.free,
                      lambda gpu: self._eviction_options(name, gpu, priority), prefer)
 
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:

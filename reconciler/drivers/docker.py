@@ -75,7 +75,7 @@ class DockerDriver(Driver):
             argv += ["--label", f"{OWNER_LABEL}={self.owner}"]
         env = dict(launch.env)
         if gpu is not None and sim:
-            env.update({"CUDA_VISIBLE_DEVICES": str(gpu), SIM_GPU_MB_ENV: str(service.max_mb)})
+            env.update({"CUDA_VISIBLE_DEVICES": str(gpu), SIM_GPU_MB_ENV: str(service.ceiling_mb(request.model))})
         elif gpu is not None:
             argv += ["--gpus", f"device={gpu}"]
         if spec.runtime:

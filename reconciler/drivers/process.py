@@ -5,8 +5,9 @@ as an argv list — one value, one token, never a shell — in its own session a
 process group, with stdout and stderr appended to ``<state_dir>/logs/<service>.log``.
 The environment is the reconciler's own, plus the profile's ``env``, plus
 ``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
-when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when the GPU is
-simulated (the sim backend attributes memory to processes carrying it), plus
+when placed on a GPU, plus ``RECONCILER_SIM_GPU_MB=<ceiling>`` (its model's
+``max_mb``, else the service's) when the GPU is simulated (the sim backend
+attributes memory to processes carrying it), plus
 two markers that make the process findable without the store:
 
 * ``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent:
@@ -193,7 +194,7 @@ class ProcessDriver(Driver):
         if request.gpu is not None:
             env[self.gpu_env] = str(request.gpu)
             if request.sim:
-                env[SIM_GPU_MB_ENV] = str(request.spec.max_mb)
+                env[SIM_GPU_MB_ENV] = str(request.spec.ceiling_mb(request.model))  # the model's own, if any
         if request.intent is not None:
             env[INTENT_ENV] = self.intent_marker(request.intent)
         env[INSTANCE_ENV] = self.instance_marker(request)
