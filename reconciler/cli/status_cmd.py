@@ -4,7 +4,8 @@
 
 Reads ``GET /v1/status`` of ``reconciler serve`` (``--url``, else
 ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``) and prints tables:
-GPUs (memory by use), instances, leases, pending demands and conditions.
+GPUs (memory by use), instances, leases, the model gateway's traffic per
+model (when it runs), pending demands and conditions.
 ``--format json`` prints the document as it came. Exit 0, or 1 when no
 server answers.
 """
@@ -70,6 +71,10 @@ def duration(seconds: float | None) -> str | None:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def _ms(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
 def render(status: dict[str, Any]) -> str:
     observed = (status.get("observed_at") or "not yet")[:19].replace("T", " ")
     out = [f"node {status['node']} · profile {status['profile']} · observed {observed}", ""]
@@ -100,6 +105,15 @@ def render(status: dict[str, Any]) -> str:
               lease["mb"] if lease["kind"] == "vram" else None, lease["model"],
               duration(lease["remaining_s"]) if lease["remaining_s"] is not None else "until released"]
              for lease in leases])]
+    models = status.get("models") or []
+    if models:
+        out += ["", table(
+            ["MODEL", "SERVICE", "REQUESTS", "IN FLIGHT", "QUEUED", "TTFB P50", "TTFB P99", "TOTAL P50", "CAUSED",
+             "ERRORS"],
+            [[m["model"], m["service"], m["requests"], m["in_flight"], m["queued"], _ms(m.get("ttfb_p50_ms")),
+              _ms(m.get("ttfb_p99_ms")), _ms(m.get("total_p50_ms")),
+              ", ".join(f"{n} {k}" for k, n in (m.get("caused") or {}).items() if n) or None, m["errors"]]
+             for m in models])]
     demands = status.get("demands") or []
     if demands:
         out += ["", table(["DEMAND", "SERVICE", "HOLDER", "WAITED", "REASON"],
