@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible model server (a stand-in for llama-server or vLLM), for the gateway's tests.
 
     python -m reconciler.testing.fake_openai --port P [--model NAME] [--tokens N]
-        [--delay S] [--chunk-delay S] [--startup-delay S] [--dimensions N] [--host 127.0.0.1]
+        [--delay S] [--chunk-delay S] [--startup-delay S] [--dimensions N] [--stats-file F]
+        [--host 127.0.0.1]
 
 It serves one model (``--model``, as ``llama-server -m {model}`` would) and
 answers, deterministically:
@@ -19,7 +20,9 @@ answers, deterministically:
 * ``GET /stats`` — what a test checks from outside: requests seen, how many
   run now (``in_flight``) and the most at once (``max_in_flight``), streams
   ``cancelled`` because the client went away mid-stream, and the body of the
-  last request (``last``).
+  last request (``last``); with ``--stats-file`` the same is appended to
+  that file as one JSON line when it exits (SIGTERM), so a test sees what
+  every process of a service saw, also those stopped since.
 
 A request body may slow itself down: ``fake_delay_s`` and
 ``fake_chunk_delay_s`` override ``--delay`` and ``--chunk-delay``. Errors
@@ -239,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-delay", type=float, default=0.0, metavar="S", help="between streamed chunks")
     parser.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="/health is 503 until then")
     parser.add_argument("--dimensions", type=int, default=8, help="length of an embedding")
+    parser.add_argument("--stats-file", default=None, help="append the final /stats to this file at exit")
     return parser.parse_args(argv)
 
 
@@ -250,8 +254,11 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"fake openai ({args.model}) listening on {args.host}:{args.port} pid {os.getpid()}", flush=True)
-    async with server:
-        await stop.wait()
+    await stop.wait()
+    server.close()  # not waiting for kept-alive connections: asyncio.run cancels their handlers
+    if args.stats_file:
+        with open(args.stats_file, "a") as out:
+            out.write(json.dumps({"pid": os.getpid(), "model": args.model, **fake.stats.__dict__}) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
