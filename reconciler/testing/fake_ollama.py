@@ -66,11 +66,12 @@ class Models:
         name = str(request.get("model") or "")
         if name not in self.installed and f"{name}:latest" not in self.installed:
             return 404, [{"error": f"model '{name}' not found"}]
+        canonical = name if name in self.installed else f"{name}:latest"
         with self.lock:
             self.prompts += 1
             self.last = request
-            if name not in self.loaded:
-                self.loaded.append(name)
+            if canonical not in self.loaded:
+                self.loaded.append(canonical)
         options = request.get("options") if isinstance(request.get("options"), dict) else {}
         assert isinstance(options, dict)
         pieces = reply(name, int(options.get("num_predict") or 8))
