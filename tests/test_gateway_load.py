@@ -9,6 +9,8 @@ write what they saw when they exit).
   upstream request is cancelled (the model server sees its connection close
   and stops); one that goes away while its model is still starting leaves
   neither a demand nor a lease.
+* A client that stops reading stops the upstream too, once the buffers on
+  the way are full: the gateway buffers nothing of its own.
 * 200 concurrent requests (the real OpenAI SDK, async) over three models,
   one per service, on a simulated GPU that holds two of them: every request
   is answered with its own model's reply, no instance ever runs more
@@ -65,6 +67,33 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_and_leaves_no
         assert withdrawn["holder"].startswith("gateway 127.0.0.1:")
         gw.wait_until(lambda: (gw.instance("slow") or {}).get("state") == "running", "slow started", timeout_s=15)
         assert not gw.status()["leases"] and gw.model("late")["disconnected"] == 1
+    finally:
+        gw.close()
+
+
+def test_a_slow_client_s_backpressure_reaches_the_upstream_nothing_is_buffered(host: Host) -> None:
+    port = host.port()
+    total = 300_000  # chunks of ~200 bytes: far more than every buffer on the way can hold
+    host.write(profile(fake("llm", port, model="m")))
+    gw = GatewayRun(host)
+    try:
+        gw.openai().chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+        with httpx.Client(base_url=gw.gateway, timeout=60) as client, client.stream(
+                "POST", "/v1/chat/completions",
+                json={"model": "m", "messages": MESSAGES, "stream": True, "max_tokens": total}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream runs; now the client stops reading
+            time.sleep(2.0)
+            stalled = upstream_stats(port)["chunks_sent"]
+            time.sleep(0.5)
+            still = upstream_stats(port)["chunks_sent"]
+            assert stalled < total // 2, f"the upstream wrote {stalled} of {total} chunks for a client that reads none"
+            assert still - stalled < 500, f"the upstream kept writing ({stalled} → {still}) while nobody read"
+            read = sum(1 for _ in zip(range(2000), lines, strict=False))
+            assert read == 2000  # reading again lets it go on
+        gw.wait_until(lambda: upstream_stats(port)["cancelled"] == 1, "the stream cancelled", timeout_s=10)
+        gw.wait_until(lambda: not gw.status()["leases"], "the lease released", timeout_s=10)
     finally:
         gw.close()
 

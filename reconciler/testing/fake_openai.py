@@ -19,7 +19,9 @@ answers, deterministically:
   computed from the input's text (the same text, the same vector);
 * ``GET /stats`` — what a test checks from outside: requests seen, how many
   run now (``in_flight``) and the most at once (``max_in_flight``), streams
-  ``cancelled`` because the client went away mid-stream, and the body of the
+  ``cancelled`` because the client went away mid-stream, stream chunks
+  written so far (``chunks_sent``: ``drain`` waits while the reader's
+  buffers are full, so a reader that stalls stalls it), and the body of the
   last request (``last``); with ``--stats-file`` the same is appended to
   that file as one JSON line when it exits (SIGTERM), so a test sees what
   every process of a service saw, also those stopped since.
@@ -72,6 +74,7 @@ class Stats:
     max_in_flight: int = 0
     cancelled: int = 0
     completed_streams: int = 0
+    chunks_sent: int = 0  # stream chunks handed to the connection (a stalled client stalls this count)
     last: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, int] = field(default_factory=dict)
 
@@ -209,6 +212,7 @@ class FakeOpenAI:
                 if last and include_usage:
                     chunk["usage"] = usage
                 await self.chunk(writer, b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                self.stats.chunks_sent += 1
             await _cancel(gone)  # before the end: a client that got it may send its next request at once
             await self.chunk(writer, b"data: [DONE]\n\n")
             await self.chunk(writer, b"")
