@@ -380,3 +380,14 @@ def test_what_a_gateway_demand_caused_is_read_from_the_plan():
     assert [(c.kind, c.service, c.model) for c in first] == [("evict", "comfy", None), ("switch", "llm", "big")]
     assert [c.words() for c in first] == ["evicted comfy", "switched llm to big"]
     assert caused_by(result, snapshot, "D2", taken) == []  # the same switch: D1's doing
+
+
+def test_text_output_leaves_out_the_gateway_s_implicit_leases_but_not_others():
+    from reconciler.gateway.leases import holder
+    from reconciler.render.events import format_text
+
+    ours = {"kind": "lease.granted", "ts": "2026-11-22T16:00:00Z", "lease": "x", "holder": holder("127.0.0.1:5")}
+    assert ours["holder"] == "gateway 127.0.0.1:5" and format_text(ours) is None
+    assert format_text({**ours, "kind": "lease.released"}) is None
+    theirs = format_text({**ours, "holder": "kiwi"})
+    assert theirs is not None and "holder=kiwi" in theirs

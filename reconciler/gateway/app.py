@@ -279,13 +279,13 @@ class Gateway:
         live: dict[str, dict[str, Any]] = {}
         ollamas = self._ollamas()
         for answer in await asyncio.gather(*(self._ollama_get(s, "/api/tags") for s in ollamas)):
-            for entry in (answer or {}).get("models") or [] if isinstance(answer, dict) else []:
-                if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            for entry in _listed(answer):
+                if isinstance(entry.get("name"), str):
                     live.setdefault(entry["name"], entry)
         out = []
         for name, route in self.routes.names():
-            entry = live.get(name) if route.api == "ollama" else None
-            out.append(dict(entry, name=name, model=name) if entry is not None else self._tag(name, route.service))
+            own = live.get(name) if route.api == "ollama" else None
+            out.append(dict(own, name=name, model=name) if own is not None else self._tag(name, route.service))
         return out
 
     def _tag(self, name: str, service: str) -> dict[str, object]:
@@ -304,13 +304,12 @@ class Gateway:
             if spec is None or instance.state != "running" or spec.probe_port is None:
                 continue
             if instance.service in ollamas:
-                answer = await self._ollama_get(instance.service, "/api/ps")
-                out += [m for m in (answer or {}).get("models") or [] if isinstance(m, dict)] \
-                    if isinstance(answer, dict) else []
+                out += _listed(await self._ollama_get(instance.service, "/api/ps"))
                 continue
             served = [instance.model] if instance.model else [n for n, r in self.routes.names()
                                                               if r.service == instance.service and r.declared]
-            keep = instance.keep_alive_s if instance.keep_alive_s is not None else (spec.idle_stop_after_s or -1)
+            said = self.runtime.keep_alive.get(instance.service)  # an Ollama request's keep_alive, if one said
+            keep = said if said is not None else (spec.idle_stop_after_s or -1)
             if spec.always_on or instance.origin == "adopted" or keep < 0:
                 expires = FOREVER
             else:
@@ -637,6 +636,12 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body"):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _listed(answer: Any) -> list[dict[str, Any]]:
+    """The ``models`` of an Ollama's ``/api/tags`` or ``/api/ps`` answer (none when it is not one)."""
+    models = answer.get("models") if isinstance(answer, dict) else None
+    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
 
 
 def _client(scope: Scope) -> str:

@@ -41,8 +41,8 @@ log = logging.getLogger("reconciler.gateway")
 
 
 def holder(client: str) -> str:
-    """The lease holder of a request from ``client`` (``host:port``)."""
-    return f"{HOLDER} {client}" if client else HOLDER
+    """The lease holder of a request from ``client`` (``host:port``): ``gateway 127.0.0.1:53422``."""
+    return f"{HOLDER} {client or 'unknown client'}"
 
 
 class ImplicitLeases:

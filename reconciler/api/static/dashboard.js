@@ -422,6 +422,8 @@
     if (SILENT.has(kind)) return;
     scheduleRefresh();
     if (kind === "pass.finished" && obj.quiet) return; // a pass that found nothing to do
+    // a gateway request's implicit lease (two per request): the Models card counts them
+    if ((kind === "lease.granted" || kind === "lease.released") && String(obj.holder || "").startsWith("gateway ")) return;
     const ol = $("events");
     const failed = kind === "action.finished" && obj.status === "failed";
     const severity = failed || /fail|reject|degrad|backoff|gone/.test(kind) ? "bad"
