@@ -98,12 +98,16 @@ class GatewayRun(ApiRun):
         started = self.run.wait_kind("gateway.started", timeout_s=WAIT_S)
         self.gateway: str = started["url"]
         self.ollama = httpx.Client(base_url=self.gateway, timeout=60.0)
+        self._sdks: list[openai.OpenAI] = []
 
     def openai(self, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:
-        """The real OpenAI SDK, pointed at the gateway (no retries: a test sees the first answer)."""
+        """The real OpenAI SDK, pointed at the gateway (no retries: a test sees the first answer); closed
+        with this run."""
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 60.0)
-        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=api_key, **kwargs)
+        sdk = openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=api_key, **kwargs)
+        self._sdks.append(sdk)
+        return sdk
 
     def async_openai(self, api_key: str = "unused", **kwargs: Any) -> openai.AsyncOpenAI:
         kwargs.setdefault("max_retries", 0)
@@ -111,6 +115,8 @@ class GatewayRun(ApiRun):
         return openai.AsyncOpenAI(base_url=f"{self.gateway}/v1", api_key=api_key, **kwargs)
 
     def close(self) -> None:
+        for sdk in self._sdks:
+            sdk.close()
         self.ollama.close()
         super().close()
 
