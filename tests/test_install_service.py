@@ -37,6 +37,9 @@ def test_the_unit_runs_serve_with_notify_restart_and_killmode_process(tmp_path: 
     assert "Type=notify" in unit and "Restart=on-failure" in unit and "KillMode=process" in unit
     assert f"--profile {ROOT / 'demo' / 'profile.yaml'}" in unit and "--state-dir /var/lib/reconciler" in unit
     assert "StateDirectory=reconciler" in unit and "WantedBy=multi-user.target" in unit
+    gateway = _cli("install-service", "--profile", str(ROOT / "demo" / "profile.yaml"), "--gateway", "127.0.0.1:7701",
+                   "--print")
+    assert gateway.returncode == 0 and "--gateway 127.0.0.1:7701" in gateway.stdout, gateway.stderr
     written = _cli("install-service", "--profile", str(ROOT / "demo" / "profile.yaml"), "--user",
                    "--unit-dir", str(tmp_path), "--name", "gpu-services")
     assert written.returncode == 0, written.stderr

@@ -71,10 +71,13 @@ def test_fake_ollama_api(spawner):
     assert [m["name"] for m in get(ollama.port, "/api/tags").json()["models"]] == ["a", "b"]
     assert get(ollama.port, "/api/ps").json() == {"models": []}
     url = f"http://127.0.0.1:{ollama.port}/api/generate"
-    loaded = httpx.post(url, json={"model": "b", "prompt": "hi"}, trust_env=False)
+    loaded = httpx.post(url, json={"model": "b"}, trust_env=False)  # no prompt: Ollama loads the model, no more
     assert loaded.json()["done_reason"] == "load"
     [model] = get(ollama.port, "/api/ps").json()["models"]
     assert (model["name"], model["size_vram"]) == ("b", 100 * 1024 * 1024)
+    answered = httpx.post(url, json={"model": "b", "prompt": "hi", "stream": False, "options": {"num_predict": 3}},
+                          trust_env=False).json()
+    assert answered["response"] == "b: w1 w2" and answered["done"] is True and answered["eval_count"] == 3
     assert httpx.post(url, json={"model": "zz"}, trust_env=False).status_code == 404
     assert httpx.post(url, content=b"{", trust_env=False).status_code == 400
 

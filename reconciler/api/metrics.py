@@ -15,6 +15,17 @@ The API's own connections (:mod:`.connections`):
 - ``reconciler_api_connections_closed_total{reason}``: closed by the server — refused (at the cap, every
   connection busy), evicted (to make room), head_timeout, body_timeout, idle (kept alive, unused)
 
+The model gateway's traffic per model (``serve --gateway``; labels ``model``, ``service``), from
+the runtime's :class:`~reconciler.runtime.traffic.Traffic`:
+
+- ``reconciler_gateway_requests_total{model, service, status}``: requests answered, by HTTP status
+- ``reconciler_gateway_disconnected_total{model, service}``: clients that went away before their answer ended
+- ``reconciler_gateway_in_flight``, ``reconciler_gateway_queued``: requests being proxied, and waiting, now
+- ``reconciler_gateway_ttfb_seconds``, ``reconciler_gateway_request_seconds``: summaries (count, sum) of the
+  time to first byte and the total time
+- ``reconciler_gateway_caused_total{model, service, action}``: starts, model switches (``switch``) and
+  evictions its requests caused
+
 Counted from the event bus and the leasing service:
 
 - ``reconciler_actions_total{kind, outcome}``: plan actions carried out (outcome: done, failed, skipped, deferred)
@@ -29,7 +40,7 @@ import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from reconciler.api.connections import CLOSE_REASONS, ConnectionGuard
 from reconciler.api.status import build_status
@@ -84,6 +95,36 @@ class StateCollector:
         pending = GaugeMetricFamily("reconciler_pending", "Items the last plan could not reach")
         pending.add_metric([], len(status.pending))
         yield pending
+        yield from self.gateway()
+
+    def gateway(self) -> Iterator[Metric]:
+        """The model gateway's traffic per model."""
+        traffic = self.runtime.traffic.models()
+        labels = ["model", "service"]
+        requests = CounterMetricFamily("reconciler_gateway_requests", "Gateway requests answered, by HTTP status",
+                                       labels=[*labels, "status"])
+        gone = CounterMetricFamily("reconciler_gateway_disconnected", "Gateway clients that went away mid-request",
+                                   labels=labels)
+        in_flight = GaugeMetricFamily("reconciler_gateway_in_flight", "Gateway requests being proxied now",
+                                      labels=labels)
+        queued = GaugeMetricFamily("reconciler_gateway_queued", "Gateway requests waiting for their service now",
+                                   labels=labels)
+        ttfb = SummaryMetricFamily("reconciler_gateway_ttfb_seconds", "Gateway time to first byte", labels=labels)
+        total = SummaryMetricFamily("reconciler_gateway_request_seconds", "Gateway request total time", labels=labels)
+        caused = CounterMetricFamily("reconciler_gateway_caused", "Starts, model switches and evictions that "
+                                     "gateway requests caused", labels=[*labels, "action"])
+        for m in traffic:
+            key = [m.model, m.service]
+            for code, n in sorted(m.statuses.items()):
+                requests.add_metric([*key, str(code)], n)
+            gone.add_metric(key, m.disconnected)
+            in_flight.add_metric(key, m.in_flight)
+            queued.add_metric(key, m.queued)
+            ttfb.add_metric(key, m.ttfb.count, m.ttfb.total_s)
+            total.add_metric(key, m.total.count, m.total.total_s)
+            for action, n in m.caused.items():
+                caused.add_metric([*key, action], n)
+        yield from (requests, gone, in_flight, queued, ttfb, total, caused)
 
 
 class ConnectionCollector:

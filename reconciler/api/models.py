@@ -184,6 +184,24 @@ class PendingStatus(_Response):
     reason: str
 
 
+class ModelTraffic(_Response):
+    """One model's requests through the model gateway (``serve --gateway``), since the server started."""
+
+    model: str = Field(description="The model, as its service knows it (an alias counts for its model).")
+    service: str = Field(description="The service that serves it.")
+    requests: int = Field(description="Requests answered (any status).")
+    errors: int = Field(description="Answered with a status of 400 or more (the gateway's or the model server's).")
+    disconnected: int = Field(description="Clients that went away before their answer ended.")
+    in_flight: int = Field(description="Requests holding their implicit lease now: being proxied.")
+    queued: int = Field(description="Requests waiting now: for a free max_concurrent slot, a start, a switch.")
+    ttfb_p50_ms: float | None = Field(description="Time to first byte, median of the recent requests, ms.")
+    ttfb_p99_ms: float | None = Field(description="Time to first byte, 99th percentile of the recent requests, ms.")
+    total_p50_ms: float | None = Field(description="Total time, median of the recent requests, ms.")
+    total_p99_ms: float | None = Field(description="Total time, 99th percentile of the recent requests, ms.")
+    caused: dict[str, int] = Field(
+        description="What its requests caused: starts (`start`), model switches (`switch`), evictions (`evict`).")
+
+
 class Condition(_Response):
     """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
 
@@ -208,3 +226,5 @@ class Status(_Response):
     pending: list[PendingStatus] = Field(description="The plan's pending items (demands and services).")
     plan: dict[str, Any] | None = Field(description="The last pass's plan, as `reconciler plan --format json`.")
     conditions: list[Condition]
+    models: list[ModelTraffic] = Field(
+        default_factory=list, description="The model gateway's traffic per model (empty without --gateway).")

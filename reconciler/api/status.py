@@ -5,7 +5,9 @@ demands: a lease granted a moment ago shows at once; one whose time is up
 but that no pass has released yet shows as ``state: "expired"`` with
 ``remaining_s: 0``, and is not counted as held); the last pass's
 snapshot, for health and GPU memory (with the store's leases accounted, see
-:mod:`.accounting`); and the last pass's plan, for the reasons. The shape is
+:mod:`.accounting`); and the last pass's plan, for the reasons. The model
+gateway's traffic per model (``models``) is the runtime's
+:class:`~reconciler.runtime.traffic.Traffic`. The shape is
 :class:`reconciler.api.models.Status` (example in ``reconciler/api/README.md``).
 """
 
@@ -20,6 +22,7 @@ from reconciler.api.models import (
     GpuStatus,
     InstanceStatus,
     LeaseStatus,
+    ModelTraffic,
     PendingStatus,
     ServiceStatus,
     Status,
@@ -72,7 +75,22 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
         conditions=_conditions(plan, backoffs, snapshot is not None),
+        models=models(runtime),
     )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 2) if seconds is not None else None
+
+
+def models(runtime: Runtime) -> list[ModelTraffic]:
+    """The model gateway's traffic per model (:mod:`reconciler.runtime.traffic`)."""
+    return [ModelTraffic(
+        model=m.model, service=m.service, requests=m.requests, errors=m.errors, disconnected=m.disconnected,
+        in_flight=m.in_flight, queued=m.queued, ttfb_p50_ms=_ms(m.ttfb.quantile(0.5)),
+        ttfb_p99_ms=_ms(m.ttfb.quantile(0.99)), total_p50_ms=_ms(m.total.quantile(0.5)),
+        total_p99_ms=_ms(m.total.quantile(0.99)), caused=dict(m.caused),
+    ) for m in runtime.traffic.models()]
 
 
 def _gpus(world: World | None) -> list[GpuStatus]:

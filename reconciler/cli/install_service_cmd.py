@@ -2,7 +2,7 @@
 
     reconciler install-service (--profile FILE | --profiles DIR) [--user] [--name NAME]
                                [--gpu SPEC] [--state-dir DIR] [--listen HOST:PORT]
-                               [--token-file FILE] [--env-file FILE] [--node NAME]
+                               [--gateway HOST:PORT] [--token-file FILE] [--env-file FILE] [--node NAME]
                                [--print] [--unit-dir DIR]
 
 Writes a systemd unit (:mod:`reconciler.render.systemd` says what is in it
@@ -44,7 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--state-dir", metavar="DIR",
                         help="state directory (default: /var/lib/reconciler for a system unit, the usual for --user)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="where the API listens (default 127.0.0.1:7700)")
-    parser.add_argument("--token-file", metavar="FILE", help="the API token (required to listen off loopback)")
+    parser.add_argument("--gateway", metavar="HOST:PORT", help="also serve the model gateway there (off unless given)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="the API's and the gateway's token (required to listen off loopback)")
     parser.add_argument("--env-file", metavar="FILE", help="NAME=value lines the profile's ${NAME}s read (chmod 600)")
     parser.add_argument("--node", metavar="NAME", help="node name")
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the unit, write nothing")
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         argv += ["--profile", _existing(args.profile, "--profile")]
     else:
         argv += ["--profiles", _existing(args.profiles, "--profiles")]
-    for flag, value in (("--gpu", args.gpu), ("--listen", args.listen), ("--node", args.node)):
+    for flag, value in (("--gpu", args.gpu), ("--listen", args.listen), ("--gateway", args.gateway),
+                        ("--node", args.node)):
         if value:
             argv += [flag, value]
     if args.token_file:

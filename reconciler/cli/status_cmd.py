@@ -5,7 +5,8 @@
 Reads ``GET /v1/status`` of ``reconciler serve`` (``--url``, else
 ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``) and prints tables:
 GPUs (memory by use), instances, leases (an expired one the next pass
-releases says so), pending demands and conditions.
+releases says so), the model gateway's traffic per model (when it runs),
+pending demands and conditions.
 ``--format json`` prints the document as it came. A server with a token
 needs it: ``--token-file``, else ``$RECONCILER_TOKEN_FILE``, else
 ``$RECONCILER_TOKEN`` (see :mod:`reconciler.api.client`). Exit 0, or 1 when
@@ -84,6 +85,10 @@ def _remaining(lease: dict[str, Any]) -> str | None:
     return duration(lease["remaining_s"]) if lease["remaining_s"] is not None else "until released"
 
 
+def _ms(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
 def render(status: dict[str, Any]) -> str:
     observed = (status.get("observed_at") or "not yet")[:19].replace("T", " ")
     out = [f"node {status['node']} · profile {status['profile']} · observed {observed}", ""]
@@ -113,6 +118,15 @@ def render(status: dict[str, Any]) -> str:
             [[lease["id"], lease["kind"], lease["service"], lease["holder"] or None, lease["gpu"],
               lease["mb"] if lease["kind"] == "vram" else None, lease["model"],
               _remaining(lease)] for lease in leases])]
+    models = status.get("models") or []
+    if models:
+        out += ["", table(
+            ["MODEL", "SERVICE", "REQUESTS", "IN FLIGHT", "QUEUED", "TTFB P50", "TTFB P99", "TOTAL P50", "CAUSED",
+             "ERRORS"],
+            [[m["model"], m["service"], m["requests"], m["in_flight"], m["queued"], _ms(m.get("ttfb_p50_ms")),
+              _ms(m.get("ttfb_p99_ms")), _ms(m.get("total_p50_ms")),
+              ", ".join(f"{n} {k}" for k, n in (m.get("caused") or {}).items() if n) or None, m["errors"]]
+             for m in models])]
     demands = status.get("demands") or []
     if demands:
         out += ["", table(["DEMAND", "SERVICE", "HOLDER", "WAITED", "REASON"],

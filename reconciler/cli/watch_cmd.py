@@ -3,7 +3,7 @@
     reconciler watch (--profile FILE | --profiles DIR) [--gpu nvml|auto|sim:…]
                      [--state-dir DIR] [--node NAME] [--resync S]
                      [--events text|json] [--allow-empty]
-                     [--api [HOST:PORT]] [--token-file FILE]
+                     [--api [HOST:PORT]] [--gateway HOST:PORT] [--token-file FILE]
 
 The loop itself — what triggers a pass, how an edit is accepted or
 rejected, signals — is :class:`reconciler.runtime.loop.Loop`; this module
@@ -11,7 +11,9 @@ parses the arguments, puts the parts together and prints the events
 (:mod:`reconciler.render.events`). ``--api`` also serves the HTTP API and
 dashboard (:mod:`reconciler.api`) in this process, on the same event loop,
 as the loop's companion; ``reconciler serve`` is the same with the API on by
-default.
+default. ``--gateway HOST:PORT`` adds the model gateway (:mod:`reconciler.gateway`:
+the OpenAI and Ollama APIs) as a second companion, with the same token rules;
+both are made from the arguments in :mod:`.companions`.
 
 Start-up: the profile is loaded (``--profiles DIR`` picks one by GPU size,
 see :mod:`reconciler.loading.watcher`); an invalid one exits 1 with its
@@ -31,11 +33,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from reconciler.errors import GuardError
 from reconciler.host.specs import SPEC_HELP
 
 if TYPE_CHECKING:  # the command's parts are imported when it runs: other commands' parsers stay light
-    from reconciler.api.server import ApiServer
     from reconciler.host.gpu import GpuBackend
     from reconciler.loading.watcher import ProfileChange, ProfileWatcher
     from reconciler.render.events import Printer
@@ -63,8 +63,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def add_token_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file", metavar="FILE",
-        help="a file holding the API token: mutating calls then need 'Authorization: Bearer <token>' "
-        "(required to listen off loopback)",
+        help="a file holding the token of the API and the gateway: mutating calls then need "
+        "'Authorization: Bearer <token>' (required to listen off loopback)",
     )
 
 
@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", choices=("text", "json"), default="text", help="event output (default: text)")
     parser.add_argument(
         "--allow-empty", action="store_true", help="accept a profile without services (it stops everything)"
+    )
+    parser.add_argument(
+        "--gateway", metavar="HOST:PORT", default=None,
+        help="also serve the model gateway (OpenAI and Ollama APIs: a request for a model gets its service "
+        "started, switched or swapped in, then proxied); off unless given; off loopback needs --token-file",
     )
 
 
@@ -109,6 +114,7 @@ async def watch(args: argparse.Namespace) -> int:
     """Put the loop together from ``args`` and run it until a signal; 0, or raise (exit 1) at start-up."""
     import asyncio
 
+    from reconciler.cli.companions import api_server, gateway_server
     from reconciler.host import systemd
     from reconciler.host.clock import SYSTEM_CLOCK
     from reconciler.render.events import Printer
@@ -118,15 +124,17 @@ async def watch(args: argparse.Namespace) -> int:
 
     printer = Printer(args.events)
     api = api_server(args)
+    gateway = gateway_server(args, api)
     backend, watcher, first = load(args, printer)
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     assembly = Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
                         purpose="watch")
     async with assembly:
-        if api is not None:
-            api.bind()
+        for server in (api, gateway):
+            if server is not None:
+                server.bind()
         printing = asyncio.ensure_future(_print(assembly.bus.subscribe(), printer))
-        companions: list[Companion] = [api] if api is not None else []
+        companions: list[Companion] = [c for c in (api, gateway) if c is not None]  # stopped in reverse
         started = Started(path=str(first.path), gpu=backend.name, state_dir=str(state_dir), detected=first.note)
         loop = Loop(assembly.runtime, watcher, first, bus=assembly.bus, started=started,
                     allow_empty=args.allow_empty, resync_s=args.resync, where=args.profiles or args.profile,
@@ -137,20 +145,6 @@ async def watch(args: argparse.Namespace) -> int:
             assembly.runtime.events.close()
             await printing
     return 0
-
-
-def api_server(args: argparse.Namespace) -> ApiServer | None:
-    """The API server when ``--api``/``serve`` asks for one (refused off loopback without a token)."""
-    listen = getattr(args, "api", None)
-    token_file = getattr(args, "token_file", None)
-    if not listen:
-        if token_file:
-            raise GuardError("--token-file is for the API: add --api (or use `reconciler serve`)")
-        return None
-    from reconciler.api.auth import parse_listen, read_token  # the API's imports only when it is wanted
-    from reconciler.api.server import ApiServer
-
-    return ApiServer(parse_listen(listen), read_token(token_file) if token_file else None)
 
 
 def load(args: argparse.Namespace, printer: Printer) -> tuple[GpuBackend, ProfileWatcher, ProfileChange]:

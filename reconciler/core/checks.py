@@ -2,7 +2,8 @@
 
 Field-level rules live on the models; these need the whole profile: a
 ``depends_on`` naming a missing service, a dependency cycle, two services on
-the same host port, a ``gpus:`` entry that excludes every GPU of a node is left
+the same host port, two services (or one, twice) answering to the same model
+name in the gateway (:mod:`.served`), a ``gpus:`` entry that excludes every GPU of a node is left
 to the planner (it depends on the host). The loader turns each path into
 ``file:line:col``. :func:`check_host` checks a profile against the host a
 snapshot shows (a ``gpu_count`` larger than its GPUs), where both are given.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from reconciler.core.dependencies import find_cycle
 from reconciler.core.profile import Profile
+from reconciler.core.served import Claim, claims
 from reconciler.core.snapshot import Snapshot
 
 Path = tuple[str | int, ...]
@@ -46,6 +48,25 @@ def check_profile(profile: Profile) -> list[Problem]:
             )
         else:
             owners[port] = name
+    return problems + check_model_names(profile)
+
+
+def check_model_names(profile: Profile) -> list[Problem]:
+    """A model name (or alias) that two services answer to — or one service twice — is ambiguous for the gateway."""
+    problems: list[Problem] = []
+    first: dict[str, Claim] = {}
+    for name, service in profile.services.items():
+        for claim in claims(name, service):
+            earlier = first.get(claim.name)
+            if earlier is None:
+                first[claim.name] = claim
+            elif earlier.service == claim.service:
+                problems.append(Problem(claim.path, f"model name {claim.name!r} is listed twice for service "
+                                                    f"{name!r}; list each name (model or alias) once"))
+            else:
+                problems.append(Problem(claim.path, f"model name {claim.name!r} is already served by service "
+                                                    f"{earlier.service!r}; the gateway routes a model to one "
+                                                    "service: rename it, or make it an alias of one of them"))
     return problems
 
 

@@ -33,6 +33,7 @@ class EventKind(StrEnum):
     WATCH_STOPPED = "watch.stopped", "The loop stopped (a signal); the services keep running."
     WATCH_DEGRADED = "watch.degraded", "The profile cannot be watched for a while (its directory went away…); retried."
     API_STARTED = "api.started", "The HTTP API listens: its URL and whether it needs a token."
+    GATEWAY_STARTED = "gateway.started", "The model gateway (OpenAI and Ollama APIs) listens: its URL and whether it needs a token."
     PROFILE_RELOADED = "profile.reloaded", "A saved edit of the profile is in force now."
     PROFILE_HELD = "profile.held", "A saved edit removes services; it applies once the file has been stable a while."
     PROFILE_REJECTED = "profile.rejected", "A saved edit is invalid (with its located diagnostics) or refused; the last good profile stays."
@@ -71,4 +72,7 @@ class EventKind(StrEnum):
     LEASE_RENEWED = "lease.renewed", "A lease's expiry moved."
     LEASE_RELEASED = "lease.released", "A lease ended because its holder (or an eviction) let it go."
     LEASE_EXPIRED = "lease.expired", "A lease ended because its time was up."
+    # the model gateway
+    GATEWAY_COLD = "gateway.cold", "A gateway request's model was not ready: what its wait caused (a start, a model switch, evictions), naming the model and the client."
+    GATEWAY_REFUSED = "gateway.refused", "A gateway request could not be served within its wait: the model, the client and the plan's reason (answered 503)."
     LEASING_ERROR = "broker.error", "The leasing service could not read the store for a moment (shown, never recorded)."

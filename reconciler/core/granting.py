@@ -133,6 +133,11 @@ class DemandGranting:
             return False
         reason = f"demand {demand.id} needs model {demand.model}; the idle instance serves {_named(model)}"
         if planned is not None and planned.kind == "restart":
+            spec = self.planner.profile.services[name]
+            if spec.ceiling_mb(demand.model) != spec.ceiling_mb(planned.model):  # its memory was counted for that
+                state.wait(name, f"demand {demand.id} needs model {demand.model}; {name} restarts with "
+                                 f"{_named(planned.model)} first ({planned.reason}), so it waits", demand.id)
+                return False
             desired = launch_spec(name, self.planner.profile.services[name], planned.gpu_set, demand.model)
             assert instance.launch is not None and desired is not None
             change = describe_launch_change(instance.launch, desired, self.planner.redactor)

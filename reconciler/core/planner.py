@@ -287,7 +287,7 @@ class Planner:
                                   "a lease", final=True)
             self.state.touched.add(name)
             return None
-        desired = launch_spec(name, spec, gpu, model)
+        desired = launch_spec(name, spec, span, model)
         problem = launch_problem(desired) if desired is not None else None
         if problem is not None:  # nothing is stopped for a start that cannot happen
             self.state.wait(name, f"restart ({reason}) cannot launch with model {model!r}: {problem}", final=True)
@@ -299,29 +299,30 @@ class Planner:
             self.state.touched.add(name)
             return None
         requires = [self.state.ready[d] for d in spec.depends_on if self.state.ready.get(d)]
+        need = spec.ceiling_mb(model)  # the model's own ceiling, when models: gives it one
         priority = self.priority_of(name)
         if len(span) == 1 and gpu is not None:
             room_on = self.state.free[gpu] + self.reservation(name)
-            if room_on < spec.max_mb:
+            if room_on < need:
                 options = self._eviction_options(name, gpu, priority)
-                choice = choose_eviction(options.candidates, options.closures, spec.max_mb - room_on)
+                choice = choose_eviction(options.candidates, options.closures, need - room_on)
                 if choice is None:
-                    self.state.wait(name, f"restart ({reason}) {refusal(spec.max_mb, gpu, max(0, room_on), options)}")
+                    self.state.wait(name, f"restart ({reason}) {refusal(need, gpu, max(0, room_on), options)}")
                     return None
                 requires += self.evict(Placement((gpu,), choice), name, priority)
         elif span:  # every GPU of the set must take the new ceiling: one eviction across them
             room = {g: self.state.free[g] + self.reservation(name, g) for g in span}
-            if any(room[g] < spec.max_mb for g in span):
-                placed = place_set(spec.max_mb, len(span), list(span), room, self._eviction_pool(name, priority),
+            if any(room[g] < need for g in span):
+                placed = place_set(need, len(span), list(span), room, self._eviction_pool(name, priority),
                                    prefer=span)
                 if isinstance(placed, NoPlacement):
                     self.state.wait(name, f"restart ({reason}) {placed.reason}")
                     return None
                 requires += self.evict(placed, name, priority)
         for g in span:
-            self.state.free[g] += self.reservation(name, g) - spec.max_mb
+            self.state.free[g] += self.reservation(name, g) - need
         restart_id = self.state.add("restart", name, name, reason, **self.on_gpus(span),
-                                    mb=spec.max_mb if span else None, model=model,
+                                    mb=need if span else None, model=model,
                                     requires=sorted(set(requires)))
         self.state.ready[name] = restart_id
         self.state.models[name] = model
@@ -355,7 +356,8 @@ class Planner:
             room = dict(self.state.free)
             for g in instance.gpu_set:
                 room[g] += self.reservation(name, g)
-            placement = self.place(name, spec, None, self.priority_of(name), (), free=room)
+            placement = self.place(name, spec, None, self.priority_of(name), (), free=room,
+                                   need=spec.ceiling_mb(instance.model))
             if isinstance(placement, NoPlacement):
                 self.state.wait(name, f"restart ({note}) {placement.reason}; it keeps running as it is")
                 continue
@@ -468,22 +470,24 @@ class Planner:
         for gone in (self.state.action("evict", name), self.state.action("stop", name)):
             if gone is not None:
                 requires.append(gone.id)  # the instance evicted or stopped still holds the port until it is gone
-        if spec.max_mb > 0:
+        need = spec.ceiling_mb(model)  # the model's own ceiling, when models: gives it one
+        if need > 0:
             if not self.world.gpus:
-                return self._unreachable(name, queue, f"needs {spec.max_mb} MB of GPU memory; this node has no GPU")
+                return self._unreachable(name, queue, f"needs {need} MB of GPU memory; this node has no GPU")
             if spec.gpu_count > len(self.world.gpus):
                 return self._unreachable(name, queue, self.too_few_gpus(spec))
-            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu_set if dead else ())
+            placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu_set if dead else (),
+                                   need=need)
             if isinstance(placement, NoPlacement):
                 return self._unreachable(name, queue, placement.reason)
             gpus = placement.gpus
             requires += self.evict(placement, name, priority)
             for gpu in gpus:
                 stops = [a for a in self.state.actions.values() if a.kind == "stop" and gpu in a.gpu_set]
-                if self.state.free[gpu] - sum(self._gives(a, gpu) for a in stops) < spec.max_mb:
+                if self.state.free[gpu] - sum(self._gives(a, gpu) for a in stops) < need:
                     requires += [a.id for a in stops]  # it needs the memory those stops give back
             for gpu in gpus:
-                self.state.free[gpu] -= spec.max_mb
+                self.state.free[gpu] -= need
         detail = ""
         if dead is not None and dead.pid is not None:
             process = self.world.processes.get(dead.pid)
@@ -494,14 +498,14 @@ class Planner:
             else:
                 detail = f"; its last instance (pid {dead.pid}) failed"
         if len(gpus) == 1:
-            where = f" on GPU {gpus[0]} ({spec.max_mb} MB, {self.state.free[gpus[0]]} MB left free)"
+            where = f" on GPU {gpus[0]} ({need} MB, {self.state.free[gpus[0]]} MB left free)"
         elif gpus:
             left = _and([str(self.state.free[g]) for g in gpus])
-            where = f" on GPUs {_and(gpus)} ({spec.max_mb} MB on each; {left} MB left free)"
+            where = f" on GPUs {_and(gpus)} ({need} MB on each; {left} MB left free)"
         else:
             where = ""
         self.state.ready[name] = self.state.add("start", name, name, f"wanted ({why}){detail}; starting{where}",
-                                    **self.on_gpus(gpus), mb=spec.max_mb if gpus else None, model=model,
+                                    **self.on_gpus(gpus), mb=need if gpus else None, model=model,
                                     requires=sorted(set(requires)))
         self.state.models[name], self.state.placed[name] = model, gpus
         self.state.touched.add(name)
@@ -536,14 +540,16 @@ class Planner:
 
     def place(
         self, name: str, spec: Service, demand: Demand | None, priority: int, prefer: tuple[int, ...],
-        free: dict[int, int] | None = None,
+        free: dict[int, int] | None = None, *, need: int | None = None,
     ) -> Placement | NoPlacement:
-        """Where ``name`` goes: one GPU, or a set of ``gpu_count`` (``prefer``: where it ran last)."""
+        """Where ``need`` MB (default: the service's ``max_mb``) of ``name`` go: one GPU, or that much on each of a set
+        of ``gpu_count`` (``prefer``: where it ran last), evicting what it may."""
+        mb = spec.max_mb if need is None else need
         free = self.state.free if free is None else free
         if spec.gpu_count == 1:
-            return place(spec.max_mb, self.allowed_gpus(spec, demand), free,
+            return place(mb, self.allowed_gpus(spec, demand), free,
                          lambda gpu: self._eviction_options(name, gpu, priority), prefer[0] if prefer else None)
-        return place_set(spec.max_mb, spec.gpu_count, self.allowed_gpus(spec), free,
+        return place_set(mb, spec.gpu_count, self.allowed_gpus(spec), free,
                          self._eviction_pool(name, priority), prefer, demand.gpu if demand is not None else None)
 
     def _eviction_options(self, requester: str, gpu: int, priority: int) -> EvictionOptions:

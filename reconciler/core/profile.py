@@ -16,12 +16,34 @@ import difflib
 from pathlib import PurePath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
 
 from reconciler.core.templates import PLACEHOLDERS, find_placeholders, split_template
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 ServiceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=63)]
+
+
+def _model_name(value: str) -> str:
+    if value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"model name {value!r} starts or ends with a space or holds a control character; "
+                         "write it as clients send it")
+    return value
+
+
+# a model's name as a client sends it and as {model} receives it: a tag (llama3.2:3b), a repository
+# (Qwen/Qwen2.5-3B) or a file path
+ModelName = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(_model_name)]
 
 
 class _Strict(BaseModel):
@@ -120,6 +142,33 @@ class DockerSpec(_Strict):
 Managed = Annotated[ProcessSpec | DockerSpec, Field(discriminator="type")]
 
 
+class ModelSpec(_Strict):
+    """One model a service serves, under its name (what fills {model}) and its aliases."""
+
+    max_mb: int | None = Field(
+        None, ge=0, description="VRAM ceiling while this model is loaded; overrides the service's max_mb "
+        "(a 7B and a 1B behind one `llama-server -m {model}` need different memory). None = the service's."
+    )
+    aliases: list[ModelName] = Field(
+        default_factory=list, description="Other names clients may ask for it by; the gateway forwards its name."
+    )
+
+
+NO_MODEL_SPEC = ModelSpec()
+
+
+def _models_shape(value: object) -> str:
+    return "list" if isinstance(value, list) else "mapping"
+
+
+# `models:` is a list of names or a mapping name → ModelSpec; the shape picks one (so an error in a list
+# is not also reported as "expected a mapping")
+Models = Annotated[
+    Annotated[list[ModelName], Tag("list")] | Annotated[dict[ModelName, ModelSpec | None], Tag("mapping")],
+    Discriminator(_models_shape),
+]
+
+
 class Service(_Strict):
     """One service slot: its VRAM ceiling, priority, and how to run it."""
 
@@ -149,6 +198,30 @@ class Service(_Strict):
         "driver --gpus \"device=0,1\".",
     )
     model: str | None = Field(None, description="Default model, fills {model} when a lease names none.")
+    models: Models | None = Field(
+        None,
+        description="The models it serves, for the gateway: a list of names, or a mapping name → {max_mb, aliases}. "
+        "With {model} in its launch, a request for one of them starts (or switches) it with that model; without, "
+        "one instance serves them all. None: it serves one model, its `model` (or, without {model} in its launch "
+        "and without `model`, its name); an Ollama also serves what its /api/tags lists, live.",
+    )
+    api: Literal["openai", "ollama"] | None = Field(
+        None,
+        description="What the service speaks, for the gateway: `openai` (llama-server, vLLM…: /v1/chat/completions…) "
+        "or `ollama` (/api/chat…). None: `ollama` for an Ollama, else `openai`. Ollama-protocol requests to an "
+        "`openai` service are translated.",
+    )
+    request_wait_s: float | None = Field(
+        None, gt=0,
+        description="How long a gateway request waits for this service to serve its model (a start, a model "
+        "switch, evictions, a free max_concurrent slot) before it is answered 503 with the plan's reason. None: "
+        "start_timeout_s + 30.",
+    )
+    max_queued: int = Field(
+        64, ge=0,
+        description="Gateway requests that may wait for this service beyond the max_concurrent in flight; "
+        "more are answered 429 with Retry-After.",
+    )
     start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
     probe_interval_s: float = Field(5, gt=0, description="Health probe interval once running.")
     probe_timeout_s: float = Field(2, gt=0, description="Timeout of one health probe.")
@@ -177,6 +250,13 @@ class Service(_Strict):
                              f"list at least {v} GPU indexes or lower gpu_count")
         return v
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_shape(cls, v: object) -> object:
+        if v is not None and not isinstance(v, list | dict):
+            raise ValueError("expected a list of model names, or a mapping name → {max_mb, aliases}")
+        return v
+
     @property
     def probe_port(self) -> int | None:
         return self.managed.probe_port if self.managed else None
@@ -184,6 +264,29 @@ class Service(_Strict):
     @property
     def adoptable(self) -> bool:
         return isinstance(self.managed, ProcessSpec) and self.managed.adopt
+
+    @property
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """``models:`` as a mapping (a list's names get no ceiling or aliases of their own); {} when not given."""
+        if self.models is None:
+            return {}
+        if isinstance(self.models, list):
+            return dict.fromkeys(self.models, NO_MODEL_SPEC)
+        return {name: spec or NO_MODEL_SPEC for name, spec in self.models.items()}
+
+    def ceiling_mb(self, model: str | None) -> int:
+        """The VRAM ceiling while ``model`` is loaded: its own ``max_mb`` when it has one, else the service's."""
+        if model is not None and self.models is not None:
+            specs = self.model_specs
+            spec = specs.get(model) or next((s for s in specs.values() if model in s.aliases), None)
+            if spec is not None and spec.max_mb is not None:
+                return spec.max_mb
+        return self.max_mb
+
+    @property
+    def wait_s(self) -> float:
+        """How long a gateway request waits for it (``request_wait_s``, else ``start_timeout_s`` + 30)."""
+        return self.request_wait_s if self.request_wait_s is not None else self.start_timeout_s + 30
 
 
 def is_ollama(service: Service) -> bool:

@@ -4,8 +4,8 @@ Used for ``free_mb_after`` and for the convergence property (planning the
 simulated result of a plan yields no actions). The simulated host behaves
 like the simulated GPU backend: a started instance is a new process (fresh
 pid, ``create_time`` = now) listening on its port, answering its probe, and
-using its ``max_mb`` on its GPU (on each of its GPUs, for a service that
-spans several); a stopped or evicted one is gone with its
+using its ceiling (the model's ``max_mb``, else the service's) on its GPU (on each of its GPUs, for a
+service that spans several); a stopped or evicted one is gone with its
 memory; an evicted adopted Ollama keeps running with its models unloaded.
 """
 
@@ -66,7 +66,7 @@ class _Host:
                 if gpu is not None:
                     unattributed = max(0, gpu.used_mb - sum(p.used_mb for p in gpu.processes))
                     spec = self.profile.services.get(instance.service)
-                    freed = min(unattributed, spec.max_mb if spec else 0)
+                    freed = min(unattributed, spec.ceiling_mb(instance.model) if spec else 0)
                     self.gpus[gpu.index] = gpu.model_copy(update={"used_mb": gpu.used_mb - freed, "free_mb": None})
             return
         tree = self._tree(instance.pid)
@@ -81,8 +81,9 @@ class _Host:
         port = spec.probe_port
         self.processes[pid] = Process(pid=pid, create_time=self.now.timestamp(), cmdline=launch.argv if launch else [],
                                       listening=[port] if port else [])
-        if action.gpu_set and spec.max_mb > 0:
-            self._set_usage({pid}, action.gpu_set, spec.max_mb, pid)
+        need = spec.ceiling_mb(action.model)
+        if action.gpu_set and need > 0:
+            self._set_usage({pid}, action.gpu_set, need, pid)
         if port is not None:
             self.probes[action.service] = Probe(healthy=True, status=200)
         return Instance(service=action.service, gpu=action.gpu, gpus=action.gpus, origin="started", pid=pid,

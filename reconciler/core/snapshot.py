@@ -154,6 +154,12 @@ class Instance(_Strict, Spanning):
     restart: Literal["when_idle", "now"] | None = Field(
         None, description="An operator asked for a restart: once it is idle, or now even if busy."
     )
+    keep_alive_s: float | None = Field(
+        None,
+        description="How long it stays once idle, as the last gateway request's Ollama `keep_alive` said; "
+        "overrides the service's idle_stop_after_s: 0 = stopped as soon as it is idle, negative = never "
+        "idle-stopped. None = the service's idle_stop_after_s.",
+    )
 
 
 class Lease(_Strict, Spanning):

@@ -5,7 +5,10 @@ demand, is a dependency of a wanted service, or is running and not past
 ``idle_stop_after_s``. Idle time counts from the instance's ``idle_since``;
 when that is null, from the end of its last lease (an expired lease ended at
 its ``expires_at``), else from ``since``. ``idle_stop_after_s: 0`` never
-idle-stops. A service missing from the profile is never wanted.
+idle-stops. An instance's ``keep_alive_s`` (an Ollama-protocol request's
+``keep_alive``, set by the gateway) overrides ``idle_stop_after_s`` for that
+instance: 0 stops it as soon as it is idle, a negative value never. A
+service missing from the profile is never wanted.
 
 Adopted instances are never stopped for idleness: the process is not ours to
 stop, so an idle adopted service stays adopted and keeps counting.
@@ -35,16 +38,21 @@ def idle_reason(world: World, service: str) -> tuple[bool, str]:
     instance = world.instances[service]
     if instance.origin == "adopted":
         return True, "adopted; never stopped for idleness"
-    if spec.idle_stop_after_s == 0:
+    limit, named = spec.idle_stop_after_s, "idle_stop_after_s"
+    if instance.keep_alive_s is not None:
+        limit, named = instance.keep_alive_s, "keep_alive of its last request"
+        if limit < 0:
+            return True, f"running ({named} is {_seconds(limit)}: never idle-stopped)"
+    elif limit == 0:
         return True, "running (idle_stop_after_s is 0: never idle-stopped)"
     ended = [lease.expires_at for lease in world.expired_leases if lease.service == service and lease.expires_at]
     start = instance.idle_since or (max(ended) if ended else None) or instance.since
     if start is None:
         return True, "running (no idle time known)"
     idle = (world.now - start).total_seconds()
-    if idle < spec.idle_stop_after_s:
-        return True, f"running, idle for {_seconds(idle)} of idle_stop_after_s {_seconds(spec.idle_stop_after_s)}"
-    return False, f"idle for {_seconds(idle)} (idle_stop_after_s is {_seconds(spec.idle_stop_after_s)})"
+    if idle < limit:
+        return True, f"running, idle for {_seconds(idle)} of {named} {_seconds(limit)}"
+    return False, f"idle for {_seconds(idle)} ({named} is {_seconds(limit)})"
 
 
 def compute_wanted(world: World, deps: Dependencies | None = None) -> Wanted:

@@ -18,7 +18,9 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
 * GPU memory of a process counts for an instance when the process is the
   instance's pid or one of its descendants (``ppid`` chain), so a vLLM worker
   process is not mistaken for foreign usage.
-* A started instance reserves ``max(max_mb, observed)``; an adopted one its
+* A started instance reserves ``max(ceiling, observed)`` — its ceiling is
+  the ``max_mb`` of the model it serves when ``models:`` gives one, else the
+  service's (:meth:`~.profile.Service.ceiling_mb`); an adopted one its
   observed usage, or ``max_mb`` when NVML attributes nothing to it — either
   at most the GPU's total (it runs there already: that is all it can hold,
   whatever its ceiling says now).
@@ -180,7 +182,7 @@ class World:
         """(MB reserved, whether NVML attributes memory to it) for a live instance on ``gpu``, one of its
         GPUs (default: its first); ``max_mb`` is a ceiling per GPU."""
         spec = self.profile.services.get(service)
-        max_mb = spec.max_mb if spec else 0
+        max_mb = spec.ceiling_mb(instance.model) if spec else 0
         gpu = instance.gpu if gpu is None else gpu
         attributed = gpu is not None and gpu in observed
         seen = observed.get(gpu, 0) if gpu is not None else 0

@@ -79,7 +79,8 @@ class DockerDriver(Driver):
             argv += ["--label", f"{OWNER_LABEL}={self.owner}"]
         env = dict(launch.env)
         if gpu is not None and sim:
-            env.update({"CUDA_VISIBLE_DEVICES": request.device_list, SIM_GPU_MB_ENV: str(service.max_mb)})
+            env.update({"CUDA_VISIBLE_DEVICES": request.device_list,
+                        SIM_GPU_MB_ENV: str(service.ceiling_mb(request.model))})
         elif len(request.devices) > 1:
             # docker reads --gpus as CSV: several devices need the quotes inside the value itself
             argv += ["--gpus", f'"device={request.device_list}"']

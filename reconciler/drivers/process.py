@@ -6,10 +6,10 @@ process group, with stdout and stderr appended to ``<state_dir>/logs/<service>.l
 The environment is the reconciler's own, plus the profile's ``env``, plus
 ``CUDA_VISIBLE_DEVICES=<gpu>`` (the variable is configurable, e.g. for ROCm)
 when placed on a GPU — ``CUDA_VISIBLE_DEVICES=0,1`` for a service spanning
-GPUs 0 and 1 (``gpu_count: 2``) — plus ``RECONCILER_SIM_GPU_MB=<max_mb>`` when
-the GPU is simulated (the sim backend attributes memory to processes carrying
-it, on each listed GPU), plus two markers that make the process findable
-without the store:
+GPUs 0 and 1 (``gpu_count: 2``) — plus ``RECONCILER_SIM_GPU_MB=<ceiling>`` (its
+model's ``max_mb``, else the service's) when the GPU is simulated (the sim
+backend attributes memory to processes carrying it, on each listed GPU), plus
+two markers that make the process findable without the store:
 
 * ``RECONCILER_INTENT=<state_dir>#<intent id>`` when started under an intent:
   a reconciler that died between the launch and recording the pid finds its
@@ -200,7 +200,7 @@ class ProcessDriver(Driver):
         if request.devices:
             env[self.gpu_env] = request.device_list
             if request.sim:
-                env[SIM_GPU_MB_ENV] = str(request.spec.max_mb)
+                env[SIM_GPU_MB_ENV] = str(request.spec.ceiling_mb(request.model))  # the model's own, if any
         if request.intent is not None:
             env[INTENT_ENV] = self.intent_marker(request.intent)
         env[INSTANCE_ENV] = self.instance_marker(request)

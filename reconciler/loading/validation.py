@@ -189,7 +189,7 @@ def _key_problem(error: ErrorDetails) -> str:
         return "use letters, digits, '.', '_' and '-', starting with a letter or digit"
     if error["type"] == "string_too_long":
         return f"at most {(error.get('ctx') or {}).get('max_length')} characters"
-    return str(error["msg"])
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def _unknown_key(path: Path, data: Any, model: type[BaseModel]) -> tuple[str, str | None]:
@@ -221,6 +221,8 @@ def _fields_at(model: type[BaseModel], path: Path, data: Any) -> list[str]:
             container = [a for a in _members(annotation) if typing.get_origin(a) in (dict, list)]
             if not container:
                 return []
+            # a list-or-mapping field (a service's models:): the member of the data's own shape
+            container = [a for a in container if isinstance(current, typing.get_origin(a))] or container
             args = typing.get_args(container[0])
             annotation = args[-1] if args else Any
         current = _lookup(current, (part,))

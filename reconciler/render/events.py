@@ -4,7 +4,9 @@
 :mod:`reconciler.core.events`) into a readable line — or a few, for a
 rejected profile and its diagnostics — or None for what text mode leaves
 out: ``pass.started`` and the runtime's own ``pass`` (``pass.finished`` sums
-them up), and passes that found nothing to do. :class:`Printer` writes
+them up), passes that found nothing to do, and the implicit leases of the
+model gateway's requests, two per request (``reconciler status`` counts
+them per model; ``gateway.cold`` says when one caused something). :class:`Printer` writes
 either those lines or, in JSON mode, one JSON object per line, flushing
 each; a pipe reader that went away (``watch | head``) does not stop the
 reconciler. :func:`kinds_table` lists every kind for the API's README.
@@ -21,6 +23,8 @@ from reconciler.core.events import EventKind
 
 _SYMBOLS = {"done": "✓", "failed": "✗", "skipped": "-", "deferred": "…"}
 _SILENT = {EventKind.PASS_STARTED, EventKind.PASS}  # the runtime's own "pass" is summed up by pass.finished
+_GATEWAY_LEASES = {EventKind.LEASE_GRANTED, EventKind.LEASE_RELEASED}
+GATEWAY_HOLDER = "gateway "  # the holder of a gateway request's implicit lease: "gateway 127.0.0.1:53422"
 
 
 def format_text(event: dict[str, Any]) -> str | None:
@@ -29,6 +33,8 @@ def format_text(event: dict[str, Any]) -> str | None:
     ts = str(event.get("ts", ""))[11:19]
     message = event.get("message") or ""
     if kind in _SILENT or (kind == EventKind.PASS_FINISHED and event.get("quiet")):
+        return None
+    if kind in _GATEWAY_LEASES and str(event.get("holder", "")).startswith(GATEWAY_HOLDER):
         return None
     if kind == EventKind.WATCH_STARTED:
         return (f"{ts} watching {event.get('path')}: profile {event.get('profile')}, GPU {event.get('gpu')}, "

@@ -17,7 +17,10 @@ Between passes others read the runtime through :meth:`Runtime.last_pass`
 (what the last pass saw and planned), change leases through
 :attr:`Runtime.ledger` while holding :meth:`Runtime.exclusive`, ask for a pass
 with :meth:`Runtime.wake`, and wait for passes and grants through
-:attr:`Runtime.passed` and :attr:`Runtime.grants` (:mod:`.passes`).
+:attr:`Runtime.passed` and :attr:`Runtime.grants` (:mod:`.passes`). The
+model gateway records its traffic in :attr:`Runtime.traffic` (the API shows
+it) and Ollama's ``keep_alive`` in :attr:`Runtime.keep_alive`, which each
+pass plans with (:mod:`.keepalive`).
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from reconciler.runtime.driverset import DriverSet
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.executor import Executor
 from reconciler.runtime.health import HealthWaiter
+from reconciler.runtime.keepalive import KeepAlive
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
+from reconciler.runtime.traffic import Traffic
 from reconciler.store.base import Store
 
 QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only
@@ -89,6 +94,8 @@ class Runtime:
         )
         self.passed = PassSignal()  # set as each pass finishes
         self.grants = GrantWatch()  # set as a pass grants a watched demand
+        self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
+        self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
         self._last: LastPass | None = None
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
@@ -134,7 +141,7 @@ class Runtime:
             self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
         state = store.state()
         observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
-        snapshot = await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses)
+        snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
         plan = make_plan(profile, snapshot)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,

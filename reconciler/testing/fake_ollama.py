@@ -13,6 +13,15 @@ in flight (the unload waits for it to end). Any other generate request loads
 the model and takes ``--generate-s`` seconds; unknown models answer 404, as
 Ollama does. ``GET /`` answers "Ollama is running". SIGTERM exits 0.
 
+For the model gateway it also answers prompts, deterministically (the
+reply of :func:`reconciler.testing.fake_openai.reply`: ``"<model>:"``, ``" w1"``…,
+``options.num_predict`` pieces, default 8): ``POST /api/generate`` with a
+``prompt`` and ``POST /api/chat`` stream NDJSON — one ``{"response"|"message",
+"done": false}`` line per piece, every ``--chunk-delay`` seconds, then a
+``"done": true`` line with the counts — or, with ``"stream": false``, one
+JSON answer; ``POST /api/embed`` answers ``embeddings``. ``GET /stats``
+says how many prompts it answered, with the last request's body.
+
 To play an adopted Ollama on a simulated GPU, start it with
 ``RECONCILER_SIM_GPU_MB`` in its environment; that usage is fixed for the life
 of the process (the environment is read from outside), unload or not.
@@ -30,6 +39,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from reconciler.testing.fake_openai import embedding, reply
+
 MIB = 1024 * 1024
 
 
@@ -37,7 +48,7 @@ class Models:
     """Installed and loaded models, shared by the request threads."""
 
     def __init__(self, installed: list[str], vram_mb: int, load: bool, unload_delay_s: float = 0.3,
-                 generate_s: float = 0.0):
+                 generate_s: float = 0.0, chunk_delay_s: float = 0.0):
         self.installed = installed
         self.vram_bytes = vram_mb * MIB
         self.loaded: list[str] = list(installed) if load else []
@@ -46,6 +57,35 @@ class Models:
         self.generate_s = generate_s
         self.in_flight: dict[str, int] = {}  # model → requests running on it
         self.idle = threading.Condition(self.lock)
+        self.chunk_delay_s = chunk_delay_s
+        self.prompts = 0  # prompts answered (chat, generate with a prompt, embed)
+        self.last: dict[str, object] = {}
+
+    def answer(self, request: dict[str, object], kind: str) -> tuple[int, list[dict[str, object]]]:
+        """A prompt's answer as the lines Ollama would send (``kind``: chat or generate)."""
+        name = str(request.get("model") or "")
+        if name not in self.installed and f"{name}:latest" not in self.installed:
+            return 404, [{"error": f"model '{name}' not found"}]
+        canonical = name if name in self.installed else f"{name}:latest"
+        with self.lock:
+            self.prompts += 1
+            self.last = request
+            if canonical not in self.loaded:
+                self.loaded.append(canonical)
+        options = request.get("options") if isinstance(request.get("options"), dict) else {}
+        assert isinstance(options, dict)
+        pieces = reply(name, int(options.get("num_predict") or 8))
+        field = "message" if kind == "chat" else "response"
+        lines: list[dict[str, object]] = []
+        for piece in pieces:
+            body: object = {"role": "assistant", "content": piece} if kind == "chat" else piece
+            lines.append({"model": name, "created_at": datetime.now(UTC).isoformat(), field: body, "done": False})
+        final_body: object = {"role": "assistant", "content": ""} if kind == "chat" else ""
+        lines.append({"model": name, "created_at": datetime.now(UTC).isoformat(), field: final_body, "done": True,
+                      "done_reason": "length", "total_duration": 1000, "load_duration": 10,
+                      "prompt_eval_count": 3, "prompt_eval_duration": 100, "eval_count": len(pieces),
+                      "eval_duration": 800})
+        return 200, lines
 
     def tags(self) -> dict[str, object]:
         return {"models": [_model(name, self.vram_bytes) for name in self.installed]}
@@ -108,6 +148,9 @@ def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
                 self._json(200, models.tags())
             elif path == "/api/ps":
                 self._json(200, models.ps())
+            elif path == "/stats":
+                with models.lock:
+                    self._json(200, {"prompts": models.prompts, "last": models.last, "loaded": list(models.loaded)})
             elif path == "/":
                 self._text(200, "Ollama is running")
             else:
@@ -119,9 +162,48 @@ def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
                 request = json.loads(self.rfile.read(length) or b"{}")
             except ValueError:
                 return self._json(400, {"error": "invalid JSON"})
-            if self.path.split("?", 1)[0] != "/api/generate" or not isinstance(request, dict):
+            path = self.path.split("?", 1)[0]
+            if not isinstance(request, dict) or path not in ("/api/generate", "/api/chat", "/api/embed"):
                 return self._json(404, {"error": "not found"})
-            self._json(*models.generate(request))
+            if path == "/api/embed":
+                return self._embed(request)
+            if path == "/api/generate" and not request.get("prompt"):  # load or unload, as before
+                return self._json(*models.generate(request))
+            status, lines = models.answer(request, "chat" if path == "/api/chat" else "generate")
+            if status != 200 or request.get("stream") is False:
+                if status == 200:
+                    text = "".join(str(line.get("response", "")) if path == "/api/generate" else
+                                   str(line["message"]["content"]) for line in lines  # type: ignore[index]
+                                   if not line["done"])
+                    final = dict(lines[-1])
+                    final["response" if path == "/api/generate" else "message"] = (
+                        text if path == "/api/generate" else {"role": "assistant", "content": text})
+                    return self._json(200, final)
+                return self._json(status, lines[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            for index, line in enumerate(lines):
+                if index and models.chunk_delay_s:
+                    time.sleep(models.chunk_delay_s)
+                try:
+                    self.wfile.write(json.dumps(line).encode() + b"\n")
+                    self.wfile.flush()
+                except OSError:
+                    return None  # the client went away
+            return None
+
+        def _embed(self, request: dict[str, object]) -> None:
+            name = str(request.get("model") or "")
+            if name not in models.installed and f"{name}:latest" not in models.installed:
+                return self._json(404, {"error": f"model '{name}' not found"})
+            inputs = request.get("input")
+            texts = [inputs] if isinstance(inputs, str) else inputs if isinstance(inputs, list) else []
+            with models.lock:
+                models.prompts += 1
+                models.last = request
+            return self._json(200, {"model": name, "embeddings": [embedding(str(t), 8) for t in texts],
+                                    "total_duration": 1000, "load_duration": 10, "prompt_eval_count": len(texts)})
 
         def _json(self, status: int, body: object) -> None:
             self._send(status, json.dumps(body).encode(), "application/json")
@@ -152,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unload-delay", type=float, default=0.3, metavar="S",
                         help="an unload (keep_alive 0) happens this long after its answer (default 0.3)")
     parser.add_argument("--generate-s", type=float, default=0.0, metavar="S", help="how long a generate takes")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, metavar="S", help="between streamed lines")
     args = parser.parse_args(argv)
     models = Models([m for m in args.models.split(",") if m], args.vram_mb, not args.no_load,
-                    args.unload_delay, args.generate_s)
+                    args.unload_delay, args.generate_s, args.chunk_delay)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(models))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

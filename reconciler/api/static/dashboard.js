@@ -25,6 +25,7 @@
   // still logged, marked as a kind this page does not know.
   const KINDS = [
     "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
+    "gateway.started", "gateway.cold", "gateway.refused",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
     "instance.unloaded", "intent.recovered", "intent.unresolved", "lease.granted", "lease.renewed", "lease.released",
@@ -133,6 +134,7 @@
     renderLeases(list(status.leases));
     renderPending(list(status.demands), list(status.pending));
     renderPlan(status.plan);
+    renderModels(list(status.models));
     state.renders += 1;
     state.renderedAt = Date.now();
     document.body.dataset.renders = String(state.renders);
@@ -255,6 +257,30 @@
     const counts = Object.entries(byState).map(([st, n]) => `${n} ${st}`);
     setText("instances-count", [...counts, `${instances.length + idle.length} services`].join(" · "));
     show("instances-empty", !instances.length && !idle.length);
+  }
+
+  function ms(value) { return typeof value === "number" ? `${value < 10 ? value.toFixed(1) : Math.round(value)} ms` : "—"; }
+
+  // the model gateway's traffic per model (serve --gateway); the card stays hidden without it
+  function renderModels(models) {
+    const tbody = $("models").querySelector("tbody");
+    clear(tbody);
+    for (const m of models) {
+      const caused = Object.entries(m.caused || {}).filter(([, n]) => Number(n) > 0)
+        .map(([what, n]) => `${n} ${what}${Number(n) === 1 ? "" : what === "switch" ? "es" : "s"}`);
+      tbody.append(el("tr", { dataset: { model: String(m.model) } },
+        el("td", { class: "model" }, dash(m.model)),
+        el("td", { class: "service" }, dash(m.service)),
+        el("td", { class: "num requests" }, dash(m.requests)),
+        el("td", { class: "num in-flight" }, dash(m.in_flight)),
+        el("td", { class: "num queued" }, dash(m.queued)),
+        el("td", { class: "num ttfb" }, `${ms(m.ttfb_p50_ms)} / ${ms(m.ttfb_p99_ms)}`),
+        el("td", { class: "num total" }, `${ms(m.total_p50_ms)} / ${ms(m.total_p99_ms)}`),
+        el("td", { class: "caused" }, caused.length ? caused.join(", ") : "—"),
+        el("td", { class: "num errors" }, dash(m.errors))));
+    }
+    setText("models-count", models.length ? String(models.length) : "");
+    show("models-card", models.length > 0);
   }
 
   // a UUID's first block is enough to tell leases apart on one screen (the full id is the tooltip)
@@ -413,6 +439,8 @@
     if (SILENT.has(kind)) return;
     scheduleRefresh();
     if (kind === "pass.finished" && obj.quiet) return; // a pass that found nothing to do
+    // a gateway request's implicit lease (two per request): the Models card counts them
+    if ((kind === "lease.granted" || kind === "lease.released") && String(obj.holder || "").startsWith("gateway ")) return;
     const ol = $("events");
     const failed = kind === "action.finished" && obj.status === "failed";
     const severity = failed || /fail|reject|degrad|backoff|gone/.test(kind) ? "bad"
