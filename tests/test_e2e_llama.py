@@ -73,9 +73,13 @@ LLAMA = """\
 
 
 def llama_block(binary: Path, model: Path, port: int, *, name: str = "llm", always_on: bool = False,
-                adopt: bool = False) -> str:
-    return LLAMA.format(name=name, binary=binary, model=model, port=port, always_on=str(always_on).lower(),
-                        adopt=str(adopt).lower(), args=ARGS, start_timeout_s=START_S)
+                adopt: bool = False, by_name: bool = False) -> str:
+    """``by_name``: ``{model}`` is the file's name in its directory (``-m /models/{model}``), as a profile
+    whose leases may name a model must have it — a lease's model is a name, never a path of its choosing."""
+    args = ARGS.replace("{model}", f"{model.parent}/{{model}}") if by_name else ARGS
+    return LLAMA.format(name=name, binary=binary, model=model.name if by_name else model, port=port,
+                        always_on=str(always_on).lower(), adopt=str(adopt).lower(), args=args,
+                        start_timeout_s=START_S)
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +168,7 @@ def test_a_lease_for_the_other_model_restarts_the_idle_server_with_it(
         llama_server: Path, tiny_models: tuple[Path, Path], host: Host) -> None:
     model_a, model_b = tiny_models
     port = host.port()
-    host.write(profile(llama_block(llama_server, model_a, port), name="llama"))
+    host.write(profile(llama_block(llama_server, model_a, port, by_name=True), name="llama"))
     api = ApiRun(host)
     try:
         first = api.lease("llm", holder="a", ttl_s=120, wait_s=START_S)
@@ -176,12 +180,14 @@ def test_a_lease_for_the_other_model_restarts_the_idle_server_with_it(
         api.assert_clean()
 
         mark = api.run.mark
-        second = api.lease("llm", holder="b", model=str(model_b), ttl_s=120, wait_s=START_S)
+        refused = api.lease("llm", holder="b", model=str(model_b), ttl_s=120, wait_s=START_S)
+        assert refused.status_code == 422 and "starts with '/'" in refused.text, refused.text  # a path is not a name
+        second = api.lease("llm", holder="b", model=model_b.name, ttl_s=120, wait_s=START_S)
         assert second.status_code == 200, f"{second.text}\n{log_of(host)}"
         lease = second.json()
-        assert lease["model"] == str(model_b) and lease["url"] == f"http://127.0.0.1:{port}"
+        assert lease["model"] == model_b.name and lease["url"] == f"http://127.0.0.1:{port}"
         switched = instance(api)
-        assert switched["model"] == str(model_b) and switched["pid"] != pid_a
+        assert switched["model"] == model_b.name and switched["pid"] != pid_a
         wait_until(lambda: not alive(pid_a), timeout_s=10, what="the server of the first model gone")
         assert argv(switched["pid"])[1:3] == ["-m", str(model_b)]
         assert served_model(lease["url"]) == str(model_b)
@@ -191,7 +197,7 @@ def test_a_lease_for_the_other_model_restarts_the_idle_server_with_it(
         switch = api.run.since(mark)
         started = [e for e in switch if e.get("kind") == "action.started" and e.get("action_kind") != "lease"]
         assert [e["action"] for e in started] == ["restart:llm"], started  # one restart, not a stop and a start
-        assert str(model_b) in started[0]["message"] and str(model_a) in started[0]["message"]
+        assert model_b.name in started[0]["message"] and model_a.name in started[0]["message"]
         assert [e["pid"] for e in switch if e.get("kind") == "instance.launched"] == [switched["pid"]]
         api.http.delete(f"/v1/leases/{lease['id']}")
         api.assert_clean()

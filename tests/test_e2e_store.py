@@ -19,7 +19,7 @@ file is made by its type (a directory where SQLite wants a file).
 
 from __future__ import annotations
 
-import os
+import resource
 import signal
 import subprocess
 import sys
@@ -57,41 +57,24 @@ def test_an_unusable_state_directory_or_file_is_a_clear_error_at_start(host: Hos
     assert host.our_processes() == []  # nothing was started
 
 
-def test_a_truncated_shared_memory_file_does_not_kill_the_server(host: Host) -> None:
-    port = host.port()
-    host.write(profile(service("alpha", port, always_on=True)))
-    api = ApiRun(host)
-    try:
-        pid = api.wait_converged()["instances"][0]["pid"]
-        shm = host.state_dir / "state.db-shm"
-        if shm.exists():  # what SQLite does to a -shm file it believes nobody uses (it is its first opener)
-            os.truncate(shm, 0)
-        for _ in range(3):  # passes read and write the store every 0.5 s
-            api.run.wait_kind("pass.started")
-        assert api.run.process.poll() is None, f"the server died: {api.run.process.poll()}"
-        assert api.status()["instances"][0]["pid"] == pid and alive(pid)
-        assert not shm.exists(), "the store keeps a shared-memory file that anyone can truncate"
-    finally:
-        api.close()
-
-
 def test_a_store_failure_while_serving_is_reported_and_the_services_keep_running(host: Host) -> None:
     port = host.port()
     host.write(profile(service("alpha", port, always_on=True), service("beta", host.port())))
     api = ApiRun(host)
     try:
         pid = api.wait_converged()["instances"][0]["pid"]
-        journal = host.state_dir / "state.db-journal"
-        journal.mkdir()  # from now on no transaction can open its journal
-        failed = api.run.wait_kind("store.failed")
-        assert str(journal) in failed["message"] and "--state-dir" in failed["message"], failed
-        api.run.wait_kind("pass.failed")
-        refused = api.lease("beta", holder="t", wait_s=1)
+        server = api.run.process.pid
+        limits = resource.prlimit(server, resource.RLIMIT_FSIZE)
+        resource.prlimit(server, resource.RLIMIT_FSIZE, (1024, limits[1]))  # a disk that takes no more bytes
+        refused = api.lease("beta", holder="t", wait_s=1)  # a lease is written before it is granted
         assert refused.status_code == 503, refused.text
-        assert "state store" in refused.json()["detail"]
+        assert "state store" in refused.json()["detail"] and "disk is not full" in refused.json()["detail"]
+        failed = api.run.wait_kind("store.failed")
+        assert str(host.state_dir / "state.db") in failed["message"] and "disk is not full" in failed["message"], \
+            failed
         assert api.run.process.poll() is None and alive(pid)
         assert "Traceback" not in api.run.stderr()
-        journal.rmdir()  # fixed: the loop carries on by itself
+        resource.prlimit(server, resource.RLIMIT_FSIZE, limits)  # room again: the loop carries on by itself
         api.run.wait_kind("store.recovered")
         granted = api.lease("beta", holder="t", wait_s=10)
         assert granted.status_code == 200, granted.text

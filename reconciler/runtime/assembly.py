@@ -32,6 +32,9 @@ from reconciler.store import check_state_dir, open_store
 from reconciler.store.sqlite import SqliteStore
 
 
+LOOP_BUSY_TIMEOUT_S = 0.1
+
+
 class Assembly:
     """Lock, store, bus and runtime for ``state_dir``; ``async with Assembly(...) as parts:``."""
 
@@ -61,7 +64,9 @@ class Assembly:
             self.gpu_backend.close()  # closed here whatever happens, like the runtime's
             raise
         try:
-            self._store = open_store(self.state_dir, self.clock)
+            # a short busy timeout: another process holding the database (a sqlite3 shell mid-transaction) is a
+            # store failure reported at once and retried by the next pass, never a loop (and API) frozen for it
+            self._store = open_store(self.state_dir, self.clock, busy_timeout_s=LOOP_BUSY_TIMEOUT_S)
             self._runtime = Runtime(
                 store=self._store, gpu_backend=self.gpu_backend, state_dir=self.state_dir, clock=self.clock,
                 node=self.node, sim=isinstance(self.gpu_backend, SimBackend),

@@ -87,7 +87,7 @@ EVENT_PRUNE_EVERY = 500
 _KIND = "coalesce(json_extract(data, '$.kind'), 'service')"  # Lease.kind, kept in the JSON
 RESTORED = "was deleted or replaced while running"
 CORRUPT_HINT = (
-    "the file is corrupt: stop the reconciler, move it aside (with its -journal, if any) and start again "
+    "the file is corrupt: stop the reconciler, move it aside (with its -wal and -shm, if any) and start again "
     "with an empty state — running services are found again by the marker in their environment; "
     "leases, demands, backoff records and the event log are lost"
 )
