@@ -27,7 +27,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import planned_reservations, world_now
+from reconciler.core.accounting import world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -66,7 +66,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         profile=profile.name,
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
         now=iso_utc(now),
-        gpus=_gpus(world, plan),
+        gpus=_gpus(world),
         services=_services(profile, world),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
         leases=[_lease(lease, now) for lease in state.leases],
@@ -93,22 +93,18 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
     ) for m in runtime.traffic.models()]
 
 
-def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
-    """Each GPU's reservations by origin. The last pass's snapshot predates
-    the starts that pass carried out, so their reservations are added from
-    its plan, as a VRAM lease's check counts them (:func:`reconciler.core.accounting.free_now`)."""
+def _gpus(world: World | None) -> list[GpuStatus]:
     if world is None:
         return []
-    planned = planned_reservations(world, plan)
     out = []
     for index, view in world.gpus.items():
-        by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}
+        by_origin = {"started": 0, "adopted": 0, "slot": 0, "vram": 0}
         for holder in view.holders.values():
             by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
         out.append(GpuStatus(
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
-            foreign_mb=view.foreign, free_mb=max(0, view.free - planned.get(index, 0)), used_mb=view.gpu.used_mb,
+            foreign_mb=view.foreign, free_mb=view.free, used_mb=view.gpu.used_mb,
         ))
     return out
 
