@@ -33,7 +33,7 @@ def test_converge_repeats_passes_until_nothing_is_left_to_do(env):
 
     async def main():
         async with env.runtime() as rt:
-            rt.store.add_demand(Demand(id="D1", service="b", holder="kiwi", ttl_s=60, requested_at=T0))
+            rt.ledger.add_demand(Demand(id="D1", service="b", holder="kiwi", ttl_s=60, requested_at=T0))
             return rt, await rt.converge(profile, timeout_s=20)
 
     rt, report = asyncio.run(main())
@@ -53,7 +53,7 @@ def test_leases_expire_and_an_idle_service_is_stopped_after_idle_stop_after_s(en
 
     async def main():
         async with env.runtime() as rt:
-            rt.store.add_demand(Demand(id="D1", service="svc", ttl_s=60, requested_at=T0))
+            rt.ledger.add_demand(Demand(id="D1", service="svc", ttl_s=60, requested_at=T0))
             granted = await rt.reconcile(profile)
             env.clock.advance(61)
             idle = await rt.reconcile(profile)
@@ -75,7 +75,8 @@ def test_a_lease_past_max_concurrent_is_refused(env):
 
     async def main():
         async with env.runtime() as rt:
-            assert rt.store.grant_lease(Lease(id="L1", service="svc"), 1)
+            assert rt.ledger.grant(Lease(id="L1", service="svc"), 1, now=rt.clock.now())
+            rt.ledger.add_demand(Demand(id="D2", service="svc"))
             snapshot = await rt._observer_for(profile).observe(demands=[Demand(id="D2", service="svc")])
             actuator = Actuator(rt.lifecycle, rt.ledger, profile, snapshot)
             with pytest.raises(StoreError, match="lease D2 refused: svc already holds 1 lease"):
@@ -140,7 +141,7 @@ def test_the_guard_refuses_a_profile_without_services_unless_allowed():
     check_profile_guard(make_profile({"svc": fake_service(free_port())}), allow_empty=False)
 
 
-def test_wake_ends_a_wait():
+def test_wake_ends_a_wait(tmp_path):
     async def main(rt_factory):
         rt = rt_factory()
         assert await rt.wait_woken(0.01) is False
@@ -150,10 +151,11 @@ def test_wake_ends_a_wait():
 
     from reconciler.host.gpu import NoGpuBackend
     from reconciler.runtime import Runtime
+    from reconciler.store.sqlite import SqliteStore
 
     def factory():
-        return Runtime(store=None, gpu_backend=NoGpuBackend(), state_dir=__import__("pathlib").Path("/nonexistent"),
-                       clock=SYSTEM_CLOCK)
+        return Runtime(store=SqliteStore(tmp_path / "state.db", SYSTEM_CLOCK), gpu_backend=NoGpuBackend(),
+                       state_dir=tmp_path, clock=SYSTEM_CLOCK)
 
     asyncio.run(main(factory))
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import pytest
 
 from reconciler.api.refusals import status_of
 from reconciler.core.snapshot import Demand, Lease
-from reconciler.errors import LeaseRefused, StoreError
+from reconciler.errors import LeaseRefused
 from reconciler.runtime import leasing as leasing_module
 from reconciler.runtime.leasing import LeaseRequest, Leasing
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
@@ -49,41 +50,29 @@ def test_a_lease_granted_and_gone_before_the_answer_ends_the_wait_at_once(env):
     assert waited < 20
 
 
-def test_a_store_error_does_not_end_the_expiry_check(env, monkeypatch):
-    """The store fails once (a locked database): the check says so and goes on; the next expired
-    lease still wakes the loop."""
+def test_an_expired_lease_wakes_the_loop_while_a_demand_waits(env, monkeypatch):
+    """The expiry check reads the ledger (memory): a lease past its time wakes the loop, whose pass ends it."""
     monkeypatch.setattr(leasing_module, "EXPIRY_CHECK_S", 0.01)
-    monkeypatch.setattr(leasing_module, "EXPIRY_RETRY_S", 0.01)
     profile = make_profile({"svc": fake_service(None, max_mb=100)})
 
     async def main():
         async with env.runtime() as rt:
-            failures = [StoreError("database is locked")]
-            real_demands = rt.store.demands
-
-            def demands(*args, **kwargs):
-                if failures:
-                    raise failures.pop()
-                return real_demands(*args, **kwargs)
-
             woken = asyncio.Event()
             monkeypatch.setattr(rt, "wake", woken.set)
             leasing = Leasing(rt, lambda: profile)
             leasing.start()
-            monkeypatch.setattr(rt.store, "demands", demands)  # the check's first look fails
-            subscription = rt.events.subscribe()
             try:
-                async with subscription:
-                    demand = Demand(id="d1", service="svc", holder="h", requested_at=rt.clock.now())
-                    rt.store.add_demand(demand)
-                    lease = Lease(id="l1", service="svc", holder="other", gpu=0, expires_at=rt.clock.now())
-                    assert rt.store.grant_lease(lease, 1, now=rt.clock.now())
-                    await asyncio.wait_for(woken.wait(), 5)
-                    event = await asyncio.wait_for(subscription.__anext__(), 5)
-                    return failures, event, [t.done() for t in leasing._tasks]
+                lease = Lease(id="l1", service="svc", holder="other", gpu=0,
+                              expires_at=rt.clock.now() + timedelta(seconds=5))
+                assert rt.ledger.grant(lease, 1, now=rt.clock.now())
+                rt.ledger.add_demand(Demand(id="d1", service="svc", holder="h", requested_at=rt.clock.now()))
+                await asyncio.sleep(0.1)
+                early = woken.is_set()  # not yet expired: no wake
+                env.clock.advance(6)
+                await asyncio.wait_for(woken.wait(), 5)
+                return early, [t.done() for t in leasing._tasks]
             finally:
                 await leasing.close()
 
-    failures, event, done = asyncio.run(main())
-    assert failures == [] and done == [False]
-    assert event["kind"] == "broker.error" and "database is locked" in event["message"]
+    early, done = asyncio.run(main())
+    assert early is False and done == [False]

@@ -101,7 +101,7 @@ async def nodes(ctx: Ctx) -> dict[str, Any]:
 
 @router.get("/leases")
 async def leases(ctx: Ctx) -> dict[str, Any]:
-    return {"leases": [_vram_lease(lease, ctx) for lease in ctx.runtime.store.leases() if lease.kind == "vram"]}
+    return {"leases": [_vram_lease(lease, ctx) for lease in ctx.runtime.ledger.leases() if lease.kind == "vram"]}
 
 
 @router.post("/leases", responses={422: {"model": Problem}, 503: {"model": Problem}})
@@ -189,7 +189,7 @@ async def service_status(service: str, ctx: Ctx) -> dict[str, Any]:
     allocations = [{
         "allocation_id": lease.id, "node_id": ctx.node, "gpu_id": lease.gpu, "model": lease.model,
         "caller": lease.holder, "url": url, "expires_at": _epoch(lease),
-    } for lease in ctx.runtime.store.leases(service) if lease.kind == "service"]
+    } for lease in ctx.runtime.ledger.leases(service) if lease.kind == "service"]
     return {"service": service, "instances": _instances(ctx, service), "allocations": allocations}
 
 

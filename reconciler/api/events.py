@@ -74,6 +74,7 @@ async def stream(
     try:
         yield ": connected\n\n"
         if since is not None:
+            bus.flush()  # lease events wait a moment to be recorded in a batch: the replay must see them
             for record in store.events(since_id=since, limit=REPLAY_LIMIT):
                 last = record.id
                 yield sse(stored(record))

@@ -62,7 +62,7 @@ async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx) -> LeaseO
 @router.get("/v1/leases", tags=["leases"])
 async def list_leases(ctx: Ctx) -> dict[str, list[LeaseOut]]:
     profile = ctx.profile()
-    return {"leases": [lease_out(lease, profile) for lease in ctx.runtime.store.leases()]}
+    return {"leases": [lease_out(lease, profile) for lease in ctx.runtime.ledger.leases()]}
 
 
 @router.get("/v1/leases/{lease_id}", response_model=LeaseOut, responses={404: {"model": Problem}}, tags=["leases"])

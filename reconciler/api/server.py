@@ -45,6 +45,11 @@ STARTUP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
+def http_stack() -> tuple[str, str]:
+    """The event loop and HTTP parser the API runs on, as uvicorn names them (``--loop``, ``--http``)."""
+    return "asyncio", "h11"
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -36,6 +36,7 @@ from reconciler.core.profile import DockerSpec, Profile, Service
 from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
+from reconciler.store.base import StoredState
 
 
 def service_url(spec: Service | None) -> str | None:
@@ -54,7 +55,8 @@ def _seconds(delta: float) -> float:
 
 def build_status(runtime: Runtime, profile: Profile) -> Status:
     store, now = runtime.store, runtime.clock.now()
-    state = store.state()
+    ledger = runtime.ledger
+    state = StoredState(instances=store.instances(), leases=ledger.leases(), demands=ledger.demands())
     last = runtime.last_pass()
     snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None

@@ -184,4 +184,4 @@ def load(args: argparse.Namespace, printer: Printer) -> tuple[GpuBackend, Profil
 
 async def _print(subscription: Subscription, printer: Printer) -> None:
     async for event in subscription:
-        printer(event)
+        printer(event, flush=subscription.empty())  # one flush per burst

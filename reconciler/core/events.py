@@ -75,4 +75,3 @@ class EventKind(StrEnum):
     # the model gateway
     GATEWAY_COLD = "gateway.cold", "A gateway request's model was not ready: what its wait caused (a start, a model switch, evictions), naming the model and the client."
     GATEWAY_REFUSED = "gateway.refused", "A gateway request could not be served within its wait: the model, the client and the plan's reason (answered 503)."
-    LEASING_ERROR = "broker.error", "The leasing service could not read the store for a moment (shown, never recorded)."

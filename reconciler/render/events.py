@@ -6,10 +6,13 @@ rejected profile and its diagnostics — or None for what text mode leaves
 out: ``pass.started`` and the runtime's own ``pass`` (``pass.finished`` sums
 them up), passes that found nothing to do, and the implicit leases of the
 model gateway's requests, two per request (``reconciler status`` counts
-them per model; ``gateway.cold`` says when one caused something). :class:`Printer` writes
-either those lines or, in JSON mode, one JSON object per line, flushing
-each; a pipe reader that went away (``watch | head``) does not stop the
-reconciler. :func:`kinds_table` lists every kind for the API's README.
+them per model; ``gateway.cold`` says when one caused something).
+:class:`Printer` writes either those lines or, in JSON mode, one JSON object
+per line; its caller says when to flush (``watch`` flushes once its queue of
+events is empty: one write per burst of events under load, one per event
+when it is quiet); a pipe reader that went away (``watch | head``) does not
+stop the reconciler. :func:`kinds_table` lists every kind for the API's
+README.
 """
 
 from __future__ import annotations
@@ -78,16 +81,16 @@ class Printer:
     def out(self) -> TextIO:
         return self._out or sys.stdout
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any], *, flush: bool = True) -> None:
         if self.fmt == "json":
             line: str | None = json.dumps(event, default=str, ensure_ascii=False)
         else:
             line = format_text(event)
-        if line is None:
-            return
         try:
-            self.out.write(line + "\n")
-            self.out.flush()
+            if line is not None:
+                self.out.write(line + "\n")
+            if flush:
+                self.out.flush()
         except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
 

@@ -28,6 +28,7 @@ from reconciler.core.plan import Action
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Instance, Lease, Snapshot
 from reconciler.errors import DriverError, StoreError
+from reconciler.runtime.executor import Deferred
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import Lifecycle, who
 from reconciler.store.base import Store
@@ -69,10 +70,17 @@ class Actuator:
         instance = self.store.get_instance(action.service)
         if instance is None:
             return f"{action.service} is not in the inventory any more; nothing to stop"
-        return await self.lifecycle.stop(
-            instance, self.profile.services.get(action.service), action.kind, action.id, action.mb,
-            self.profile.eviction_timeout_s,
-        )
+        # no await between the check and the fence: a warm grant cannot slip in (see runtime.ledger)
+        if not self.ledger.fence(action.service, self.snapshot.leases):
+            raise Deferred(f"a lease was granted on {action.service} after the plan was made; "
+                           f"the next pass decides again")
+        try:
+            return await self.lifecycle.stop(
+                instance, self.profile.services.get(action.service), action.kind, action.id, action.mb,
+                self.profile.eviction_timeout_s,
+            )
+        finally:
+            self.ledger.unfence(action.service)
 
     _evict = _stop
 
@@ -96,9 +104,9 @@ class Actuator:
         demand_id = action.lease
         assert demand_id is not None, f"{action.id} names no demand"
         demand = next((d for d in self.snapshot.demands if d.id == demand_id), None)
-        if demand is None:
-            if any(lease.id == demand_id for lease in self.store.leases(action.service)):
-                return f"lease {demand_id} was already granted"
+        if self.ledger.get(demand_id) is not None:
+            return f"lease {demand_id} was already granted"
+        if demand is None or not self.ledger.has_demand(demand_id):
             raise StoreError(f"demand {demand_id} is gone (withdrawn meanwhile)")
         now = self.now()
         spec = self.profile.services[action.service]

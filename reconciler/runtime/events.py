@@ -14,6 +14,20 @@ the bus's :class:`~reconciler.core.redaction.Redactor` first, so no event —
 in the log, the stream, the output — carries a value read from the
 environment (invariant 8).
 
+**Recorded in batches.** The bus numbers events itself (going on from the
+store's newest id) and hands each to its subscribers at once, numbered; the
+store records them in one transaction per batch. The lease traffic's own
+events (:data:`BATCHED_KINDS`: granted, released, renewed, demands added and
+withdrawn — two per lease request) wait up to :data:`FLUSH_AFTER_S` to be
+recorded with the others of their burst; any other event records everything
+waiting, itself included, at once, and so do :meth:`EventBus.flush` (a reader
+of the log calls it first) and :meth:`EventBus.close`. Outside an event loop
+(``apply``) every event is recorded at once. What this costs: a ``kill -9``
+can take the log's record of the last 50 ms of lease events with it — never
+a lease, which the ledger made durable before it was answered. Events the
+store could not record are kept (at most :data:`MAX_UNRECORDED`) and recorded
+with the next batch that it takes.
+
 **The store's own news.** An event that cannot be recorded (the store
 fails) is still delivered: the store failing must not silence what is
 happening, nor end the loop that publishes it. What the store has to say
@@ -25,19 +39,22 @@ the store logs it as well), ``store.recovered`` and ``store.restored``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from reconciler.core.clock import Clock, iso_utc
 from reconciler.core.events import EventKind
 from reconciler.core.redaction import Redactor
 from reconciler.errors import StoreError
-from reconciler.store.base import Store
+from reconciler.store.base import Event, Store
 
 NOTICE_KINDS = {"failed": EventKind.STORE_FAILED, "recovered": EventKind.STORE_RECOVERED,
                 "restored": EventKind.STORE_RESTORED}
 
 DEFAULT_QUEUE_SIZE = 1000
+FLUSH_AFTER_S = 0.05  # the longest a lease event waits to be recorded
+MAX_UNRECORDED = 10_000  # events kept for the store while it fails (the oldest go first)
+BATCHED_KINDS = frozenset({EventKind.LEASE_GRANTED, EventKind.LEASE_RELEASED, EventKind.LEASE_RENEWED,
+                           EventKind.DEMAND_ADDED, EventKind.DEMAND_WITHDRAWN})
 
 
 class Subscription:
@@ -54,6 +71,10 @@ class Subscription:
             self._queue.get_nowait()
             self.dropped += 1
         self._queue.put_nowait(event)
+
+    def empty(self) -> bool:
+        """Whether no event waits to be read."""
+        return self._queue.empty()
 
     def __aiter__(self) -> Subscription:
         return self
@@ -89,6 +110,9 @@ class EventBus:
         self.redactor = redactor if redactor is not None else Redactor()
         self._subscribers: set[Subscription] = set()
         self._reporting = False
+        self._last_id: int | None = None  # the newest id given (read from the store at the first event)
+        self._unrecorded: list[Event] = []
+        self._flushing: asyncio.TimerHandle | None = None
 
     def publish(self, kind: EventKind, **data: Any) -> dict[str, Any]:
         """Record and deliver one event; returns it (``id`` None when the store could not record it)."""
@@ -108,13 +132,53 @@ class EventBus:
         extra = {k: v for k, v in data.items() if k not in ("service", "message")}
         event_id = None
         if record and self.store is not None:
-            with contextlib.suppress(StoreError):  # the store's own notice says so (store.failed); it still goes out
-                event_id = self.store.record_event(kind.value, service=service, message=message, data=extra, ts=ts)
+            event_id = self._number()
+            if event_id is not None:
+                self._unrecorded.append(Event(event_id, ts, kind.value, service, message, extra))
+                del self._unrecorded[:-MAX_UNRECORDED]
+                if kind not in BATCHED_KINDS or not self._later():
+                    self.flush()
         self._report_store()
         event = {"id": event_id, "ts": iso_utc(ts), "kind": kind, **data}
         for subscriber in list(self._subscribers):
             subscriber._deliver(event)
         return event
+
+    def _number(self) -> int | None:
+        """The next event id (None when the store cannot say where the log ends: the event is not recorded)."""
+        if self._last_id is None:
+            assert self.store is not None
+            try:
+                self._last_id = self.store.last_event_id()
+            except StoreError:  # the store's own notice says so (store.failed); the event still goes out
+                return None
+        self._last_id += 1
+        return self._last_id
+
+    def _later(self) -> bool:
+        """Record what waits within :data:`FLUSH_AFTER_S` (False outside an event loop: record now)."""
+        if self._flushing is not None:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._flushing = loop.call_later(FLUSH_AFTER_S, self.flush)
+        return True
+
+    def flush(self) -> None:
+        """Record every event that waits, in one transaction (kept for the next try when the store fails)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        if not self._unrecorded or self.store is None:
+            return
+        batch, self._unrecorded = self._unrecorded, []
+        try:
+            self.store.record_events(batch)
+        except StoreError:  # the store's own notice says so (store.failed); kept for the next batch
+            self._unrecorded = [*batch, *self._unrecorded][-MAX_UNRECORDED:]
+            self._report_store()
 
     def _report_store(self) -> None:
         """Publish what the store has to say about itself (failed, recovered, restored) since the last event."""
@@ -135,6 +199,7 @@ class EventBus:
         return subscription
 
     def close(self) -> None:
-        """End every subscription (their iterators stop after the events already queued)."""
+        """Record what waits; end every subscription (their iterators stop after the events already queued)."""
+        self.flush()
         for subscriber in list(self._subscribers):
             subscriber.close()

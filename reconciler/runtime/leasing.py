@@ -6,28 +6,35 @@ Like Ollama's scheduler handing out runners:
   request now (:func:`reconciler.core.compatibility.can_serve_now`: the model
   matches, or the request names none, or the service's launch does not
   depend on a model; the GPU matches when one is asked for; a lease slot is
-  free) is leased at once, with no planning: the ledger counts and inserts in
-  one transaction (invariant 4). It runs between passes (holding the
-  runtime's :meth:`~reconciler.runtime.Runtime.exclusive` lock, which no await
-  interrupts while it is free), so no pass can be deciding meanwhile to stop
-  or restart that instance. A request for a service that already has
-  requests queued joins the queue instead: first come, first served.
+  free) is leased at once, with no planning: the ledger counts in memory
+  and writes the lease in one transaction (invariant 4). It takes no lock
+  and waits for no pass: a pass in flight that is about to stop, evict or
+  restart that instance *fences* it first (:mod:`.ledger`), and a grant
+  made after that pass's plan makes the pass leave the instance alone. A
+  request for a service that already has requests queued joins the queue
+  instead: first come, first served.
 * **Queued path.** Otherwise the request becomes a *demand* in the store and
   the runtime is woken; its next pass plans the demand (a ``lease`` action,
   after the ``start``/``evict`` it needs) and grants it. The request waits
   for that grant (the runtime's :class:`~.passes.GrantWatch`) up to
-  ``wait_s``; then the demand is withdrawn — between passes, so a pass cannot
-  grant it behind our back — and the request is refused with the plan's
-  pending reason. When the queue already holds :data:`QUEUE_PER_SLOT` ×
-  ``max_concurrent`` demands for the service, it is refused at once. A caller
-  that disconnects while waiting has its demand withdrawn (and a lease
-  granted meanwhile released): nothing is left behind.
+  ``wait_s``; then the demand is withdrawn (a pass grants a demand only
+  while the ledger still holds it, so a withdrawal and a grant cannot both
+  happen) and the request is refused with the plan's pending reason. When
+  the queue already holds :data:`QUEUE_PER_SLOT` × ``max_concurrent``
+  demands for the service, it is refused at once. A caller that disconnects
+  while waiting has its demand withdrawn (and a lease granted meanwhile
+  released): nothing is left behind.
 * **VRAM leases** (cf-orch ``POST /api/leases``): ``mb`` on one GPU for an
-  application that runs its own process. Granted between passes when the
-  GPU's free memory (:func:`reconciler.core.accounting.free_now`: the last
-  observation, the last plan's starts, every lease held now) covers it; else
-  refused. The planner counts the lease as a reservation, so it really blocks
-  competing starts.
+  application that runs its own process. Granted when the GPU's free memory
+  covers it (:func:`reconciler.core.accounting.headroom`: the last
+  observation, the starts of the last plan *and of the plan being carried
+  out*, every lease held now); else refused. The headroom is computed once
+  per pass and change of service leases, and the VRAM leases' running sum
+  per GPU is subtracted from it: a check costs the same with a thousand
+  leases held as with none. The planner counts the lease as a reservation,
+  so it really blocks competing starts; a pass plans with the leases held at
+  the moment it plans, and publishes that plan before it awaits anything,
+  so a VRAM lease either is in the plan's view or sees the plan's starts.
 
 A request that is not granted raises :class:`~reconciler.errors.LeaseRefused`
 whose :class:`~reconciler.errors.Refusal` says which way (unknown service,
@@ -35,7 +42,9 @@ queue full, cannot be met, closing…); the HTTP layer maps those to status
 codes. A caller that went away raises :class:`~reconciler.errors.CallerGone`.
 Every wait is measured on the runtime's clock, and everything the service
 knows of the host it reads through the runtime's public interface
-(:meth:`~reconciler.runtime.Runtime.last_pass`, its ledger and store).
+(:meth:`~reconciler.runtime.Runtime.last_pass`,
+:meth:`~reconciler.runtime.Runtime.planning`, its ledger and store). No
+request holds a lock, and none waits for a pass in flight.
 """
 
 from __future__ import annotations
@@ -48,24 +57,24 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from reconciler.core.accounting import free_now
+from reconciler.core.accounting import Headroom, headroom
 from reconciler.core.backoff import backing_off
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import can_serve_now, capacity
 from reconciler.core.events import EventKind
 from reconciler.core.launch import launch_changed
+from reconciler.core.plan import Plan
 from reconciler.core.profile import Profile, Service
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.core.world import World
-from reconciler.errors import CallerGone, LeaseRefused, Refusal, StoreError
+from reconciler.errors import CallerGone, LeaseRefused, Refusal
+from reconciler.runtime.passes import LastPass
 from reconciler.runtime.runtime import Runtime
 from reconciler.store.base import Store
 
 QUEUE_PER_SLOT = 4  # a service's queue holds this many demands per lease slot (max_concurrent)
 VRAM_LEASES_PER_HOLDER = 1_000_000  # VRAM leases are bounded by memory, not by count
-GRANT_WAIT_S = 60.0  # most a grant or a withdrawal waits for a pass in flight to finish
 EXPIRY_CHECK_S = 0.2  # how often, while demands wait, to look for leases whose time is up
-EXPIRY_RETRY_S = 1.0  # the pause after a store error in that check
 
 log = logging.getLogger("reconciler.leasing")
 
@@ -104,6 +113,9 @@ class Leasing:
         self._closing = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.vram_priority: dict[str, int] = {}  # cf-orch's priority of a VRAM lease (not persisted)
+        self._world_of: LastPass | None = None
+        self._world_cache: World | None = None
+        self._rooms: _Rooms | None = None
 
     @property
     def store(self) -> Store:
@@ -112,8 +124,8 @@ class Leasing:
 
     def start(self) -> None:
         """Withdraw demands a previous server left (their callers went with it), then watch for expiries."""
-        for demand in self.store.demands():
-            self.store.remove_demand(demand.id)
+        for demand in self.ledger.demands():
+            self.ledger.remove_demand(demand.id)
             self.runtime.events.publish(EventKind.DEMAND_WITHDRAWN, service=demand.service, demand=demand.id,
                                         holder=demand.holder, message="left by a previous run; its caller is gone")
         self._tasks = [asyncio.ensure_future(self._expiries())]
@@ -126,24 +138,15 @@ class Leasing:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _expiries(self) -> None:
-        """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs.
-
-        A store error (a locked or unreadable database) is logged and announced, and the
-        check goes on after :data:`EXPIRY_RETRY_S`: it must not end silently."""
+        """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs
+        (the ledger is in memory: the check reads no store and cannot fail)."""
         while True:
             await self.clock.sleep(EXPIRY_CHECK_S)
-            try:
-                if not self.store.demands():
-                    continue
-                now = self.clock.now()
-                ends = [lease.expires_at for lease in self.store.leases() if lease.expires_at is not None]
-                if any(end <= now for end in ends):
-                    self.runtime.wake()
-            except StoreError as exc:
-                message = f"lease expiry check failed ({exc}); retrying in {EXPIRY_RETRY_S:g} s"
-                log.warning("%s", message)
-                self.runtime.events.announce(EventKind.LEASING_ERROR, message=message)  # not recorded: the store fails
-                await self.clock.sleep(EXPIRY_RETRY_S)
+            if not self.ledger.waiting():
+                continue
+            due = self.ledger.next_expiry()
+            if due is not None and due <= self.clock.now():
+                self.runtime.wake()
 
     # --- service leases ---------------------------------------------------------------
 
@@ -176,7 +179,7 @@ class Leasing:
         if lease is not None:
             self._observe("fast", "granted", self.clock.monotonic() - began)
             return Granted(lease, True, self.clock.monotonic() - began)
-        queued = len(self.store.demands(request.service))
+        queued = self.ledger.queued(request.service)
         limit = QUEUE_PER_SLOT * capacity(spec)
         if queued >= limit:
             self._observe("queued", "queue_full", self.clock.monotonic() - began)
@@ -189,7 +192,7 @@ class Leasing:
         )
         self.runtime.grants.watch(demand.id)
         try:
-            self.store.add_demand(demand)
+            self.ledger.add_demand(demand)
             self.runtime.events.publish(EventKind.DEMAND_ADDED, service=demand.service, demand=demand.id,
                                         holder=demand.holder, model=demand.model)
             self.runtime.wake()
@@ -213,33 +216,39 @@ class Leasing:
         last = self.runtime.last_pass()
         if spec.managed is None or last is None or self._closing.is_set():
             return None
-        async with self.runtime.exclusive():
-            store, now = self.store, self.clock.now()
-            instance = store.get_instance(request.service)
-            if instance is None or instance.state != "running" or store.demands(request.service):
-                return None
-            if instance.restart is not None or launch_changed(request.service, spec, instance) is not None:
-                return None  # it restarts (now, or once its leases end): new requests wait for the new one
-            world = World(self._profile(), last.snapshot)
-            seen = world.instances.get(request.service)
-            if seen is None or seen.pid != instance.pid or not world.healthy(request.service):
-                return None
-            held = sum(1 for lease in store.leases(request.service)
-                       if lease.kind == "service" and (lease.expires_at is None or lease.expires_at > now))
-            if can_serve_now(spec, serving=instance.model, placed=instance.gpu_set, held=held, model=request.model,
-                             gpu=request.gpu, installed=world.installed_models(request.service)) is not None:
-                return None
-            lease = Lease(
-                id=str(uuid.uuid4()), service=request.service, holder=request.holder, gpu=instance.gpu,
-                gpus=instance.gpus,
-                model=instance.model if instance.model is not None else request.model,
-                expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
-            )
-            if not self.ledger.grant(lease, capacity(spec), now=now):
-                return None
+        ledger, now = self.ledger, self.clock.now()
+        if ledger.fenced(request.service) or ledger.queued(request.service):
+            return None  # an action is ending the instance, or others wait first
+        instance = self.store.get_instance(request.service)
+        if instance is None or instance.state != "running":
+            return None
+        if instance.restart is not None or launch_changed(request.service, spec, instance) is not None:
+            return None  # it restarts (now, or once its leases end): new requests wait for the new one
+        world = self._world(last)
+        seen = world.instances.get(request.service)
+        if seen is None or seen.pid != instance.pid or not world.healthy(request.service):
+            return None
+        held = ledger.held(request.service, "service", now)
+        if can_serve_now(spec, serving=instance.model, placed=instance.gpu_set, held=held, model=request.model,
+                         gpu=request.gpu, installed=world.installed_models(request.service)) is not None:
+            return None
+        lease = Lease(
+            id=str(uuid.uuid4()), service=request.service, holder=request.holder, gpu=instance.gpu,
+            gpus=instance.gpus,
+            model=instance.model if instance.model is not None else request.model,
+            expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
+        )
+        if not ledger.grant(lease, capacity(spec), now=now):
+            return None
         self.runtime.events.publish(EventKind.LEASE_GRANTED, service=lease.service, lease=lease.id,
                                     holder=lease.holder, path="fast")
         return lease
+
+    def _world(self, last: LastPass) -> World:
+        """The last pass's world (built once per pass: it is read, never changed, here)."""
+        if self._world_of is not last or self._world_cache is None:
+            self._world_of, self._world_cache = last, World(self._profile(), last.snapshot)
+        return self._world_cache
 
     async def _wait(
         self, demand: Demand, wait_s: float, disconnected: Callable[[], Awaitable[object]] | None,
@@ -291,17 +300,9 @@ class Leasing:
         raise LeaseRefused(Refusal.CANNOT_BE_MET, self.reason(demand.id, demand.service, wait_s))
 
     async def _withdraw(self, demand_id: str) -> Lease | None:
-        """Remove the demand between passes; the lease, when a pass granted it after all."""
-        try:
-            await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except TimeoutError:
-            self._forget(demand_id)
-            return None
-        try:
-            removed = self.store.remove_demand(demand_id)
-            lease = self.lease_by_id(demand_id)
-        finally:
-            self.runtime.exclusive().release()
+        """Remove the demand; the lease, when a pass granted it after all."""
+        removed = self.ledger.remove_demand(demand_id)
+        lease = self.lease_by_id(demand_id)
         if removed is not None:
             self.runtime.events.publish(EventKind.DEMAND_WITHDRAWN, service=removed.service, demand=demand_id,
                                         holder=removed.holder)
@@ -309,8 +310,8 @@ class Leasing:
         return lease
 
     def _forget(self, demand_id: str) -> None:
-        """Withdraw without waiting for a pass in flight (shutdown); a grant it makes expires with its TTL."""
-        removed = self.store.remove_demand(demand_id)
+        """Withdraw at once (the server stops): the demand goes, and a lease granted for it is released."""
+        removed = self.ledger.remove_demand(demand_id)
         lease = self.lease_by_id(demand_id)
         if lease is not None:
             self.release(lease.id)
@@ -352,7 +353,7 @@ class Leasing:
             self.vram_priority.pop(lease.id, None)
             self.runtime.events.publish(EventKind.LEASE_RELEASED, service=lease.service, lease=lease.id,
                                         holder=lease.holder)
-            if self.store.demands():  # a freed slot or freed memory: queued demands may be granted now
+            if self.ledger.waiting():  # a freed slot or freed memory: queued demands may be granted now
                 self.runtime.wake()
         return lease
 
@@ -360,10 +361,25 @@ class Leasing:
 
     def free_mb(self) -> dict[int, int]:
         """Per GPU, what a VRAM lease may take now ({} before the first observation)."""
+        rooms = self._headroom()
+        vram = self.ledger.vram_mb()
+        return {index: room.free(vram.get(index, 0)) for index, room in rooms.items()}
+
+    def _headroom(self) -> dict[int, Headroom]:
+        """Each GPU's room but for VRAM leases, computed again only when what it depends on changed: the last
+        pass, the plan in flight, the profile, the leases other than VRAM leases (see the module text)."""
         last = self.runtime.last_pass()
         if last is None:
             return {}
-        return free_now(self._profile(), last.snapshot, last.plan, self.store.leases(), self.clock.now())
+        planning, profile, bookings = self.runtime.planning(), self._profile(), self.ledger.bookings
+        cached = self._rooms
+        if cached is not None and cached.last is last and cached.planning is planning \
+                and cached.profile is profile and cached.bookings == bookings:
+            return cached.rooms
+        leases = [lease for lease in self.ledger.leases() if lease.kind != "vram"]
+        rooms = headroom(profile, last.snapshot, [last.plan, planning], leases, self.clock.now())
+        self._rooms = _Rooms(last, planning, profile, bookings, rooms)
+        return rooms
 
     async def vram_lease(self, gpu: int, mb: int, holder: str, priority: int, ttl_s: float) -> Lease:
         """``mb`` of GPU ``gpu`` for ``holder``'s own process; ``ttl_s`` 0 = until released."""
@@ -375,22 +391,29 @@ class Leasing:
         if snapshot.gpu(gpu) is None:
             known = ", ".join(str(g.index) for g in snapshot.gpus) or "none"
             raise LeaseRefused(Refusal.UNKNOWN_GPU, f"Unknown gpu_id {gpu} on node {snapshot.node!r} (GPUs: {known})")
-        try:
-            await asyncio.wait_for(self.runtime.exclusive().acquire(), GRANT_WAIT_S)
-        except TimeoutError:
-            raise LeaseRefused(Refusal.BUSY, "Insufficient VRAM — the reconciler is busy; retry in a moment") from None
-        try:
-            free = self.free_mb().get(gpu, 0)
-            if free < mb:
-                raise LeaseRefused(Refusal.NO_VRAM,
-                                   f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
-            now = self.clock.now()
-            lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
-                          expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)
-            self.ledger.grant(lease, VRAM_LEASES_PER_HOLDER, now=now)
-        finally:
-            self.runtime.exclusive().release()
+        now = self.clock.now()
+        due = self.ledger.next_expiry()
+        if due is not None and due <= now:
+            self.runtime.wake()  # an expired lease counts until a pass ends it: a pass now
+        room = self._headroom().get(gpu)
+        free = room.free(self.ledger.vram_mb().get(gpu, 0)) if room is not None else 0
+        if free < mb:
+            raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
+        lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
+                      expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)
+        self.ledger.grant(lease, VRAM_LEASES_PER_HOLDER, now=now)
         self.vram_priority[lease.id] = priority
         self.runtime.events.publish(EventKind.LEASE_GRANTED, service=holder, lease=lease.id, holder=holder,
                                     lease_kind="vram", gpu=gpu, mb=mb)
         return lease
+
+
+@dataclass(frozen=True)
+class _Rooms:
+    """:meth:`Leasing._headroom`'s cache: the rooms and what they were computed from."""
+
+    last: LastPass
+    planning: Plan | None
+    profile: Profile
+    bookings: int
+    rooms: dict[int, Headroom]

@@ -1,70 +1,257 @@
-"""The lease ledger: granting, renewing, ending and expiring leases, and what that means for idleness.
+"""The lease ledger: leases and demands in memory, persisted write-through, with the idle-time rule.
 
 Every lease operation of the runtime — a pass granting a demand, the leasing
 service's warm grant and VRAM leases, a holder's release, a pass expiring the
-leases whose time is up — goes through :class:`Ledger`, which keeps the
-store's leases and the instances' idle times true together (DESIGN §3,
-"Wanted"):
+leases whose time is up — goes through :class:`Ledger`. It is the single
+source of truth for leases and demands while the process runs: the planner's
+snapshot, the status document and the lease routes read them here, from
+memory, and the store is where they are made durable.
 
-* a *service* lease granted makes its service's instance busy: its
-  ``idle_since`` is cleared;
-* when a service's last service lease ends — released, or expired at its
-  ``expires_at`` — its instance is idle from that moment;
-* a *VRAM* lease (cf-orch's bare reservation) never makes a service busy or
-  idle.
+**Write-through, one transaction per change.** A change is written to the
+store first — the lease, the demand it satisfies and the instance's idle time
+in one transaction (:meth:`~reconciler.store.base.Store.batch`) — and applied
+to memory only once that commit succeeded. So an answer given after a grant
+is durable (the store runs SQLite's write-ahead log with ``synchronous =
+NORMAL``: a commit reaches the operating system before it returns, so a
+``kill -9`` right after it loses nothing; only a power cut can take the last
+commits), and a store that fails leaves memory unchanged: the caller gets the
+store's error, nothing was granted. Reads never touch the store.
 
-Grants stay atomic against ``max_concurrent`` (the store counts and inserts
-in one transaction, invariant 4). Times come from the caller (the pass's
-``now``) or the runtime's clock.
+**O(1) per request.** Leases are kept by id and by (service, kind); a grant
+counts its service's leases by the length of that set, and only when the set
+is full counts the unexpired ones precisely (expired leases only ever make
+room). Each GPU's VRAM-lease megabytes are kept as a running sum
+(:meth:`vram_mb`), so a VRAM lease's check does not walk the leases. The
+earliest expiry is kept in a heap (:meth:`next_expiry`).
+
+**The idle-time rule** (DESIGN §3, "Wanted"): a *service* lease granted makes
+its service's instance busy (``idle_since`` cleared); when a service's last
+service lease ends — released, or expired at its ``expires_at`` — its
+instance is idle from that moment; a *VRAM* lease (cf-orch's bare
+reservation) never makes a service busy or idle.
+
+**Fences.** A pass that stops, evicts or restarts an instance decided so from
+the leases it saw. Grants happen between and during passes (the leasing
+service takes no lock that a pass holds), so the executor, before it ends an
+instance, *fences* its service (:meth:`fence`): from then until the action
+is over no warm grant goes to it, and if a lease was granted on it since the
+plan's snapshot the action is not taken (the next pass decides again, with
+that lease in view). Both steps are synchronous — no await between checking
+and fencing — so on the event loop's one thread they are atomic.
+
+All of it runs on the event loop's thread; times come from the caller (the
+pass's ``now``) or the runtime's clock.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable
 from datetime import datetime
 
 from reconciler.core.clock import Clock
-from reconciler.core.snapshot import Lease
+from reconciler.core.snapshot import Demand, Lease
 from reconciler.store.base import Store
 
 
+def _active(lease: Lease, now: datetime) -> bool:
+    return lease.expires_at is None or lease.expires_at > now
+
+
 class Ledger:
-    """Leases in the store, with the idle-time rule kept alongside."""
+    """Leases and demands in memory, written through to the store; the idle-time rule kept alongside."""
 
     def __init__(self, store: Store, clock: Clock):
         self.store = store
         self.clock = clock
+        self._leases: dict[str, Lease] = {}
+        self._by_service: dict[tuple[str, str], dict[str, Lease]] = {}
+        self._demands: dict[str, Demand] = {}
+        self._vram: dict[int, int] = {}
+        self._expiries: list[tuple[datetime, str]] = []
+        self._fenced: set[str] = set()
+        self.version = 0  # changes with every lease or demand change
+        self.bookings = 0  # changes with every change to a lease that is not a VRAM lease (free-memory caches)
+        self.reload()
+
+    def reload(self) -> None:
+        """Read leases and demands from the store (at start, and after the store's file was restored)."""
+        state = self.store.state()
+        self._leases, self._by_service, self._vram, self._expiries = {}, {}, {}, []
+        for lease in state.leases:
+            self._add(lease)
+        self._demands = {d.id: d for d in state.demands}
+        self.version += 1
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def leases(self, service: str | None = None) -> list[Lease]:
+        """Leases held (expired ones too, until a pass ends them), oldest first."""
+        if service is None:
+            return list(self._leases.values())
+        return [lease for lease in self._leases.values() if lease.service == service]
+
+    def demands(self, service: str | None = None) -> list[Demand]:
+        """Demands waiting, in the order they came."""
+        if service is None:
+            return list(self._demands.values())
+        return [d for d in self._demands.values() if d.service == service]
+
+    def has_demand(self, demand_id: str) -> bool:
+        return demand_id in self._demands
+
+    def waiting(self) -> bool:
+        """Whether any demand waits."""
+        return bool(self._demands)
+
+    def queued(self, service: str) -> int:
+        return sum(1 for d in self._demands.values() if d.service == service)
+
+    def held(self, service: str, kind: str, now: datetime) -> int:
+        """Unexpired leases of ``kind`` on ``service`` at ``now``."""
+        return sum(1 for lease in self._by_service.get((service, kind), {}).values() if _active(lease, now))
+
+    def vram_mb(self) -> dict[int, int]:
+        """GPU index → MB that VRAM leases hold (expired ones count until a pass ends them: conservative)."""
+        return dict(self._vram)
+
+    def next_expiry(self) -> datetime | None:
+        """The earliest ``expires_at`` of a lease held, or None."""
+        while self._expiries:
+            when, lease_id = self._expiries[0]
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at == when:
+                return when
+            heapq.heappop(self._expiries)  # released or renewed since: a stale entry
+        return None
+
+    # --- fences --------------------------------------------------------------------------
+
+    def fence(self, service: str, seen: Iterable[Lease]) -> bool:
+        """Close ``service`` to new grants while an action ends its instance; False (and no fence) when a
+        service lease not among ``seen`` (the plan's snapshot) was granted on it since."""
+        known = {lease.id for lease in seen}
+        if any(lid not in known for lid in self._by_service.get((service, "service"), {})):
+            return False
+        self._fenced.add(service)
+        return True
+
+    def unfence(self, service: str) -> None:
+        self._fenced.discard(service)
+
+    def fenced(self, service: str) -> bool:
+        return service in self._fenced
+
+    # --- changes -------------------------------------------------------------------------
 
     def grant(self, lease: Lease, max_concurrent: int, *, now: datetime, demand_id: str | None = None) -> bool:
-        """Grant ``lease`` unless its service holds ``max_concurrent`` already (False: refused, nothing changed)."""
-        granted = self.store.grant_lease(lease, max_concurrent, demand_id=demand_id, now=now)
-        if granted and lease.kind == "service":
-            self.store.set_idle_since(lease.service, None)
-        return granted
+        """Grant ``lease`` unless its service holds ``max_concurrent`` leases of its kind, or ``demand_id``
+        was withdrawn (False: refused, nothing changed). Granting an id already held is a no-op (True)."""
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        if lease.id in self._leases:
+            return True
+        if demand_id is not None and demand_id not in self._demands:
+            return False
+        same = self._by_service.get((lease.service, lease.kind), {})
+        if len(same) >= max_concurrent and self.held(lease.service, lease.kind, now) >= max_concurrent:
+            return False
+        with self.store.batch():
+            self.store.put_lease(lease, demand_id=demand_id, now=now)
+            if lease.kind == "service":
+                self.store.set_idle_since(lease.service, None)
+        self._add(lease)
+        if demand_id is not None:
+            self._demands.pop(demand_id, None)
+        self.version += 1
+        return True
 
     def renew(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
-        return self.store.renew_lease(lease_id, expires_at)
+        """Move a lease's expiry; None when there is no such lease (it expired or was released)."""
+        if lease_id not in self._leases:
+            return None
+        lease = self.store.renew_lease(lease_id, expires_at)
+        if lease is None:
+            return None
+        self._remove(lease_id)
+        self._add(lease)
+        self.version += 1
+        return lease
 
     def release(self, lease_id: str, now: datetime | None = None) -> Lease | None:
         """End a lease now; None when there is no such lease (it ended already)."""
-        lease = self.store.release_lease(lease_id)
-        if lease is not None and lease.kind == "service":
-            self._ended(lease.service, now or self.clock.now())
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return None
+        idle = lease.kind == "service" and len(self._by_service.get((lease.service, "service"), {})) == 1
+        with self.store.batch():
+            self.store.release_lease(lease_id)
+            if idle:
+                self.store.set_idle_since(lease.service, now or self.clock.now())
+        self._remove(lease_id)
+        self.version += 1
         return lease
 
     def expire(self, now: datetime) -> list[Lease]:
         """End every lease whose time is up at ``now``; a service is idle from its last lease's end."""
-        expired = self.store.expire_leases(now)
+        due = self.next_expiry()
+        if due is None or due > now:
+            return []
+        expired = sorted((lease for lease in self._leases.values()
+                          if lease.expires_at is not None and lease.expires_at <= now),
+                         key=lambda lease: (lease.expires_at, lease.id))
         ends: dict[str, datetime] = {}
         for lease in expired:
             if lease.kind == "service" and lease.expires_at is not None:
                 ends[lease.service] = max(lease.expires_at, ends.get(lease.service, lease.expires_at))
-        for service in sorted(ends):
-            self._ended(service, ends[service])
+        gone = {lease.id for lease in expired}
+        idle = {service: when for service, when in ends.items()
+                if all(lid in gone for lid in self._by_service.get((service, "service"), {}))}
+        with self.store.batch():
+            for lease in expired:
+                self.store.release_lease(lease.id)
+            for service in sorted(idle):
+                self.store.set_idle_since(service, idle[service])
+        for lease in expired:
+            self._remove(lease.id)
+        self.version += 1
         return expired
 
-    def get(self, lease_id: str) -> Lease | None:
-        return next((lease for lease in self.store.leases() if lease.id == lease_id), None)
+    def add_demand(self, demand: Demand) -> None:
+        self.store.add_demand(demand)
+        self._demands[demand.id] = demand
+        self.version += 1
 
-    def _ended(self, service: str, when: datetime) -> None:
-        if not any(lease.kind == "service" for lease in self.store.leases(service)):
-            self.store.set_idle_since(service, when)
+    def remove_demand(self, demand_id: str) -> Demand | None:
+        if demand_id not in self._demands:
+            return None
+        self.store.remove_demand(demand_id)
+        self.version += 1
+        return self._demands.pop(demand_id)
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def _add(self, lease: Lease) -> None:
+        self._leases[lease.id] = lease
+        self._by_service.setdefault((lease.service, lease.kind), {})[lease.id] = lease
+        if lease.kind == "vram" and lease.gpu is not None:
+            self._vram[lease.gpu] = self._vram.get(lease.gpu, 0) + lease.mb
+        else:
+            self.bookings += 1
+        if lease.expires_at is not None:
+            heapq.heappush(self._expiries, (lease.expires_at, lease.id))
+
+    def _remove(self, lease_id: str) -> None:
+        lease = self._leases.pop(lease_id)
+        key = (lease.service, lease.kind)
+        same = self._by_service[key]
+        del same[lease_id]
+        if not same:
+            del self._by_service[key]
+        if lease.kind == "vram" and lease.gpu is not None:
+            self._vram[lease.gpu] -= lease.mb
+        else:
+            self.bookings += 1

@@ -13,10 +13,12 @@ One clock (:class:`~reconciler.core.clock.Clock`), injected: its wall time is
 the planner's ``now`` and stamps the store (leases, backoff, idle times); its
 monotonic time and sleep time the waits (health, deadlines). Tests pass fakes.
 
-Between passes others read the runtime through :meth:`Runtime.last_pass`
-(what the last pass saw and planned), change leases through
-:attr:`Runtime.ledger` while holding :meth:`Runtime.exclusive`, ask for a pass
-with :meth:`Runtime.wake`, and wait for passes and grants through
+Between passes and during them others read the runtime through
+:meth:`Runtime.last_pass` (what the last pass saw and planned) and
+:meth:`Runtime.planning` (the plan of the pass in flight), change leases and
+demands through :attr:`Runtime.ledger` (in memory, written through; no lock:
+see :mod:`.ledger` for how a pass and a grant stay out of each other's way),
+ask for a pass with :meth:`Runtime.wake`, and wait for passes and grants through
 :attr:`Runtime.passed` and :attr:`Runtime.grants` (:mod:`.passes`). The
 model gateway records its traffic in :attr:`Runtime.traffic` (the API shows
 it) and Ollama's ``keep_alive`` in :attr:`Runtime.keep_alive`, which each
@@ -32,7 +34,7 @@ from pathlib import Path
 from reconciler.core.backoff import DEFAULT_POLICY, BackoffPolicy
 from reconciler.core.clock import Clock
 from reconciler.core.events import EventKind
-from reconciler.core.plan import Action
+from reconciler.core.plan import Action, Plan
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
 from reconciler.core.redaction import redact_plan
@@ -97,6 +99,7 @@ class Runtime:
         self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
         self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
         self._last: LastPass | None = None
+        self._planning: Plan | None = None
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
@@ -106,6 +109,11 @@ class Runtime:
     def last_pass(self) -> LastPass | None:
         """What the last pass observed and planned (None before the first)."""
         return self._last
+
+    def planning(self) -> Plan | None:
+        """The plan of the pass in flight, from the moment it is made until that pass ends (else None):
+        its starts hold memory that a VRAM lease must not take meanwhile."""
+        return self._planning
 
     # --- startup ------------------------------------------------------------------
 
@@ -139,10 +147,14 @@ class Runtime:
         self.lifecycle.eviction_timeout_s = profile.eviction_timeout_s
         for lease in self.ledger.expire(now):
             self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
-        state = store.state()
-        observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
+        ledger = self.ledger
+        observed = await self._observer_for(profile).observe(store.instances(), ledger.leases(), ledger.demands())
         snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
+        # leases and demands as they are now (grants go on while a pass observes); from here to publishing
+        # the plan nothing awaits, so every grant is either seen by the planner or sees the plan's starts
+        snapshot = snapshot.model_copy(update={"leases": ledger.leases(), "demands": ledger.demands()})
         plan = make_plan(profile, snapshot)
+        self._planning = plan  # kept should the pass fail: its starts may have begun (the next plan replaces it)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,
                             on_grant=self.grants.granted)
@@ -154,7 +166,7 @@ class Runtime:
         outcomes = {a.id: ran.get(a.id) or Outcome("deferred", deferred[a.id]) for a in plan.actions}
         outcomes = {k: replace(o, detail=self.redactor.text(o.detail)) for k, o in outcomes.items()}
         plan = redact_plan(plan, self.redactor)  # reasons may quote a launch spec an older profile expanded
-        self._last = LastPass(snapshot=snapshot, plan=plan)
+        self._last, self._planning = LastPass(snapshot=snapshot, plan=plan), None
         counts = {s: sum(1 for o in outcomes.values() if o.status == s)
                   for s in ("done", "failed", "skipped", "deferred")}
         # an uneventful pass is shown, never recorded: a watch passes every few seconds
@@ -220,15 +232,6 @@ class Runtime:
         return self._observer
 
     # --- the loop's hooks -----------------------------------------------------------
-
-    def exclusive(self) -> asyncio.Lock:
-        """The lock every pass holds: ``async with runtime.exclusive():`` to act between passes.
-
-        The leasing service takes it to grant a lease without planning (no pass
-        is deciding meanwhile to stop that instance) and to withdraw a demand
-        (no pass is granting it meanwhile).
-        """
-        return self._pass_lock
 
     def wake(self) -> None:
         """Ask the loop for a pass soon (same thread as the event loop)."""

@@ -67,7 +67,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -412,7 +412,12 @@ class SqliteStore:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Many writes, one transaction: each write inside is a savepoint; all commit at the end, once."""
+        """Many writes, one transaction: each write inside is a savepoint; all commit at the end, once.
+
+        Inside another batch it adds to that one (the outer batch commits)."""
+        if self._batch:
+            yield
+            return
         with self._use("write") as conn:
             _rollback(conn)
             conn.execute("BEGIN IMMEDIATE")
@@ -526,6 +531,19 @@ class SqliteStore:
             if demand_id is not None:
                 c.execute("DELETE FROM demands WHERE id = ?", (demand_id,))
             return True
+
+    def put_lease(self, lease: Lease, *, demand_id: str | None = None, now: datetime | None = None) -> None:
+        """Persist a lease the caller granted (the ledger counts ``max_concurrent``), removing ``demand_id``
+        in the same transaction; an id already held is left as it is."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO leases(id, service, expires_at, granted_at, data) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO NOTHING",
+                (lease.id, lease.service, _ts(lease.expires_at), _ts(now or self.clock.now()),
+                 lease.model_dump_json()),
+            )
+            if demand_id is not None:
+                c.execute("DELETE FROM demands WHERE id = ?", (demand_id,))
 
     def renew_lease(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
         """Move a lease's expiry; None when there is no such lease (it expired or was released)."""
@@ -648,6 +666,21 @@ class SqliteStore:
             if event_id % EVENT_PRUNE_EVERY == 0:  # the log is bounded: the newest MAX_EVENTS stay
                 c.execute("DELETE FROM events WHERE id <= ?", (event_id - MAX_EVENTS,))
             return event_id
+
+    def record_events(self, events: Sequence[Event]) -> None:
+        """Append events the caller numbered, in one transaction (an id already there is left as it is)."""
+        if not events:
+            return
+        with self._tx() as c:
+            c.executemany(
+                "INSERT INTO events(id, ts, kind, service, message, data) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO NOTHING",
+                [(e.id, _ts(e.ts), e.kind, e.service, e.message, json.dumps(e.data, sort_keys=True, default=str))
+                 for e in events],
+            )
+            newest = max(e.id for e in events)
+            if newest // EVENT_PRUNE_EVERY != (newest - len(events)) // EVENT_PRUNE_EVERY:
+                c.execute("DELETE FROM events WHERE id <= ?", (newest - MAX_EVENTS,))  # the log is bounded
 
     def last_event_id(self) -> int:
         """The newest event's id (0 for none): where a process that numbers its events goes on from."""
