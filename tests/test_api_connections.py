@@ -279,3 +279,15 @@ def test_silent_and_stalled_connections_are_closed_with_408(server: ApiRun) -> N
         assert first_line(steady.get("answer", b"")) == "404", steady  # answered: unknown service
     stderr = server.run.stderr()
     assert "Traceback" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["whole head", "head never ended"])
+def test_a_request_head_over_its_bound_is_a_400(server: ApiRun, complete: bool) -> None:
+    """llhttp bounds no head: the protocol does (16 KiB, as h11 did), whether it came at once or is still coming."""
+    port = int(server.url.rsplit(":", 1)[1])
+    head = b"GET /v1/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (20 * 1024) + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head + (b"\r\n" if complete else b""))
+        data, _ = read_until_closed(sock, 5)
+    assert first_line(data) == "400" and b"larger than 16384 bytes" in data
+    assert httpx.get(f"{server.url}/v1/status", timeout=5).status_code == 200  # the server answers on

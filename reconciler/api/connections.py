@@ -65,6 +65,11 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is a dependency; a build without it falls back to h11
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
 from uvicorn.server import ServerState
 
 HEAD_TIMEOUT_S = 5.0  # a request head must be complete this long after the connection (or its first byte)
@@ -121,6 +126,7 @@ EVICTED = raw_response(503, "closed to make room: the API is at its connection l
                             "not sent a complete request; send the whole request head at once")
 HEAD_TIMED_OUT = raw_response(408, f"the request head was not complete within {HEAD_TIMEOUT_S:g} s of the "
                                    "connection (or of its first byte); send the whole head at once")
+HEAD_TOO_LARGE = raw_response(400, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
 BODY_TIMED_OUT = raw_response(408, f"the request body stalled: nothing of it arrived for {BODY_TIMEOUT_S:g} s")
 
 
@@ -130,7 +136,7 @@ class ConnectionGuard:
     def __init__(self, sizing: Sizing):
         self.sizing = sizing
         self.sockets: dict[int, socket.socket | None] = {}  # fd → the accepted socket (None: seen by a protocol)
-        self.waiting: dict[GuardedH11Protocol, None] = {}  # waiting for a request head, longest-waiting first
+        self.waiting: dict[_Watchdog, None] = {}  # waiting for a request head, longest-waiting first
         self.closed: Counter[str] = Counter()  # why connections were closed by us
         self._batch = 0
 
@@ -182,7 +188,7 @@ class ConnectionGuard:
 
     # --- the protocols' side ----------------------------------------------------------------------
 
-    def opened(self, protocol: GuardedH11Protocol, fd: int) -> bool:
+    def opened(self, protocol: _Watchdog, fd: int) -> bool:
         """A protocol took a connection; False when it must close it at once (over the cap, and not accepted
         through :class:`GuardedSocket`: another event loop's accept)."""
         if fd not in self.sockets and self.open >= self.sizing.max_connections + ACCEPT_BATCH:
@@ -192,26 +198,34 @@ class ConnectionGuard:
         self.waiting[protocol] = None
         return True
 
-    def lost(self, protocol: GuardedH11Protocol, fd: int) -> None:
+    def lost(self, protocol: _Watchdog, fd: int) -> None:
         self.sockets.pop(fd, None)
         self.waiting.pop(protocol, None)
 
-    def wait_for_head(self, protocol: GuardedH11Protocol) -> None:
+    def wait_for_head(self, protocol: _Watchdog) -> None:
         self.waiting.pop(protocol, None)
         self.waiting[protocol] = None  # last: it has waited least
 
-    def busy(self, protocol: GuardedH11Protocol) -> None:
+    def busy(self, protocol: _Watchdog) -> None:
         self.waiting.pop(protocol, None)
 
-    def protocol_class(self) -> type[GuardedH11Protocol]:
-        """uvicorn's ``http`` protocol class, bound to this guard."""
+    def protocol_class(self) -> type[GuardedHttpToolsProtocol] | type[GuardedH11Protocol]:
+        """uvicorn's ``http`` protocol class, bound to this guard: httptools' where it can be imported, else h11's
+        (see :func:`http_parser`)."""
         guard = self
+        base: type[GuardedHttpToolsProtocol] | type[GuardedH11Protocol] = (
+            GuardedHttpToolsProtocol if http_parser() == "httptools" else GuardedH11Protocol)
 
-        class Bound(GuardedH11Protocol):
+        class Bound(base):  # type: ignore[valid-type,misc]  # one of the two, chosen at run time
             pass
 
         Bound.guard = guard
         return Bound
+
+
+def http_parser() -> str:
+    """``httptools`` (llhttp, in C: a lease request costs about half the CPU) when it is installed, else ``h11``."""
+    return "httptools" if HttpToolsProtocol is not None else "h11"
 
 
 class GuardedSocket(socket.socket):
@@ -231,14 +245,18 @@ class GuardedSocket(socket.socket):
                 return conn, address
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a watchdog: a request head, and a body, must keep coming (module text)."""
+class _Watchdog:
+    """The watchdog of :class:`GuardedHttpToolsProtocol` and :class:`GuardedH11Protocol` (module text): a
+    request head, and a body, must keep coming. The protocol says where it is in a request through
+    :meth:`_waiting_for_head`, :meth:`_partial_head` and :meth:`_in_body`."""
 
     guard: ClassVar[ConnectionGuard]
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    cycle: Any
+    flow: Any
 
-    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(config, server_state, app_state, _loop)
+    def _init_watchdog(self) -> None:
         self._fd = -1
         self._wait_since: float | None = None  # when the wait for the current request head began
         self._partial = False  # part of that head has arrived
@@ -248,8 +266,17 @@ class GuardedH11Protocol(H11Protocol):
 
     # --- uvicorn's protocol, observed ---------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn
-        super().connection_made(transport)
+    def _waiting_for_head(self) -> bool:
+        raise NotImplementedError
+
+    def _partial_head(self) -> bool:
+        raise NotImplementedError
+
+    def _in_body(self) -> bool:
+        raise NotImplementedError
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]  # the protocol's, next in the MRO
         sock = transport.get_extra_info("socket")
         self._fd = sock.fileno() if sock is not None else -1
         self._wait_since = self.loop.time()
@@ -259,14 +286,14 @@ class GuardedH11Protocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[misc]
         now = self.loop.time()
-        self._body_since = now if self.conn.their_state is h11.SEND_BODY else None
+        self._body_since = now if self._in_body() else None
         self._sync(now)
 
     def on_response_complete(self) -> None:
         self._served += 1
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         self._sync(self.loop.time())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -274,12 +301,9 @@ class GuardedH11Protocol(H11Protocol):
             self._timer.cancel()
             self._timer = None
         self.guard.lost(self, self._fd)
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     # --- the watchdog -------------------------------------------------------------------------------
-
-    def _waiting_for_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
 
     def _sync(self, now: float) -> None:
         """After h11 has seen new data or a response ended: waiting for a head (since when), or busy."""
@@ -289,7 +313,7 @@ class GuardedH11Protocol(H11Protocol):
             if self._wait_since is None:
                 self._wait_since = now
                 self.guard.wait_for_head(self)
-            partial = bool(self.conn.trailing_data[0])
+            partial = self._partial_head()
             if partial and not self._partial and self._served:
                 self._wait_since = now  # a kept-alive connection's next head began: it has the whole timeout
             self._partial = partial
@@ -305,7 +329,7 @@ class GuardedH11Protocol(H11Protocol):
         if self._wait_since is not None:
             idle = self._served and not self._partial  # between requests: uvicorn's keep-alive
             return self._wait_since + (KEEP_ALIVE_S if idle else HEAD_TIMEOUT_S)
-        if self.conn.their_state is h11.SEND_BODY and self._body_since is not None:
+        if self._in_body() and self._body_since is not None:
             if self.flow.read_paused:  # we are not reading: not the client's delay
                 self._body_since = self.loop.time()
             return self._body_since + BODY_TIMEOUT_S
@@ -367,3 +391,86 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.abort()
         else:
             self.transport.close()
+
+
+class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[misc]
+    """uvicorn's httptools protocol (llhttp, in C) with the watchdog, and a bound on the head's size."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._init_watchdog()
+        self._phase = "idle"  # idle (between requests) → head → body → idle; closed (the head was too large)
+        self._head_bytes = 0  # bytes received since the head began (while it has no end)
+        self._fields = 0  # bytes of its request line and header fields
+
+    def _waiting_for_head(self) -> bool:
+        return self._phase != "body" and (self.cycle is None or self.cycle.response_complete)
+
+    def _partial_head(self) -> bool:
+        return self._phase == "head"
+
+    def _in_body(self) -> bool:
+        return self._phase == "body"
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._phase == "head":  # a head with no end yet: bound the bytes sent (llhttp keeps no bound)
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._too_large()
+
+    def _too_large(self) -> None:
+        if not self.transport.is_closing():
+            self.guard.busy(self)
+            self.transport.write(HEAD_TOO_LARGE)
+            self.transport.close()
+        self._phase = "closed"
+
+    def on_message_begin(self) -> None:
+        self._phase, self._head_bytes, self._fields = "head", 0, 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._fields += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._fields > MAX_HEAD_BYTES:  # a whole head that arrived at once: bound its fields
+            self._too_large()
+        if self._phase == "closed":
+            return
+        self._phase = "body"
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._phase != "closed":
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._phase == "closed":
+            return
+        self._phase = "idle"
+        super().on_message_complete()
+
+
+class GuardedH11Protocol(_Watchdog, H11Protocol):  # type: ignore[misc]  # uvicorn types transport loosely
+    """uvicorn's h11 protocol (pure Python) with the watchdog: where httptools cannot be had."""
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._init_watchdog()
+
+    def _waiting_for_head(self) -> bool:
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+    def _partial_head(self) -> bool:
+        return bool(self.conn.trailing_data[0])
+
+    def _in_body(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
