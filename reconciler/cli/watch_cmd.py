@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 from reconciler.host.specs import SPEC_HELP
 
 if TYPE_CHECKING:  # the command's parts are imported when it runs: other commands' parsers stay light
+    import asyncio
+
     from reconciler.host.gpu import GpuBackend
     from reconciler.loading.watcher import ProfileChange, ProfileWatcher
     from reconciler.render.events import Printer
@@ -182,6 +184,28 @@ def load(args: argparse.Namespace, printer: Printer) -> tuple[GpuBackend, Profil
     return backend, watcher, first
 
 
+PRINT_FLUSH_S = 0.05  # the longest a printed event waits in the buffer
+
+
 async def _print(subscription: Subscription, printer: Printer) -> None:
-    async for event in subscription:
-        printer(event, flush=subscription.empty())  # one flush per burst
+    """Print each event; flush at most every :data:`PRINT_FLUSH_S` while they come (one write per burst, not
+    per line: under lease traffic the flushes cost more than the leases), at once when they stop."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    flushing: asyncio.TimerHandle | None = None
+
+    def flush() -> None:
+        nonlocal flushing
+        flushing = None
+        printer.flush()
+
+    try:
+        async for event in subscription:
+            printer(event, flush=False)
+            if flushing is None:
+                flushing = loop.call_later(PRINT_FLUSH_S, flush)
+    finally:
+        if flushing is not None:
+            flushing.cancel()
+        printer.flush()

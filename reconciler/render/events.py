@@ -8,9 +8,8 @@ them up), passes that found nothing to do, and the implicit leases of the
 model gateway's requests, two per request (``reconciler status`` counts
 them per model; ``gateway.cold`` says when one caused something).
 :class:`Printer` writes either those lines or, in JSON mode, one JSON object
-per line; its caller says when to flush (``watch`` flushes once its queue of
-events is empty: one write per burst of events under load, one per event
-when it is quiet); a pipe reader that went away (``watch | head``) does not
+per line; its caller says when to flush (``watch`` flushes at most every
+50 ms while events come: one write per burst under load); a pipe reader that went away (``watch | head``) does not
 stop the reconciler. :func:`kinds_table` lists every kind for the API's
 README.
 """
@@ -92,6 +91,13 @@ class Printer:
             if flush:
                 self.out.flush()
         except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+
+
+    def flush(self) -> None:
+        try:
+            self.out.flush()
+        except BrokenPipeError:  # as above
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
 
 

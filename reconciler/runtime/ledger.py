@@ -111,8 +111,12 @@ class Ledger:
         return sum(1 for d in self._demands.values() if d.service == service)
 
     def held(self, service: str, kind: str, now: datetime) -> int:
-        """Unexpired leases of ``kind`` on ``service`` at ``now``."""
-        return sum(1 for lease in self._by_service.get((service, kind), {}).values() if _active(lease, now))
+        """Unexpired leases of ``kind`` on ``service`` at ``now`` (O(1) unless some lease's time is up)."""
+        same = self._by_service.get((service, kind), {})
+        due = self.next_expiry()
+        if due is None or due > now:
+            return len(same)
+        return sum(1 for lease in same.values() if _active(lease, now))
 
     def vram_mb(self) -> dict[int, int]:
         """GPU index → MB that VRAM leases hold (expired ones count until a pass ends them: conservative)."""
@@ -156,13 +160,14 @@ class Ledger:
             return True
         if demand_id is not None and demand_id not in self._demands:
             return False
-        same = self._by_service.get((lease.service, lease.kind), {})
-        if len(same) >= max_concurrent and self.held(lease.service, lease.kind, now) >= max_concurrent:
+        if self.held(lease.service, lease.kind, now) >= max_concurrent:
             return False
-        with self.store.batch():
-            self.store.put_lease(lease, demand_id=demand_id, now=now)
-            if lease.kind == "service":
+        if lease.kind == "service":
+            with self.store.batch():
+                self.store.put_lease(lease, demand_id=demand_id, now=now)
                 self.store.set_idle_since(lease.service, None)
+        else:  # a VRAM lease: one statement, its own transaction
+            self.store.put_lease(lease, demand_id=demand_id, now=now)
         self._add(lease)
         if demand_id is not None:
             self._demands.pop(demand_id, None)
@@ -187,10 +192,12 @@ class Ledger:
         if lease is None:
             return None
         idle = lease.kind == "service" and len(self._by_service.get((lease.service, "service"), {})) == 1
-        with self.store.batch():
-            self.store.release_lease(lease_id)
-            if idle:
+        if idle:
+            with self.store.batch():
+                self.store.release_lease(lease_id)
                 self.store.set_idle_since(lease.service, now or self.clock.now())
+        else:
+            self.store.release_lease(lease_id)
         self._remove(lease_id)
         self.version += 1
         return lease
