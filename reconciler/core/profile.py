@@ -264,6 +264,12 @@ class Service(_Strict):
         description="Gateway requests that may wait for this service beyond the max_concurrent in flight; "
         "more are answered 429 with Retry-After.",
     )
+    pull: bool = Field(
+        False,
+        description="For an Ollama: a lease or gateway request for a model it has not pulled pulls it (POST "
+        "/api/pull, progress as `ollama.pull` events) and is granted once it is there, instead of being refused "
+        "at once with the list of installed models.",
+    )
     start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
     probe_interval_s: float = Field(5, gt=0, description="Health probe interval once running.")
     probe_timeout_s: float = Field(2, gt=0, description="Timeout of one health probe.")

@@ -51,6 +51,7 @@ from reconciler.runtime.keepalive import KeepAlive
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
+from reconciler.runtime.pulls import Pulls
 from reconciler.runtime.traffic import Traffic
 from reconciler.store.base import Store
 
@@ -96,6 +97,7 @@ class Runtime:
         self.grants = GrantWatch()  # set as a pass grants a watched demand
         self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
         self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
+        self.pulls = Pulls(self.events, self.wake, clock.monotonic)  # models pulled into an Ollama (pull: true)
         self._last: LastPass | None = None
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
@@ -142,7 +144,7 @@ class Runtime:
         state = store.state()
         observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
         snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
-        plan = make_plan(profile, snapshot)
+        plan = self.pulls.after_plan(profile, snapshot, make_plan(profile, snapshot))
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,
                             on_grant=self.grants.granted)
@@ -251,7 +253,9 @@ class Runtime:
         return True
 
     async def aclose(self) -> None:
-        """Close the probe client and the GPU backend; the instances keep running."""
+        """Cancel the model pulls in progress, close the probe client and the GPU backend; the instances keep
+        running."""
+        await self.pulls.aclose()
         self.events.close()
         await self.prober.aclose()
         self.gpu_backend.close()
