@@ -25,7 +25,7 @@
   // still logged, marked as a kind this page does not know.
   const KINDS = [
     "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
-    "gateway.started", "gateway.cold", "gateway.refused",
+    "gateway.started", "gateway.cold", "gateway.refused", "ollama.pull",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
     "instance.unloaded", "intent.recovered", "intent.unresolved", "lease.granted", "lease.renewed", "lease.released",
