@@ -188,3 +188,19 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(serve: ServeRun) ->
     missing = sorted(queried - exported - families)
     assert not missing, f"the dashboard queries metrics /metrics does not export: {missing}"
     assert "reconciler_gpu_memory_bytes" in queried and "reconciler_service_up" in queried
+
+
+def test_an_overcommitted_gpu_shows_the_excess_and_its_split_still_adds_up() -> None:
+    from reconciler.api.metrics import memory_split, overcommit_mb
+    from reconciler.api.models import GpuStatus
+
+    # what issue 8's crash mid-eviction left: 9216 MB booked on 8192
+    gpu = GpuStatus(index=0, total_mb=8192, reserved_started_mb=6144, adopted_mb=1024, leased_mb=2048,
+                    foreign_mb=0, free_mb=0, used_mb=8192)
+    assert overcommit_mb(gpu) == 1024
+    split = memory_split(gpu)
+    assert split["other"] == 0 and sum(split.values()) - overcommit_mb(gpu) == gpu.total_mb
+    normal = GpuStatus(index=0, total_mb=8192, reserved_started_mb=3000, adopted_mb=0, leased_mb=0,
+                       foreign_mb=100, free_mb=4000, used_mb=3100)  # NVML says less is free than accounted
+    assert overcommit_mb(normal) == 0 and memory_split(normal)["other"] == 1092
+    assert sum(memory_split(normal).values()) == normal.total_mb
