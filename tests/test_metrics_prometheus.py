@@ -134,7 +134,8 @@ def test_gpu_memory_is_in_bytes_and_its_split_sums_to_the_total(serve: ServeRun)
 def test_every_service_has_every_series_and_leases_drop_to_zero(serve: ServeRun) -> None:
     found = samples(scrape(serve))
     for name in ("llm", "tts", "crashy"):
-        for metric in ("reconciler_service_up", "reconciler_service_restarts_total", "reconciler_demands",
+        for metric in ("reconciler_service_up", "reconciler_service_wanted", "reconciler_service_restarts_total",
+                       "reconciler_demands",
                        "reconciler_service_backoff_failures", "reconciler_service_backoff_next_attempt_seconds",
                        "reconciler_service_stalled"):
             value(found, metric, service=name)
@@ -142,6 +143,9 @@ def test_every_service_has_every_series_and_leases_drop_to_zero(serve: ServeRun)
         assert value(found, "reconciler_leases", service=name, kind="vram") == 0
     assert value(found, "reconciler_service_up", service="llm") == 1
     assert value(found, "reconciler_service_up", service="tts") == 0
+    assert value(found, "reconciler_service_wanted", service="llm") == 1  # always_on
+    assert value(found, "reconciler_service_wanted", service="crashy") == 1  # always_on, though down
+    assert value(found, "reconciler_service_wanted", service="tts") == 0  # on demand, nobody asks: down by design
     lease = serve.lease("llm", holder="metrics", ttl_s=60)
     assert lease.status_code == 200, lease.text
     held = samples(scrape(serve))
@@ -204,3 +208,20 @@ def test_an_overcommitted_gpu_shows_the_excess_and_its_split_still_adds_up() -> 
                        foreign_mb=100, free_mb=4000, used_mb=3100)  # NVML says less is free than accounted
     assert overcommit_mb(normal) == 0 and memory_split(normal)["other"] == 1092
     assert sum(memory_split(normal).values()) == normal.total_mb
+
+
+def test_the_grafana_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's `prometheus` package has it); .ci/run installs it")
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    rules = tmp_path / "rules.yaml"  # promtool parses each query as a recording rule's expression
+    lines = ["groups:", "  - name: dashboard", "    rules:"]
+    for index, expr in enumerate(exprs):
+        query = json.dumps(expr.replace("$instance", ".*"))
+        lines += [f"      - record: dashboard:query{index}", f"        expr: {query}"]
+    rules.write_text("\n".join(lines) + "\n")
+    checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, f"promtool check rules:\n{checked.stdout}{checked.stderr}"
+    assert f"SUCCESS: {len(exprs)} rules found" in checked.stdout

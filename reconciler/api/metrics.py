@@ -31,6 +31,10 @@ free memory everywhere, :mod:`.status`):
 Services (one series per service of the profile, and per instance left over from an older one):
 
 - ``reconciler_service_up{service}``: 1 while a healthy, running instance serves it, else 0
+- ``reconciler_service_wanted{service}``: 1 while the reconciler wants it running (``always_on``, a lease or
+  a demand, a dependent that is wanted, not yet idle: DESIGN §3 "Wanted", as of the last pass); an
+  unmanaged slot is never started, so never wanted. ``wanted == 1 and up == 0`` for long is what to alert on:
+  an idle on-demand service is down by design
 - ``reconciler_service_restarts_total{service}``: restarts since this server started — launch-spec or
   model changes carried out, and starts after the service failed (crashed, or never got healthy)
 - ``reconciler_service_backoff_failures{service}``: failures in a row counted against it (0: none)
@@ -83,8 +87,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from reconciler.api.connections import CLOSE_REASONS, ConnectionGuard
 from reconciler.api.models import GpuStatus, Status
 from reconciler.api.status import build_status
+from reconciler.core.accounting import world_now
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
+from reconciler.core.wanted import compute_wanted
 from reconciler.runtime import Runtime
 from reconciler.runtime.events import Subscription
 
@@ -119,9 +125,10 @@ class StateCollector:
         self.restarts = restarts if restarts is not None else {}
 
     def collect(self) -> Iterator[Metric]:
-        status = build_status(self.runtime, self.profile())
+        profile = self.profile()
+        status = build_status(self.runtime, profile)
         yield from self.memory(status)
-        yield from self.services(status)
+        yield from self.services(status, self.wanted(profile, status))
         instances = GaugeMetricFamily("reconciler_instances", "Service instances by state", labels=["state"])
         for state in STATES:
             instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
@@ -154,11 +161,22 @@ class StateCollector:
             over.add_metric([index], overcommit_mb(gpu) * MIB)
         yield from (total, used, split, over)
 
-    def services(self, status: Status) -> Iterator[Metric]:
+    def wanted(self, profile: Profile, status: Status) -> set[str]:
+        """The managed services the last pass's world wants running (none before the first pass)."""
+        last = self.runtime.last_pass()
+        if last is None:
+            return set()
+        world = world_now(profile, last.snapshot, self.runtime.store.leases(), self.runtime.clock.now())
+        return {name for name in compute_wanted(world).wanted
+                if name in profile.services and profile.services[name].managed is not None}
+
+    def services(self, status: Status, wanted: set[str]) -> Iterator[Metric]:
         """Per service of the profile (and per instance left of an older one), every series, 0 when idle."""
         names = sorted({s.service for s in status.services} | {i.service for i in status.instances})
         up = GaugeMetricFamily("reconciler_service_up", "1 while a healthy, running instance serves the service",
                                labels=["service"])
+        wants = GaugeMetricFamily("reconciler_service_wanted", "1 while the reconciler wants the service running",
+                                  labels=["service"])
         restarts = CounterMetricFamily("reconciler_service_restarts", "Restarts carried out (launch changes, and "
                                        "starts after a failure) since this server started", labels=["service"])
         failures = GaugeMetricFamily("reconciler_service_backoff_failures", "Failures in a row counted against "
@@ -180,6 +198,7 @@ class StateCollector:
         now = self.runtime.clock.now()
         for name in names:
             up.add_metric([name], 1 if name in serving else 0)
+            wants.add_metric([name], 1 if name in wanted else 0)
             restarts.add_metric([name], self.restarts.get(name, 0))
             backoff = self.runtime.store.get_backoff(name)
             failures.add_metric([name], backoff.failures)
@@ -196,7 +215,7 @@ class StateCollector:
         for name, n in sorted(waiting.items()):
             if name not in names:
                 demands.add_metric([name], n)
-        yield from (up, restarts, failures, next_try, stalled, leases, demands)
+        yield from (up, wants, restarts, failures, next_try, stalled, leases, demands)
 
     def gateway(self) -> Iterator[Metric]:
         """The model gateway's traffic per model."""
