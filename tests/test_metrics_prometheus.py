@@ -7,6 +7,7 @@ crashes half a second after it starts: it backs off). The tests read the text a 
 ``prometheus`` package; skipped with a message otherwise), memory is in bytes and its split sums to the
 total, lease and demand series fall back to 0 instead of disappearing, per-service up, restarts, backoff
 and stalled series, no ``_created`` series, and every metric the shipped Grafana dashboard queries exists.
+A real Prometheus (the same package's server) scrapes the serve, and every dashboard query evaluates on it.
 """
 
 from __future__ import annotations
@@ -225,3 +226,51 @@ def test_the_grafana_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     checked = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, f"promtool check rules:\n{checked.stdout}{checked.stderr}"
     assert f"SUCCESS: {len(exprs)} rules found" in checked.stdout
+
+
+def test_a_real_prometheus_scrapes_it_and_answers_the_dashboard_queries(serve: ServeRun, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus is not installed (Debian's `prometheus` package; .ci/run installs it)")
+    target = serve.url.removeprefix("http://").rstrip("/")
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                      f"scrape_configs:\n  - job_name: reconciler\n    static_configs: [{{targets: ['{target}']}}]\n")
+    port = serve.host.port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log,
+                            stdin=subprocess.DEVNULL)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5, trust_env=False)
+
+    def query(expr: str) -> list[dict]:
+        answer = api.get("/api/v1/query", params={"query": expr}).json()
+        assert answer["status"] == "success", (expr, answer)
+        return answer["data"]["result"]
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                up = query("reconciler_service_up")
+            except httpx.HTTPError:
+                up = []
+            if len(up) == 3:
+                break
+            assert time.monotonic() < deadline, f"Prometheus has no reconciler series; its log:\n" \
+                                                 f"{(tmp_path / 'prometheus.log').read_text()[-2000:]}"
+            time.sleep(0.2)
+        assert {r["metric"]["service"]: r["value"][1] for r in up}["llm"] == "1"
+        assert query("up{job='reconciler'}")[0]["value"][1] == "1"
+        total = query("sum by (gpu) (reconciler_gpu_memory_bytes) - on (gpu) reconciler_gpu_overcommit_bytes "
+                      "- on (gpu) reconciler_gpu_memory_total_bytes")
+        assert [r["value"][1] for r in total] == ["0"]  # the split adds up to the total
+        dashboard = json.loads(DASHBOARD.read_text())
+        for panel in dashboard["panels"]:
+            for t in panel.get("targets", []):
+                query(t["expr"].replace("$instance", ".*"))  # every dashboard query evaluates without error
+    finally:
+        api.close()
+        proc.terminate()
+        proc.wait(10)
+        log.close()
