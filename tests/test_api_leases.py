@@ -220,10 +220,10 @@ def test_status_plan_metrics_and_openapi(api: ApiRun) -> None:
     plan = api.http.get("/v1/plan").json()
     assert plan["format_version"] == 1 and plan["profile"] == "api" and plan["actions"] == []
     metrics = api.http.get("/metrics").text
-    for name in ("reconciler_gpu_memory_mb", "reconciler_instances", "reconciler_leases", "reconciler_actions_total",
+    for name in ("reconciler_gpu_memory_bytes", "reconciler_instances", "reconciler_leases", "reconciler_actions_total",
                  "reconciler_reconcile_duration_seconds", "reconciler_lease_wait_seconds"):
         assert name in metrics, name
-    assert 'reconciler_gpu_memory_mb{gpu="0",kind="total"} 8192.0' in metrics
+    assert 'reconciler_gpu_memory_total_bytes{gpu="0"} 8.589934592e+09' in metrics
     assert 'reconciler_instances{state="running"} 1.0' in metrics
     page = api.http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

@@ -36,7 +36,7 @@ if cmd == "inspect":
     if c is None:
         sys.stderr.write("Error: No such object: " + args[1] + "\n"); sys.exit(1)
     print(json.dumps([{{"Id": c["id"], "Name": "/" + args[1], "Config": {{"Labels": c["labels"]}},
-                       "State": {{"Running": c["running"], "Pid": 4321}}}}]))
+                       "State": {{"Running": c["running"], "Pid": 4321, "ExitCode": 0 if c["running"] else 137}}}}]))
 elif cmd == "run":
     name = args[args.index("--name") + 1]
     labels = dict(a.split("=", 1) for p, a in zip(args, args[1:]) if p == "--label")
@@ -48,6 +48,8 @@ elif cmd == "stop":
     state[args[-1]]["running"] = False; save(); print(args[-1])
 elif cmd == "rm":
     state.pop(args[-1]); save(); print(args[-1])
+elif cmd == "logs":
+    print("out of " + args[-1]); sys.stderr.write("err of " + args[-1] + "\n")
 else:
     sys.stderr.write("fake docker: unknown command " + cmd + "\n"); sys.exit(2)
 '''
@@ -110,7 +112,7 @@ def test_run_argv_is_recorded_exactly(fake):
         ["inspect", "reconciler-comfyui"],
         ["run", "-d", "--name", "reconciler-comfyui",
          "--label", "reconciler.managed=true", "--label", "reconciler.service=comfyui",
-         "--gpus", "device=1", "--runtime", "nvidia", "--ipc", "host", "-p", "18188:8188",
+         "--gpus", "device=1", "--runtime", "nvidia", "--ipc", "host", "-p", "127.0.0.1:18188:8188",
          "-v", "/srv/models:/models:ro", "-v", "/srv/out:/out",
          "-e", f"MODEL={MODEL}", "-e", "HF_HOME=/models",
          "ghcr.io/org/comfyui:1.2", "--listen", "0.0.0.0", "--port", "8188", "--model", MODEL],
@@ -192,5 +194,71 @@ def test_a_container_of_another_reconciler_is_never_stopped(fake):
     result = asyncio.run(mine.stop(instance, timeout_s=1))
     assert result.outcome == "refused"
     assert [c[0] for c in fake.calls()] == ["inspect", "run", "inspect"]  # no stop, no rm
-    assert fake.containers()["reconciler-comfyui"]["running"] is True
+    assert fake.containers()[started.container]["running"] is True
     assert asyncio.run(theirs.stop(instance, timeout_s=1)).ok
+
+
+def with_docker(**changes: object) -> Service:
+    managed = {**COMFY.managed.model_dump(exclude_none=True), **changes}  # type: ignore[union-attr]
+    return Service(max_mb=COMFY.max_mb, priority=COMFY.priority, managed=managed)
+
+
+@pytest.mark.parametrize(("host_ip", "published", "url"), [
+    (None, "127.0.0.1:18188:8188", "http://127.0.0.1:18188"),  # loopback unless the profile says where
+    ("0.0.0.0", "0.0.0.0:18188:8188", "http://127.0.0.1:18188"),  # every interface: probed on loopback
+    ("192.168.7.2", "192.168.7.2:18188:8188", "http://192.168.7.2:18188"),  # one address: probed there
+    ("::1", "[::1]:18188:8188", "http://[::1]:18188"),
+    ("[::]", "[::]:18188:8188", "http://[::1]:18188"),
+])
+def test_the_port_is_published_on_host_ip_loopback_by_default(fake, host_ip, published, url):
+    spec = with_docker(host_ip=host_ip) if host_ip is not None else COMFY
+    argv = DockerDriver().run_argv(LaunchRequest.of("comfyui", spec, 1, MODEL))
+    assert argv[argv.index("-p") + 1] == published
+    assert spec.base_url == url
+
+
+def test_a_host_ip_that_is_not_an_address_is_refused():
+    with pytest.raises(ValueError, match="host_ip must be an IP address"):
+        with_docker(host_ip="localhost")
+
+
+def test_each_state_directory_names_its_own_containers(fake):
+    mine, theirs = DockerDriver(owner="/state/mine"), DockerDriver(owner="/state/theirs")
+    a = asyncio.run(mine.start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
+    b = asyncio.run(theirs.start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
+    assert a.container != b.container  # both run: no clash on one daemon
+    assert a.container.startswith("reconciler-comfyui-") and len(a.container) == len("reconciler-comfyui-") + 8
+    assert set(fake.containers()) == {a.container, b.container}
+
+
+def test_an_exited_container_of_ours_is_removed_with_its_output_kept(fake, tmp_path):
+    logs = tmp_path / "logs"
+    driver = DockerDriver(owner="/state/mine", log_dir=logs)
+    started = asyncio.run(driver.start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
+    instance = Instance(service="comfyui", origin="started", container=started.container)
+    assert asyncio.run(driver.remove_exited(instance)) is None  # still running: left alone
+    fake.add(started.container, {**OURS, "reconciler.owner": "/state/mine"}, running=False)
+    done = asyncio.run(driver.remove_exited(instance))
+    assert done == f"container {started.container} exited on its own (exit status 137): removed"
+    assert started.container not in fake.containers()
+    kept = (logs / "comfyui.log").read_text()
+    assert f"container {started.container} removed (exited on its own" in kept
+    assert f"out of {started.container}" in kept and f"err of {started.container}" in kept
+
+
+def test_an_exited_container_of_another_reconciler_is_never_removed(fake):
+    fake.add("reconciler-comfyui-theirs", {**OURS, "reconciler.owner": "/state/theirs"}, running=False)
+    instance = Instance(service="comfyui", origin="started", container="reconciler-comfyui-theirs")
+    assert asyncio.run(DockerDriver(owner="/state/mine").remove_exited(instance)) is None
+    assert "reconciler-comfyui-theirs" in fake.containers()
+    assert [c[0] for c in fake.calls()] == ["inspect"]
+
+
+def test_stop_keeps_the_last_output_and_removes_the_container(fake, tmp_path):
+    driver = DockerDriver(owner="/state/mine", log_dir=tmp_path / "logs")
+    started = asyncio.run(driver.start(LaunchRequest.of("comfyui", COMFY, 1, MODEL)))
+    instance = Instance(service="comfyui", origin="started", container=started.container)
+    assert asyncio.run(driver.stop(instance, timeout_s=1)).outcome == "stopped"
+    assert fake.containers() == {}
+    assert [c[0] for c in fake.calls()] == ["inspect", "run", "inspect", "stop", "logs", "rm"]
+    assert "removed (stopped by the reconciler)" in (tmp_path / "logs" / "comfyui.log").read_text()

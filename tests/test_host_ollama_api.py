@@ -55,3 +55,36 @@ def test_nothing_listening_is_a_driver_error():
 
     with pytest.raises(DriverError, match="/api/ps"):
         asyncio.run(run())
+
+
+def test_pull_streams_progress_and_installs_the_model(spawner):
+    ollama = spawner.fake_ollama(models="llama3.2:3b", pull_s=0.2)
+    lines: list[dict] = []
+
+    async def run():
+        async with OllamaApi(ollama.port) as api:
+            before = await api.tags()
+            await api.pull("mistral", lines.append)  # no tag: installed as :latest, as Ollama names it
+            return before, await api.tags()
+
+    before, after = asyncio.run(run())
+    assert before == ["llama3.2:3b"] and after == ["llama3.2:3b", "mistral:latest"]
+    statuses = [line["status"] for line in lines]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    downloads = [line for line in lines if "completed" in line]
+    assert [round(d["completed"] * 5 / d["total"]) for d in downloads] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_pull_ollama_cannot_find_is_a_driver_error_naming_its_error(spawner):
+    ollama = spawner.fake_ollama(models="llama3.2:3b", pullable="qwen2.5:7b")
+
+    async def run():
+        async with OllamaApi(ollama.port) as api:
+            try:
+                await api.pull("nosuch:1b", lambda line: None)
+            finally:
+                tags = await api.tags()
+            return tags
+
+    with pytest.raises(DriverError, match="could not pull nosuch:1b: pull model manifest: file does not exist"):
+        asyncio.run(run())

@@ -273,3 +273,30 @@ def test_a_number_where_a_string_belongs_suggests_quotes():
     assert problems(
         "services:\n  a: {max_mb: 1, priority: 1, managed: {type: docker, image: x, env: {OMP_NUM_THREADS: 4}}}\n"
     ) == ["p.yaml:4:88: services.a.managed.env.OMP_NUM_THREADS: expected a string, got an integer (4); quote it: \"4\""]
+
+
+def test_pull_on_a_service_that_is_not_an_ollama_is_located():
+    assert problems(
+        """\
+        services:
+          ollama: {max_mb: 1, priority: 1, backend: ollama, pull: true}
+          vllm: {max_mb: 1, priority: 2, pull: true}
+        """
+    ) == [
+        "p.yaml:5:34: pull: true applies to an Ollama (one with `backend: ollama`, an `ollama` executable or "
+        "image, or health_path /api/tags); 'vllm' is not one: drop `pull`"
+    ]
+
+
+def test_a_docker_host_ip_that_is_not_an_address_is_located():
+    found = problems(
+        """\
+        services:
+          web:
+            max_mb: 0
+            priority: 1
+            managed: {type: docker, image: "busybox:1", port: 80, host_ip: "localhost"}
+        """
+    )
+    assert len(found) == 1 and found[0].startswith("p.yaml:7:")
+    assert "host_ip must be an IP address such as 127.0.0.1, 0.0.0.0 or ::1, not 'localhost'" in found[0]

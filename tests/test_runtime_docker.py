@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from reconciler.drivers.docker import MANAGED_LABEL, OWNER_LABEL, SERVICE_LABEL
+from reconciler.drivers.docker import MANAGED_LABEL, OWNER_LABEL, SERVICE_LABEL, container_name
 from tests.runtime_support import env, make_profile  # noqa: F401 (fixture)
 
 FAKE_DOCKER = r'''#!{python}
@@ -93,18 +93,20 @@ def docker(tmp_path, monkeypatch) -> FakeDocker:
 
 
 def test_a_container_is_started_identified_by_its_process_and_stopped_through_docker(env, docker):
+    name = container_name("worker", str(env.state_dir.resolve()))
+
     async def main():
         async with env.runtime() as rt:
             started = await rt.reconcile(make_profile({"worker": WORKER}))
             instance = rt.store.get_instance("worker")
-            assert instance.pid == docker.containers()["reconciler-worker"]["pid"]
+            assert instance.pid == docker.containers()[name]["pid"]
             again = await rt.reconcile(make_profile({"worker": WORKER}))
             stopped = await rt.reconcile(make_profile({"other": {**WORKER, "always_on": False}}))
             return rt, started, instance, again, stopped
 
     rt, started, instance, again, stopped = asyncio.run(main())
     assert started.outcomes["start:worker"].status == "done"
-    assert instance.container == "reconciler-worker" and instance.state == "running"
+    assert instance.container == name and instance.state == "running"
     assert instance.launch.image == "ghcr.io/example/worker:1"
     assert again.plan.actions == []  # alive by (pid, create_time): no second `docker run`
     assert stopped.outcomes["stop:worker"].status == "done"
@@ -117,8 +119,9 @@ def test_a_container_is_started_identified_by_its_process_and_stopped_through_do
 def test_recovery_finds_a_container_whose_start_was_interrupted_but_not_someone_elses(env, docker):
     launch = {"argv": ["--gpu", "0"], "cwd": "", "env": {}, "port": None, "image": "ghcr.io/example/worker:1"}
     owner = str(env.state_dir.resolve())
-    docker.add("reconciler-worker", {MANAGED_LABEL: "true", SERVICE_LABEL: "worker", OWNER_LABEL: owner}, os.getpid())
-    docker.add("reconciler-impostor", {"com.example": "theirs"}, os.getpid())
+    worker = container_name("worker", owner)
+    docker.add(worker, {MANAGED_LABEL: "true", SERVICE_LABEL: "worker", OWNER_LABEL: owner}, os.getpid())
+    docker.add(container_name("impostor", owner), {"com.example": "theirs"}, os.getpid())  # our name, not ours
 
     async def main():
         async with env.runtime() as rt:
@@ -129,7 +132,7 @@ def test_recovery_finds_a_container_whose_start_was_interrupted_but_not_someone_
             return {i.service: i for i in rt.store.instances()}, rt.store.open_intents()
 
     instances, still_open = asyncio.run(main())
-    assert list(instances) == ["worker"] and instances["worker"].container == "reconciler-worker"
+    assert list(instances) == ["worker"] and instances["worker"].container == worker
     assert instances["worker"].pid == os.getpid() and instances["worker"].state == "starting"
     assert still_open == [] and "stop" not in docker.calls()
 
@@ -151,3 +154,23 @@ def test_recovery_leaves_a_container_intent_open_when_docker_cannot_answer(env, 
     assert [i.action_id for i in still_open] == ["start:worker"]  # the other was resolved all the same
     [unresolved] = [e for e in events if e.kind == "intent.unresolved"]
     assert unresolved.service == "worker" and "Cannot connect to the Docker daemon" in unresolved.message
+
+
+def test_the_exited_container_of_a_removed_service_does_not_stay_behind(env, docker):
+    name = container_name("worker", str(env.state_dir.resolve()))
+
+    async def main():
+        async with env.runtime() as rt:
+            await rt.reconcile(make_profile({"worker": WORKER}))
+            pid = docker.containers()[name]["pid"]
+            os.kill(pid, 9)  # the container's process (the fake's sleeper, started by this test) dies
+            while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                await asyncio.sleep(0.01)
+            await rt.reconcile(make_profile({"other": {**WORKER, "always_on": False}}))  # worker left the profile
+            return rt.store.instances(), rt.store.events(limit=100)
+
+    instances, events = asyncio.run(main())
+    assert instances == [] and docker.containers() == {}
+    gone = [e for e in events if e.kind == "instance.gone"]
+    assert gone and f"container {name} exited on its own" in gone[-1].message
+    assert "stop" not in docker.calls()  # it had exited: removed, never stopped

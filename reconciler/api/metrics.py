@@ -1,12 +1,51 @@
-"""``GET /metrics``: Prometheus metrics, in a registry of the server's own.
+"""``GET /metrics``: Prometheus metrics, in a registry of the server's own, by Prometheus' conventions.
 
-State, read at scrape time (from the same sources as the status document):
+The conventions (checked by ``promtool check metrics`` on a live scrape, in
+``tests/test_metrics_prometheus.py``): base units (bytes and seconds, never
+MB), counters end in ``_total``, no ``_created`` series (prometheus_client
+exports one per counter and histogram by default: a gauge of the time the
+process created it, which reads as a value on every dashboard; it is turned
+off with :func:`prometheus_client.disable_created_metrics`, for the whole
+process, since the server's registry is the only one it exports), and a
+series that can drop to zero *does* — every service of the profile has its
+lease, demand, up, restart and backoff series from the first scrape on, at 0
+when there is nothing to count, so ``rate()``, ``absent()`` and alert rules
+see 0 instead of a gap. A service removed from the profile keeps its series
+while it still has an instance (it is being stopped), then they go.
 
-- ``reconciler_gpu_memory_mb{gpu, kind}``: kind = total, used, reserved_started, adopted, leased, foreign, free
+GPU memory, read at scrape time from the status document (one figure for
+free memory everywhere, :mod:`.status`):
+
+- ``reconciler_gpu_memory_total_bytes{gpu}``, ``reconciler_gpu_memory_used_bytes{gpu}``: NVML's total
+  and used (the simulated GPU's under ``--gpu sim``)
+- ``reconciler_gpu_memory_bytes{gpu, use}``: the GPU split by who holds it, a set of label values that
+  sums to the GPU's total — ``use`` = ``started`` (reserved by instances the reconciler started, and by
+  starts the last plan carried out), ``adopted``, ``leased`` (VRAM leases and leased unmanaged slots),
+  ``foreign`` (NVML usage nobody accounts for), ``free`` (what a start could still take: the same figure
+  as status, ``why`` and the lease answers), ``other`` (the rest: NVML reports less free than the
+  accounting leaves; normally 0). ``sum by (gpu)`` is the total —
+  except while the GPU is over-committed, when it is the total plus the over-commit below.
+- ``reconciler_gpu_overcommit_bytes{gpu}``: reservations booked above the GPU's total (invariant 4): 0
+  normally; anything else is a defect to alert on.
+
+Services (one series per service of the profile, and per instance left over from an older one):
+
+- ``reconciler_service_up{service}``: 1 while a healthy, running instance serves it, else 0
+- ``reconciler_service_wanted{service}``: 1 while the reconciler wants it running (``always_on``, a lease or
+  a demand, a dependent that is wanted, not yet idle: DESIGN §3 "Wanted", as of the last pass); an
+  unmanaged slot is never started, so never wanted. ``wanted == 1 and up == 0`` for long is what to alert on:
+  an idle on-demand service is down by design
+- ``reconciler_service_restarts_total{service}``: restarts since this server started — launch-spec or
+  model changes carried out, and starts after the service failed (crashed, or never got healthy)
+- ``reconciler_service_backoff_failures{service}``: failures in a row counted against it (0: none)
+- ``reconciler_service_backoff_next_attempt_seconds{service}``: seconds until it may be tried again
+  (0: now)
+- ``reconciler_service_stalled{service}``: 1 once the failures reach the stall threshold (invariant 6)
+- ``reconciler_leases{service, kind}``: leases held (kind ``service`` or ``vram``; an expired lease not
+  yet released is not held), ``reconciler_demands{service}``: lease requests waiting
 - ``reconciler_instances{state}``: instances by state (starting, running, stopping, failed)
 - ``reconciler_instance_gpu{service, gpu}``: 1 for each GPU an instance is on (each of them, for one
   spanning several)
-- ``reconciler_leases{service, kind}`` (held: an expired lease not yet released is not), ``reconciler_demands{service}``
 - ``reconciler_pending``: items the last plan could not reach
 
 The API's own connections (:mod:`.connections`):
@@ -32,6 +71,9 @@ Counted from the event bus and the leasing service:
 - ``reconciler_reconcile_duration_seconds``: one reconcile (the watch loop's converge: passes until settled)
 - ``reconciler_lease_wait_seconds{path, result}``: a lease request's wait; path fast|queued,
   result granted|timeout|queue_full|refused|disconnected
+
+Counters kept in this process (actions, restarts, lease waits) start from 0 when the server starts;
+Prometheus' ``rate()`` and ``increase()`` take such a reset in their stride.
 """
 
 from __future__ import annotations
@@ -39,34 +81,54 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from reconciler.api.connections import CLOSE_REASONS, ConnectionGuard
+from reconciler.api.models import GpuStatus, Status
 from reconciler.api.status import build_status
+from reconciler.core.accounting import world_now
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
+from reconciler.core.wanted import compute_wanted
 from reconciler.runtime import Runtime
 from reconciler.runtime.events import Subscription
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STATES = ("starting", "running", "stopping", "failed")
+LEASE_KINDS = ("service", "vram")
+MIB = 1024 * 1024  # the project's MB are NVML's MiB
+USES = ("started", "adopted", "leased", "foreign", "free", "other")
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # no `_created` series (see the module docstring)
+
+
+def memory_split(gpu: GpuStatus) -> dict[str, int]:
+    """A GPU's memory by use, in MB, summing to its total (plus the over-commit, when there is one)."""
+    split = {"started": gpu.reserved_started_mb, "adopted": gpu.adopted_mb, "leased": gpu.leased_mb,
+             "foreign": gpu.foreign_mb, "free": gpu.free_mb}
+    split["other"] = max(0, gpu.total_mb - sum(split.values()))
+    return split
+
+
+def overcommit_mb(gpu: GpuStatus) -> int:
+    """Reservations booked above the GPU's total (invariant 4 says: never)."""
+    return max(0, gpu.reserved_started_mb + gpu.adopted_mb + gpu.leased_mb - gpu.total_mb)
 
 
 class StateCollector:
-    """Gauges computed at scrape time from the status document."""
+    """Gauges computed at scrape time from the status document (and the store's backoff records)."""
 
-    def __init__(self, runtime: Runtime, profile: Callable[[], Profile]):
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], restarts: dict[str, int] | None = None):
         self.runtime = runtime
         self.profile = profile
+        self.restarts = restarts if restarts is not None else {}
 
     def collect(self) -> Iterator[Metric]:
-        status = build_status(self.runtime, self.profile())
-        memory = GaugeMetricFamily("reconciler_gpu_memory_mb", "GPU memory by use, MB", labels=["gpu", "kind"])
-        for gpu in status.gpus:
-            for kind in ("total", "used", "reserved_started", "adopted", "leased", "foreign", "free"):
-                memory.add_metric([str(gpu.index), kind], getattr(gpu, f"{kind}_mb"))
-        yield memory
+        profile = self.profile()
+        status = build_status(self.runtime, profile)
+        yield from self.memory(status)
+        yield from self.services(status, self.wanted(profile, status))
         instances = GaugeMetricFamily("reconciler_instances", "Service instances by state", labels=["state"])
         for state in STATES:
             instances.add_metric([state], sum(1 for i in status.instances if i.state == state))
@@ -77,25 +139,83 @@ class StateCollector:
             for index in instance.gpus or ([instance.gpu] if instance.gpu is not None else []):
                 placed.add_metric([instance.service, str(index)], 1)
         yield placed
-        leases = GaugeMetricFamily("reconciler_leases", "Leases held (not expired), by service and kind",
-                                   labels=["service", "kind"])
-        counts: dict[tuple[str, str], int] = {}
-        for lease in (lease for lease in status.leases if lease.state == "active"):
-            counts[(lease.service, lease.kind)] = counts.get((lease.service, lease.kind), 0) + 1
-        for (service, kind), n in sorted(counts.items()):
-            leases.add_metric([service, kind], n)
-        yield leases
-        demands = GaugeMetricFamily("reconciler_demands", "Lease requests waiting, by service", labels=["service"])
-        waiting: dict[str, int] = {}
-        for demand in status.demands:
-            waiting[demand.service] = waiting.get(demand.service, 0) + 1
-        for service, n in sorted(waiting.items()):
-            demands.add_metric([service], n)
-        yield demands
         pending = GaugeMetricFamily("reconciler_pending", "Items the last plan could not reach")
         pending.add_metric([], len(status.pending))
         yield pending
         yield from self.gateway()
+
+    def memory(self, status: Status) -> Iterator[Metric]:
+        """Each GPU's total, used, split by use (summing to the total) and over-commit, in bytes."""
+        total = GaugeMetricFamily("reconciler_gpu_memory_total_bytes", "GPU memory in all (NVML)", labels=["gpu"])
+        used = GaugeMetricFamily("reconciler_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
+        split = GaugeMetricFamily("reconciler_gpu_memory_bytes", "GPU memory by use; the uses of a GPU sum to "
+                                  "its total (plus any over-commit)", labels=["gpu", "use"])
+        over = GaugeMetricFamily("reconciler_gpu_overcommit_bytes", "GPU memory reserved above the GPU's total "
+                                 "(0 unless invariant 4 is broken)", labels=["gpu"])
+        for gpu in status.gpus:
+            index = str(gpu.index)
+            total.add_metric([index], gpu.total_mb * MIB)
+            used.add_metric([index], gpu.used_mb * MIB)
+            for use, mb in memory_split(gpu).items():
+                split.add_metric([index, use], mb * MIB)
+            over.add_metric([index], overcommit_mb(gpu) * MIB)
+        yield from (total, used, split, over)
+
+    def wanted(self, profile: Profile, status: Status) -> set[str]:
+        """The managed services the last pass's world wants running (none before the first pass)."""
+        last = self.runtime.last_pass()
+        if last is None:
+            return set()
+        world = world_now(profile, last.snapshot, self.runtime.ledger.leases(), self.runtime.clock.now())
+        return {name for name in compute_wanted(world).wanted
+                if name in profile.services and profile.services[name].managed is not None}
+
+    def services(self, status: Status, wanted: set[str]) -> Iterator[Metric]:
+        """Per service of the profile (and per instance left of an older one), every series, 0 when idle."""
+        names = sorted({s.service for s in status.services} | {i.service for i in status.instances})
+        up = GaugeMetricFamily("reconciler_service_up", "1 while a healthy, running instance serves the service",
+                               labels=["service"])
+        wants = GaugeMetricFamily("reconciler_service_wanted", "1 while the reconciler wants the service running",
+                                  labels=["service"])
+        restarts = CounterMetricFamily("reconciler_service_restarts", "Restarts carried out (launch changes, and "
+                                       "starts after a failure) since this server started", labels=["service"])
+        failures = GaugeMetricFamily("reconciler_service_backoff_failures", "Failures in a row counted against "
+                                     "the service (its backoff)", labels=["service"])
+        next_try = GaugeMetricFamily("reconciler_service_backoff_next_attempt_seconds", "Seconds until a "
+                                     "backing-off service may be tried again (0: now)", labels=["service"])
+        stalled = GaugeMetricFamily("reconciler_service_stalled", "1 when the service is stalled (backing off "
+                                    "after repeated failures)", labels=["service"])
+        leases = GaugeMetricFamily("reconciler_leases", "Leases held (not expired), by service and kind",
+                                   labels=["service", "kind"])
+        demands = GaugeMetricFamily("reconciler_demands", "Lease requests waiting, by service", labels=["service"])
+        serving = {i.service for i in status.instances if i.state == "running" and i.healthy}
+        held: dict[tuple[str, str], int] = {}
+        for lease in (lease for lease in status.leases if lease.state == "active"):
+            held[(lease.service, lease.kind)] = held.get((lease.service, lease.kind), 0) + 1
+        waiting: dict[str, int] = {}
+        for demand in status.demands:
+            waiting[demand.service] = waiting.get(demand.service, 0) + 1
+        now = self.runtime.clock.now()
+        for name in names:
+            up.add_metric([name], 1 if name in serving else 0)
+            wants.add_metric([name], 1 if name in wanted else 0)
+            restarts.add_metric([name], self.restarts.get(name, 0))
+            backoff = self.runtime.store.get_backoff(name)
+            failures.add_metric([name], backoff.failures)
+            wait = (backoff.next_attempt_at - now).total_seconds() if backoff.next_attempt_at is not None else 0.0
+            next_try.add_metric([name], round(max(0.0, wait), 3) if backoff.failures else 0.0)
+            stalled.add_metric([name], 1 if backoff.stalled else 0)
+            for kind in LEASE_KINDS:
+                leases.add_metric([name, kind], held.get((name, kind), 0))
+            demands.add_metric([name], waiting.get(name, 0))
+        # a lease or demand of a service no longer in the profile still shows (it will be released)
+        for (name, kind), n in sorted(held.items()):
+            if name not in names:
+                leases.add_metric([name, kind], n)
+        for name, n in sorted(waiting.items()):
+            if name not in names:
+                demands.add_metric([name], n)
+        yield from (up, wants, restarts, failures, next_try, stalled, leases, demands)
 
     def gateway(self) -> Iterator[Metric]:
         """The model gateway's traffic per model."""
@@ -157,7 +277,9 @@ class Metrics:
             "reconciler_lease_wait_seconds", "How long a lease request waited for its answer",
             ["path", "result"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=self.registry)
-        self.registry.register(StateCollector(runtime, profile))
+        self.restarts: dict[str, int] = {}  # service → restarts carried out (see StateCollector)
+        self._failed: set[str] = set()  # services that failed since their last start
+        self.registry.register(StateCollector(runtime, profile, self.restarts))
         if connections is not None:
             self.registry.register(ConnectionCollector(connections))
         self._listening: asyncio.Task[None] | None = None
@@ -182,5 +304,19 @@ class Metrics:
                 kind = event.get("kind")
                 if kind == EventKind.ACTION_FINISHED:
                     self.actions.labels(str(event.get("action_kind", "?")), str(event.get("status", "?"))).inc()
+                    self._count_restart(event)
+                elif kind == EventKind.BACKOFF and isinstance(event.get("service"), str):
+                    self._failed.add(event["service"])
                 elif kind == EventKind.PASS_FINISHED and isinstance(event.get("duration_s"), (int, float)):
                     self.reconcile.observe(event["duration_s"])
+
+    def _count_restart(self, event: dict[str, object]) -> None:
+        """A restart action carried out, or a start of a service that failed since its last start, is a
+        restart (the way Kubernetes counts a container's)."""
+        service, kind = event.get("service"), event.get("action_kind")
+        if not isinstance(service, str) or event.get("status") != "done":
+            return
+        if kind == "restart" or (kind == "start" and service in self._failed):
+            self.restarts[service] = self.restarts.get(service, 0) + 1
+        if kind in ("start", "restart"):
+            self._failed.discard(service)

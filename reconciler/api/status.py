@@ -40,9 +40,9 @@ from reconciler.store.base import StoredState
 
 
 def service_url(spec: Service | None) -> str | None:
-    """Where a service answers on this host: ``http://127.0.0.1:{host_port}``."""
-    port = spec.probe_port if spec is not None else None
-    return f"http://127.0.0.1:{port}" if port else None
+    """Where a service answers on this host: ``http://127.0.0.1:{host_port}`` (a container published on
+    one address only: that address)."""
+    return spec.base_url if spec is not None else None
 
 
 def _iso(dt: datetime | None) -> str | None:

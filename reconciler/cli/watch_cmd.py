@@ -36,12 +36,9 @@ from typing import TYPE_CHECKING
 from reconciler.host.specs import SPEC_HELP
 
 if TYPE_CHECKING:  # the command's parts are imported when it runs: other commands' parsers stay light
-    import asyncio
-
     from reconciler.host.gpu import GpuBackend
     from reconciler.loading.watcher import ProfileChange, ProfileWatcher
     from reconciler.render.events import Printer
-    from reconciler.runtime.events import Subscription
 
 DEFAULT_LISTEN = "127.0.0.1:7700"  # the API's (reconciler.api.auth.DEFAULT_LISTEN; not imported: watch stays light)
 
@@ -119,7 +116,7 @@ async def watch(args: argparse.Namespace) -> int:
     from reconciler.cli.companions import api_server, gateway_server
     from reconciler.host import systemd
     from reconciler.host.clock import SYSTEM_CLOCK
-    from reconciler.render.events import Printer
+    from reconciler.render.events import Printer, print_events
     from reconciler.runtime.assembly import Assembly
     from reconciler.runtime.loop import Companion, Loop, Started
     from reconciler.store import default_state_dir
@@ -135,7 +132,7 @@ async def watch(args: argparse.Namespace) -> int:
         for server in (api, gateway):
             if server is not None:
                 server.bind()
-        printing = asyncio.ensure_future(_print(assembly.bus.subscribe(), printer))
+        printing = asyncio.ensure_future(print_events(assembly.bus.subscribe(), printer))
         companions: list[Companion] = [c for c in (api, gateway) if c is not None]  # stopped in reverse
         started = Started(path=str(first.path), gpu=backend.name, state_dir=str(state_dir), detected=first.note)
         loop = Loop(assembly.runtime, watcher, first, bus=assembly.bus, started=started,
@@ -182,30 +179,3 @@ def load(args: argparse.Namespace, printer: Printer) -> tuple[GpuBackend, Profil
     if not args.profiles:
         backend = open_gpu_backend(args.gpu, default_sim_mb=first.profile.vram_total_mb)
     return backend, watcher, first
-
-
-PRINT_FLUSH_S = 0.05  # the longest a printed event waits in the buffer
-
-
-async def _print(subscription: Subscription, printer: Printer) -> None:
-    """Print each event; flush at most every :data:`PRINT_FLUSH_S` while they come (one write per burst, not
-    per line: under lease traffic the flushes cost more than the leases), at once when they stop."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    flushing: asyncio.TimerHandle | None = None
-
-    def flush() -> None:
-        nonlocal flushing
-        flushing = None
-        printer.flush()
-
-    try:
-        async for event in subscription:
-            printer(event, flush=False)
-            if flushing is None:
-                flushing = loop.call_later(PRINT_FLUSH_S, flush)
-    finally:
-        if flushing is not None:
-            flushing.cancel()
-        printer.flush()

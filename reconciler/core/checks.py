@@ -3,7 +3,8 @@
 Field-level rules live on the models; these need the whole profile: a
 ``depends_on`` naming a missing service, a dependency cycle, two services on
 the same host port, two services (or one, twice) answering to the same model
-name in the gateway (:mod:`.served`), a ``gpus:`` entry that excludes every GPU of a node is left
+name in the gateway (:mod:`.served`), ``pull: true`` on a service that is not
+an Ollama; a ``gpus:`` entry that excludes every GPU of a node is left
 to the planner (it depends on the host). The loader turns each path into
 ``file:line:col``. :func:`check_host` checks a profile against the host a
 snapshot shows (a ``gpu_count`` larger than its GPUs), where both are given.
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from reconciler.core.dependencies import find_cycle
-from reconciler.core.profile import Profile
+from reconciler.core.profile import Profile, is_ollama
 from reconciler.core.served import Claim, claims
 from reconciler.core.snapshot import Snapshot
 
@@ -48,6 +49,11 @@ def check_profile(profile: Profile) -> list[Problem]:
             )
         else:
             owners[port] = name
+    for name, service in profile.services.items():
+        if service.pull and not is_ollama(service):
+            problems.append(Problem(("services", name, "pull"), f"pull: true applies to an Ollama (one with "
+                                    "`backend: ollama`, an `ollama` executable or image, or health_path /api/tags); "
+                                    f"{name!r} is not one: drop `pull`"))
     return problems + check_model_names(profile)
 
 

@@ -74,4 +74,5 @@ class EventKind(StrEnum):
     LEASE_EXPIRED = "lease.expired", "A lease ended because its time was up."
     # the model gateway
     GATEWAY_COLD = "gateway.cold", "A gateway request's model was not ready: what its wait caused (a start, a model switch, evictions), naming the model and the client."
+    OLLAMA_PULL = "ollama.pull", "An Ollama pulls a model a lease asked for (pull: true): started, progress (shown, not recorded), done or failed."
     GATEWAY_REFUSED = "gateway.refused", "A gateway request could not be served within its wait: the model, the client and the plan's reason (answered 503)."

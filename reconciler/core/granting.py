@@ -90,6 +90,9 @@ class DemandGranting:
         installed = self.world.installed_models(name)
         if not pulled(spec, installed, demand.model):
             listed = ", ".join(installed or []) or "none"
+            if spec.pull:  # the runtime pulls it (reconciler.runtime.pulls); the lease follows once it is there
+                return state.wait(name, f"demand {demand.id} waits: {name} is pulling model {demand.model} "
+                                        f"(pull: true; installed: {listed})", demand.id)
             return state.wait(name, f"demand {demand.id}: {name} has not pulled model {demand.model} (installed: "
                                     f"{listed}); pull it first (ollama pull {demand.model})", demand.id, final=True)
         held = planner.held(name)

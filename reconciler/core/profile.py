@@ -13,6 +13,7 @@ references) is the loader's job, in :mod:`reconciler.loading`.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from pathlib import PurePath
 from typing import Annotated, Literal
 
@@ -110,6 +111,14 @@ class ProcessSpec(_Strict):
     def probe_port(self) -> int | None:
         return self.host_port or self.port
 
+    @property
+    def url_host(self) -> str:
+        """The host part of the service's URL on this machine: a process is reached on loopback."""
+        return LOOPBACK
+
+
+LOOPBACK = "127.0.0.1"
+
 
 class DockerSpec(_Strict):
     """Run the service as a Docker container (labelled as ours)."""
@@ -118,6 +127,13 @@ class DockerSpec(_Strict):
     image: str = Field(description="Image reference, e.g. `ghcr.io/org/app:1.2`.")
     port: Port | None = Field(None, description="Container port; fills {port}.")
     host_port: Port | None = Field(None, description="Host port published for `port`; defaults to `port`.")
+    host_ip: str = Field(
+        LOOPBACK,
+        description="Host address `host_port` is published on (`docker run -p host_ip:host_port:port`): "
+        "127.0.0.1 by default, so the container is reachable from this machine only, like the API. "
+        "`0.0.0.0` (or `::`) publishes on every interface; a node's own address publishes there only "
+        "(the reconciler then probes it there).",
+    )
     command_template: str = Field("", description="Command arguments; placeholders filled inside each token.")
     volumes: list[str] = Field(default_factory=list, description="Volume mounts, `host:container[:mode]`.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables in the container.")
@@ -130,9 +146,35 @@ class DockerSpec(_Strict):
     def _command_placeholders(cls, v: str) -> str:
         return _check_argv_template(v, "command_template")
 
+    @field_validator("host_ip")
+    @classmethod
+    def _host_ip(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v.strip("[]")))
+        except ValueError:
+            raise ValueError(f"host_ip must be an IP address such as 127.0.0.1, 0.0.0.0 or ::1, not {v!r}") from None
+
     @property
     def probe_port(self) -> int | None:
         return self.host_port or self.port
+
+    @property
+    def url_host(self) -> str:
+        """Where the published port answers from this machine, as a URL's host: ``host_ip``, or loopback
+        when it is published on every interface (``0.0.0.0``, ``::``); an IPv6 address in brackets."""
+        address = ipaddress.ip_address(self.host_ip)
+        if address.is_unspecified:
+            return LOOPBACK if address.version == 4 else "[::1]"
+        return f"[{address}]" if address.version == 6 else str(address)
+
+    @property
+    def publish(self) -> str | None:
+        """``docker run -p``'s value, ``host_ip:host_port:port`` (None without a port)."""
+        if not self.port:
+            return None
+        address = ipaddress.ip_address(self.host_ip)
+        ip = f"[{address}]" if address.version == 6 else str(address)
+        return f"{ip}:{self.host_port or self.port}:{self.port}"
 
     @property
     def adopt(self) -> bool:
@@ -222,6 +264,12 @@ class Service(_Strict):
         description="Gateway requests that may wait for this service beyond the max_concurrent in flight; "
         "more are answered 429 with Retry-After.",
     )
+    pull: bool = Field(
+        False,
+        description="For an Ollama: a lease or gateway request for a model it has not pulled pulls it (POST "
+        "/api/pull, progress as `ollama.pull` events) and is granted once it is there, instead of being refused "
+        "at once with the list of installed models.",
+    )
     start_timeout_s: float = Field(300, gt=0, description="Give up a start that is not healthy after this long.")
     probe_interval_s: float = Field(5, gt=0, description="Health probe interval once running.")
     probe_timeout_s: float = Field(2, gt=0, description="Timeout of one health probe.")
@@ -260,6 +308,17 @@ class Service(_Strict):
     @property
     def probe_port(self) -> int | None:
         return self.managed.probe_port if self.managed else None
+
+    @property
+    def url_host(self) -> str:
+        """The host of the service's URL on this machine (loopback, or a container's ``host_ip``)."""
+        return self.managed.url_host if self.managed else LOOPBACK
+
+    @property
+    def base_url(self) -> str | None:
+        """``http://{url_host}:{probe_port}``: where it answers on this machine (None without a port)."""
+        port = self.probe_port
+        return f"http://{self.url_host}:{port}" if port else None
 
     @property
     def adoptable(self) -> bool:

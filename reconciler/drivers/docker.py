@@ -1,34 +1,59 @@
-"""The Docker driver: run a service as a container labelled as ours, stop only those.
+"""The Docker driver: run a service as a container labelled as ours, stop and remove only those.
 
-``start`` runs ``docker run -d --name reconciler-<service> --label
-reconciler.managed=true --label reconciler.service=<service> [--gpus device=<gpu>]
-[--runtime …] [--ipc …] -p host_port:port -v … -e … image cmd…`` — an argv list
-through an asyncio subprocess, never a shell. A service spanning several GPUs
-gets ``--gpus '"device=0,1"'`` as a shell would pass it: docker splits the
-value as CSV, so the double quotes are part of the argument (``device=0,1``
-alone would read as ``device=0`` and a stray ``1``). Under a simulated GPU there
-is no ``--gpus`` (no NVIDIA runtime to ask); the container gets
-``CUDA_VISIBLE_DEVICES`` (``0,1`` for a pair) and ``RECONCILER_SIM_GPU_MB``
-instead, as processes do.
+``start`` runs ``docker run -d --name reconciler-<service>-<owner> --label
+reconciler.managed=true --label reconciler.service=<service> --label
+reconciler.owner=<state dir> [--gpus device=<gpu>] [--runtime …] [--ipc …]
+-p host_ip:host_port:port -v … -e … image cmd…`` — an argv list through an
+asyncio subprocess, never a shell.
+
+* **Published on loopback.** ``-p`` alone publishes on every interface of the
+  host (Docker's default), which would put a model server on the network
+  behind the operator's back; the port is published on the spec's ``host_ip``,
+  ``127.0.0.1`` unless the profile says otherwise (``0.0.0.0`` for every
+  interface, or one address of the node), as the API and the gateway listen
+  on loopback unless told. The probe, status URLs and the gateway reach it
+  there (``Service.url_host``).
+* **Named per state directory.** The name carries the first 8 hex digits of
+  the SHA-256 of the owner (the state directory): two reconcilers on one
+  Docker daemon, each with a service called ``tts``, each get their own
+  container instead of the second failing on a name that is taken. A driver
+  without an owner (tools, tests) names it ``reconciler-<service>``.
+* **GPUs.** A service spanning several GPUs gets ``--gpus '"device=0,1"'`` as
+  a shell would pass it: docker splits the value as CSV, so the double quotes
+  are part of the argument (``device=0,1`` alone would read as ``device=0``
+  and a stray ``1``). Under a simulated GPU there is no ``--gpus`` (no NVIDIA
+  runtime to ask); the container gets ``CUDA_VISIBLE_DEVICES`` (``0,1`` for a
+  pair) and ``RECONCILER_SIM_GPU_MB`` instead, as processes do.
 
 ``stop`` enforces invariant 1 for containers: it ``docker inspect``s the
 container first and acts only on one carrying ``reconciler.managed=true``,
 our service label and — when the driver has an owner, as the runtime's always
 does (its state directory) — our ``reconciler.owner``, so two reconcilers on one
 Docker daemon never take each other's containers; then ``docker stop -t <timeout>`` (Docker escalates to
-SIGKILL itself) and ``docker rm``.
+SIGKILL itself) and ``docker rm``. Nothing the reconciler stops is left
+behind, and neither is a container of ours that exited on its own
+(:meth:`DockerDriver.remove_exited`, called when the runtime finds it dead):
+its output is lost with it, so before any removal the driver appends the
+container's last :data:`LOG_TAIL` lines of output to the service's log file
+(``<state dir>/logs/<service>.log``, where a process service's output goes),
+after a line saying which container they came from and why it went.
 
-Tests run against a fake ``docker`` executable put first on ``PATH`` (this
-project's CI machines have no Docker engine); it records each argv and answers
-``inspect`` from a small JSON state file.
+Unit tests run against a fake ``docker`` executable put first on ``PATH``
+that records each argv and answers ``inspect`` from a small JSON state file;
+``tests/test_e2e_docker.py`` runs the reconciler against a real engine
+(skipped, saying why, where none runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import math
 import shutil
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from reconciler.core.profile import DockerSpec
@@ -41,10 +66,14 @@ MANAGED_LABEL = "reconciler.managed"
 SERVICE_LABEL = "reconciler.service"
 OWNER_LABEL = "reconciler.owner"  # which reconciler (its state directory): two may share a Docker daemon
 COMMAND_TIMEOUT_S = 120.0
+LOG_TAIL = 1000  # lines of a container's output kept in the service's log file when it is removed
 
 
-def container_name(service_name: str) -> str:
-    return f"reconciler-{service_name}"
+def container_name(service_name: str, owner: str | None = None) -> str:
+    """``reconciler-<service>``, with ``-<8 hex digits of the owner's hash>`` when there is an owner."""
+    if owner is None:
+        return f"reconciler-{service_name}"
+    return f"reconciler-{service_name}-{hashlib.sha256(owner.encode()).hexdigest()[:8]}"
 
 
 class DockerDriver(Driver):
@@ -52,10 +81,16 @@ class DockerDriver(Driver):
 
     kind = "docker"
 
-    def __init__(self, docker: str = "docker", *, waiter: Waiter | None = None, owner: str | None = None):
+    def __init__(self, docker: str = "docker", *, waiter: Waiter | None = None, owner: str | None = None,
+                 log_dir: Path | None = None):
         self.docker = docker
         self.waiter = waiter or Waiter()
         self.owner = owner  # when set, containers carry it and only those carrying it are ours
+        self.log_dir = log_dir  # where a removed container's last output is kept (None: not kept)
+
+    def container_name(self, service_name: str) -> str:
+        """The name of this reconciler's container for ``service_name``."""
+        return container_name(service_name, self.owner)
 
     def ours(self, info: dict[str, Any], service: str) -> bool:
         """Whether ``docker inspect`` output is a container this reconciler started for ``service``."""
@@ -72,7 +107,7 @@ class DockerDriver(Driver):
             raise DriverError(f"service {service_name} is not a managed container; the docker driver cannot start it")
         assert launch.image is not None
         argv = [
-            "run", "-d", "--name", container_name(service_name),
+            "run", "-d", "--name", self.container_name(service_name),
             "--label", f"{MANAGED_LABEL}=true", "--label", f"{SERVICE_LABEL}={service_name}",
         ]
         if self.owner is not None:
@@ -90,8 +125,8 @@ class DockerDriver(Driver):
             argv += ["--runtime", spec.runtime]
         if spec.ipc:
             argv += ["--ipc", spec.ipc]
-        if spec.port:
-            argv += ["-p", f"{spec.host_port or spec.port}:{spec.port}"]
+        if spec.publish:
+            argv += ["-p", spec.publish]
         for volume in spec.volumes:
             argv += ["-v", volume]
         for key, value in env.items():
@@ -101,14 +136,14 @@ class DockerDriver(Driver):
     async def start(self, request: LaunchRequest) -> StartedContainer:
         argv = self.run_argv(request)
         service_name, launch = request.service, request.launch
-        name = container_name(service_name)
+        name = self.container_name(service_name)
         existing = await self.inspect(name)
         if existing is not None:
             if not self.ours(existing, service_name):
                 raise DriverError(f"service {service_name}: a container named {name} exists and is not ours")
             if existing.get("State", {}).get("Running"):
                 raise DriverError(f"service {service_name}: our container {name} is already running")
-            await self._checked("rm", name)  # a stopped leftover of ours
+            await self._remove(name, service_name, "a leftover of ours, replaced by a new start")
         out = await self._checked(*argv)
         return StartedContainer(container=name, container_id=out.strip(), launch=launch)
 
@@ -129,7 +164,7 @@ class DockerDriver(Driver):
         service = instance.service
         if instance.origin != "started":
             return StopResult("refused", f"{service} is {instance.origin}, not started by us: it is never stopped")
-        name = instance.container or container_name(service)
+        name = instance.container or self.container_name(service)
         info = await self.inspect(name)
         if info is None:
             return StopResult("gone", f"container {name} does not exist any more; nothing stopped")
@@ -138,8 +173,46 @@ class DockerDriver(Driver):
                 "refused", f"container {name} does not carry {MANAGED_LABEL}=true and {SERVICE_LABEL}={service}"
             )
         await self._checked("stop", "-t", str(math.ceil(timeout_s)), name, timeout_s=timeout_s + COMMAND_TIMEOUT_S)
-        await self._checked("rm", name)
+        await self._remove(name, service, "stopped by the reconciler")
         return StopResult("stopped", f"container {name} stopped and removed", ["docker stop"])
+
+    async def remove_exited(self, instance: Instance) -> str | None:
+        """Remove the container of an instance of ours found dead, once it has exited; what was done, or None.
+
+        Only a container carrying our labels (invariant 1) that is not running is removed: one that runs
+        again (a daemon restart policy, someone's ``docker start``) is left alone.
+        """
+        if instance.origin != "started" or not instance.container:
+            return None
+        info = await self.inspect(instance.container)
+        if info is None or not self.ours(info, instance.service):
+            return None
+        state = info.get("State") or {}
+        if state.get("Running"):
+            return None
+        why = f"exited on its own (exit status {state.get('ExitCode', '?')})"
+        await self._remove(instance.container, instance.service, why)
+        return f"container {instance.container} {why}: removed"
+
+    async def _remove(self, name: str, service: str, why: str) -> None:
+        """``docker rm`` a container of ours, its last output kept in the service's log file first."""
+        await self._keep_logs(name, service, why)
+        await self._checked("rm", name)
+
+    async def _keep_logs(self, name: str, service: str, why: str) -> None:
+        if self.log_dir is None:
+            return
+        rc, out, err = await self._docker("logs", "--tail", str(LOG_TAIL), name)
+        if rc != 0:
+            return  # no logs to keep (a log driver that cannot be read back): the removal goes on
+        with contextlib.suppress(OSError):  # an unwritable log directory must not keep a container alive
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+            with (self.log_dir / f"{service}.log").open("a", encoding="utf-8") as log:
+                log.write(f"--- {stamp} container {name} removed ({why}); its last output "
+                          f"(stdout, then stderr), at most {LOG_TAIL} lines each:\n")
+                log.write(out)
+                log.write(err)
 
     async def _checked(self, *args: str, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
         rc, out, err = await self._docker(*args, timeout_s=timeout_s)

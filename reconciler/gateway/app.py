@@ -263,7 +263,7 @@ class Gateway:
         spec = self.profile().services.get(service)
         if spec is None or spec.probe_port is None or not self._healthy(service):
             return None
-        client = self.pools.client(service, f"http://127.0.0.1:{spec.probe_port}")
+        client = self.pools.client(service, spec.base_url or "")
         try:
             response = await client.get(path, timeout=INFO_TIMEOUT_S)
             return response.json() if response.status_code == 200 else None

@@ -76,7 +76,7 @@ class Routes:
         spec = self._profile().services.get(route.service)
         if spec is None or spec.probe_port is None:
             return None
-        return Target(model, route.model, route.service, spec, route.api, f"http://127.0.0.1:{spec.probe_port}")
+        return Target(model, route.model, route.service, spec, route.api, spec.base_url or "")
 
     def names(self) -> list[tuple[str, Route]]:
         """Every routable name with its route, by service priority then name."""

@@ -5,12 +5,18 @@ sums it to attribute an adopted Ollama's GPU memory where NVML cannot see its
 processes (simulated GPUs, containers). ``unload(model)`` is
 ``POST /api/generate {"model": m, "keep_alive": 0}``, Ollama's documented way
 to free a model's memory without stopping the server; ``unload_all()`` is how
-a driver evicts an adopted Ollama that must never be killed. Failures raise
-:class:`DriverError` with the URL and the reason.
+a driver evicts an adopted Ollama that must never be killed. ``pull(model,
+progress)`` is ``POST /api/pull`` with a streamed answer: each NDJSON line
+(``{"status", "digest", "total", "completed"}``) goes to ``progress``; a line
+with ``error`` or a non-2xx answer fails the pull. A pull can take minutes: it
+has no overall time limit, only :data:`PULL_READ_TIMEOUT_S` between two lines.
+Failures raise :class:`DriverError` with the URL and the reason.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +26,7 @@ from reconciler.errors import DriverError
 from reconciler.host.nvml import mb_ceil
 
 DEFAULT_PORT = 11434
+PULL_READ_TIMEOUT_S = 300.0  # Ollama sends a progress line at least this often while it downloads
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,37 @@ class OllamaApi:
             await self.unload(name)
         return names
 
+    async def pull(self, model: str, progress: Callable[[dict[str, Any]], None]) -> None:
+        """Pull ``model``, handing each progress line to ``progress``; returns once Ollama says success."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(trust_env=False, timeout=self.timeout_s)
+        url = self.base_url + "/api/pull"
+        timeout = httpx.Timeout(self.timeout_s, read=PULL_READ_TIMEOUT_S)
+        last: dict[str, Any] = {}
+        try:
+            async with self._client.stream("POST", url, json={"model": model, "stream": True},
+                                           timeout=timeout) as response:
+                if not response.is_success:
+                    body = (await response.aread()).decode(errors="replace")
+                    status = response.status_code
+                    raise DriverError(f"Ollama POST {url} ({model}): HTTP {status} {_error(body)}".rstrip())
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        last = json.loads(line)
+                    except ValueError:
+                        raise DriverError(f"Ollama POST {url} ({model}): a progress line is not JSON") from None
+                    if not isinstance(last, dict):
+                        continue
+                    if last.get("error"):
+                        raise DriverError(f"Ollama could not pull {model}: {last['error']}")
+                    progress(last)
+        except httpx.HTTPError as exc:
+            raise DriverError(f"Ollama POST {url} ({model}): {type(exc).__name__} {exc}".rstrip()) from None
+        if last.get("status") != "success":
+            raise DriverError(f"Ollama POST {url} ({model}): the answer ended before it said success")
+
     async def aclose(self) -> None:
         if self._owns_client and self._client is not None:
             await self._client.aclose()
@@ -114,3 +152,12 @@ class OllamaApi:
 def _models(data: Any) -> list[dict[str, Any]]:
     models = data.get("models") if isinstance(data, dict) else None
     return [m for m in models or [] if isinstance(m, dict)]
+
+
+def _error(body: str) -> str:
+    """The ``error`` of an Ollama error body, else the body's start."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:200]
+    return str(data.get("error", "")) if isinstance(data, dict) else body[:200]

@@ -74,7 +74,7 @@ def service_target(service: Service) -> Target | None:
         return None
     ollama = is_ollama(service) and managed.health_path.rstrip("/") == "/api/tags"
     return Target(port=service.probe_port, path=managed.health_path, timeout_s=service.probe_timeout_s,
-                  kind="ollama" if ollama else "http")
+                  kind="ollama" if ollama else "http", host=service.url_host)
 
 
 def ollama_models(response: httpx.Response) -> list[str] | None:

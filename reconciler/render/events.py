@@ -16,9 +16,11 @@ README.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 from reconciler.core.events import EventKind
@@ -99,6 +101,31 @@ class Printer:
             self.out.flush()
         except BrokenPipeError:  # as above
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
+
+
+PRINT_FLUSH_S = 0.05  # the longest a printed event waits in the buffer
+
+
+async def print_events(events: AsyncIterator[dict[str, Any]], printer: Printer) -> None:
+    """Print each event; flush at most every :data:`PRINT_FLUSH_S` while they come (one write per burst, not
+    per line: under lease traffic the flushes cost more than the leases), and once more at the end."""
+    loop = asyncio.get_running_loop()
+    flushing: asyncio.TimerHandle | None = None
+
+    def flush() -> None:
+        nonlocal flushing
+        flushing = None
+        printer.flush()
+
+    try:
+        async for event in events:
+            printer(event, flush=False)
+            if flushing is None:
+                flushing = loop.call_later(PRINT_FLUSH_S, flush)
+    finally:
+        if flushing is not None:
+            flushing.cancel()
+        printer.flush()
 
 
 def kinds_table() -> str:

@@ -38,7 +38,8 @@ class DriverSet:
     @classmethod
     def default(cls, state_dir: Path, clock: Clock) -> DriverSet:
         owner = str(Path(state_dir).resolve())
-        return cls(process=ProcessDriver(state_dir, clock=clock), docker=DockerDriver(owner=owner))
+        process = ProcessDriver(state_dir, clock=clock)
+        return cls(process=process, docker=DockerDriver(owner=owner, log_dir=Path(state_dir) / "logs"))
 
     def starter(self, name: str, spec: Service) -> Driver:
         if isinstance(spec.managed, ProcessSpec):

@@ -72,10 +72,6 @@ class Subscription:
             self.dropped += 1
         self._queue.put_nowait(event)
 
-    def empty(self) -> bool:
-        """Whether no event waits to be read."""
-        return self._queue.empty()
-
     def __aiter__(self) -> Subscription:
         return self
 

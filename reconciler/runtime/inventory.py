@@ -2,7 +2,9 @@
 
 * An instance whose ``(pid, create_time)`` is not alive any more (DESIGN §3
   identity, ±1 s) leaves the store with an event; if we had started it, its
-  death counts as a failure for the service's backoff. An adopted instance
+  death counts as a failure for the service's backoff, and an exited
+  container of ours is removed (its last output kept in the service's log
+  file), so that nothing of a service that has left the profile stays behind. An adopted instance
   without a visible pid leaves once its probe fails. The planner still sees
   the dead one, as ``failed``, so it can say "was pid N" and place the
   replacement where the old one was.
@@ -26,7 +28,18 @@ from reconciler.core.identity import is_running
 from reconciler.core.launch import launch_digest
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Instance, Snapshot
+from reconciler.errors import DriverError
 from reconciler.runtime.lifecycle import Lifecycle, who
+
+
+async def _remove_exited(lifecycle: Lifecycle, instance: Instance) -> str:
+    """Remove the exited container of an instance of ours found dead (a removed service's would stay behind
+    for ever; a kept one's is replaced by its next start anyway); what was done, for the event's message."""
+    try:
+        done = await lifecycle.drivers.docker.remove_exited(instance)
+    except DriverError as exc:
+        return f"; its container could not be removed: {exc}"
+    return f"; {done}" if done else ""
 
 
 async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
@@ -46,8 +59,10 @@ async def tidy(lifecycle: Lifecycle, profile: Profile, snapshot: Snapshot,
         healthy = bool(probe and probe.healthy)
         if instance.pid is not None and not is_running(instance, by_pid):
             store.remove_instance(name)
-            lifecycle.events.publish(EventKind.INSTANCE_GONE, service=name,
-                                     message=f"{who(instance)} is not running any more")
+            gone = f"{who(instance)} is not running any more"
+            if instance.container:
+                gone += await _remove_exited(lifecycle, instance)
+            lifecycle.events.publish(EventKind.INSTANCE_GONE, service=name, message=gone)
             if instance.origin == "started" and instance.launch is not None:
                 lifecycle.failure(name, f"pid {instance.pid} exited unexpectedly", launch_digest(instance.launch))
             kept.append(instance.model_copy(update={"state": "failed"}))

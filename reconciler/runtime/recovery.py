@@ -48,7 +48,6 @@ from __future__ import annotations
 from reconciler.core.events import EventKind
 from reconciler.core.identity import same_process
 from reconciler.core.snapshot import Instance, Launch
-from reconciler.drivers.docker import container_name
 from reconciler.drivers.process import FoundProcess
 from reconciler.errors import DriverError
 from reconciler.runtime.lifecycle import Lifecycle, who
@@ -122,7 +121,7 @@ async def _recover_start(lifecycle: Lifecycle, intent: Intent) -> tuple[str, str
     identity = {k: data.get(k) for k in ("pid", "create_time", "container") if data.get(k) is not None}
     launch = Launch.model_validate(data["launch"]) if data.get("launch") else None
     if not identity and launch is not None and launch.image is not None:
-        identity = {"container": container_name(name)}  # docker run may have gone through: look for it
+        identity = {"container": lifecycle.drivers.docker.container_name(name)}  # docker run may have gone through
     if not identity and launch is not None and launch.image is None:  # the pid may never have been written
         found = lifecycle.drivers.process.find_started(intent.id)
         if found is not None:

@@ -53,6 +53,7 @@ from reconciler.runtime.keepalive import KeepAlive
 from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
+from reconciler.runtime.pulls import Pulls
 from reconciler.runtime.traffic import Traffic
 from reconciler.store.base import Store
 
@@ -98,6 +99,7 @@ class Runtime:
         self.grants = GrantWatch()  # set as a pass grants a watched demand
         self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
         self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
+        self.pulls = Pulls(self.events, self.wake, clock.monotonic)  # models pulled into an Ollama (pull: true)
         self._last: LastPass | None = None
         self._planning: Plan | None = None
         self._observer: Observer | None = None
@@ -153,7 +155,7 @@ class Runtime:
         # leases and demands as they are now (grants go on while a pass observes); from here to publishing
         # the plan nothing awaits, so every grant is either seen by the planner or sees the plan's starts
         snapshot = snapshot.model_copy(update={"leases": ledger.leases(), "demands": ledger.demands()})
-        plan = make_plan(profile, snapshot)
+        plan = self.pulls.after_plan(profile, snapshot, make_plan(profile, snapshot))
         self._planning = plan  # kept should the pass fail: its starts may have begun (the next plan replaces it)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,
@@ -254,7 +256,9 @@ class Runtime:
         return True
 
     async def aclose(self) -> None:
-        """Close the probe client and the GPU backend; the instances keep running."""
+        """Cancel the model pulls in progress, close the probe client and the GPU backend; the instances keep
+        running."""
+        await self.pulls.aclose()
         self.events.close()
         await self.prober.aclose()
         self.gpu_backend.close()

@@ -1,7 +1,7 @@
 """A fake Ollama server: enough of its API for adoption, attribution and eviction.
 
     python -m reconciler.testing.fake_ollama --port P [--models a,b] [--vram-mb N]
-        [--no-load] [--host 127.0.0.1]
+        [--no-load] [--host 127.0.0.1] [--pullable a,b] [--pull-s S]
 
 ``GET /api/tags`` lists ``--models`` (installed); all of them start loaded
 (unless ``--no-load``), each holding ``--vram-mb`` MB, and ``GET /api/ps``
@@ -12,6 +12,15 @@ seconds after the answer, and later still while a request for that model is
 in flight (the unload waits for it to end). Any other generate request loads
 the model and takes ``--generate-s`` seconds; unknown models answer 404, as
 Ollama does. ``GET /`` answers "Ollama is running". SIGTERM exits 0.
+
+``POST /api/pull {"model": m}`` streams the progress lines a real Ollama
+sends — ``pulling manifest``, ``pulling <digest>`` with ``total`` and a
+growing ``completed`` (five steps over ``--pull-s`` seconds), ``verifying
+sha256 digest``, ``writing manifest``, ``success`` — and then lists ``m``
+in ``/api/tags`` (a name without a tag as ``:latest``); a model not in
+``--pullable`` (when given) gets ``{"error": "pull model manifest: file
+does not exist"}`` after the manifest line, as Ollama answers for a name
+its registry does not know.
 
 For the model gateway it also answers prompts, deterministically (the
 reply of :func:`reconciler.testing.fake_openai.reply`: ``"<model>:"``, ``" w1"``…,
@@ -48,8 +57,11 @@ class Models:
     """Installed and loaded models, shared by the request threads."""
 
     def __init__(self, installed: list[str], vram_mb: int, load: bool, unload_delay_s: float = 0.3,
-                 generate_s: float = 0.0, chunk_delay_s: float = 0.0):
+                 generate_s: float = 0.0, chunk_delay_s: float = 0.0, pullable: list[str] | None = None,
+                 pull_s: float = 0.5):
         self.installed = installed
+        self.pullable = pullable  # None: any name can be pulled
+        self.pull_s = pull_s
         self.vram_bytes = vram_mb * MIB
         self.loaded: list[str] = list(installed) if load else []
         self.lock = threading.Lock()
@@ -124,6 +136,27 @@ class Models:
         return 200, {"model": name, "created_at": now, "response": "", "done": True, "done_reason": reason}
 
 
+    def pull(self, name: str) -> list[dict[str, object] | float]:
+        """The progress lines of a pull (floats between them: seconds to wait); installs ``name`` at the end."""
+        canonical = name if ":" in name else f"{name}:latest"
+        lines: list[dict[str, object] | float] = [{"status": "pulling manifest"}]
+        if self.pullable is not None and name not in self.pullable and canonical not in self.pullable:
+            return [*lines, {"error": "pull model manifest: file does not exist"}]
+        digest = "sha256:" + "ab" * 32
+        for step in range(6):
+            if step:
+                lines.append(self.pull_s / 5)
+            lines.append({"status": f"pulling {digest[7:19]}", "digest": digest, "total": self.vram_bytes,
+                          "completed": self.vram_bytes * step // 5})
+        lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        return lines
+
+    def installed_now(self, name: str) -> None:
+        canonical = name if ":" in name else f"{name}:latest"
+        with self.lock:
+            if canonical not in self.installed:
+                self.installed.append(canonical)
+
     def _unload_later(self, name: str) -> None:
         """Unload ``name`` after the delay, once no request runs on it (as Ollama's scheduler does)."""
         time.sleep(self.unload_delay_s)
@@ -163,6 +196,8 @@ def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 return self._json(400, {"error": "invalid JSON"})
             path = self.path.split("?", 1)[0]
+            if isinstance(request, dict) and path == "/api/pull":
+                return self._pull(str(request.get("model") or request.get("name") or ""))
             if not isinstance(request, dict) or path not in ("/api/generate", "/api/chat", "/api/embed"):
                 return self._json(404, {"error": "not found"})
             if path == "/api/embed":
@@ -191,6 +226,27 @@ def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
                     self.wfile.flush()
                 except OSError:
                     return None  # the client went away
+            return None
+
+        def _pull(self, name: str) -> None:
+            if not name:
+                return self._json(400, {"error": "model is required"})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()  # HTTP/1.0: the body ends when the connection closes
+            failed = False
+            for line in models.pull(name):
+                if isinstance(line, float):
+                    time.sleep(line)
+                    continue
+                failed = failed or "error" in line
+                try:
+                    self.wfile.write(json.dumps(line).encode() + b"\n")
+                    self.wfile.flush()
+                except OSError:
+                    return None  # the client went away: the pull stops, nothing installed
+            if not failed:
+                models.installed_now(name)
             return None
 
         def _embed(self, request: dict[str, object]) -> None:
@@ -235,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="an unload (keep_alive 0) happens this long after its answer (default 0.3)")
     parser.add_argument("--generate-s", type=float, default=0.0, metavar="S", help="how long a generate takes")
     parser.add_argument("--chunk-delay", type=float, default=0.0, metavar="S", help="between streamed lines")
+    parser.add_argument("--pullable", default=None, help="comma-separated models /api/pull finds (default: any)")
+    parser.add_argument("--pull-s", type=float, default=0.5, metavar="S", help="how long a pull takes (default 0.5)")
     args = parser.parse_args(argv)
+    pullable = [m for m in args.pullable.split(",") if m] if args.pullable is not None else None
     models = Models([m for m in args.models.split(",") if m], args.vram_mb, not args.no_load,
-                    args.unload_delay, args.generate_s, args.chunk_delay)
+                    args.unload_delay, args.generate_s, args.chunk_delay, pullable, args.pull_s)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(models))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
