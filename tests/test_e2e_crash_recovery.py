@@ -14,6 +14,9 @@ from datetime import timedelta
 from reconciler.core.snapshot import Lease
 from reconciler.host.clock import SYSTEM_CLOCK
 from reconciler.store import open_store
+from tests.api_support import ApiRun
+from tests.api_support import profile as api_profile
+from tests.api_support import service as api_service
 from tests.e2e_support import Host, alive, host, profile_text, service_block  # noqa: F401
 
 
@@ -70,3 +73,35 @@ def test_sigterm_mid_start_exits_0_and_the_next_watch_finishes_it(host: Host) ->
     assert host.pids() == {"slow": launched["pid"]} and host.listeners(port) == [launched["pid"]]
     second.signal(signal.SIGTERM)
     assert second.wait_exit() == 0
+
+
+def test_a_lease_answered_200_survives_a_sigkill_right_after(host: Host) -> None:
+    """Issue 10: the ledger writes a grant through before answering, so a kill -9 the moment the 200 arrives
+    loses nothing: the next run holds every lease answered (VRAM and service leases alike), and still
+    counts them against the GPU."""
+    port = host.port()
+    host.write(api_profile(api_service("alpha", port, priority=1, max_concurrent=8, always_on=True)))
+    first = ApiRun(host)
+    try:
+        first.wait_converged()
+        answered = []
+        for n in range(5):
+            vram = first.http.post("/api/leases", json={"node_id": "local", "gpu_id": 0, "mb": 100 + n,
+                                                        "service": f"app-{n}", "ttl_s": 0})
+            assert vram.status_code == 200, vram.text
+            answered.append(vram.json()["lease"]["lease_id"])
+            native = first.lease("alpha", holder=f"h{n}", ttl_s=3600)
+            assert native.status_code == 200, native.text
+            answered.append(native.json()["id"])
+        first.run.kill()  # SIGKILL at once: no shutdown, no pending flush
+    finally:
+        first.close()
+    second = ApiRun(host)
+    try:
+        status = second.wait_converged()
+        assert sorted(lease["id"] for lease in status["leases"]) == sorted(answered)
+        assert status["gpus"][0]["leased_mb"] == sum(100 + n for n in range(5))
+    finally:
+        second.close()
+        second.run.signal(signal.SIGTERM)
+        second.run.wait_exit()

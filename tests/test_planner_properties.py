@@ -11,13 +11,16 @@ property, where evictions, slots and starts meet in one plan.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reconciler.core.accounting import free_now, headroom
 from reconciler.core.compatibility import capacity
 from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
+from reconciler.core.snapshot import Lease
 from reconciler.core.world import World
 from tests.strategies import crowded_spanning_worlds, crowded_worlds, spanning_worlds, worlds
 
@@ -104,3 +107,24 @@ def test_no_order_the_executor_may_choose_books_more_than_a_gpu_holds(case):
     assert not problems, "\n".join([
         *(f"GPU {gpu}: {why}" for gpu, why in problems.items()),
         *(f"{a.id} {a.mb} MB [after: {', '.join(a.requires)}]: {a.reason}" for a in result.actions)])
+
+
+@SETTINGS
+@given(st.one_of(worlds(), crowded_worlds(), spanning_worlds()), st.lists(
+    st.tuples(st.integers(0, 1), st.integers(1, 4096), st.booleans()), max_size=8))
+def test_vram_leases_added_as_a_sum_give_the_free_memory_of_accounting_them_one_by_one(case, vram):
+    """The leasing service's hot path (issue 10): free memory from :func:`headroom` without VRAM leases, less
+    their running sum per GPU, equals :func:`free_now` with every lease accounted."""
+    profile, snapshot = case
+    leases = list(snapshot.leases) + [
+        Lease(id=f"v{n}", kind="vram", service=f"app{n}", holder=f"app{n}", gpu=gpu, mb=mb,
+              expires_at=(snapshot.now + timedelta(hours=1)) if timed else None)
+        for n, (gpu, mb, timed) in enumerate(vram)]
+    made = plan(profile, snapshot)
+    expected = free_now(profile, snapshot, made, leases, snapshot.now)
+    rooms = headroom(profile, snapshot, [made], [lease for lease in leases if lease.kind != "vram"], snapshot.now)
+    held = {}
+    for lease in leases:
+        if lease.kind == "vram" and lease.gpu is not None:
+            held[lease.gpu] = held.get(lease.gpu, 0) + lease.mb
+    assert {index: room.free(held.get(index, 0)) for index, room in rooms.items()} == expected

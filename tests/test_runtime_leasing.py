@@ -9,10 +9,14 @@ from datetime import timedelta
 import pytest
 
 from reconciler.api.refusals import status_of
+from reconciler.core.plan import Action
 from reconciler.core.snapshot import Demand, Lease
 from reconciler.errors import LeaseRefused
 from reconciler.runtime import leasing as leasing_module
+from reconciler.runtime.actions import Actuator
+from reconciler.runtime.executor import Deferred
 from reconciler.runtime.leasing import LeaseRequest, Leasing
+from reconciler.testing.ports import free_port
 from tests.runtime_support import env, fake_service, make_profile  # noqa: F401 (fixture)
 
 
@@ -76,3 +80,51 @@ def test_an_expired_lease_wakes_the_loop_while_a_demand_waits(env, monkeypatch):
 
     early, done = asyncio.run(main())
     assert early is False and done == [False]
+
+
+def test_a_stop_planned_before_a_warm_grant_leaves_the_instance_alone(env):
+    """A warm grant takes no lock: a pass's stop, planned from a snapshot without that lease, is deferred."""
+    profile = make_profile({"svc": fake_service(free_port(), always_on=True)})
+
+    async def main():
+        async with env.runtime() as rt:
+            await rt.converge(profile, timeout_s=20)
+            snapshot = await rt._observer_for(profile).observe(rt.store.instances(), rt.ledger.leases(), [])
+            assert rt.ledger.grant(Lease(id="late", service="svc", holder="h"), 1, now=rt.clock.now())
+            actuator = Actuator(rt.lifecycle, rt.ledger, profile, snapshot)
+            with pytest.raises(Deferred, match="lease was granted on svc after the plan was made"):
+                await actuator(Action(id="stop:svc", kind="stop", service="svc", reason="r"))
+            return rt.ledger.fenced("svc"), rt.store.get_instance("svc")
+
+    fenced, instance = asyncio.run(main())
+    assert fenced is False and instance is not None and instance.state == "running"
+
+
+def test_no_warm_grant_goes_to_an_instance_a_stop_is_ending(env, monkeypatch):
+    profile = make_profile({"svc": fake_service(free_port(), always_on=True, max_concurrent=4)})
+
+    async def main():
+        async with env.runtime() as rt:
+            await rt.converge(profile, timeout_s=20)
+            leasing = Leasing(rt, lambda: profile)
+            request = LeaseRequest(service="svc", holder="h")
+            before = await leasing._fast(request, profile.services["svc"])
+            stopping, finish = asyncio.Event(), asyncio.Event()
+
+            async def slow_stop(*args, **kwargs):
+                stopping.set()
+                await finish.wait()
+                return "stopped"
+
+            monkeypatch.setattr(rt.lifecycle, "stop", slow_stop)
+            snapshot = await rt._observer_for(profile).observe(rt.store.instances(), rt.ledger.leases(), [])
+            actuator = Actuator(rt.lifecycle, rt.ledger, profile, snapshot)
+            stop = asyncio.ensure_future(actuator(Action(id="stop:svc", kind="stop", service="svc", reason="r")))
+            await stopping.wait()
+            during = await leasing._fast(request, profile.services["svc"])
+            finish.set()
+            await stop
+            return before, during, rt.ledger.fenced("svc")
+
+    before, during, fenced_after = asyncio.run(main())
+    assert before is not None and during is None and fenced_after is False

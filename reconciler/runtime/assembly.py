@@ -25,6 +25,7 @@ from types import TracebackType
 from reconciler.core.clock import Clock
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.sim import SimBackend
+from reconciler.runtime.checkpoints import Checkpoints
 from reconciler.runtime.events import EventBus
 from reconciler.runtime.lock import StateLock
 from reconciler.runtime.runtime import Runtime
@@ -45,6 +46,7 @@ class Assembly:
         self.lock = StateLock(self.state_dir, purpose=purpose)
         self._store: SqliteStore | None = None
         self._runtime: Runtime | None = None
+        self._checkpoints: Checkpoints | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -71,6 +73,8 @@ class Assembly:
                 node=self.node, sim=isinstance(self.gpu_backend, SimBackend),
                 events=EventBus(self._store, clock=self.clock),
             )
+            self._checkpoints = Checkpoints(self._store, self.clock)
+            self._checkpoints.start()
         except BaseException:
             await self._close()
             raise
@@ -83,6 +87,8 @@ class Assembly:
 
     async def _close(self) -> None:
         try:
+            if self._checkpoints is not None:
+                await self._checkpoints.stop()
             if self._runtime is not None:
                 await self._runtime.aclose()
             else:

@@ -16,11 +16,11 @@ of the process (``kill -9`` loses nothing committed; a power cut may lose
 the last commits, never the file), and readers never wait for the writer.
 Checkpoints — copying the log back into the file, with two ``fdatasync`` —
 are not left to SQLite's automatic ones, which run inside whichever commit
-crosses 1000 pages (a lease request's): :meth:`SqliteStore.checkpoint` is
-called by a background thread instead (:mod:`reconciler.runtime.journal`).
+crosses 1000 pages (a lease request's): :meth:`SqliteStore.checkpoint` runs
+on a worker thread every two seconds instead (:mod:`reconciler.runtime.checkpoints`).
 :meth:`SqliteStore.batch` groups many writes into one transaction (each
-write a savepoint of it): the runtime's journal commits a burst of lease
-requests at once.
+write a savepoint of it): the ledger writes a lease and its instance's idle
+time together.
 
 WAL keeps its index in ``state.db-shm``, mapped into every process that has
 the database open. An unusable ``-shm`` (or ``-wal``) is a clear error at
@@ -435,10 +435,22 @@ class SqliteStore:
                 _rollback(conn)
                 raise
 
-    def checkpoint(self) -> int:
-        """Copy the write-ahead log back into the file as far as no reader needs it; returns the log's pages."""
-        with self._use("checkpoint") as conn:
-            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    def checkpoint(self, *, truncate: bool = False) -> int:
+        """Copy the write-ahead log back into the file as far as no reader needs it; returns the log's pages.
+
+        On a connection of its own, so that any thread may call it while the store is in use (a passive
+        checkpoint blocks no writer); ``truncate`` also empties the log (when nothing else uses it)."""
+        mode = "TRUNCATE" if truncate else "PASSIVE"
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                row = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(self._describe("checkpoint", exc)) from None
         return int(row[1]) if row and row[1] is not None else 0
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
