@@ -10,6 +10,8 @@ What it measures, in one run on one machine:
   p50/p99 are the ``POST``'s round trip (the grant), throughput counts both.
   Server CPU per request is read from ``/proc/PID/stat`` (user + system
   time of the server process, threads included) over the round.
+* **the CLI**: ``reconciler plan`` on a tiny golden scenario, wall time
+  from process start to exit (imports included).
 * **the floor**: the same two routes in a FastAPI app that does nothing
   (:mod:`benchmarks.floor_app`), on the same HTTP stack. cf-orch
   (circuitforge-core) cannot be installed on this machine (it is not on the
@@ -145,8 +147,24 @@ class Floor:
         self.process.wait(10)
 
 
+def plan_cli(scenario: str, runs: int = 7) -> float:
+    """Median wall seconds of ``reconciler plan`` on a golden scenario, from process start to exit."""
+    folder = ROOT / "golden" / scenario
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "reconciler", "plan", "--profile", str(folder / "profile.yaml"),
+                        "--snapshot", str(folder / "snapshot.yaml")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
 def run() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    tiny = plan_cli("03-start-always-on")
+    rows.append({"benchmark": "`reconciler plan`, tiny scenario (golden 03), wall", "median_ms": 1000 * tiny,
+                 "target": "≤ 150 ms", "ok": tiny <= 0.150})
     floor = Floor()
     try:
         floors = {c: measure(floor.url, floor.process.pid, c, "vram") for c in REQUESTS}
