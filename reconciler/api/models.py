@@ -139,6 +139,20 @@ class InstanceStatus(_Response):
     stalled: bool = Field(False, description="Backing off after repeated failures (invariant 6).")
 
 
+class BackoffStatus(_Response):
+    """A service that failed: how often, the last error, when it is tried next. `reconciler reset` clears it."""
+
+    failures: int = Field(description="Failures in a row (reset after a healthy spell, a launch change, or "
+                          "`reconciler reset`).")
+    last_error: str | None = None
+    next_try_at: str | None = Field(None, description="When the next start may happen (UTC); none = now.")
+    next_try_in_s: float | None = Field(None, description="Seconds until then; none = it may be tried now.")
+    stalled: bool = Field(description="It failed the documented number of times in a row (5) and is retried "
+                          "only at the capped interval.")
+    recovered: bool = Field(False, description="It has run healthily since its last failure (the count clears "
+                            "after 10 minutes of health).")
+
+
 class ServiceStatus(_Response):
     """A service of the profile, running or not."""
 
@@ -150,6 +164,30 @@ class ServiceStatus(_Response):
     max_concurrent: int
     url: str | None = None
     running: bool = Field(description="It has a live instance.")
+    description: str | None = Field(None, description="The profile's `description` of it.")
+    held: str | None = Field(None, description="Why it is held stopped (`reconciler stop`, `down`, or a dependency "
+                             "held so); none when it is not. `reconciler start SERVICE` lifts it.")
+    backoff: BackoffStatus | None = Field(None, description="Its failures, while they count (invariant 6).")
+
+
+class OperatorDone(_Response):
+    """What ``stop``, ``start``, ``restart``, ``reset`` or ``down`` did."""
+
+    service: str | None = None
+    verb: str
+    message: str = Field(description="What happened, in words (what the CLI prints).")
+    done: bool = Field(description="It finished within the wait (false: it goes on; the message says what waits).")
+    stopped: list[str] = Field(default_factory=list, description="Services whose instances this stopped.")
+    left: list[str] = Field(default_factory=list, description="Adopted services left running (`down`).")
+
+
+class LogLines(_Response):
+    """``GET /v1/services/{name}/logs``: the last lines of a service's log file."""
+
+    service: str
+    file: str
+    lines: list[str]
+    size: int = Field(description="The file's size in bytes (an offset to follow it from).")
 
 
 class LeaseStatus(_Response):

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Literal
 
 from reconciler.api.models import (
+    BackoffStatus,
     Condition,
     DemandStatus,
     GpuStatus,
@@ -31,9 +32,11 @@ from reconciler.core.accounting import planned_reservations, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
+from reconciler.core.dependencies import Dependencies
 from reconciler.core.plan import Plan
 from reconciler.core.profile import DockerSpec, Profile, Service
-from reconciler.core.snapshot import Demand, Instance, Lease
+from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
+from reconciler.core.wanted import held_closure
 from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
 
@@ -67,7 +70,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
         now=iso_utc(now),
         gpus=_gpus(world, plan),
-        services=_services(profile, world),
+        services=_services(profile, world, snapshot, backoffs, now),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
         leases=[_lease(lease, now) for lease in state.leases],
         demands=[_demand(d, plan, now) for d in state.demands],
@@ -113,7 +116,24 @@ def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
     return out
 
 
-def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
+def backoff_status(backoff: Backoff | None, now: datetime) -> BackoffStatus | None:
+    """A service's failures as the views show them; None once there are none (or a healthy spell cleared them)."""
+    if backoff is None or not backoff.failures:
+        return None
+    next_at = backoff.next_attempt_at if backoff.next_attempt_at is not None and backoff.next_attempt_at > now else None
+    recovered = backoff.healthy_since is not None
+    return BackoffStatus(
+        failures=backoff.failures, last_error=backoff.last_error, stalled=backoff.stalled and not recovered,
+        next_try_at=iso_utc(next_at, timespec="seconds") if next_at is not None else None,
+        next_try_in_s=_seconds((next_at - now).total_seconds()) if next_at is not None else None,
+        recovered=recovered,
+    )
+
+
+def _services(profile: Profile, world: World | None, snapshot: Snapshot | None, backoffs: dict[str, Backoff],
+              now: datetime) -> list[ServiceStatus]:
+    held = held_closure(world, Dependencies(profile.services)) if world is not None and snapshot is not None \
+        and snapshot.held else {}
     out = []
     for name, spec in sorted(profile.services.items(), key=lambda kv: (kv[1].priority, kv[0])):
         kind: Literal["process", "docker", "unmanaged"] = (
@@ -122,7 +142,8 @@ def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
         out.append(ServiceStatus(
             service=name, priority=spec.priority, max_mb=spec.max_mb, managed=kind, always_on=spec.always_on,
             max_concurrent=capacity(spec), url=service_url(spec),
-            running=world is not None and name in world.instances,
+            running=world is not None and name in world.instances, description=spec.description,
+            held=held.get(name), backoff=backoff_status(backoffs.get(name), now),
         ))
     return out
 
@@ -133,7 +154,8 @@ def _instance(
 ) -> InstanceStatus:
     spec = profile.services.get(instance.service)
     backoff = backoffs.get(instance.service)
-    failing = backoff is not None and (backoff.failures > 0 or backoff.stalled)
+    # an instance that has been healthy since its last failure shows neither the old error nor a stall
+    failing = backoff is not None and (backoff.failures > 0 or backoff.stalled) and backoff.healthy_since is None
     return InstanceStatus(
         service=instance.service, state=instance.state,
         healthy=_healthy(instance, world),
@@ -143,7 +165,7 @@ def _instance(
         max_concurrent=capacity(spec) if spec is not None else 1,
         uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,
         last_error=backoff.last_error if failing and backoff is not None else None,
-        stalled=bool(backoff and backoff.stalled),
+        stalled=bool(backoff and backoff.stalled and backoff.healthy_since is None),
     )
 
 
@@ -202,7 +224,7 @@ def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool)
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
     for name, backoff in backoffs.items():
-        if backoff.stalled:
+        if backoff.stalled and backoff.healthy_since is None:
             message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
             out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out

@@ -85,6 +85,9 @@ async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) ->
     async with Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
                         purpose="apply") as parts:
         await parts.runtime.recover()
+        from reconciler.runtime.controls import remember
+
+        remember(parts.runtime, args.profile, args.gpu)
         if args.wait:
             return await parts.runtime.converge(profile, args.timeout)
         return await parts.runtime.reconcile(profile)

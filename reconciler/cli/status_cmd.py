@@ -135,7 +135,19 @@ def render(status: dict[str, Any]) -> str:
     pending = [p for p in status.get("pending") or [] if not p.get("demand")]
     if pending:
         out += ["", "pending:"] + [f"  {p['service']}: {p['reason']}" for p in pending]
-    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in ("stalled", "observed")]
+    services = status.get("services") or []
+    held = [s for s in services if s.get("held")]
+    if held:
+        out += ["", "held stopped (`reconciler start SERVICE` lets it run):"] + [
+            f"  {s['service']}: {s['held']}" for s in held]
+    failing = [s for s in services if s.get("backoff") and not s["backoff"].get("recovered")]
+    if failing:
+        out += ["", table(["FAILING", "FAILURES", "NEXT TRY", "LAST ERROR"], [
+            [s["service"] + (" (stalled)" if s["backoff"]["stalled"] else ""), s["backoff"]["failures"],
+             (f"{s['backoff']['next_try_at'][11:19]} (in {duration(s['backoff']['next_try_in_s'])})"
+              if s["backoff"].get("next_try_at") else "now"), s["backoff"].get("last_error")] for s in failing])]
+        out.append("(`reconciler reset SERVICE` forgets the failures and tries it at once)")
+    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] == "observed"]
     if bad:
         out += ["", "conditions:"] + [f"  {c['type']}{' ' + c['service'] if c.get('service') else ''}: {c['message']}"
                                       for c in bad]

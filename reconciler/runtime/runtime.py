@@ -97,6 +97,7 @@ class Runtime:
         self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
         self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
         self._last: LastPass | None = None
+        self.transient_holds: set[str] = set()  # held stopped for this process only (`down` without a server)
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
@@ -142,6 +143,9 @@ class Runtime:
         state = store.state()
         observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
         snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
+        held = set(store.holds()) | self.transient_holds  # what an operator holds stopped (.controls)
+        if held:
+            snapshot = snapshot.model_copy(update={"held": sorted(held)})
         plan = make_plan(profile, snapshot)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
         actuator = Actuator(self.lifecycle, self.ledger, profile, snapshot, self._deadline,

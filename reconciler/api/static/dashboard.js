@@ -28,7 +28,7 @@
     "gateway.started", "gateway.cold", "gateway.refused",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
-    "instance.unloaded", "intent.recovered", "intent.unresolved", "lease.granted", "lease.renewed", "lease.released",
+    "instance.unloaded", "intent.recovered", "intent.unresolved", "operator.request", "lease.granted", "lease.renewed", "lease.released",
     "lease.expired", "pass", "store.failed", "store.recovered", "store.restored",
     "pass.started", "pass.finished", "pass.failed", "profile.held", "profile.reloaded", "profile.rejected", "watch.started",
     "watch.degraded", "watch.stopped", "message",
