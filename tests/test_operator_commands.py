@@ -161,3 +161,37 @@ def test_down_refuses_a_watch_without_api(host: Host) -> None:
     assert alive(host.pids()["db"])
     nothing = cli(host, "down", "--state-dir", str(host.root / "elsewhere"))
     assert nothing.returncode == 0 and "nothing to stop" in nothing.stdout
+
+
+def test_backoff_is_shown_and_reset(host: Host) -> None:
+    sick = service("sick", host.port(), mb=512, priority=1, always_on=True, args="--refuse-health")
+    host.write(profile(sick.replace("start_timeout_s: 10", "start_timeout_s: 1")))
+    server = ApiRun(host)
+    url = ("--url", server.url)
+    status = server.wait_status(lambda s: any(x["backoff"] and x["backoff"]["next_try_at"] for x in s["services"]),
+                                "sick backing off")
+    backoff = status["services"][0]["backoff"]
+    assert backoff["failures"] == 1 and not backoff["stalled"] and "healthy" in backoff["last_error"]
+    assert 0 < backoff["next_try_in_s"] <= 10
+    why = cli(host, "why", "sick", *url).stdout
+    assert "Backing off: 1 failure, last error: " in why and "next try at " in why, why
+    assert "The plan will start it" not in why and "reconciler reset sick" in why
+    text = cli(host, "status", *url).stdout
+    assert "FAILING" in text and "sick" in text and "reconciler reset SERVICE" in text
+    assert not any(c["type"] == "stalled" for c in status["conditions"])  # one failure is not a stall
+
+    # quiet logs: the passes that only wait out the backoff are neither printed nor recorded
+    server.run.wait_kind("backoff", service="sick")
+    assert not server.run.wait_kind("pass.finished").get("quiet")  # the pass that failed is told
+    waits = [server.run.wait_kind("pass.finished") for _ in range(3)]
+    assert all(w["quiet"] and w["actions"] == ["start:sick"] for w in waits), waits
+    with open_store(host.state_dir, SYSTEM_CLOCK) as store:
+        recorded = [e for e in store.events(limit=1000) if e.kind in ("pass", "pass.finished")]
+    assert len(recorded) <= 2, [e.message for e in recorded]
+
+    reset = cli(host, "reset", "sick", *url)
+    assert reset.returncode == 0 and "1 failure(s) forgotten" in reset.stdout, reset.stdout + reset.stderr
+    server.run.wait_kind("operator.request", verb="reset")
+    server.run.wait_kind("instance.launched", service="sick", timeout_s=5)  # at once, not after its 10 s
+    nothing = cli(host, "reset", "nope", *url)
+    assert nothing.returncode == 1 and "404" in nothing.stderr

@@ -152,6 +152,7 @@ class Loop:
         self.signal_name: str | None = None
         self.passes = 0
         self._held: Held | None = None
+        self._told: tuple[tuple[object, ...], ...] | None = None  # what waited at the last pass.finished told
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -274,7 +275,16 @@ class Loop:
         pending = len(report.plan.pending)
         self.notify(f"STATUS=profile {profile.name}: " + (f"{pending} pending" if pending else
                     "converged" if report.converged else "converging"))
-        quiet = not any(r.plan.actions for r in report.passes) and not report.plan.pending and not report.stalled
+        # Quiet (shown with quiet=true, not recorded, not printed): nothing was done — no action ran (a start
+        # held back by its backoff is not an action taken) — and what waits is what waited at the last pass
+        # that was told. A stalled service waiting out its backoff costs no line per pass.
+        acted = any(o.status != "deferred" for r in report.passes for o in r.outcomes.values())
+        waiting = (tuple(sorted((p.service, p.demand or "", p.reason) for p in report.plan.pending)),
+                   tuple(sorted(report.stalled)),
+                   tuple(sorted(a.id for a in report.plan.actions)))
+        quiet = not acted and (waiting == self._told or not any(waiting))
+        if not quiet:
+            self._told = waiting
         tell = self.bus.announce if quiet else self.bus.publish
         tell(
             EventKind.PASS_FINISHED,

@@ -161,8 +161,9 @@ class Runtime:
         self._last = LastPass(snapshot=snapshot, plan=plan)
         counts = {s: sum(1 for o in outcomes.values() if o.status == s)
                   for s in ("done", "failed", "skipped", "deferred")}
-        # an uneventful pass is shown, never recorded: a watch passes every few seconds
-        tell = self.events.publish if plan.actions else self.events.announce
+        # an uneventful pass is shown, never recorded: a watch passes every few seconds (and a start held back by
+        # its backoff, pass after pass, is not an event either)
+        tell = self.events.publish if any(o.status != "deferred" for o in outcomes.values()) else self.events.announce
         tell(EventKind.PASS, message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
              profile=profile.name, actions=len(plan.actions), pending=len(plan.pending), stalled=sorted(stalled),
              **counts)
