@@ -118,8 +118,15 @@ class GpuStatus(_Response):
     adopted_mb: int = Field(description="Held by adopted instances (their observed usage, else max_mb).")
     leased_mb: int = Field(description="Held by VRAM leases (cf-orch /api/leases) and leased unmanaged slots.")
     foreign_mb: int = Field(description="Used by processes no instance accounts for.")
-    free_mb: int = Field(description="What a start could still take (DESIGN §3 free).")
+    free_mb: int = Field(description="What a start or a VRAM lease could still take now (DESIGN §3 free, less "
+                         "what the last plan holds for its starts: the one figure every view uses, "
+                         "reconciler.core.accounting.free_now).")
     used_mb: int = Field(description="What NVML reports used.")
+    held_for: list[str] = Field(default_factory=list, description="Memory the last plan holds for an action not "
+                                "yet observed (counted in reserved_started_mb), in words: `1024 MB held for "
+                                "start:tts`.")
+    services_mb: dict[str, int] = Field(default_factory=dict, description="Service → MB it reserves on this GPU "
+                                        "(started and adopted instances): the bar's split.")
 
 
 class InstanceStatus(_Response):
@@ -135,6 +142,8 @@ class InstanceStatus(_Response):
     leases: int = Field(description="Leases held on it now.")
     max_concurrent: int = Field(description="Most leases it may hold at once.")
     uptime_s: float | None = Field(None, description="Seconds since it entered its state.")
+    priority: int | None = Field(None, description="Its service's priority (lower = more important).")
+    mb: int | None = Field(None, description="MB it reserves (on each of its GPUs), as the accounting counts it.")
     last_error: str | None = Field(None, description="The last failure (start, health), when there was one.")
     stalled: bool = Field(False, description="Backing off after repeated failures (invariant 6).")
 
@@ -243,7 +252,7 @@ class ModelTraffic(_Response):
 class Condition(_Response):
     """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
 
-    type: Literal["converged", "pending", "stalled", "observed"]
+    type: Literal["converged", "pending", "stalled", "observed", "profile"]
     ok: bool
     service: str | None = None
     message: str

@@ -118,10 +118,15 @@ async def event_stream(
     request: Request, ctx: Ctx,
     since: Annotated[int | None, Query(ge=0, le=events.MAX_EVENT_ID,
                                        description="Replay stored events after this id first.")] = None,
+    tail: Annotated[int | None, Query(ge=0, le=events.REPLAY_LIMIT,
+                                      description="With neither `since` nor Last-Event-ID: replay the last "
+                                      "(up to) N stored events first (the dashboard asks for 200 on load).")] = None,
 ) -> StreamingResponse:
     """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
     if since is None:
         since = events.last_event_id(request.headers.get("last-event-id"))
+    if since is None and tail:
+        since = max(0, ctx.runtime.store.last_event_id() - tail)
     body = events.stream(ctx.runtime.events, ctx.runtime.store, since, ctx.closing)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

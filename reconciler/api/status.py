@@ -28,7 +28,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import planned_reservations, world_now
+from reconciler.core.accounting import held_for, held_notes, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -77,7 +77,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
-        conditions=_conditions(plan, backoffs, snapshot is not None),
+        conditions=_conditions(plan, backoffs, snapshot is not None, runtime.profile_problem),
         models=models(runtime),
     )
 
@@ -102,7 +102,8 @@ def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
     its plan, as a VRAM lease's check counts them (:func:`reconciler.core.accounting.free_now`)."""
     if world is None:
         return []
-    planned = planned_reservations(world, plan)
+    held = held_for(world, plan)
+    planned = {gpu: sum(mb for _, mb in items) for gpu, items in held.items()}
     out = []
     for index, view in world.gpus.items():
         by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}
@@ -112,6 +113,9 @@ def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
             foreign_mb=view.foreign, free_mb=max(0, view.free - planned.get(index, 0)), used_mb=view.gpu.used_mb,
+            held_for=held_notes(held.get(index, [])),
+            services_mb={name: holder.reservation for name, holder in sorted(view.holders.items())
+                         if holder.origin in ("started", "adopted")},
         ))
     return out
 
@@ -164,9 +168,18 @@ def _instance(
         leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
         max_concurrent=capacity(spec) if spec is not None else 1,
         uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,
+        priority=spec.priority if spec is not None else None, mb=_reservation(instance, world),
         last_error=backoff.last_error if failing and backoff is not None else None,
         stalled=bool(backoff and backoff.stalled and backoff.healthy_since is None),
     )
+
+
+def _reservation(instance: Instance, world: World | None) -> int | None:
+    """What the instance books on its (first) GPU; None when it is on none or not observed yet."""
+    if world is None or instance.gpu is None or instance.gpu not in world.gpus:
+        return None
+    holder = world.gpus[instance.gpu].holders.get(instance.service)
+    return holder.reservation if holder is not None else None
 
 
 def _healthy(instance: Instance, world: World | None) -> bool:
@@ -211,8 +224,11 @@ def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
     )
 
 
-def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool) -> list[Condition]:
+def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool,
+                profile_problem: str | None = None) -> list[Condition]:
     out = []
+    if profile_problem is not None:  # first: the header says it until a good save
+        out.append(Condition(type="profile", ok=False, message=profile_problem))
     if not observed or plan is None:
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from reconciler.core.accounting import free_now
+from reconciler.core.accounting import free_explained, free_now
 from reconciler.core.backoff import backing_off
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import can_serve_now, capacity
@@ -382,8 +382,10 @@ class Leasing:
         try:
             free = self.free_mb().get(gpu, 0)
             if free < mb:
-                raise LeaseRefused(Refusal.NO_VRAM,
-                                   f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
+                _, held = free_explained(self._profile(), snapshot, last.plan, self.store.leases(), self.clock.now(),
+                                         gpu)
+                raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB "
+                                                    f"requested" + (f" ({', '.join(held)})" if held else ""))
             now = self.clock.now()
             lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
                           expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)

@@ -365,6 +365,10 @@ class Loop:
         keeping = f"profile {self.profile.name}"
         path = str(change.path) if change.path else self.where
         if change.profile is None:
+            first = change.diagnostics[0] if change.diagnostics else None
+            self.runtime.profile_problem = f"profile rejected: {first or path + ' is invalid'}" + (
+                f" (and {len(change.diagnostics) - 1} more)" if len(change.diagnostics) > 1 else "") + \
+                f"; {keeping} stays in force until a good save"
             self.bus.publish(EventKind.PROFILE_REJECTED, message=f"{path} is invalid; nothing changed", path=path,
                              keeping=keeping, diagnostics=diagnostics_data(change.diagnostics))
             return None
@@ -372,8 +376,10 @@ class Loop:
         try:
             check_profile_guard(change.profile, self.allow_empty)
         except GuardError as exc:
+            self.runtime.profile_problem = f"profile rejected: {exc}; {keeping} stays in force"
             self.bus.publish(EventKind.PROFILE_REJECTED, message=str(exc), path=path, keeping=keeping, diagnostics=[])
             return None
+        self.runtime.profile_problem = None
         return change.profile
 
     def _reloaded(self, profile: Profile, change: ProfileChange) -> None:

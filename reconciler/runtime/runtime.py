@@ -97,6 +97,7 @@ class Runtime:
         self.traffic = Traffic()  # the model gateway's requests, per model (shown by the API)
         self.keep_alive = KeepAlive()  # Ollama keep_alive per instance, from the gateway's requests
         self._last: LastPass | None = None
+        self.profile_problem: str | None = None  # the last saved edit's rejection, until a good save (the loop's)
         self.transient_holds: set[str] = set()  # held stopped for this process only (`down` without a server)
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
