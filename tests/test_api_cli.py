@@ -117,7 +117,9 @@ def test_lease_prints_the_url_renews_and_releases_on_ctrl_c(api: ApiRun) -> None
         assert still["id"] == lease["id"] and still["remaining_s"] > 0.2
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
-        assert "released lease" in process.stderr.read()
+        said = process.stderr.read()
+        assert "released lease" in said
+        assert "(GPU 0); renewing" in said and "None" not in said  # no model: none named, not "model None"
     assert api.status()["leases"] == []
 
 

@@ -54,7 +54,8 @@ class LeaseRequest(_Request):
     """``POST /v1/leases``: hold a service (an instance of it, healthy) for ``ttl_s`` seconds."""
 
     service: Name = Field(description="A service of the profile in force.")
-    holder: Holder = Field("", description="Who asks (shown in the status and the events).")
+    holder: Holder = Field("", description="Who asks (shown in the status and the events); none or blank: named "
+                           "after the client's address, `client 127.0.0.1:53422`.")
     model: ModelName | None = Field(
         None, description="Model it must serve; none = whatever it serves. 1-200 ASCII letters, digits and "
         "`._:/+-`, starting with a letter or digit, no empty, `.` or `..` segment (e.g. `llama3.2:3b`).")

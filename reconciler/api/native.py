@@ -49,7 +49,11 @@ def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
 
 @router.post("/v1/leases", response_model=LeaseOut, responses=_LEASE_ERRORS, tags=["leases"])
 async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx) -> LeaseOut | Response:
-    """Lease a service: at once when a compatible instance has room, else after the reconciler starts one."""
+    """Lease a service: at once when a compatible instance has room, else after the reconciler starts one.
+    A request without a ``holder`` is named after the client's address (``client 127.0.0.1:53422``)."""
+    if not body.holder.strip():
+        peer = request.client
+        body = body.model_copy(update={"holder": f"client {peer.host}:{peer.port}" if peer else "client unknown"})
     try:
         granted = await ctx.leasing.lease(body.to_request(), disconnected=lambda: disconnected(request))
     except LeaseRefused as refused:
