@@ -94,8 +94,9 @@ async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) ->
 
 
 async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
-    from reconciler.cli.observe_cmd import observe_once, read_inventory
+    from reconciler.cli.observe_cmd import observe_once, read_inventory, with_holds
     from reconciler.core.planner import plan as make_plan
 
-    snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
+    snapshot = with_holds(await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node),
+                          str(state_dir))
     return make_plan(profile, snapshot)

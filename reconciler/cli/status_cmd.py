@@ -98,9 +98,9 @@ def render(status: dict[str, Any]) -> str:
             ["GPU", "NAME", "TOTAL MB", "STARTED", "ADOPTED", "LEASED", "FOREIGN", "FREE"],
             [[g["index"], g["name"], g["total_mb"], g["reserved_started_mb"], g["adopted_mb"], g["leased_mb"],
               g["foreign_mb"], g["free_mb"]] for g in gpus]))
-        held = [f"  GPU {g['index']}: {note}" for g in gpus for note in g.get("held_for") or []]
-        if held:
-            out += ["held for planned actions (not yet observed):", *held]
+        planned = [f"  GPU {g['index']}: {note}" for g in gpus for note in g.get("held_for") or []]
+        if planned:
+            out += ["held for planned actions (not yet observed):", *planned]
     else:
         out.append("no GPU")
     out.append("")
