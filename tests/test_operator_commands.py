@@ -97,6 +97,7 @@ def test_stop_start_restart_logs_down(host: Host) -> None:
     server = ApiRun(host)
     url = ("--url", server.url)
     server.wait_status(lambda s: s["plan"] is not None, "a first plan")
+    assert server.run.seen("watch.started")[0]["held"] == ["db"]  # said at start-up
     assert "db" not in host.pids() and "app" not in host.pids()
     assert "stopped by an operator" in cli(host, "why", "db", *url).stdout
 
@@ -167,6 +168,13 @@ def test_backoff_is_shown_and_reset(host: Host) -> None:
     sick = service("sick", host.port(), mb=512, priority=1, always_on=True, args="--refuse-health")
     host.write(profile(sick.replace("start_timeout_s: 10", "start_timeout_s: 1")))
     server = ApiRun(host)
+    try:
+        _backoff_shown_quiet_and_reset(host, server)
+    finally:
+        server.close()
+
+
+def _backoff_shown_quiet_and_reset(host: Host, server: ApiRun) -> None:
     url = ("--url", server.url)
     status = server.wait_status(lambda s: any(x["backoff"] and x["backoff"]["next_try_at"] for x in s["services"]),
                                 "sick backing off")

@@ -45,6 +45,9 @@ class FakeStore:
     def instances(self) -> list:
         return []
 
+    def holds(self) -> dict:
+        return {}
+
     def set_meta(self, key: str, value: str | None) -> None:  # what `reconciler down` reads later
         if value is None:
             self.meta.pop(key, None)

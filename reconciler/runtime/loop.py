@@ -164,9 +164,15 @@ class Loop:
         started: list[Companion] = []
         try:
             info = self.started
+            held: list[str] = []
+            with contextlib.suppress(StoreError):  # the first pass reports a failing store
+                held = sorted(self.runtime.store.holds())
+            note = (f"; held stopped by an operator: {', '.join(held)} (`reconciler start --all` lets them run)"
+                    if held else "")
             self.bus.publish(
                 EventKind.WATCH_STARTED,
-                message=f"profile {self.profile.name} ({info.path}), GPU {info.gpu}, state {info.state_dir}",
+                message=f"profile {self.profile.name} ({info.path}), GPU {info.gpu}, state {info.state_dir}{note}",
+                held=held,
                 profile=self.profile.name, path=info.path, gpu=info.gpu, state_dir=info.state_dir, pid=os.getpid(),
                 **({"detected": info.detected} if info.detected else {}),
             )
