@@ -164,7 +164,8 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
             status = server.status()
             running = {i["service"] for i in status["instances"] if i["state"] == "running" and i["healthy"]}
             gpus = status["gpus"]  # from the last pass's observation, which may predate the starts
-            return running == always_on and gpus and gpus[0]["reserved_started_mb"] == 3072 + 1024 + 2048
+            return (running == always_on and gpus and gpus[0]["reserved_started_mb"] == 3072 + 1024 + 2048
+                    and gpus[0]["adopted_mb"] == 2048)  # the adopted Ollama's memory observed, too
         poll(converged, START_S, "the demo's always-on services running", 0.1)
         status = server.status()
         by_service = {i["service"]: i for i in status["instances"]}
