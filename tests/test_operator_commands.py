@@ -165,7 +165,7 @@ def test_down_refuses_a_watch_without_api(host: Host) -> None:
 
 
 def test_backoff_is_shown_and_reset(host: Host) -> None:
-    sick = service("sick", host.port(), mb=512, priority=1, always_on=True, args="--refuse-health")
+    sick = service("sick", host.port(), mb=256, priority=1, always_on=True, args="--refuse-health")
     host.write(profile(sick.replace("start_timeout_s: 10", "start_timeout_s: 1")))
     server = ApiRun(host)
     try:
@@ -187,6 +187,17 @@ def _backoff_shown_quiet_and_reset(host: Host, server: ApiRun) -> None:
     text = cli(host, "status", *url).stdout
     assert "FAILING" in text and "sick" in text and "reconciler reset SERVICE" in text
     assert not any(c["type"] == "stalled" for c in status["conditions"])  # one failure is not a stall
+
+    # the memory its held-back start keeps is said so, in the status and in a refused VRAM lease, and /api/nodes
+    # gives the same free figure
+    status = server.wait_status(lambda s: bool(s["gpus"] and s["gpus"][0]["held_for"]), "memory held for sick")
+    gpu = status["gpus"][0]
+    assert gpu["held_for"] == ["256 MB held for start:sick"] and gpu["free_mb"] == 8192 - 256, gpu
+    refused = server.http.post("/api/leases", json={"node_id": "local", "gpu_id": 0, "mb": 8192 - 128,
+                                                     "service": "batch"})
+    assert refused.status_code == 503 and "256 MB held for start:sick" in refused.json()["detail"], refused.text
+    nodes = server.http.get("/api/nodes").json()["nodes"][0]["gpus"][0]
+    assert nodes["vram_free_mb"] == 8192 - 256, nodes
 
     # quiet logs: the passes that only wait out the backoff are neither printed nor recorded
     server.run.wait_kind("backoff", service="sick")

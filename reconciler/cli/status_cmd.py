@@ -107,9 +107,11 @@ def render(status: dict[str, Any]) -> str:
     instances = status.get("instances") or []
     if instances:
         out.append(table(
-            ["SERVICE", "STATE", "HEALTH", "GPU", "ORIGIN", "MODEL", "LEASES", "UPTIME", "URL", "LAST ERROR"],
+            ["SERVICE", "STATE", "HEALTH", "PID", "PRIO", "MB", "GPU", "ORIGIN", "MODEL", "LEASES", "UPTIME", "URL",
+             "LAST ERROR"],
             [[i["service"], i["state"] + (" (stalled)" if i.get("stalled") else ""),
-              "ok" if i["healthy"] else "down", i["gpu"], i["origin"], i["model"],
+              "ok" if i["healthy"] else "down", i.get("pid"), i.get("priority"), i.get("mb"), i["gpu"], i["origin"],
+              i["model"],
               f"{i['leases']}/{i['max_concurrent']}", duration(i.get("uptime_s")), i["url"], i.get("last_error")]
              for i in instances]))
     else:
