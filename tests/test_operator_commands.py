@@ -113,9 +113,22 @@ def test_stop_start_restart_logs_down(host: Host) -> None:
     waiting = cli(host, "restart", "tts", "--wait", "5", *url)
     assert waiting.returncode == 1 and "waits until its lease ends" in waiting.stdout, waiting.stdout
     assert host.pids()["tts"] == tts
-    now = cli(host, "restart", "tts", "--now", *url)
-    assert now.returncode == 0 and "tts restarted" in now.stdout, now.stdout + now.stderr
-    assert host.pids()["tts"] != tts and not alive(tts)
+    follow = subprocess.Popen([sys.executable, "-m", "reconciler", "logs", "tts", "-f", "-n", "1", "--state-dir",
+                               str(host.state_dir)], env=host.env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert follow.stdout is not None and follow.stdout.readline()  # its last line: it follows from here
+        now = cli(host, "restart", "tts", "--now", *url)
+        assert now.returncode == 0 and "tts restarted" in now.stdout, now.stdout + now.stderr
+        assert host.pids()["tts"] != tts and not alive(tts)
+        assert "reconciler: starting tts" in follow.stdout.readline()  # the new launch's header, followed live
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(10) == 0
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait(10)
+        if follow.stdout is not None:
+            follow.stdout.close()
 
     # logs: the file itself, and through the API
     logs = cli(host, "logs", "tts", "-n", "50", "--state-dir", str(host.state_dir))
