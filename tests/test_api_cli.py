@@ -230,3 +230,16 @@ def test_commands_find_the_token_in_a_flag_a_file_or_the_environment(secured: Ap
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
     assert secured.status()["leases"] == []
+
+
+def test_the_operators_verbs_and_logs_need_the_token(secured: ApiRun) -> None:
+    for method, path in (("GET", "/v1/services/llm/logs"), ("POST", "/v1/services/llm/reset"),
+                         ("POST", "/v1/services/llm/stop"), ("POST", "/v1/down")):
+        assert httpx.request(method, secured.url + path).status_code == 401, path
+    assert secured.http.get("/v1/services/llm/logs", params={"tail": 2}).status_code == 200
+    without = cli(secured, "reset", "llm")
+    assert without.returncode == 1 and "401" in without.stderr and "--token-file" in without.stderr
+    logs = cli(secured, "logs", "llm", "-n", "2", RECONCILER_TOKEN=TOKEN)
+    assert logs.returncode == 0 and 1 <= len(logs.stdout.splitlines()) <= 2, logs.stderr
+    reset = cli(secured, "reset", "llm", RECONCILER_TOKEN=TOKEN)
+    assert reset.returncode == 0 and "no failures on record" in reset.stdout, reset.stderr
