@@ -79,3 +79,16 @@ def test_stalled_only_after_the_policy_count_and_cleared_once_healthy() -> None:
     assert again.stalled and again.failures == DEFAULT_POLICY.stall_after + 1
     later = after_healthy(healthy, "d", NOW + timedelta(seconds=1 + DEFAULT_POLICY.reset_after_s), DEFAULT_POLICY)
     assert later.failures == 0 and not later.stalled
+
+
+def test_a_pending_reason_says_where_this_plans_starts_took_the_memory() -> None:
+    profile = Profile.model_validate({"schema_version": 1, "name": "t", "services": {
+        "a": _service(9001, priority=1, max_mb=6000), "b": _service(9002, priority=1, max_mb=4000)}})
+    snapshot = Snapshot.model_validate({"format_version": 1, "node": "local", "now": NOW.isoformat(),
+                                        "gpus": [{"index": 0, "uuid": "GPU-0", "name": "sim", "total_mb": 8192,
+                                                  "used_mb": 0}]})
+    result = plan(profile, snapshot)
+    assert [a.id for a in result.actions] == ["start:a"]
+    [pending] = result.pending
+    assert pending.service == "b" and pending.reason.startswith("needs 4000 MB on GPU 0, 2192 free")
+    assert pending.reason.endswith("; 6000 MB held for start:a"), pending.reason

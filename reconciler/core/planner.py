@@ -487,7 +487,7 @@ class Planner:
             placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu_set if dead else (),
                                    need=need)
             if isinstance(placement, NoPlacement):
-                return self._unreachable(name, queue, placement.reason)
+                return self._unreachable(name, queue, placement.reason + self._held_note(spec, queue))
             gpus = placement.gpus
             requires += self.evict(placement, name, priority)
             for gpu in gpus:
@@ -517,6 +517,14 @@ class Planner:
                                     requires=sorted(set(requires)))
         self.state.models[name], self.state.placed[name] = model, gpus
         self.state.touched.add(name)
+
+    def _held_note(self, spec: Service, queue: list[Demand]) -> str:
+        """``; 1024 MB held for start:tts`` — what this plan's starts and restarts already took on the GPUs it
+        could use, so a reason's "free" figure says where the memory went (as the status and a VRAM lease do)."""
+        allowed = set(self.allowed_gpus(spec, queue[0] if queue else None))
+        notes = [f"{a.mb} MB held for {a.id}" for a in self.state.actions.values()
+                 if a.kind in ("start", "restart") and a.mb and allowed & set(a.gpu_set)]
+        return f"; {', '.join(notes)}" if notes else ""
 
     def _gives(self, action: Action, gpu: int) -> int:
         """What a stop or an evict emitted so far gives back on ``gpu``."""
