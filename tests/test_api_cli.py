@@ -93,7 +93,9 @@ def test_status_prints_tables_and_json(api: ApiRun) -> None:
     assert lines[0].startswith("node local · profile api · observed ")
     assert any(line.split()[:2] == ["GPU", "NAME"] for line in lines)
     llm = next(line for line in lines if line.startswith("llm "))
-    assert llm.split()[1:5] == ["running", "ok", "0", "started"]
+    state, health, pid, priority, mb, gpu, origin = llm.split()[1:8]
+    assert [state, health, priority, mb, gpu, origin] == ["running", "ok", "1", "2000", "0", "started"], llm
+    assert int(pid) == next(i["pid"] for i in api.status()["instances"] if i["service"] == "llm")
     document = json.loads(cli(api, "status", "--format", "json").stdout)
     assert document["profile"] == "api" and document["instances"][0]["service"] == "llm"
 
