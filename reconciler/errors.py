@@ -7,6 +7,7 @@
     ├── GuardError            a request refused for safety (e.g. a profile that would stop everything)
     ├── LeaseRefused          a lease request not granted; its ``refusal`` says which way (a Refusal)
     ├── CallerGone            the caller of a waiting lease request went away; its demand was withdrawn
+    ├── OperatorRefused       an operator's request (stop, restart…) that cannot be done: unknown, or a conflict
     └── HostError             the host could not be observed or changed
         ├── GpuBackendError   NVML missing or failing, a bad --gpu spec
         ├── DriverError       a process/docker/ollama driver failed
@@ -83,6 +84,16 @@ class LeaseRefused(ReconcilerError):
 
 class CallerGone(ReconcilerError):
     """The caller went away while its lease request waited; its demand was withdrawn."""
+
+
+class OperatorRefused(ReconcilerError):
+    """``reconciler stop|start|restart|reset`` refused: ``kind`` is ``unknown`` (no such service, a 404) or
+    ``conflict`` (e.g. an adopted instance, which is never signalled: a 409); nothing was changed."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
 
 
 class HostError(ReconcilerError):

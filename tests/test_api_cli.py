@@ -93,7 +93,9 @@ def test_status_prints_tables_and_json(api: ApiRun) -> None:
     assert lines[0].startswith("node local · profile api · observed ")
     assert any(line.split()[:2] == ["GPU", "NAME"] for line in lines)
     llm = next(line for line in lines if line.startswith("llm "))
-    assert llm.split()[1:5] == ["running", "ok", "0", "started"]
+    state, health, pid, priority, mb, gpu, origin = llm.split()[1:8]
+    assert [state, health, priority, mb, gpu, origin] == ["running", "ok", "1", "2000", "0", "started"], llm
+    assert int(pid) == next(i["pid"] for i in api.status()["instances"] if i["service"] == "llm")
     document = json.loads(cli(api, "status", "--format", "json").stdout)
     assert document["profile"] == "api" and document["instances"][0]["service"] == "llm"
 
@@ -117,7 +119,9 @@ def test_lease_prints_the_url_renews_and_releases_on_ctrl_c(api: ApiRun) -> None
         assert still["id"] == lease["id"] and still["remaining_s"] > 0.2
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
-        assert "released lease" in process.stderr.read()
+        said = process.stderr.read()
+        assert "released lease" in said
+        assert "(GPU 0); renewing" in said and "None" not in said  # no model: none named, not "model None"
     assert api.status()["leases"] == []
 
 
@@ -228,3 +232,16 @@ def test_commands_find_the_token_in_a_flag_a_file_or_the_environment(secured: Ap
         process.send_signal(signal.SIGINT)
         assert process.wait(10) == 0
     assert secured.status()["leases"] == []
+
+
+def test_the_operators_verbs_and_logs_need_the_token(secured: ApiRun) -> None:
+    for method, path in (("GET", "/v1/services/llm/logs"), ("POST", "/v1/services/llm/reset"),
+                         ("POST", "/v1/services/llm/stop"), ("POST", "/v1/down")):
+        assert httpx.request(method, secured.url + path).status_code == 401, path
+    assert secured.http.get("/v1/services/llm/logs", params={"tail": 2}).status_code == 200
+    without = cli(secured, "reset", "llm")
+    assert without.returncode == 1 and "401" in without.stderr and "--token-file" in without.stderr
+    logs = cli(secured, "logs", "llm", "-n", "2", RECONCILER_TOKEN=TOKEN)
+    assert logs.returncode == 0 and 1 <= len(logs.stdout.splitlines()) <= 2, logs.stderr
+    reset = cli(secured, "reset", "llm", RECONCILER_TOKEN=TOKEN)
+    assert reset.returncode == 0 and "no failures on record" in reset.stdout, reset.stderr

@@ -90,6 +90,15 @@ def test_unreachable_lease_is_503_with_the_plans_reason_and_withdrawn(api: ApiRu
     assert api.status()["demands"] == []  # withdrawn with the answer
 
 
+def test_a_lease_without_a_holder_is_named_after_the_client_address(api: ApiRun) -> None:
+    for body in ({}, {"holder": ""}, {"holder": "  "}):
+        response = api.lease("llm", ttl_s=30, **body)
+        assert response.status_code == 200, response.text
+        holder = response.json()["holder"]
+        assert holder.startswith("client 127.0.0.1:") and int(holder.rsplit(":", 1)[1]) > 0, holder
+        assert api.http.delete(f"/v1/leases/{response.json()['id']}").status_code == 200
+
+
 def test_unknown_service_is_404_with_the_known_ones(api: ApiRun) -> None:
     response = api.lease("nope")
     assert response.status_code == 404

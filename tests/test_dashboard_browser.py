@@ -164,7 +164,8 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
             status = server.status()
             running = {i["service"] for i in status["instances"] if i["state"] == "running" and i["healthy"]}
             gpus = status["gpus"]  # from the last pass's observation, which may predate the starts
-            return running == always_on and gpus and gpus[0]["reserved_started_mb"] == 3072 + 1024 + 2048
+            return (running == always_on and gpus and gpus[0]["reserved_started_mb"] == 3072 + 1024 + 2048
+                    and gpus[0]["adopted_mb"] == 2048)  # the adopted Ollama's memory observed, too
         poll(converged, START_S, "the demo's always-on services running", 0.1)
         status = server.status()
         by_service = {i["service"]: i for i in status["instances"]}
@@ -193,16 +194,19 @@ def test_dashboard_shows_the_demo_and_follows_a_lease_live(
         tts = row_text(browser, "instances", "service", "tts")  # in the profile, not running (not always_on)
         assert tts and tts["state"] == "not running"
 
-        # the GPU bar: started and adopted segments, with MB labels matching the status
+        # the GPU bar: a segment per started and adopted service, with MB labels matching the status
         gpu = status["gpus"][0]
         segments = poll(lambda: browser.script(
             "return Object.fromEntries([...document.querySelectorAll('#gpus .gpu[data-gpu=\"0\"] .bar .seg')]"
-            ".map(s => [s.dataset.part, [Number(s.dataset.mb), s.getBoundingClientRect().width, s.textContent]]))"
+            ".map(s => [s.dataset.service || s.dataset.part,"
+            " [Number(s.dataset.mb), s.getBoundingClientRect().width, s.textContent, s.dataset.part]]))"
         ), 5, "the GPU bar")
-        assert segments["started"][0] == gpu["reserved_started_mb"] == 3072 + 1024 + 2048  # llm, embed, comfyui
-        assert segments["adopted"][0] == gpu["adopted_mb"] == 2048
-        assert segments["started"][2] == "6,144 MB" and segments["adopted"][2] == "2,048 MB"
-        assert segments["started"][1] > segments["adopted"][1] > 0  # widths in proportion
+        started = {k: v for k, v in segments.items() if v[3] == "started"}
+        assert sum(v[0] for v in started.values()) == gpu["reserved_started_mb"] == 3072 + 1024 + 2048
+        assert {k: v[0] for k, v in started.items()} == {"llm": 3072, "embed": 1024, "comfyui": 2048}
+        assert segments["ollama"][0] == gpu["adopted_mb"] == 2048 and segments["ollama"][3] == "adopted"
+        assert segments["llm"][2] == "llm 3,072 MB" and segments["ollama"][2] == "ollama 2,048 MB"
+        assert segments["llm"][1] > segments["ollama"][1] > segments["embed"][1] > 0  # widths in proportion
         numbers = browser.text("#gpus .gpu[data-gpu='0'] .gpu-numbers")
         assert "adopted 2,048 MB · ollama" in numbers and "free " in numbers
 
@@ -346,6 +350,73 @@ def test_dashboard_with_a_token_asks_for_it_and_stays_live(host: Host, browser: 
         poll(lambda: row_text(browser, "leases", "lease", lease.json()["id"]) is None, 1.0, "the release, live")
 
         errors = [e for e in browser.console() if e.get("level") == "SEVERE" and " 401 " not in e.get("message", "")]
+        assert errors == [], errors
+    finally:
+        server.close()
+
+
+def test_dashboard_shows_history_rejections_holds_backoff_and_logs(host: Host, browser: webdriver.Chrome) -> None:
+    good = profile(service("db", host.port(), mb=512, priority=1, always_on=True),
+                   service("sick", host.port(), mb=256, priority=2, always_on=True,
+                           args="--refuse-health").replace("start_timeout_s: 10", "start_timeout_s: 1"),
+                   name="ops")
+    host.write(good)
+    server = Server(host)
+    try:
+        server.wait_up()
+        def ready() -> dict[str, Any] | None:
+            now = server.status()
+            up = any(i["service"] == "db" and i["state"] == "running" for i in now["instances"])
+            return now if up and any(x["backoff"] for x in now["services"]) else None
+        status = poll(ready, START_S, "db running, sick backing off", 0.1)
+        db = next(i for i in status["instances"] if i["service"] == "db")
+
+        # on load: the history from the store, not "No events yet"
+        browser.viewport(600, 900)
+        browser.get(server.base + "/")
+        poll(lambda: browser.script("return document.body.dataset.renders"), 10, "the first render")
+        kinds = poll(lambda: browser.script(
+            "return [...document.querySelectorAll('#events li')].map(li => li.dataset.kind)"), 5, "the history")
+        assert "instance.healthy" in kinds and "backoff" in kinds, kinds
+        assert browser.script("return document.getElementById('events-empty').hidden") is True
+
+        # a row: pid, priority, MB; the idle failing service says so
+        row = poll(lambda: row_text(browser, "instances", "service", "db"), 5, "the db row")
+        assert row["pid"] == str(db["pid"]) and row["priority"] == "1" and row["mb"] == "512"
+        sick = row_text(browser, "instances", "service", "sick")
+        assert "backing off" in sick["state"] and "1 failure, last: " in sick["error"], sick
+        # the URL stays on one line at 600 px
+        lines = browser.script("const td = document.querySelector('#instances tr[data-service=\"db\"] td.url');"
+                               "return td.getBoundingClientRect().height / parseFloat(getComputedStyle(td).lineHeight)")
+        assert lines < 2.5, lines
+        seg = browser.script("const s = document.querySelector('#gpus .seg[data-service=\"db\"]');"
+                             "return s && Number(s.dataset.mb)")
+        assert seg == 512
+
+        # its log, from the link
+        browser.script("document.querySelector('#instances tr[data-service=\"db\"] a.log-link').click()")
+        def log_text() -> str | None:
+            shown = browser.text("#log-lines")
+            return shown if "reconciler: starting db" in shown else None
+        text = poll(log_text, 5, "db's log lines")
+        assert text.startswith("--- ")
+
+        # a rejected edit shows in the header until a good save
+        host.profile.write_text(good.replace("priority: 1", "priority: [1"))
+        cond = poll(lambda: browser.script(
+            "const li = document.querySelector('#conditions li[data-type=\"profile\"]'); return li && li.textContent"),
+            10, "the rejection in the header")
+        assert cond.startswith("profile rejected") and "profile.yaml:" in cond, cond
+        host.profile.write_text(good)
+        poll(lambda: browser.script("return !document.querySelector('#conditions li[data-type=\"profile\"]')"), 10,
+             "the rejection gone after a good save")
+
+        # a held service says so
+        assert server.http.post("/v1/services/db/stop").status_code == 200
+        held = poll(lambda: (r := row_text(browser, "instances", "service", "db")) and "stopped by operator" in
+                    r["state"] and r, 5, "db held on the page")
+        assert "stopped by an operator" in held["error"]
+        errors = [e for e in browser.console() if e.get("level") == "SEVERE"]
         assert errors == [], errors
     finally:
         server.close()

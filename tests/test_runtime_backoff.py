@@ -92,8 +92,13 @@ def test_a_backed_off_start_holds_back_its_lease_and_the_eviction_made_for_it(tm
         assert deferred["lease:D1"] == "requires start:high, which is deferred"
         assert deferred["evict:low"] == "only start:high needed it, which is deferred"
         assert deferred["start:high"].startswith("high is backing off after 1 failure; last: boom; next attempt in 5 s")
-        assert set(stalled) == {"high"}
+        assert stalled == {}  # one failure backs off; "stalled" only after the policy's stall_after failures
         assert hold_back(plan, profile, store, T0 + timedelta(seconds=10)) == ({}, {})
+        for _n in range(BACKOFF_POLICY.stall_after - 1):
+            store.update_backoff("high", lambda old: after_failure(old, "boom", digest, T0, BACKOFF_POLICY))
+        deferred, stalled = hold_back(plan, profile, store, T0 + timedelta(seconds=5))
+        assert set(stalled) == {"high"} and stalled["high"].startswith(
+            f"stalled after {BACKOFF_POLICY.stall_after} failures")
 
 
 def test_a_running_service_that_fails_its_probes_is_restarted_with_backoff(env):

@@ -39,8 +39,20 @@ services:
 
 
 class FakeStore:
+    def __init__(self) -> None:
+        self.meta: dict[str, str] = {}
+
     def instances(self) -> list:
         return []
+
+    def holds(self) -> dict:
+        return {}
+
+    def set_meta(self, key: str, value: str | None) -> None:  # what `reconciler down` reads later
+        if value is None:
+            self.meta.pop(key, None)
+        else:
+            self.meta[key] = value
 
 
 class FakeRuntime:

@@ -54,7 +54,8 @@ class LeaseRequest(_Request):
     """``POST /v1/leases``: hold a service (an instance of it, healthy) for ``ttl_s`` seconds."""
 
     service: Name = Field(description="A service of the profile in force.")
-    holder: Holder = Field("", description="Who asks (shown in the status and the events).")
+    holder: Holder = Field("", description="Who asks (shown in the status and the events); none or blank: named "
+                           "after the client's address, `client 127.0.0.1:53422`.")
     model: ModelName | None = Field(
         None, description="Model it must serve; none = whatever it serves. 1-200 ASCII letters, digits and "
         "`._:/+-`, starting with a letter or digit, no empty, `.` or `..` segment (e.g. `llama3.2:3b`).")
@@ -118,8 +119,15 @@ class GpuStatus(_Response):
     adopted_mb: int = Field(description="Held by adopted instances (their observed usage, else max_mb).")
     leased_mb: int = Field(description="Held by VRAM leases (cf-orch /api/leases) and leased unmanaged slots.")
     foreign_mb: int = Field(description="Used by processes no instance accounts for.")
-    free_mb: int = Field(description="What a start could still take (DESIGN §3 free).")
+    free_mb: int = Field(description="What a start or a VRAM lease could still take now (DESIGN §3 free, less "
+                         "what the last plan holds for its starts: the one figure every view uses, "
+                         "reconciler.core.accounting.free_now).")
     used_mb: int = Field(description="What NVML reports used.")
+    held_for: list[str] = Field(default_factory=list, description="Memory the last plan holds for an action not "
+                                "yet observed (counted in reserved_started_mb), in words: `1024 MB held for "
+                                "start:tts`.")
+    services_mb: dict[str, int] = Field(default_factory=dict, description="Service → MB it reserves on this GPU "
+                                        "(started and adopted instances): the bar's split.")
 
 
 class InstanceStatus(_Response):
@@ -135,8 +143,24 @@ class InstanceStatus(_Response):
     leases: int = Field(description="Leases held on it now.")
     max_concurrent: int = Field(description="Most leases it may hold at once.")
     uptime_s: float | None = Field(None, description="Seconds since it entered its state.")
+    priority: int | None = Field(None, description="Its service's priority (lower = more important).")
+    mb: int | None = Field(None, description="MB it reserves (on each of its GPUs), as the accounting counts it.")
     last_error: str | None = Field(None, description="The last failure (start, health), when there was one.")
     stalled: bool = Field(False, description="Backing off after repeated failures (invariant 6).")
+
+
+class BackoffStatus(_Response):
+    """A service that failed: how often, the last error, when it is tried next. `reconciler reset` clears it."""
+
+    failures: int = Field(description="Failures in a row (reset after a healthy spell, a launch change, or "
+                          "`reconciler reset`).")
+    last_error: str | None = None
+    next_try_at: str | None = Field(None, description="When the next start may happen (UTC); none = now.")
+    next_try_in_s: float | None = Field(None, description="Seconds until then; none = it may be tried now.")
+    stalled: bool = Field(description="It failed the documented number of times in a row (5) and is retried "
+                          "only at the capped interval.")
+    recovered: bool = Field(False, description="It has run healthily since its last failure (the count clears "
+                            "after 10 minutes of health).")
 
 
 class ServiceStatus(_Response):
@@ -150,6 +174,30 @@ class ServiceStatus(_Response):
     max_concurrent: int
     url: str | None = None
     running: bool = Field(description="It has a live instance.")
+    description: str | None = Field(None, description="The profile's `description` of it.")
+    held: str | None = Field(None, description="Why it is held stopped (`reconciler stop`, `down`, or a dependency "
+                             "held so); none when it is not. `reconciler start SERVICE` lifts it.")
+    backoff: BackoffStatus | None = Field(None, description="Its failures, while they count (invariant 6).")
+
+
+class OperatorDone(_Response):
+    """What ``stop``, ``start``, ``restart``, ``reset`` or ``down`` did."""
+
+    service: str | None = None
+    verb: str
+    message: str = Field(description="What happened, in words (what the CLI prints).")
+    done: bool = Field(description="It finished within the wait (false: it goes on; the message says what waits).")
+    stopped: list[str] = Field(default_factory=list, description="Services whose instances this stopped.")
+    left: list[str] = Field(default_factory=list, description="Adopted services left running (`down`).")
+
+
+class LogLines(_Response):
+    """``GET /v1/services/{name}/logs``: the last lines of a service's log file."""
+
+    service: str
+    file: str
+    lines: list[str]
+    size: int = Field(description="The file's size in bytes (an offset to follow it from).")
 
 
 class LeaseStatus(_Response):
@@ -205,7 +253,7 @@ class ModelTraffic(_Response):
 class Condition(_Response):
     """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
 
-    type: Literal["converged", "pending", "stalled", "observed"]
+    type: Literal["converged", "pending", "stalled", "observed", "profile"]
     ok: bool
     service: str | None = None
     message: str

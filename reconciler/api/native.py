@@ -49,7 +49,11 @@ def lease_out(lease: Lease, profile: Profile) -> LeaseOut:
 
 @router.post("/v1/leases", response_model=LeaseOut, responses=_LEASE_ERRORS, tags=["leases"])
 async def create_lease(body: LeaseRequest, request: Request, ctx: Ctx) -> LeaseOut | Response:
-    """Lease a service: at once when a compatible instance has room, else after the reconciler starts one."""
+    """Lease a service: at once when a compatible instance has room, else after the reconciler starts one.
+    A request without a ``holder`` is named after the client's address (``client 127.0.0.1:53422``)."""
+    if not body.holder.strip():
+        peer = request.client
+        body = body.model_copy(update={"holder": f"client {peer.host}:{peer.port}" if peer else "client unknown"})
     try:
         granted = await ctx.leasing.lease(body.to_request(), disconnected=lambda: disconnected(request))
     except LeaseRefused as refused:
@@ -118,10 +122,16 @@ async def event_stream(
     request: Request, ctx: Ctx,
     since: Annotated[int | None, Query(ge=0, le=events.MAX_EVENT_ID,
                                        description="Replay stored events after this id first.")] = None,
+    tail: Annotated[int | None, Query(ge=0, le=events.REPLAY_LIMIT,
+                                      description="With neither `since` nor Last-Event-ID: replay the last "
+                                      "(up to) N stored events first (the dashboard asks for 200 on load).")] = None,
 ) -> StreamingResponse:
     """Server-sent events: ``event: <kind>``, ``data: <JSON>``, ``id: <n>`` for stored events."""
     if since is None:
         since = events.last_event_id(request.headers.get("last-event-id"))
+    if since is None and tail:
+        ctx.runtime.events.flush()  # lease events are recorded in batches: count them in
+        since = max(0, ctx.runtime.store.last_event_id() - tail)
     body = events.stream(ctx.runtime.events, ctx.runtime.store, since, ctx.closing)
     return StreamingResponse(body, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -38,8 +38,9 @@ from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
-from reconciler.errors import GuardError
+from reconciler.errors import GuardError, ReconcilerError
 from reconciler.runtime import Runtime
+from reconciler.runtime.controls import API_URL_META
 from reconciler.runtime.leasing import Leasing
 
 STARTUP_TIMEOUT_S = 10.0
@@ -127,6 +128,8 @@ class ApiServer:
                 raise GuardError(f"the API server on {self.url} did not start within {STARTUP_TIMEOUT_S:g} s")
             await asyncio.sleep(0.01)
         sizing = self.guard.sizing
+        with contextlib.suppress(ReconcilerError):  # for `reconciler down` on this state dir: where we answer
+            runtime.store.set_meta(API_URL_META, self.url)
         runtime.events.publish(EventKind.API_STARTED, message=f"API on {self.url} (dashboard at {self.url}/)",
                                url=self.url, port=self.port, auth=self.token is not None, nofile=sizing.nofile,
                                max_connections=sizing.max_connections)

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Literal
 
 from reconciler.api.models import (
+    BackoffStatus,
     Condition,
     DemandStatus,
     GpuStatus,
@@ -27,13 +28,15 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import world_now
+from reconciler.core.accounting import held_for, held_notes, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
+from reconciler.core.dependencies import Dependencies
 from reconciler.core.plan import Plan
 from reconciler.core.profile import DockerSpec, Profile, Service
-from reconciler.core.snapshot import Demand, Instance, Lease
+from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
+from reconciler.core.wanted import held_closure
 from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
 from reconciler.store.base import StoredState
@@ -68,15 +71,15 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         profile=profile.name,
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
         now=iso_utc(now),
-        gpus=_gpus(world),
-        services=_services(profile, world),
+        gpus=_gpus(world, plan),
+        services=_services(profile, world, snapshot, backoffs, now),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
         leases=[_lease(lease, now) for lease in state.leases],
         demands=[_demand(d, plan, now) for d in state.demands],
         pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
-        conditions=_conditions(plan, backoffs, snapshot is not None),
+        conditions=_conditions(plan, backoffs, snapshot is not None, runtime.profile_problem),
         models=models(runtime),
     )
 
@@ -95,9 +98,15 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
     ) for m in runtime.traffic.models()]
 
 
-def _gpus(world: World | None) -> list[GpuStatus]:
+def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
+    """Each GPU's reservations by origin, as the last pass observed them. Memory the last plan's starts hold
+    is said (``held_for``) and taken off ``free_mb``, as a VRAM lease's check counts it, but not added to
+    the reservations: the observation may still show what those starts replaced (a switch's stopped
+    instance), and adding both would book more than the GPU holds."""
     if world is None:
         return []
+    held = held_for(world, plan)
+    planned = {gpu: sum(mb for _, mb in items) for gpu, items in held.items()}
     out = []
     for index, view in world.gpus.items():
         by_origin = {"started": 0, "adopted": 0, "slot": 0, "vram": 0}
@@ -106,12 +115,32 @@ def _gpus(world: World | None) -> list[GpuStatus]:
         out.append(GpuStatus(
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
-            foreign_mb=view.foreign, free_mb=view.free, used_mb=view.gpu.used_mb,
+            foreign_mb=view.foreign, free_mb=max(0, view.free - planned.get(index, 0)), used_mb=view.gpu.used_mb,
+            held_for=held_notes(held.get(index, [])),
+            services_mb={name: holder.reservation for name, holder in sorted(view.holders.items())
+                         if holder.origin in ("started", "adopted")},
         ))
     return out
 
 
-def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
+def backoff_status(backoff: Backoff | None, now: datetime) -> BackoffStatus | None:
+    """A service's failures as the views show them; None once there are none (or a healthy spell cleared them)."""
+    if backoff is None or not backoff.failures:
+        return None
+    next_at = backoff.next_attempt_at if backoff.next_attempt_at is not None and backoff.next_attempt_at > now else None
+    recovered = backoff.healthy_since is not None
+    return BackoffStatus(
+        failures=backoff.failures, last_error=backoff.last_error, stalled=backoff.stalled and not recovered,
+        next_try_at=iso_utc(next_at, timespec="seconds") if next_at is not None else None,
+        next_try_in_s=_seconds((next_at - now).total_seconds()) if next_at is not None else None,
+        recovered=recovered,
+    )
+
+
+def _services(profile: Profile, world: World | None, snapshot: Snapshot | None, backoffs: dict[str, Backoff],
+              now: datetime) -> list[ServiceStatus]:
+    held = held_closure(world, Dependencies(profile.services)) if world is not None and snapshot is not None \
+        and snapshot.held else {}
     out = []
     for name, spec in sorted(profile.services.items(), key=lambda kv: (kv[1].priority, kv[0])):
         kind: Literal["process", "docker", "unmanaged"] = (
@@ -120,7 +149,8 @@ def _services(profile: Profile, world: World | None) -> list[ServiceStatus]:
         out.append(ServiceStatus(
             service=name, priority=spec.priority, max_mb=spec.max_mb, managed=kind, always_on=spec.always_on,
             max_concurrent=capacity(spec), url=service_url(spec),
-            running=world is not None and name in world.instances,
+            running=world is not None and name in world.instances, description=spec.description,
+            held=held.get(name), backoff=backoff_status(backoffs.get(name), now),
         ))
     return out
 
@@ -131,7 +161,8 @@ def _instance(
 ) -> InstanceStatus:
     spec = profile.services.get(instance.service)
     backoff = backoffs.get(instance.service)
-    failing = backoff is not None and (backoff.failures > 0 or backoff.stalled)
+    # an instance that has been healthy since its last failure shows neither the old error nor a stall
+    failing = backoff is not None and (backoff.failures > 0 or backoff.stalled) and backoff.healthy_since is None
     return InstanceStatus(
         service=instance.service, state=instance.state,
         healthy=_healthy(instance, world),
@@ -140,9 +171,18 @@ def _instance(
         leases=sum(1 for lease in active if lease.service == instance.service and lease.kind == "service"),
         max_concurrent=capacity(spec) if spec is not None else 1,
         uptime_s=_seconds((now - instance.since).total_seconds()) if instance.since else None,
+        priority=spec.priority if spec is not None else None, mb=_reservation(instance, world),
         last_error=backoff.last_error if failing and backoff is not None else None,
-        stalled=bool(backoff and backoff.stalled),
+        stalled=bool(backoff and backoff.stalled and backoff.healthy_since is None),
     )
+
+
+def _reservation(instance: Instance, world: World | None) -> int | None:
+    """What the instance books on its (first) GPU; None when it is on none or not observed yet."""
+    if world is None or instance.gpu is None or instance.gpu not in world.gpus:
+        return None
+    holder = world.gpus[instance.gpu].holders.get(instance.service)
+    return holder.reservation if holder is not None else None
 
 
 def _healthy(instance: Instance, world: World | None) -> bool:
@@ -187,8 +227,11 @@ def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
     )
 
 
-def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool) -> list[Condition]:
+def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool,
+                profile_problem: str | None = None) -> list[Condition]:
     out = []
+    if profile_problem is not None:  # first: the header says it until a good save
+        out.append(Condition(type="profile", ok=False, message=profile_problem))
     if not observed or plan is None:
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:
@@ -200,7 +243,7 @@ def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool)
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
     for name, backoff in backoffs.items():
-        if backoff.stalled:
+        if backoff.stalled and backoff.healthy_since is None:
             message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
             out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out

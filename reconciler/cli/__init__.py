@@ -24,7 +24,7 @@ DEBUG_ENV = "RECONCILER_DEBUG"
 
 # Each module defines register(subparsers); order is the order of --help.
 COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why",
-            "install-service")
+            "logs", "stop", "start", "restart", "reset", "down", "install-service")
 
 
 class _Parser(argparse.ArgumentParser):

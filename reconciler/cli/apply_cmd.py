@@ -85,14 +85,18 @@ async def _apply(profile: Profile, args: argparse.Namespace, state_dir: Path) ->
     async with Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
                         purpose="apply") as parts:
         await parts.runtime.recover()
+        from reconciler.runtime.controls import remember
+
+        remember(parts.runtime, args.profile, args.gpu)
         if args.wait:
             return await parts.runtime.converge(profile, args.timeout)
         return await parts.runtime.reconcile(profile)
 
 
 async def _dry_run(profile: Profile, args: argparse.Namespace, state_dir: Path) -> Plan:
-    from reconciler.cli.observe_cmd import observe_once, read_inventory
+    from reconciler.cli.observe_cmd import observe_once, read_inventory, with_holds
     from reconciler.core.planner import plan as make_plan
 
-    snapshot = await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node)
+    snapshot = with_holds(await observe_once(profile, args.gpu, read_inventory(str(state_dir)), node=args.node),
+                          str(state_dir))
     return make_plan(profile, snapshot)

@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
             lease = client.post("/v1/leases", body, timeout_s=args.wait + 10)
             previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
             print(lease["url"] or "", flush=True)
-            print(f"lease {lease['id']} on {lease['service']} (GPU {lease['gpu']}, model {lease['model']}); "
+            where = ", ".join(bit for bit in (f"GPU {lease['gpu']}" if lease["gpu"] is not None else "no GPU",
+                                              f"model {lease['model']}" if lease.get("model") else "") if bit)
+            print(f"lease {lease['id']} on {lease['service']} ({where}); "
                   f"renewing every {args.ttl / 3:g} s; Ctrl-C releases it", file=sys.stderr, flush=True)
             try:
                 while not stop.wait(args.ttl / 3):

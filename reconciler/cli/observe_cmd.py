@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     snapshot = asyncio.run(observe_once(profile, args.gpu, read_inventory(args.state_dir), node=args.node))
+    snapshot = with_holds(snapshot, args.state_dir)
     if not args.show_secrets:
         snapshot = redact_snapshot(snapshot, Redactor(profile.expansions))
     try:
@@ -84,6 +85,19 @@ def read_inventory(state_dir: str | None) -> StoredState:
         return StoredState(instances=[], leases=[], demands=[])
     with open_store(directory, SYSTEM_CLOCK) as store:
         return store.state()
+
+
+def with_holds(snapshot: Snapshot, state_dir: str | None) -> Snapshot:
+    """``snapshot`` with the services an operator holds stopped (``reconciler stop``), as a pass plans with."""
+    from reconciler.host.clock import SYSTEM_CLOCK
+    from reconciler.store import DB_NAME, default_state_dir, open_store
+
+    directory = Path(state_dir) if state_dir else default_state_dir()
+    if not (directory / DB_NAME).is_file():
+        return snapshot
+    with open_store(directory, SYSTEM_CLOCK) as store:
+        held = sorted(store.holds())
+    return snapshot.model_copy(update={"held": held}) if held else snapshot
 
 
 def render(snapshot: Snapshot, fmt: str) -> str:

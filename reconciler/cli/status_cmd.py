@@ -98,15 +98,20 @@ def render(status: dict[str, Any]) -> str:
             ["GPU", "NAME", "TOTAL MB", "STARTED", "ADOPTED", "LEASED", "FOREIGN", "FREE"],
             [[g["index"], g["name"], g["total_mb"], g["reserved_started_mb"], g["adopted_mb"], g["leased_mb"],
               g["foreign_mb"], g["free_mb"]] for g in gpus]))
+        planned = [f"  GPU {g['index']}: {note}" for g in gpus for note in g.get("held_for") or []]
+        if planned:
+            out += ["held for planned actions (not yet observed):", *planned]
     else:
         out.append("no GPU")
     out.append("")
     instances = status.get("instances") or []
     if instances:
         out.append(table(
-            ["SERVICE", "STATE", "HEALTH", "GPU", "ORIGIN", "MODEL", "LEASES", "UPTIME", "URL", "LAST ERROR"],
+            ["SERVICE", "STATE", "HEALTH", "PID", "PRIO", "MB", "GPU", "ORIGIN", "MODEL", "LEASES", "UPTIME", "URL",
+             "LAST ERROR"],
             [[i["service"], i["state"] + (" (stalled)" if i.get("stalled") else ""),
-              "ok" if i["healthy"] else "down", i["gpu"], i["origin"], i["model"],
+              "ok" if i["healthy"] else "down", i.get("pid"), i.get("priority"), i.get("mb"), i["gpu"], i["origin"],
+              i["model"],
               f"{i['leases']}/{i['max_concurrent']}", duration(i.get("uptime_s")), i["url"], i.get("last_error")]
              for i in instances]))
     else:
@@ -135,7 +140,19 @@ def render(status: dict[str, Any]) -> str:
     pending = [p for p in status.get("pending") or [] if not p.get("demand")]
     if pending:
         out += ["", "pending:"] + [f"  {p['service']}: {p['reason']}" for p in pending]
-    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in ("stalled", "observed")]
+    services = status.get("services") or []
+    held = [s for s in services if s.get("held")]
+    if held:
+        out += ["", "held stopped (`reconciler start SERVICE` lets it run):"] + [
+            f"  {s['service']}: {s['held']}" for s in held]
+    failing = [s for s in services if s.get("backoff") and not s["backoff"].get("recovered")]
+    if failing:
+        out += ["", table(["FAILING", "FAILURES", "NEXT TRY", "LAST ERROR"], [
+            [s["service"] + (" (stalled)" if s["backoff"]["stalled"] else ""), s["backoff"]["failures"],
+             (f"{s['backoff']['next_try_at'][11:19]} (in {duration(s['backoff']['next_try_in_s'])})"
+              if s["backoff"].get("next_try_at") else "now"), s["backoff"].get("last_error")] for s in failing])]
+        out.append("(`reconciler reset SERVICE` forgets the failures and tries it at once)")
+    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] == "observed"]
     if bad:
         out += ["", "conditions:"] + [f"  {c['type']}{' ' + c['service'] if c.get('service') else ''}: {c['message']}"
                                       for c in bad]

@@ -118,6 +118,7 @@ async def watch(args: argparse.Namespace) -> int:
     from reconciler.host.clock import SYSTEM_CLOCK
     from reconciler.render.events import Printer, print_events
     from reconciler.runtime.assembly import Assembly
+    from reconciler.runtime.controls import remember
     from reconciler.runtime.loop import Companion, Loop, Started
     from reconciler.store import default_state_dir
 
@@ -129,6 +130,7 @@ async def watch(args: argparse.Namespace) -> int:
     assembly = Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
                         purpose="watch")
     async with assembly:
+        remember(assembly.runtime, first.path, args.gpu)
         for server in (api, gateway):
             if server is not None:
                 server.bind()

@@ -57,23 +57,44 @@ def explain(status: dict[str, Any], name: str) -> list[str] | None:
     actions = [a for a in plan.get("actions", []) if a["service"] == name]
     pending = [p for p in status.get("pending", []) if p["service"] == name]
     demands = [d for d in status.get("demands", []) if d["service"] == name]
-    stalled = [c for c in status.get("conditions", []) if c["type"] == "stalled" and c.get("service") == name]
     lines = [_state(name, service, instance)]
+    if service.get("held"):
+        lines.append(f"It is held stopped: {service['held']}.")
+    backoff = service.get("backoff")
+    waiting = backoff is not None and not backoff.get("recovered") and backoff.get("next_try_at")
     for action in actions:
+        if waiting and action["kind"] in ("start", "restart"):
+            continue  # held back by the backoff: said below, with when
         lines.append(f"The plan will {VERBS.get(action['kind'], action['kind'])}: {action['reason']}.")
+    if backoff is not None and not backoff.get("recovered"):
+        lines.append(backoff_sentence(name, backoff))
     for item in pending:
         lines.append(f"It waits: {item['reason']}.")
     for demand in demands:
         if not any(p.get("demand") == demand["id"] for p in pending):
             who = f" from {demand['holder']}" if demand["holder"] else ""
             lines.append(f"Lease request {demand['id']}{who} waits: {demand['reason']}.")
-    for condition in stalled:
-        lines.append(f"It is backing off after repeated failures: {condition['message']}.")
     if not plan:
         lines.append("The reconciler has not planned yet; ask again in a moment.")
-    elif not actions and not pending and not demands:
+    elif not actions and not pending and not demands and not service.get("held") and not (
+            backoff is not None and not backoff.get("recovered")):
         lines.append(_settled(service, instance))
     return lines
+
+
+def backoff_sentence(name: str, backoff: dict[str, Any]) -> str:
+    """"Backing off: 3 failures, last error …, next try at … (in 20 s)" — or stalled, said the same way."""
+    failures = backoff["failures"]
+    head = "Stalled" if backoff.get("stalled") else "Backing off"
+    text = f"{head}: {failures} failure{'s' if failures != 1 else ''}"
+    if backoff.get("last_error"):
+        text += f", last error: {backoff['last_error']}"
+    if backoff.get("next_try_at"):
+        when = backoff["next_try_at"].replace("T", " ").replace("+00:00", "Z")
+        text += f"; next try at {when} (in {duration(backoff.get('next_try_in_s'))})"
+    else:
+        text += "; it may be tried now"
+    return text + f". `reconciler reset {name}` forgets the failures and tries it at once."
 
 
 def _state(name: str, service: dict[str, Any], instance: dict[str, Any] | None) -> str:

@@ -10,7 +10,8 @@ moment (a VRAM lease granted a millisecond ago must count at once). So:
 * :func:`world_now` is the snapshot with the store's leases and the current
   time — the accounting behind ``GET /v1/status``;
 * :func:`free_now` is that ``free`` less what the last plan's starts and
-  restarts reserve (a start that pass carried out holds its reservation
+  restarts reserve (:func:`held_for`; every view says so: "1024 MB held
+  for start:tts", :func:`held_notes`) (a start that pass carried out holds its reservation
   though the snapshot predates it; a failed one counts until the next pass
   sees it gone; a stop frees nothing until a pass sees the memory back) —
   what a VRAM lease may take. Conservative both ways, so reservations never
@@ -81,15 +82,17 @@ def headroom(
             for index, view in world.gpus.items()}
 
 
-def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
-    """GPU index → MB that the plan's starts and restarts reserve beyond what ``world`` counts.
+def held_for(world: World, plan: Plan | None) -> dict[int, list[tuple[str, int]]]:
+    """GPU index → [(action id, MB)]: what the plan's starts and restarts hold beyond what ``world`` counts.
 
     A plan is made from the snapshot it is carried out on, so its starts are
     not in that snapshot; its restarts may raise a reservation. Stops are
     ignored (memory counts until a pass sees it given back), and so are
-    leases (the store's leases are already counted).
+    leases (the store's leases are already counted). A start held back by its
+    backoff holds its memory too: it is still the plan, and the memory is
+    kept for it rather than handed to a VRAM lease that would block it.
     """
-    extra: dict[int, int] = {}
+    out: dict[int, list[tuple[str, int]]] = {}
     for action in plan.actions if plan is not None else ():
         if action.kind not in ("start", "restart") or not action.mb:
             continue
@@ -98,5 +101,27 @@ def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
             held = view.holders.get(action.service) if view is not None else None
             mb = action.mb - (held.reservation if held is not None else 0)
             if mb > 0:
-                extra[gpu] = extra.get(gpu, 0) + mb
-    return extra
+                out.setdefault(gpu, []).append((action.id, mb))
+    return out
+
+
+def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
+    """GPU index → MB that the plan's starts and restarts reserve beyond what ``world`` counts (:func:`held_for`)."""
+    return {gpu: sum(mb for _, mb in items) for gpu, items in held_for(world, plan).items()}
+
+
+def held_notes(items: list[tuple[str, int]]) -> list[str]:
+    """``["1024 MB held for start:tts"]``: how every view says where planned memory went."""
+    return [f"{mb} MB held for {action}" for action, mb in items]
+
+
+def free_explained(
+    profile: Profile, snapshot: Snapshot, plan: Plan | None, leases: list[Lease], now: datetime, gpu: int
+) -> tuple[int, list[str]]:
+    """GPU ``gpu``'s free MB as :func:`free_now` counts it, and what the last plan holds there, in words."""
+    world = world_now(profile, snapshot, leases, now)
+    view = world.gpus.get(gpu)
+    if view is None:
+        return 0, []
+    items = held_for(world, plan).get(gpu, [])
+    return max(0, view.free - sum(mb for _, mb in items)), held_notes(items)

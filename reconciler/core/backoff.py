@@ -8,7 +8,11 @@ in a row the next attempt waits ``min(base_s · factor^(n-1), max_s)``: 10 s,
 failures on (5) the service is *stalled*: still retried at the capped
 interval, never hot-looped, and reported with its last error. A service that
 stays healthy for ``reset_after_s`` (10 min), or whose launch spec changes
-(an edit is a fresh start), counts from zero again.
+(an edit is a fresh start), counts from zero again. Once it is healthy again
+it is no longer stalled (the views drop the tag and the old error at once),
+but its count stays until that healthy spell is long enough, so a service
+that comes up and falls over again keeps backing off where it was.
+``reconciler reset SERVICE`` deletes the record: tried at the next pass.
 
 :class:`Backoff` is one service's record; :func:`after_failure` and
 :func:`after_healthy` are the only ways it changes. The store keeps the
@@ -86,7 +90,7 @@ def after_healthy(old: Backoff, digest: str, now: datetime, policy: BackoffPolic
     since = old.healthy_since or now
     if (now - since).total_seconds() >= policy.reset_after_s:
         return Backoff(old.service, 0, None, False, old.last_error, digest, since)
-    return replace(old, spec_hash=digest, healthy_since=since)
+    return replace(old, spec_hash=digest, healthy_since=since, stalled=False)  # healthy now: not stalled
 
 
 def describe(backoff: Backoff, now: datetime) -> str:

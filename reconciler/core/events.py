@@ -55,6 +55,7 @@ class EventKind(StrEnum):
     INSTANCE_ADOPTED = "instance.adopted", "A healthy listener became an instance without starting anything."
     INSTANCE_RELEASED = "instance.released", "An adopted instance whose service left the profile is forgotten; it keeps running."
     INSTANCE_FORGOTTEN = "instance.forgotten", "An instance could not be identified as ours; it is forgotten, never signalled."
+    OPERATOR_REQUEST = "operator.request", "An operator asked for something: `stop`, `start`, `restart`, `reset` a service, or `down` (CLI or API)."
     BACKOFF = "backoff", "A service failed again: its failure count, next attempt, whether it is stalled."
     # crash recovery
     INTENT_RECOVERED = "intent.recovered", "An action a previous run left half done was resolved at start-up."

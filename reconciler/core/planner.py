@@ -61,7 +61,7 @@ from reconciler.core.plan_state import PlanState
 from reconciler.core.profile import Profile, Service, is_ollama
 from reconciler.core.redaction import Redactor, redact_plan
 from reconciler.core.snapshot import Demand, Instance, Snapshot
-from reconciler.core.wanted import compute_wanted
+from reconciler.core.wanted import compute_wanted, held_closure
 from reconciler.core.world import World
 
 
@@ -91,6 +91,7 @@ class Planner:
         self.granting = DemandGranting(self)
         self.redactor = Redactor(profile.expansions)  # no reason ever shows an expanded value (invariant 8)
         self.effective: dict[str, int] = {}  # wanted service → priority, inherited by dependencies
+        self.on_hold: dict[str, str] = {}  # service an operator holds stopped (or that needs one) → why
 
     # --- building blocks -----------------------------------------------------
 
@@ -173,6 +174,10 @@ class Planner:
                 self.state.add("release", lease.id, lease.service,
                          f"lease {lease.id}: service {lease.service!r} is no longer in the profile",
                          **self.on_gpus(lease.gpu_set), lease=lease.id)
+            elif lease.kind == "service" and lease.service in self.on_hold:
+                self.state.add("release", lease.id, lease.service,
+                               f"lease {lease.id}: {lease.service} is {self.on_hold[lease.service]}",
+                               **self.on_gpus(lease.gpu_set), lease=lease.id)
             else:
                 keep.append(lease)
         self.world.active_leases = keep
@@ -429,7 +434,10 @@ class Planner:
                 self.granting.grant_all(name, spec, queue)
         for name, queue in demands.items():
             for demand in queue:
-                self.state.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
+                if name in self.on_hold:  # the operator's word: waiting would not help
+                    self.state.wait(name, f"{name} is {self.on_hold[name]}", demand.id, final=True)
+                else:
+                    self.state.wait(name, f"demand {demand.id}: service {name!r} is not in the profile", demand.id)
 
     def _moved(self, name: str, queue: list[Demand], wanted: dict[str, str], demanded: set[str]) -> str | None:
         """An instance of ours evicted earlier in this pass that is still wanted: start it elsewhere.
@@ -479,7 +487,7 @@ class Planner:
             placement = self.place(name, spec, queue[0] if queue else None, priority, dead.gpu_set if dead else (),
                                    need=need)
             if isinstance(placement, NoPlacement):
-                return self._unreachable(name, queue, placement.reason)
+                return self._unreachable(name, queue, placement.reason + self._held_note(spec, queue))
             gpus = placement.gpus
             requires += self.evict(placement, name, priority)
             for gpu in gpus:
@@ -509,6 +517,14 @@ class Planner:
                                     requires=sorted(set(requires)))
         self.state.models[name], self.state.placed[name] = model, gpus
         self.state.touched.add(name)
+
+    def _held_note(self, spec: Service, queue: list[Demand]) -> str:
+        """``; 1024 MB held for start:tts`` — what this plan's starts and restarts already took on the GPUs it
+        could use, so a reason's "free" figure says where the memory went (as the status and a VRAM lease do)."""
+        allowed = set(self.allowed_gpus(spec, queue[0] if queue else None))
+        notes = [f"{a.mb} MB held for {a.id}" for a in self.state.actions.values()
+                 if a.kind in ("start", "restart") and a.mb and allowed & set(a.gpu_set)]
+        return f"; {', '.join(notes)}" if notes else ""
 
     def _gives(self, action: Action, gpu: int) -> int:
         """What a stop or an evict emitted so far gives back on ``gpu``."""
@@ -649,6 +665,7 @@ class Planner:
     def run(self) -> Plan:
         before = World(self.profile, self.snapshot)
         before.account()
+        self.on_hold = held_closure(self.world, self.deps) if self.snapshot.held else {}
         self.release_leases()
         self.adopt()
         self.world.account()

@@ -204,6 +204,12 @@ class Snapshot(_Strict):
     instances: list[Instance] = Field(default_factory=list, description="The reconciler's own inventory.")
     leases: list[Lease] = Field(default_factory=list, description="Granted leases.")
     demands: list[Demand] = Field(default_factory=list, description="Lease requests waiting for their service.")
+    held: list[str] = Field(
+        default_factory=list,
+        description="Services an operator holds stopped (`reconciler stop`, `reconciler down`): not wanted, "
+        "whatever asks for them (their leases are released, their demands refused), until `reconciler start`; "
+        "what depends on them is not wanted either. An adopted instance is never stopped.",
+    )
 
     @field_validator("format_version")
     @classmethod

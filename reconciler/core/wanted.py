@@ -55,16 +55,44 @@ def idle_reason(world: World, service: str) -> tuple[bool, str]:
     return False, f"idle for {_seconds(idle)} ({named} is {_seconds(limit)})"
 
 
+def held_closure(world: World, deps: Dependencies) -> dict[str, str]:
+    """Service → why it is held stopped: the snapshot's ``held`` ones, and every service that needs one."""
+    out: dict[str, str] = {}
+    for name in sorted(world.snapshot.held):
+        if name in world.profile.services:
+            out.setdefault(name, f"stopped by an operator (`reconciler start {name}` lets it run again)")
+    for name in sorted(world.profile.services):
+        if name in out:
+            continue
+        blocking = sorted(d for d in deps.needs(name) - {name} if d in world.snapshot.held)
+        if blocking:
+            out[name] = (f"needs {blocking[0]}, which is stopped by an operator "
+                         f"(`reconciler start {blocking[0]}` lets it run again)")
+    return out
+
+
+def held_reason(world: World, service: str, deps: Dependencies | None = None) -> str | None:
+    """Why ``service`` is held stopped, or None."""
+    if not world.snapshot.held:
+        return None
+    return held_closure(world, deps if deps is not None else Dependencies(world.profile.services)).get(service)
+
+
 def compute_wanted(world: World, deps: Dependencies | None = None) -> Wanted:
     profile = world.profile
     wanted: dict[str, str] = {}
     unwanted: dict[str, str] = {}
+    deps = deps if deps is not None else Dependencies(profile.services)
+    held = held_closure(world, deps) if world.snapshot.held else {}
     demanded: dict[str, list[str]] = {}
     for demand in world.snapshot.demands:
         demanded.setdefault(demand.service, []).append(demand.id)
     for name, spec in profile.services.items():
         leases = world.leases_of(name)
-        if spec.always_on:
+        if name in held:
+            if name in world.instances:
+                unwanted[name] = held[name]
+        elif spec.always_on:
             wanted[name] = "always_on"
         elif leases:
             wanted[name] = f"{len(leases)} lease{'s' if len(leases) != 1 else ''} held"
@@ -73,7 +101,6 @@ def compute_wanted(world: World, deps: Dependencies | None = None) -> Wanted:
         elif name in world.instances:
             keep, why = idle_reason(world, name)
             (wanted if keep else unwanted)[name] = why
-    deps = deps if deps is not None else Dependencies(profile.services)
     for name in list(wanted):
         for dep in sorted(deps.needs(name) - {name}):
             if dep not in wanted:

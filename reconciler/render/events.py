@@ -41,8 +41,10 @@ def format_text(event: dict[str, Any]) -> str | None:
     if kind in _GATEWAY_LEASES and str(event.get("holder", "")).startswith(GATEWAY_HOLDER):
         return None
     if kind == EventKind.WATCH_STARTED:
+        held = event.get("held") or []
         return (f"{ts} watching {event.get('path')}: profile {event.get('profile')}, GPU {event.get('gpu')}, "
-                f"state {event.get('state_dir')}" + (f" ({event['detected']})" if event.get("detected") else ""))
+                f"state {event.get('state_dir')}" + (f" ({event['detected']})" if event.get("detected") else "")
+                + (f"; held stopped: {', '.join(held)} (`reconciler start --all` lets them run)" if held else ""))
     if kind == EventKind.PROFILE_REJECTED:
         lines = [f"{ts} profile rejected, {event.get('keeping') or 'the last good profile'} stays: {message}"]
         lines += [f"    {d['file']}:{d['line']}:{d['col']}: {d['message']}" for d in event.get("diagnostics", [])]

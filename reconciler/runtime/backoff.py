@@ -35,7 +35,7 @@ def hold_back(plan: Plan, profile: Profile, store: Store, now: datetime) -> tupl
         if action.kind not in ("start", "restart") or action.service not in profile.services:
             continue
         backoff = store.get_backoff(action.service).for_spec(action_spec_hash(profile, action))
-        if backoff.stalled or not backoff.may_attempt(now):
+        if backoff.stalled:  # only after the policy's number of failures; a backoff before that is not a stall
             stalled[action.service] = describe(backoff, now)
         if not backoff.may_attempt(now):
             deferred[action.id] = f"{action.service} is {describe(backoff, now)}"

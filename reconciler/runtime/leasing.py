@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from reconciler.core.accounting import Headroom, headroom
+from reconciler.core.accounting import Headroom, free_explained, headroom
 from reconciler.core.backoff import backing_off
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import can_serve_now, capacity
@@ -397,8 +397,10 @@ class Leasing:
             self.runtime.wake()  # an expired lease counts until a pass ends it: a pass now
         room = self._headroom().get(gpu)
         free = room.free(self.ledger.vram_mb().get(gpu, 0)) if room is not None else 0
-        if free < mb:
-            raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB requested")
+        if free < mb:  # (the refusal, rarer, says what holds the memory: worth a walk over the leases)
+            _, held = free_explained(self._profile(), snapshot, last.plan, self.ledger.leases(), now, gpu)
+            raise LeaseRefused(Refusal.NO_VRAM, f"Insufficient VRAM — GPU {gpu} has {free} MB free, {mb} MB "
+                                                f"requested" + (f" ({', '.join(held)})" if held else ""))
         lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
                       expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)
         self.ledger.grant(lease, VRAM_LEASES_PER_HOLDER, now=now)

@@ -152,6 +152,7 @@ class Loop:
         self.signal_name: str | None = None
         self.passes = 0
         self._held: Held | None = None
+        self._told: tuple[tuple[object, ...], ...] | None = None  # what waited at the last pass.finished told
 
     # --- the whole run ---------------------------------------------------------------
 
@@ -163,9 +164,15 @@ class Loop:
         started: list[Companion] = []
         try:
             info = self.started
+            held: list[str] = []
+            with contextlib.suppress(StoreError):  # the first pass reports a failing store
+                held = sorted(self.runtime.store.holds())
+            note = (f"; held stopped by an operator: {', '.join(held)} (`reconciler start --all` lets them run)"
+                    if held else "")
             self.bus.publish(
                 EventKind.WATCH_STARTED,
-                message=f"profile {self.profile.name} ({info.path}), GPU {info.gpu}, state {info.state_dir}",
+                message=f"profile {self.profile.name} ({info.path}), GPU {info.gpu}, state {info.state_dir}{note}",
+                held=held,
                 profile=self.profile.name, path=info.path, gpu=info.gpu, state_dir=info.state_dir, pid=os.getpid(),
                 **({"detected": info.detected} if info.detected else {}),
             )
@@ -274,7 +281,16 @@ class Loop:
         pending = len(report.plan.pending)
         self.notify(f"STATUS=profile {profile.name}: " + (f"{pending} pending" if pending else
                     "converged" if report.converged else "converging"))
-        quiet = not any(r.plan.actions for r in report.passes) and not report.plan.pending and not report.stalled
+        # Quiet (shown with quiet=true, not recorded, not printed): nothing was done — no action ran (a start
+        # held back by its backoff is not an action taken) — and what waits is what waited at the last pass
+        # that was told. A stalled service waiting out its backoff costs no line per pass.
+        acted = any(o.status != "deferred" for r in report.passes for o in r.outcomes.values())
+        waiting = (tuple(sorted((p.service, p.demand or "", p.reason) for p in report.plan.pending)),
+                   tuple(sorted(report.stalled)),
+                   tuple(sorted(a.id for a in report.plan.actions)))
+        quiet = not acted and (waiting == self._told or not any(waiting))
+        if not quiet:
+            self._told = waiting
         tell = self.bus.announce if quiet else self.bus.publish
         tell(
             EventKind.PASS_FINISHED,
@@ -355,6 +371,10 @@ class Loop:
         keeping = f"profile {self.profile.name}"
         path = str(change.path) if change.path else self.where
         if change.profile is None:
+            first = change.diagnostics[0] if change.diagnostics else None
+            self.runtime.profile_problem = f"profile rejected: {first or path + ' is invalid'}" + (
+                f" (and {len(change.diagnostics) - 1} more)" if len(change.diagnostics) > 1 else "") + \
+                f"; {keeping} stays in force until a good save"
             self.bus.publish(EventKind.PROFILE_REJECTED, message=f"{path} is invalid; nothing changed", path=path,
                              keeping=keeping, diagnostics=diagnostics_data(change.diagnostics))
             return None
@@ -362,8 +382,10 @@ class Loop:
         try:
             check_profile_guard(change.profile, self.allow_empty)
         except GuardError as exc:
+            self.runtime.profile_problem = f"profile rejected: {exc}; {keeping} stays in force"
             self.bus.publish(EventKind.PROFILE_REJECTED, message=str(exc), path=path, keeping=keeping, diagnostics=[])
             return None
+        self.runtime.profile_problem = None
         return change.profile
 
     def _reloaded(self, profile: Profile, change: ProfileChange) -> None:

@@ -102,6 +102,8 @@ class Runtime:
         self.pulls = Pulls(self.events, self.wake, clock.monotonic)  # models pulled into an Ollama (pull: true)
         self._last: LastPass | None = None
         self._planning: Plan | None = None
+        self.profile_problem: str | None = None  # the last saved edit's rejection, until a good save (the loop's)
+        self.transient_holds: set[str] = set()  # held stopped for this process only (`down` without a server)
         self._observer: Observer | None = None
         self._pass_lock = asyncio.Lock()
         self._woken = asyncio.Event()
@@ -155,6 +157,9 @@ class Runtime:
         # leases and demands as they are now (grants go on while a pass observes); from here to publishing
         # the plan nothing awaits, so every grant is either seen by the planner or sees the plan's starts
         snapshot = snapshot.model_copy(update={"leases": ledger.leases(), "demands": ledger.demands()})
+        held = set(store.holds()) | self.transient_holds  # what an operator holds stopped (.controls)
+        if held:
+            snapshot = snapshot.model_copy(update={"held": sorted(held)})
         plan = self.pulls.after_plan(profile, snapshot, make_plan(profile, snapshot))
         self._planning = plan  # kept should the pass fail: its starts may have begun (the next plan replaces it)
         deferred, stalled = hold_back(plan, profile, store, snapshot.now)
@@ -171,8 +176,9 @@ class Runtime:
         self._last, self._planning = LastPass(snapshot=snapshot, plan=plan), None
         counts = {s: sum(1 for o in outcomes.values() if o.status == s)
                   for s in ("done", "failed", "skipped", "deferred")}
-        # an uneventful pass is shown, never recorded: a watch passes every few seconds
-        tell = self.events.publish if plan.actions else self.events.announce
+        # an uneventful pass is shown, never recorded: a watch passes every few seconds (and a start held back by
+        # its backoff, pass after pass, is not an event either)
+        tell = self.events.publish if any(o.status != "deferred" for o in outcomes.values()) else self.events.announce
         tell(EventKind.PASS, message=", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do",
              profile=profile.name, actions=len(plan.actions), pending=len(plan.pending), stalled=sorted(stalled),
              **counts)
@@ -234,6 +240,12 @@ class Runtime:
         return self._observer
 
     # --- the loop's hooks -----------------------------------------------------------
+
+    def exclusive(self) -> asyncio.Lock:
+        """The lock every pass holds: ``async with runtime.exclusive():`` to change an instance's record between
+        passes (the operator's ``restart``: a pass must not write back an older copy over it). The lease path
+        never takes it (:mod:`.ledger`: fences instead)."""
+        return self._pass_lock
 
     def wake(self) -> None:
         """Ask the loop for a pass soon (same thread as the event loop)."""

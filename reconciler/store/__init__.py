@@ -5,13 +5,14 @@ it, :mod:`.files` what is wrong with a state directory or file SQLite cannot
 use, and :mod:`.schema` its tables.
 """
 
-from reconciler.store.base import Event, Intent, Store, StoredState, StoreNotice
+from reconciler.store.base import Event, Hold, Intent, Store, StoredState, StoreNotice
 from reconciler.store.files import check_state_dir
 from reconciler.store.sqlite import DB_NAME, SqliteStore, default_state_dir, open_store
 
 __all__ = [
     "DB_NAME",
     "Event",
+    "Hold",
     "Intent",
     "SqliteStore",
     "Store",

@@ -1,7 +1,9 @@
 """The state store interface: what the reconciler remembers between runs (DESIGN §5, §6).
 
 The store holds the inventory of instances (one per service), granted leases,
-waiting demands, per-service backoff records, an append-only event log, and
+waiting demands, per-service backoff records, the services an operator holds
+stopped (``reconciler stop``; they stay stopped across restarts until
+``reconciler start``), an append-only event log, and
 intents (an action written down *before* it is taken, finished after), so
 that a reconciler that crashed or restarted finds its own processes again and
 keeps its leases (invariant 5). Lease grants are atomic against
@@ -43,6 +45,15 @@ class Event:
     service: str | None
     message: str
     data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A service an operator stopped (``reconciler stop``, ``down``): not wanted until ``reconciler start``."""
+
+    service: str
+    since: datetime
+    reason: str  # who asked, in words: "reconciler stop", "reconciler down"
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,13 @@ class Store(Protocol):
     def get_backoff(self, service: str) -> Backoff: ...
     def update_backoff(self, service: str, change: Callable[[Backoff], Backoff]) -> Backoff: ...
     def reset_backoff(self, service: str) -> None: ...
+
+    # what an operator asked for: services held stopped until started again; facts for other commands
+    def hold(self, service: str, reason: str) -> bool: ...
+    def unhold(self, service: str) -> bool: ...
+    def holds(self) -> dict[str, Hold]: ...
+    def set_meta(self, key: str, value: str | None) -> None: ...
+    def get_meta(self, key: str) -> str | None: ...
 
     # event log
     def record_event(

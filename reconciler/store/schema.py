@@ -61,5 +61,19 @@ CREATE TABLE intents (
 CREATE INDEX intents_open ON intents(id) WHERE finished_at IS NULL;
 """
 
-MIGRATIONS: list[str] = [_V1]
+# 2: what an operator asked for that outlives a pass — services held stopped (`reconciler stop`, `down`) —
+# and a few facts about the reconciler using this directory (the API's address, the profile), for `down`.
+_V2 = """
+CREATE TABLE holds (
+    service  TEXT PRIMARY KEY,
+    since    TEXT NOT NULL,
+    reason   TEXT NOT NULL
+);
+CREATE TABLE meta (
+    key    TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+"""
+
+MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -77,7 +77,7 @@ from reconciler.core.backoff import Backoff
 from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.errors import StoreError
-from reconciler.store.base import Event, Intent, StoredState, StoreNotice
+from reconciler.store.base import Event, Hold, Intent, StoredState, StoreNotice
 from reconciler.store.files import COMPANIONS, check_state_dir, companion, diagnose, file_problem
 from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -660,6 +660,36 @@ class SqliteStore:
     def reset_backoff(self, service: str) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM backoff WHERE service = ?", (service,))
+
+    # -- holds and meta ---------------------------------------------------------
+
+    def hold(self, service: str, reason: str) -> bool:
+        """Hold ``service`` stopped; False when it was held already (its first stamp and reason are kept)."""
+        with self._tx() as c:
+            row = c.execute("INSERT OR IGNORE INTO holds(service, since, reason) VALUES (?, ?, ?) RETURNING service",
+                            (service, _ts(self.clock.now()), reason)).fetchone()
+        return row is not None
+
+    def unhold(self, service: str) -> bool:
+        """Let ``service`` run again; False when it was not held."""
+        with self._tx() as c:
+            row = c.execute("DELETE FROM holds WHERE service = ? RETURNING service", (service,)).fetchone()
+        return row is not None
+
+    def holds(self) -> dict[str, Hold]:
+        rows = self._read("SELECT service, since, reason FROM holds ORDER BY service")
+        return {service: Hold(service, _dt(since), reason) for service, since, reason in rows}
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self._tx() as c:
+            if value is None:
+                c.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
 
     # -- event log ------------------------------------------------------------
 

@@ -13,6 +13,7 @@
 "use strict";
 
 (function () {
+  const LOG_LINES = 50;             // log lines a service's "log" link shows
   const EVENTS_MAX = 200;          // event log entries kept (newest first)
   const REFRESH_GAP_MS = 100;      // at most one status fetch per 100 ms: a burst of events costs two
   const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
@@ -28,7 +29,7 @@
     "gateway.started", "gateway.cold", "gateway.refused", "ollama.pull",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
-    "instance.unloaded", "intent.recovered", "intent.unresolved", "lease.granted", "lease.renewed", "lease.released",
+    "instance.unloaded", "intent.recovered", "intent.unresolved", "operator.request", "lease.granted", "lease.renewed", "lease.released",
     "lease.expired", "pass", "store.failed", "store.recovered", "store.restored",
     "pass.started", "pass.finished", "pass.failed", "profile.held", "profile.reloaded", "profile.rejected", "watch.started",
     "watch.degraded", "watch.stopped", "message",
@@ -147,9 +148,11 @@
     let shown = 0;
     for (const c of list(conditions)) {
       if (!c || typeof c !== "object" || c.type === "pending") continue;
-      const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet" })[c.type] || dash(c.type);
-      // "converged: nothing to do" under "converged" says it twice
-      const message = String(c.message || "").replace(new RegExp(`^${String(c.type).replace(/\W/g, "")}:\\s*`), "");
+      const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet",
+        profile: "profile rejected" })[c.type] || dash(c.type);
+      // "converged: nothing to do" under "converged" says it twice (and "profile rejected: …" under its name)
+      const message = String(c.message || "").replace(/^profile rejected:\s*/, "")
+        .replace(new RegExp(`^${String(c.type).replace(/\W/g, "")}:\\s*`), "");
       ul.append(el("li", { class: c.ok ? "cond cond-ok" : "cond cond-bad", dataset: { type: String(c.type) } },
         el("strong", {}, name), c.service ? ` ${c.service}` : "", message ? ` · ${message}` : ""));
       shown += 1;
@@ -178,24 +181,52 @@
       const names = (origin) => onGpu.filter((i) => i.origin === origin).map((i) => i.service);
       const bar = el("div", { class: "bar", role: "img", "aria-label": `GPU ${gpu.index} memory` });
       const scale = Math.max(total, parts.reduce((sum, p) => sum + p[2], 0)) || 1;
+      // started and adopted memory split per service (services_mb), and what the last plan holds for a start
+      // not observed yet ("1024 MB held for start:tts") apart; whatever is left of a part stays one segment
+      const perService = gpu.services_mb && typeof gpu.services_mb === "object" ? gpu.services_mb : {};
+      const pieces = (key, value) => {
+        if (key !== "started" && key !== "adopted") return [[null, value, null]];
+        const out = [];
+        let left = value;
+        for (const name of names(key)) {
+          const own = Number(perService[name]) || 0;
+          if (own <= 0 || own > left) continue;
+          out.push([name, own, null]);
+          left -= own;
+        }
+        if (key === "started") {
+          for (const note of list(gpu.held_for)) {
+            const held = Number(String(note).split(" ")[0]) || 0;
+            if (held <= 0 || held > left) continue;
+            out.push([String(note).replace(/^.* held for /, ""), held, String(note)]);
+            left -= held;
+          }
+        }
+        if (left > 0) out.push([null, left, null]);
+        return out;
+      };
       for (const [key, label, value] of parts) {
         if (value <= 0) continue;
-        const who = key === "started" || key === "adopted" ? names(key) : [];
-        const pct = (100 * value) / scale;
-        const seg = el("div", {
-          class: `seg seg-${key}`,
-          title: `${label}: ${mb(value)}${who.length ? " (" + who.join(", ") + ")" : ""}`,
-          dataset: { part: key, mb: String(value) },
-        });
-        seg.style.width = `${pct.toFixed(3)}%`; // CSSOM, not a style attribute: allowed by a strict CSP
-        if (pct >= 9) seg.append(el("span", { class: "seg-label" }, mb(value)));
-        bar.append(seg);
+        for (const [who, part, note] of pieces(key, value)) {
+          const pct = (100 * part) / scale;
+          const seg = el("div", {
+            class: `seg seg-${key}${note ? " seg-planned" : ""}`,
+            title: note ? note : `${label}: ${mb(part)}${who ? " (" + who + ")" : ""}`,
+            dataset: { part: key, mb: String(part), service: who || "" },
+          });
+          seg.style.width = `${pct.toFixed(3)}%`; // CSSOM, not a style attribute: allowed by a strict CSP
+          if (pct >= 9) seg.append(el("span", { class: "seg-label" }, who && pct >= 16 ? `${who} ${mb(part)}` : mb(part)));
+          bar.append(seg);
+        }
       }
       const numbers = el("ul", { class: "gpu-numbers" });
       for (const [key, label, value] of parts) {
         const who = key === "started" || key === "adopted" ? names(key) : [];
         numbers.append(el("li", { dataset: { part: key } }, el("span", { class: `swatch seg-${key}` }),
           `${label} `, el("b", {}, mb(value)), who.length ? ` · ${who.join(", ")}` : ""));
+      }
+      for (const note of list(gpu.held_for)) {
+        numbers.append(el("li", { dataset: { part: "held" } }, el("span", { class: "swatch seg-started seg-planned" }), String(note)));
       }
       box.append(el("div", { class: "gpu", dataset: { gpu: String(gpu.index) } },
         el("div", { class: "gpu-head" },
@@ -226,13 +257,17 @@
       if (typeof inst.uptime_s === "number") uptime.dataset.base = String(inst.uptime_s);
       const error = inst.last_error ? el("td", { class: "error", title: inst.last_error }, inst.last_error)
         : el("td", { class: "error muted" }, "—");
+      const svc = services.find((x) => x.service === inst.service) || {};
       const badges = [stateBadge(inst.state)];
       if (inst.healthy === false && inst.state === "running") badges.push(" ", el("span", { class: "badge state-failed" }, "unhealthy"));
       if (inst.stalled) badges.push(" ", el("span", { class: "badge state-stalled" }, "stalled"));
       tbody.append(el("tr", { dataset: { service: String(inst.service) } },
-        el("td", { class: "service" }, dash(inst.service)),
+        serviceCell(inst.service, svc.description),
         el("td", { class: "state" }, ...badges),
         el("td", { class: "url" }, url),
+        el("td", { class: "num pid" }, dash(inst.pid)),
+        el("td", { class: "num priority" }, dash(inst.priority)),
+        el("td", { class: "num mb" }, typeof inst.mb === "number" ? number.format(inst.mb) : "—"),
         el("td", { class: "num gpu" }, Array.isArray(inst.gpus) ? inst.gpus.join(",") : dash(inst.gpu)),
         el("td", { class: "origin" }, el("span", { class: `tag origin-${inst.origin === "adopted" ? "adopted" : "started"}` }, dash(inst.origin))),
         el("td", { class: "model" }, dash(inst.model)),
@@ -241,22 +276,65 @@
         error));
     }
     for (const svc of idle) {
+      const failing = svc.backoff && !svc.backoff.recovered ? svc.backoff : null;
+      const badges = [el("span", { class: "badge" }, "not running")];
+      if (svc.held) badges.push(" ", el("span", { class: "badge state-held", title: String(svc.held) }, "stopped by operator"));
+      if (failing) {
+        badges.push(" ", el("span", { class: `badge ${failing.stalled ? "state-stalled" : "state-failed"}` },
+          failing.stalled ? "stalled" : "backing off"));
+      }
+      const error = failing ? el("td", { class: "error", title: String(failing.last_error || "") },
+        `${failing.failures} failure${failing.failures === 1 ? "" : "s"}` +
+        (failing.last_error ? `, last: ${failing.last_error}` : "") +
+        (failing.next_try_at ? ` · next try ${clock(failing.next_try_at)}` : " · tried now"))
+        : svc.held ? el("td", { class: "error muted" }, String(svc.held)) : el("td", { class: "error muted" }, "—");
       tbody.append(el("tr", { class: "idle", dataset: { service: String(svc.service) } },
-        el("td", { class: "service" }, dash(svc.service)),
-        el("td", { class: "state" }, el("span", { class: "badge" }, "not running")),
+        serviceCell(svc.service, svc.description),
+        el("td", { class: "state" }, ...badges),
         el("td", { class: "url" }, dash(svc.url)),
+        el("td", { class: "num pid" }, "—"),
+        el("td", { class: "num priority" }, dash(svc.priority)),
+        el("td", { class: "num mb" }, "—"),
         el("td", { class: "num gpu" }, "—"),
         el("td", { class: "origin muted" }, svc.managed === "unmanaged" ? "unmanaged slot" : "—"),
         el("td", { class: "model" }, "—"),
         el("td", { class: "num leases" }, `0/${dash(svc.max_concurrent)}`),
         el("td", { class: "num uptime" }, "—"),
-        el("td", { class: "error muted" }, "—")));
+        error));
     }
     const byState = {};
     for (const inst of instances) byState[inst.state] = (byState[inst.state] || 0) + 1;
     const counts = Object.entries(byState).map(([st, n]) => `${n} ${st}`);
     setText("instances-count", [...counts, `${instances.length + idle.length} services`].join(" · "));
     show("instances-empty", !instances.length && !idle.length);
+  }
+
+  // the service's name, its profile description, and a link to its recent log lines
+  function serviceCell(name, description) {
+    const link = el("a", { href: "#log", class: "log-link", title: `the last lines of ${name}'s log` }, "log");
+    link.addEventListener("click", (event) => { event.preventDefault(); showLog(String(name)); });
+    return el("td", { class: "service" }, dash(name), " ", link,
+      description ? el("div", { class: "muted desc" }, String(description)) : null);
+  }
+
+  async function showLog(name) {
+    const card = $("log-card");
+    card.hidden = false;
+    setText("log-service", name);
+    const pre = $("log-lines");
+    pre.textContent = "loading…";
+    try {
+      const response = await fetch(`v1/services/${encodeURIComponent(name)}/logs?tail=${LOG_LINES}`,
+        { headers: authorized({ Accept: "application/json" }), cache: "no-store" });
+      if (response.status === 401) { needToken(); return; }
+      const body = await response.json();
+      if (!response.ok) { pre.textContent = String(body && body.detail ? body.detail : response.status); return; }
+      setText("log-file", body.file);
+      pre.textContent = list(body.lines).join("\n") || "(empty)";
+    } catch (err) {
+      pre.textContent = `failed: ${err && err.message ? err.message : err}`;
+    }
+    card.scrollIntoView({ block: "nearest" });
   }
 
   function ms(value) { return typeof value === "number" ? `${value < 10 ? value.toFixed(1) : Math.round(value)} ms` : "—"; }
@@ -548,7 +626,9 @@
     try {
       const headers = authorized({ Accept: "text/event-stream" });
       if (state.lastId) headers["Last-Event-ID"] = state.lastId;
-      const response = await fetch("v1/events", { headers, cache: "no-store", signal: controller.signal });
+      // on load, the stored history first (the last EVENTS_MAX events); a reconnect replays after Last-Event-ID
+      const url = state.lastId ? "v1/events" : `v1/events?tail=${EVENTS_MAX}`;
+      const response = await fetch(url, { headers, cache: "no-store", signal: controller.signal });
       if (response.status === 401) { needToken(); return; }
       if (!response.ok || !response.body) throw new Error(`GET /v1/events: ${response.status}`);
       setConn("ok", "live");
