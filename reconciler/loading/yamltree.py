@@ -32,6 +32,7 @@ from reconciler.loading.positions import Mark, Path, Positions
 
 MAX_ALIAS_VALUES = 10_000
 MAX_DEPTH = 64
+FAST_FROM_CHARS = 16_000  # shorter texts take the pure parser: importing libyaml costs more than it saves there
 
 _CORE = "tag:yaml.org,2002:"
 _PLAIN_SCALARS = {_CORE + t for t in ("str", "int", "float", "bool", "null")}
@@ -50,6 +51,9 @@ class Document:
 def parse_yaml(text: str, filename: str) -> Document:
     """Parse one YAML (or JSON) document; an empty document is an error."""
     yaml = YAML(typ="rt")
+    root = _compose_fast(text, yaml)
+    if root is not None:
+        return _document(root, filename, yaml)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReusedAnchorWarning)
@@ -65,11 +69,58 @@ def parse_yaml(text: str, filename: str) -> Document:
         raise InputError([Diagnostic(filename, 1, 1, f"nested too deeply (more than {MAX_DEPTH} levels)")]) from None
     if root is None:
         raise InputError([Diagnostic(filename, 1, 1, "file is empty (no YAML document in it)")])
+    return _document(root, filename, yaml)
+
+
+def _document(root: Node, filename: str, yaml: YAML) -> Document:
     builder = _Builder(filename, yaml)
     data = builder.build(root, (), depth=0)
     if builder.diagnostics:
         raise InputError(builder.diagnostics)
     return Document(data, builder.positions)
+
+
+def _compose_fast(text: str, yaml: YAML) -> Node | None:
+    """The node graph from libyaml (ruamel's C parser: about 15× faster on a large profile), or None.
+
+    None sends the caller to the pure parser, whose messages and checks the
+    golden error tests pin: for a text libyaml finds wrong, an empty one, one
+    with anchors (the pure composer reports an anchor defined twice; libyaml
+    does not) or tags (refused by the builder, which must see them as
+    written), a ``%`` directive, where the C extension is missing — and for
+    a text under :data:`FAST_FROM_CHARS`, where importing it (15 ms) costs
+    more than it saves. The C
+    composer resolves plain scalars the YAML 1.1 way (``yes`` a bool); each
+    plain scalar is resolved again here by the round-trip resolver (YAML 1.2,
+    as the pure path does), so both paths give the same tags and marks
+    (``tests/test_loading_yaml.py`` compares them on every profile shipped).
+    """
+    if len(text) < FAST_FROM_CHARS or any(sign in text for sign in "&!%"):  # anchors, tags, directives
+        return None
+    try:
+        fast = YAML(typ="safe", pure=False)
+        if "CParser" not in fast.Parser.__name__:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root: Node | None = fast.compose(text)
+    except Exception:  # noqa: BLE001  (any complaint of libyaml: the pure parser says it properly)
+        return None
+    if root is None:
+        return None
+    resolver = yaml.resolver
+    stack: list[Node] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ScalarNode):
+            if not node.style:  # plain: resolved by YAML 1.2's rules
+                node.tag = resolver.resolve(ScalarNode, node.value, (True, False))
+        elif isinstance(node, MappingNode):
+            for key, value in node.value:
+                stack.extend((key, value))
+        elif isinstance(node, SequenceNode):
+            stack.extend(node.value)
+    return root
 
 
 def _reused_anchor(message: str, filename: str) -> Diagnostic:
