@@ -76,3 +76,20 @@ def test_a_pair_runs_on_both_gpus_and_is_evicted_from_both(host: Host) -> None:
     assert used_by(gpus, whisper.pid) == [8000, 0]
     assert [gpu.used_mb for gpu in gpus.read()] == [8000, 0]  # the pair left nothing behind on either GPU
     run.wait_converged()
+
+
+def test_the_status_and_the_metrics_show_a_pair_on_each_of_its_gpus(host: Host) -> None:
+    from tests.api_support import ApiRun
+
+    host.write(profile_text(PAIR.format(always_on="true", port=host.port())))
+    api = ApiRun(host, "--gpu", "sim:2x24576")
+    try:
+        status = api.wait_converged()
+        [llama] = [i for i in status["instances"] if i["service"] == "llama"]
+        assert llama["gpu"] == 0 and llama["gpus"] == [0, 1]
+        assert [g["services_mb"].get("llama") for g in status["gpus"]] == [20000, 20000]
+        metrics = api.http.get("/metrics").text
+        assert 'reconciler_instance_gpu{gpu="0",service="llama"} 1.0' in metrics
+        assert 'reconciler_instance_gpu{gpu="1",service="llama"} 1.0' in metrics
+    finally:
+        api.close()
