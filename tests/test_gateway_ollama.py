@@ -111,6 +111,23 @@ def test_an_ollama_upstream_is_passed_through_and_its_own_tags_are_routable(host
         assert [m["name"] for m in gw.ollama.get("/api/ps").json()["models"]] == ["llama3.2:3b", "qwen3:latest"]
         assert gw.ollama.get("/api/version").json() == {"version": "0.6.8"}  # this fake has no /api/version
         assert gw.instance("ollama")["state"] == "running"  # keep_alive 0 unloads inside Ollama, never stops it
+        shown = gw.ollama.post("/api/show", json={"model": "qwen3:latest"})
+        assert shown.status_code == 200 and shown.json()["modelfile"] == "FROM qwen3:latest"  # Ollama's own
+        unknown = gw.ollama.post("/api/show", json={"model": "qwen4"})
+        assert unknown.status_code == 404 and "not served here" in unknown.json()["error"]  # Ollama's shape
+    finally:
+        gw.close()
+
+
+def test_show_describes_a_model_whose_service_is_not_running_without_starting_it(host: Host) -> None:
+    host.write(profile(fake("llm", host.port(), models={"tiny": 1024})))
+    gw = GatewayRun(host)
+    try:
+        shown = gw.ollama.post("/api/show", json={"model": "tiny"})
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["details"]["family"] == "llm" and "completion" in shown.json()["capabilities"]
+        assert gw.instance("llm") is None  # a question about a model starts nothing
+        assert gw.ollama.post("/api/show", json={}).status_code == 400
     finally:
         gw.close()
 

@@ -10,7 +10,9 @@ Routes (DESIGN §7):
   ("Ollama is running"), ``POST /api/chat``, ``/api/generate``,
   ``/api/embed`` (and the older ``/api/embeddings``): passed through to an
   Ollama, translated (:mod:`.translate`) for a server that speaks only
-  OpenAI's API.
+  OpenAI's API. ``POST /api/show`` (a model's details) is asked of the
+  Ollama serving the model when it runs, else answered from the profile:
+  a question about a model starts nothing.
 
 **One request** (:meth:`Gateway.proxy`): read the body (at most
 :data:`MAX_BODY`), find its ``model`` in the routing table (:mod:`.routing`;
@@ -196,6 +198,8 @@ class Gateway:
                 return await self._answer(tracked, error(
                     protocol, 401, "this gateway needs 'Authorization: Bearer <token>' (the token in the server's "
                     "--token-file; an OpenAI SDK sends its api_key so)"))
+            if method == "POST" and path == "/api/show":
+                return await self._answer(tracked, await self._show(receive))
             if method == "POST" and (path.startswith("/v1/") or path in OLLAMA_PATHS):
                 return await self.proxy(protocol, path, scope, receive, tracked)
             if method in ("GET", "HEAD"):
@@ -206,7 +210,7 @@ class Gateway:
             return await self._answer(tracked, error(protocol, 404, f"{what}; the gateway serves OpenAI's /v1/models, "
                                                      "POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
                                                      "Ollama's /api/tags, /api/ps, /api/version, POST /api/chat, "
-                                                     "/api/generate, /api/embed"))
+                                                     "/api/generate, /api/embed, /api/show"))
         except CallerGone:
             return None
         except Exception as exc:  # noqa: BLE001 - a client gets an answer that says what went wrong
@@ -249,6 +253,35 @@ class Gateway:
         if path == "/api/version":
             return json_answer({"version": await self._version()})
         return None
+
+    async def _show(self, receive: Receive) -> Answer:
+        """Ollama's ``POST /api/show``: a model's details, as Open WebUI asks for them. Asked of the Ollama that
+        serves it when it runs (nothing is started or leased for a question); else what the profile knows."""
+        raw = await _read_body(receive)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            body = {}
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            return error("ollama", 400, "the body must be JSON naming a \"model\" (GET /api/tags lists them)")
+        target = self.routes.resolve(name)
+        if target is None:
+            return error("ollama", 404, self.routes.unknown(name))
+        if target.api == "ollama" and self._healthy(target.service):
+            client = self.pools.client(target.service, target.url)
+            try:
+                response = await client.post("/api/show", json={**body, "model": target.model},
+                                             timeout=INFO_TIMEOUT_S)
+                if response.status_code == 200:
+                    return json_answer(response.json())
+            except (httpx.HTTPError, ValueError):
+                pass  # down or confused meanwhile: say what the profile knows
+        tag = self._tag(name, target.service)
+        return json_answer({"modelfile": "", "parameters": "", "template": "", "details": tag["details"],
+                            "model_info": {}, "capabilities": ["completion"], "modified_at": tag["modified_at"]})
 
     def _model_entry(self, name: str, service: str) -> dict[str, object]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": service}

@@ -3,7 +3,8 @@
     python -m reconciler.testing.fake_ollama --port P [--models a,b] [--vram-mb N]
         [--no-load] [--host 127.0.0.1] [--pullable a,b] [--pull-s S]
 
-``GET /api/tags`` lists ``--models`` (installed); all of them start loaded
+``GET /api/tags`` lists ``--models`` (installed; ``POST /api/show`` describes
+each, 404 for others); all of them start loaded
 (unless ``--no-load``), each holding ``--vram-mb`` MB, and ``GET /api/ps``
 lists the loaded ones with ``size`` and ``size_vram`` in bytes.
 ``POST /api/generate {"model": m, "keep_alive": 0}`` unloads ``m`` the way a
@@ -198,6 +199,14 @@ def make_handler(models: Models) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if isinstance(request, dict) and path == "/api/pull":
                 return self._pull(str(request.get("model") or request.get("name") or ""))
+            if isinstance(request, dict) and path == "/api/show":
+                name = str(request.get("model") or request.get("name") or "")
+                if name not in models.installed:
+                    return self._json(404, {"error": f"model '{name}' not found"})
+                return self._json(200, {"modelfile": f"FROM {name}", "parameters": "", "template": "{{ .Prompt }}",
+                                        "details": {"format": "gguf", "family": "fake"},
+                                        "model_info": {"general.architecture": "fake"},
+                                        "capabilities": ["completion"]})
             if not isinstance(request, dict) or path not in ("/api/generate", "/api/chat", "/api/embed"):
                 return self._json(404, {"error": "not found"})
             if path == "/api/embed":
