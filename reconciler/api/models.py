@@ -120,6 +120,9 @@ class GpuStatus(_Response):
     foreign_mb: int = Field(description="Used by processes no instance accounts for.")
     free_mb: int = Field(description="What a start could still take (DESIGN §3 free).")
     used_mb: int = Field(description="What NVML reports used.")
+    over_committed_mb: int = Field(
+        0, description="Booked (reservations + foreign) beyond total_mb as last observed; 0 when it fits. Above 0 "
+                       "is never converged: the plan evicts, or says why it cannot (an over_committed condition).")
 
 
 class InstanceStatus(_Response):
@@ -205,9 +208,10 @@ class ModelTraffic(_Response):
 class Condition(_Response):
     """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
 
-    type: Literal["converged", "pending", "stalled", "observed"]
+    type: Literal["converged", "pending", "stalled", "observed", "over_committed"]
     ok: bool
     service: str | None = None
+    gpu: int | None = Field(None, description="The GPU it is about (over_committed).")
     message: str
 
 

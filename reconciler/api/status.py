@@ -27,7 +27,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import planned_reservations, world_now
+from reconciler.core.accounting import OverCommit, over_commits, planned_reservations, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -74,7 +74,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
-        conditions=_conditions(plan, backoffs, snapshot is not None),
+        conditions=_conditions(plan, backoffs, snapshot is not None, over_commits(world) if world else []),
         models=models(runtime),
     )
 
@@ -100,6 +100,7 @@ def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
     if world is None:
         return []
     planned = planned_reservations(world, plan)
+    over = {o.gpu: o.over_mb for o in over_commits(world)}
     out = []
     for index, view in world.gpus.items():
         by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}
@@ -109,6 +110,7 @@ def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
             foreign_mb=view.foreign, free_mb=max(0, view.free - planned.get(index, 0)), used_mb=view.gpu.used_mb,
+            over_committed_mb=over.get(index, 0),
         ))
     return out
 
@@ -189,20 +191,40 @@ def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
     )
 
 
-def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool) -> list[Condition]:
+def _conditions(
+    plan: Plan | None, backoffs: dict[str, Backoff], observed: bool, over: list[OverCommit]
+) -> list[Condition]:
+    """``converged`` is ok only when the plan has nothing to do *and* no GPU is booked beyond its total."""
     out = []
     if not observed or plan is None:
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:
-        converged = not plan.actions and not plan.pending
+        converged = not plan.actions and not plan.pending and not over
         bits = [f"{len(plan.actions)} action(s)" if plan.actions else "",
-                f"{len(plan.pending)} pending" if plan.pending else ""]
+                f"{len(plan.pending)} pending" if plan.pending else "",
+                f"GPU {', '.join(str(o.gpu) for o in over)} over-committed" if over else ""]
         out.append(Condition(type="converged", ok=converged,
                              message="converged: nothing to do" if converged else ", ".join(b for b in bits if b)))
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
+    for commit in over:
+        out.append(Condition(type="over_committed", ok=False, gpu=commit.gpu,
+                             message=f"{commit.describe()}; {_relief(commit.gpu, plan)}"))
     for name, backoff in backoffs.items():
         if backoff.stalled:
             message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
             out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out
+
+
+def _relief(gpu: int, plan: Plan | None) -> str:
+    """What the last plan does about an over-committed GPU: the evictions on it, or why it cannot."""
+    if plan is None:
+        return "no plan yet"
+    evicted = [a.service for a in plan.actions if a.kind in ("evict", "stop") and gpu in a.gpu_set]
+    waits = [p.reason for p in plan.pending if p.service == f"GPU {gpu}"]
+    if evicted:
+        return f"the plan frees memory there: {', '.join(evicted)} stop{'s' if len(evicted) == 1 else ''}"
+    if waits:  # the planner's "over-committed: … MB must be freed; <why>": the numbers are said already
+        return "nothing is evicted: " + waits[0].split(" must be freed; ", 1)[-1]
+    return "the next pass relieves it"

@@ -135,7 +135,8 @@ def render(status: dict[str, Any]) -> str:
     pending = [p for p in status.get("pending") or [] if not p.get("demand")]
     if pending:
         out += ["", "pending:"] + [f"  {p['service']}: {p['reason']}" for p in pending]
-    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in ("stalled", "observed")]
+    shown = ("stalled", "observed", "over_committed")
+    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in shown]
     if bad:
         out += ["", "conditions:"] + [f"  {c['type']}{' ' + c['service'] if c.get('service') else ''}: {c['message']}"
                                       for c in bad]

@@ -6,7 +6,9 @@ Reads ``GET /v1/status`` of a running ``reconciler serve`` (with its token
 when it has one, found as ``reconciler status`` finds it): the service's
 instance (state, health, leases), what the last plan does about it (each
 action with its reason), what waits for it (pending reasons, queued
-demands), and whether it is backing off. Exit 0; 1 when the service is not in
+demands), whether it is backing off, and whether its GPU is booked beyond
+its total (the ``over_committed`` condition: what the plan evicts there, or
+why nothing can be). Exit 0; 1 when the service is not in
 the profile or no server answers.
 """
 
@@ -58,6 +60,8 @@ def explain(status: dict[str, Any], name: str) -> list[str] | None:
     pending = [p for p in status.get("pending", []) if p["service"] == name]
     demands = [d for d in status.get("demands", []) if d["service"] == name]
     stalled = [c for c in status.get("conditions", []) if c["type"] == "stalled" and c.get("service") == name]
+    on = set(instance.get("gpus") or [instance["gpu"]]) if instance is not None else set()
+    over = [c for c in status.get("conditions", []) if c["type"] == "over_committed" and c.get("gpu") in on]
     lines = [_state(name, service, instance)]
     for action in actions:
         lines.append(f"The plan will {VERBS.get(action['kind'], action['kind'])}: {action['reason']}.")
@@ -69,6 +73,8 @@ def explain(status: dict[str, Any], name: str) -> list[str] | None:
             lines.append(f"Lease request {demand['id']}{who} waits: {demand['reason']}.")
     for condition in stalled:
         lines.append(f"It is backing off after repeated failures: {condition['message']}.")
+    for condition in over:
+        lines.append(f"Its {condition['message']}.")
     if not plan:
         lines.append("The reconciler has not planned yet; ask again in a moment.")
     elif not actions and not pending and not demands:

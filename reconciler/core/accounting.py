@@ -14,11 +14,24 @@ moment (a VRAM lease granted a millisecond ago must count at once). So:
   though the snapshot predates it; a failed one counts until the next pass
   sees it gone; a stop frees nothing until a pass sees the memory back) —
   what a VRAM lease may take. Conservative both ways, so reservations never
-  exceed a GPU's total (invariant 4).
+  exceed a GPU's total (invariant 4);
+* :func:`over_commits` is what that invariant looks like when it broke
+  anyway — a crash in the middle of an eviction under an older version,
+  foreign usage that grew, an edit that raised a ceiling: each GPU whose
+  *booked* total (reservations plus foreign usage, DESIGN §3) is above its
+  total, and by how much. It reads only the accounted world, never the last
+  plan: a plan's starts wait for its evictions, so adding them to a
+  snapshot that still shows the evicted would report an over-commit that
+  never happened. An over-committed GPU is never "converged": the planner
+  relieves it or says why it cannot (``relieve_over_commits``), and the
+  status document shows it as a condition of its own (``over_committed``),
+  with the figure per GPU (``GpuStatus.over_committed_mb``) that ``why``,
+  the dashboard and the metrics read.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from reconciler.core.plan import Plan
@@ -66,3 +79,38 @@ def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
             if mb > 0:
                 extra[gpu] = extra.get(gpu, 0) + mb
     return extra
+
+
+@dataclass(frozen=True)
+class OverCommit:
+    """One GPU booked beyond its total: ``booked_mb`` (reservations + foreign usage) on ``total_mb``."""
+
+    gpu: int
+    total_mb: int
+    booked_mb: int
+
+    @property
+    def over_mb(self) -> int:
+        """How much must be freed for the GPU to fit again."""
+        return self.booked_mb - self.total_mb
+
+    def describe(self) -> str:
+        return (f"GPU {self.gpu} is over-committed: {self.booked_mb} MB booked on {self.total_mb} MB, "
+                f"{self.over_mb} MB too many")
+
+
+def over_commits(world: World) -> list[OverCommit]:
+    """The GPUs of an accounted ``world`` whose booked total is above their total, by index."""
+    out = []
+    for index in sorted(world.gpus):
+        view = world.gpus[index]
+        booked = view.reserved + view.foreign
+        if booked > view.total:
+            out.append(OverCommit(gpu=index, total_mb=view.total, booked_mb=booked))
+    return out
+
+
+def over_committed_mb(world: World) -> dict[int, int]:
+    """GPU index → MB booked beyond its total, 0 where it fits: one figure per GPU, for a gauge."""
+    over = {o.gpu: o.over_mb for o in over_commits(world)}
+    return {index: over.get(index, 0) for index in sorted(world.gpus)}

@@ -147,7 +147,7 @@
     let shown = 0;
     for (const c of list(conditions)) {
       if (!c || typeof c !== "object" || c.type === "pending") continue;
-      const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet" })[c.type] || dash(c.type);
+      const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet", over_committed: "over-committed" })[c.type] || dash(c.type);
       // "converged: nothing to do" under "converged" says it twice
       const message = String(c.message || "").replace(new RegExp(`^${String(c.type).replace(/\W/g, "")}:\\s*`), "");
       ul.append(el("li", { class: c.ok ? "cond cond-ok" : "cond cond-bad", dataset: { type: String(c.type) } },
@@ -201,6 +201,10 @@
         el("div", { class: "gpu-head" },
           el("span", { class: "gpu-name" }, `GPU ${dash(gpu.index)}`, gpu.name ? el("span", { class: "muted" }, ` · ${gpu.name}`) : null),
           el("span", { class: "gpu-total" }, `${mb(gpu.free_mb)} free of ${mb(total)}`)),
+        // booked beyond its total (a crash mid-eviction, foreign growth): never converged, said on the GPU too
+        Number(gpu.over_committed_mb) > 0
+          ? el("p", { class: "gpu-over", role: "alert" }, `over-committed: ${mb(gpu.over_committed_mb)} booked beyond its total`)
+          : null,
         bar, numbers));
     }
   }
