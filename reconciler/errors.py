@@ -81,6 +81,16 @@ class LeaseRefused(ReconcilerError):
         self.detail = detail
 
 
+class RestartRefused(ReconcilerError):
+    """A restart an operator asked for that cannot be recorded: ``status`` is the HTTP code that says why
+    (404 no such service, 409 nothing of ours runs to restart, 503 the reconciler is busy)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
 class CallerGone(ReconcilerError):
     """The caller went away while its lease request waited; its demand was withdrawn."""
 

@@ -77,6 +77,23 @@ class RenewRequest(_Request):
     ttl_s: float = Field(DEFAULT_TTL_S, gt=0, le=MAX_TTL_S, description="New lifetime from now.")
 
 
+class RestartRequest(_Request):
+    """``POST /v1/services/{name}/restart``: restart the service's instance (``reconciler restart``)."""
+
+    now: bool = Field(False, description="Restart even while it holds leases (their holders reconnect); "
+                                          "otherwise once its leases end.")
+
+
+class RestartOut(_Response):
+    """A restart recorded: the next pass carries it out (now, or once the instance is idle)."""
+
+    service: str
+    restart: Literal["when_idle", "now"]
+    pid: int | None = None
+    leases: int = Field(description="Leases the instance holds now (a restart without `now` waits for them).")
+    message: str
+
+
 class LeaseOut(_Response):
     """A granted lease: where to reach the service and until when."""
 

@@ -1,6 +1,7 @@
-"""The native API, ``/v1``: leases, status, plan, events; and ``/metrics``.
+"""The native API, ``/v1``: leases, restarts, status, plan, events; and ``/metrics``.
 
-Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 422 (a
+Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 409 (a
+restart of a service with nothing of ours running), 422 (a
 body that does not validate: ``detail`` lists each problem with its
 location), 429 (the service's queue is full), 503 (not granted within
 ``wait_s``: ``detail`` is the plan's reason; :mod:`.refusals` maps each
@@ -19,14 +20,24 @@ from reconciler.api import events
 from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.metrics import CONTENT_TYPE
-from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
+from reconciler.api.models import (
+    LeaseOut,
+    LeaseRequest,
+    Problem,
+    Released,
+    RenewRequest,
+    RestartOut,
+    RestartRequest,
+    Status,
+)
 from reconciler.api.refusals import http_error
 from reconciler.api.status import build_status, service_url
 from reconciler.core.clock import iso_utc
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Lease
 from reconciler.core.world import lease_active
-from reconciler.errors import CallerGone, LeaseRefused
+from reconciler.errors import CallerGone, LeaseRefused, RestartRefused
+from reconciler.runtime.restarts import request_restart
 
 router = APIRouter(route_class=TextRoute)
 Ctx = Annotated[ApiContext, Depends(context)]
@@ -95,6 +106,26 @@ async def release_lease(lease_id: str, ctx: Ctx) -> Released:
     if lease is None:
         raise HTTPException(404, f"no lease {lease_id!r} (it expired, was released, or never existed)")
     return Released(id=lease.id)
+
+
+@router.post("/v1/services/{name}/restart", response_model=RestartOut, status_code=202,
+             responses={404: {"model": Problem}, 409: {"model": Problem}, 503: {"model": Problem}}, tags=["services"])
+async def restart_service(name: str, ctx: Ctx, body: RestartRequest | None = None) -> RestartOut:
+    """Restart the service's instance: now, or once its leases end (:mod:`reconciler.runtime.restarts`)."""
+    now = body.now if body is not None else False
+    try:
+        instance = await request_restart(ctx.runtime, ctx.profile(), name, "now" if now else "when_idle")
+    except RestartRefused as refused:
+        raise HTTPException(refused.status, refused.detail) from None
+    clock = ctx.runtime.clock.now()
+    held = sum(1 for lease in ctx.runtime.store.leases(name) if lease.kind == "service" and lease_active(lease, clock))
+    if now or not held:
+        kept = f"; its {held} lease(s) are kept for the restarted instance" if held else ""
+        message = f"{name} restarts now{kept}"
+    else:
+        message = f"{name} restarts once its {held} lease(s) end; new requests wait for the restarted instance"
+    return RestartOut(service=name, restart=instance.restart or "when_idle", pid=instance.pid, leases=held,
+                      message=message)
 
 
 @router.get("/v1/status", response_model=Status, tags=["status"])

@@ -23,7 +23,7 @@ EXIT_ERROR = 1
 DEBUG_ENV = "RECONCILER_DEBUG"
 
 # Each module defines register(subparsers); order is the order of --help.
-COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why",
+COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", "status", "lease", "why", "restart",
             "install-service")
 
 

@@ -3,6 +3,7 @@
 - :mod:`.runtime`   :class:`Runtime` — recover, reconcile (one pass), converge, wake; read between passes
 - :mod:`.loop`      :class:`~.loop.Loop` — the daemon loop of ``watch``/``serve``: triggers, edits, signals
 - :mod:`.leasing`   :class:`~.leasing.Leasing` — lease requests: warm path, demands, VRAM leases
+- :mod:`.restarts`  :func:`~.restarts.request_restart` — an operator's restart (``reconciler restart``)
 - :mod:`.ledger`    :class:`~.ledger.Ledger` — lease bookkeeping and the idle-time rule
 - :mod:`.assembly`  :class:`~.assembly.Assembly` — lock, store, bus and runtime, put together once
 - :mod:`.events`    :class:`EventBus` — the event log, and subscribers to it
