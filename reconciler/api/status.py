@@ -33,7 +33,7 @@ from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
 from reconciler.core.plan import Plan
 from reconciler.core.profile import DockerSpec, Profile, Service
-from reconciler.core.snapshot import Demand, Instance, Lease
+from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
 from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
 
@@ -58,6 +58,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
     last = runtime.last_pass()
     snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None
+    over = over_commits(observed(profile, snapshot)) if snapshot is not None else []
     backoffs = {name: store.get_backoff(name) for name in sorted(set(profile.services) | {
         i.service for i in state.instances})}
     active = [lease for lease in state.leases if lease_active(lease, now)]
@@ -66,7 +67,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         profile=profile.name,
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
         now=iso_utc(now),
-        gpus=_gpus(world, plan),
+        gpus=_gpus(world, plan, over),
         services=_services(profile, world),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
         leases=[_lease(lease, now) for lease in state.leases],
@@ -74,7 +75,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
-        conditions=_conditions(plan, backoffs, snapshot is not None, over_commits(world) if world else []),
+        conditions=_conditions(plan, backoffs, snapshot is not None, over),
         models=models(runtime),
     )
 
@@ -93,14 +94,23 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
     ) for m in runtime.traffic.models()]
 
 
-def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
+def observed(profile: Profile, snapshot: Snapshot) -> World:
+    """The world the last pass planned from: its snapshot, its leases. Where a GPU is over-committed is
+    judged here, as the planner judged it — not with the store's leases now: a slot lease that pass
+    granted after evicting for it would count beside the evicted instance the snapshot still shows."""
+    world = World(profile, snapshot)
+    world.account()
+    return world
+
+
+def _gpus(world: World | None, plan: Plan | None, over_commits: list[OverCommit]) -> list[GpuStatus]:
     """Each GPU's reservations by origin. The last pass's snapshot predates
     the starts that pass carried out, so their reservations are added from
     its plan, as a VRAM lease's check counts them (:func:`reconciler.core.accounting.free_now`)."""
     if world is None:
         return []
     planned = planned_reservations(world, plan)
-    over = {o.gpu: o.over_mb for o in over_commits(world)}
+    over = {o.gpu: o.over_mb for o in over_commits}
     out = []
     for index, view in world.gpus.items():
         by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}

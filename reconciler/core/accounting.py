@@ -19,8 +19,10 @@ moment (a VRAM lease granted a millisecond ago must count at once). So:
   anyway — a crash in the middle of an eviction under an older version,
   foreign usage that grew, an edit that raised a ceiling: each GPU whose
   *booked* total (reservations plus foreign usage, DESIGN §3) is above its
-  total, and by how much. It reads only the accounted world, never the last
-  plan: a plan's starts wait for its evictions, so adding them to a
+  total, and by how much. It reads only an accounted world, never a plan —
+  and the status document gives it the world the last pass planned from
+  (its snapshot and *its* leases): a plan's starts and slot leases wait for
+  its evictions, so adding them, or the store's leases granted since, to a
   snapshot that still shows the evicted would report an over-commit that
   never happened. An over-committed GPU is never "converged": the planner
   relieves it or says why it cannot (``relieve_over_commits``), and the
