@@ -14,8 +14,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from reconciler.testing.ports import is_listening
 from tests.api_support import ApiRun, profile, service
-from tests.e2e_support import Host, alive, host, wait_until  # noqa: F401
+from tests.e2e_support import Host, alive, host, ollama_block, profile_text, wait_until  # noqa: F401
 
 
 def cli(api: ApiRun, *args: str) -> subprocess.CompletedProcess:
@@ -71,5 +72,24 @@ def test_reconciler_restart_now_and_when_idle(host: Host) -> None:
         assert idle_service.returncode == 1 and "tts is not running: there is nothing to restart" in \
             idle_service.stderr, idle_service
         assert "Traceback" not in unknown.stderr + idle_service.stderr + api.run.stderr()
+    finally:
+        api.close()
+
+
+def test_an_adopted_instance_is_never_restarted(host: Host) -> None:
+    """``reconciler restart`` of an adopted Ollama is refused (409, exit 1): it is not ours to signal."""
+    port = host.port()
+    ollama = host.start_foreign("reconciler.testing.fake_ollama", "--port", str(port), sim_mb=1024)
+    wait_until(lambda: is_listening(port), what="the fake Ollama listening")
+    host.write(profile_text(ollama_block("ollama", port)))
+    api = ApiRun(host)
+    try:
+        api.wait_converged()
+        assert host.instances()["ollama"].origin == "adopted"
+        refused = api.http.post("/v1/services/ollama/restart", json={"now": True})
+        assert refused.status_code == 409 and "never signals a process it did not start" in refused.json()["detail"]
+        said = cli(api, "restart", "ollama", "--now")
+        assert said.returncode == 1 and "ollama is adopted" in said.stderr and "Traceback" not in said.stderr
+        assert host.instances()["ollama"].restart is None and alive(ollama.pid)
     finally:
         api.close()
