@@ -5,7 +5,10 @@ demands: a lease granted a moment ago shows at once; one whose time is up
 but that no pass has released yet shows as ``state: "expired"`` with
 ``remaining_s: 0``, and is not counted as held); the last pass's
 snapshot, for health and GPU memory (with the store's leases accounted, see
-:mod:`.accounting`); and the last pass's plan, for the reasons. The model
+:mod:`.accounting`); and the last pass's plan, for the reasons. A GPU booked
+beyond its total in the world that plan was made from is never "converged":
+``gpus[].over_committed_mb`` and an ``over_committed`` condition say by how
+much and what the plan does about it (issue 8.2). The model
 gateway's traffic per model (``models``) is the runtime's
 :class:`~reconciler.runtime.traffic.Traffic`. The shape is
 :class:`reconciler.api.models.Status` (example in ``reconciler/api/README.md``).
@@ -58,7 +61,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
     last = runtime.last_pass()
     snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None
-    over = over_commits(observed(profile, snapshot)) if snapshot is not None else []
+    over = over_commits(planned_from(profile, snapshot)) if snapshot is not None else []
     backoffs = {name: store.get_backoff(name) for name in sorted(set(profile.services) | {
         i.service for i in state.instances})}
     active = [lease for lease in state.leases if lease_active(lease, now)]
@@ -94,7 +97,7 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
     ) for m in runtime.traffic.models()]
 
 
-def observed(profile: Profile, snapshot: Snapshot) -> World:
+def planned_from(profile: Profile, snapshot: Snapshot) -> World:
     """The world the last pass planned from: its snapshot, its leases. Where a GPU is over-committed is
     judged here, as the planner judged it — not with the store's leases now: a slot lease that pass
     granted after evicting for it would count beside the evicted instance the snapshot still shows."""
