@@ -30,7 +30,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import OverCommit, over_commits, planned_reservations, world_now
+from reconciler.core.accounting import OverCommit, freed_for_starts, over_commits, planned_reservations, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -109,16 +109,20 @@ def planned_from(profile: Profile, snapshot: Snapshot) -> World:
 def _gpus(world: World | None, plan: Plan | None, over_commits: list[OverCommit]) -> list[GpuStatus]:
     """Each GPU's reservations by origin. The last pass's snapshot predates
     the starts that pass carried out, so their reservations are added from
-    its plan, as a VRAM lease's check counts them (:func:`reconciler.core.accounting.free_now`)."""
+    its plan, as a VRAM lease's check counts them (:func:`reconciler.core.accounting.free_now`) — and
+    what those starts waited to see freed is left out (:func:`~reconciler.core.accounting.freed_for_starts`),
+    so a stop-then-start never shows both, above the GPU's total. ``free_mb`` stays what a VRAM lease may take."""
     if world is None:
         return []
     planned = planned_reservations(world, plan)
+    gone = freed_for_starts(world, plan)  # a start counted above ran only once these were freed
     over = {o.gpu: o.over_mb for o in over_commits}
     out = []
     for index, view in world.gpus.items():
         by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}
-        for holder in view.holders.values():
-            by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
+        for key, holder in view.holders.items():
+            if (key, index) not in gone:
+                by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
         out.append(GpuStatus(
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],

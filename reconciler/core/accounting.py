@@ -83,6 +83,33 @@ def planned_reservations(world: World, plan: Plan | None) -> dict[int, int]:
     return extra
 
 
+def freed_for_starts(world: World, plan: Plan | None) -> set[tuple[str, int]]:
+    """(holder, GPU) pairs that the plan's starts and restarts wait to see freed: stops and evictions
+    they require (the memory rule makes a start require every freer it counts on).
+
+    A start in :func:`planned_reservations` can only have run once these finished, so a *display* of
+    the GPU — the status document's bar — leaves them out where it counts the start; otherwise a
+    stop-then-start shows both, above the total, until the next observation. (:func:`free_now`
+    keeps counting them: what a VRAM lease may take stays conservative.)
+    """
+    if plan is None:
+        return set()
+    by_id = {action.id: action for action in plan.actions}
+    gone: set[tuple[str, int]] = set()
+    for action in plan.actions:
+        if action.kind not in ("start", "restart") or not action.mb:
+            continue
+        for required in action.requires:
+            freer = by_id.get(required)
+            if freer is None or freer.kind not in ("stop", "evict"):
+                continue
+            for gpu in set(freer.gpu_set) & set(action.gpu_set):
+                view = world.gpus.get(gpu)
+                if view is not None and freer.service in view.holders:
+                    gone.add((freer.service, gpu))
+    return gone
+
+
 @dataclass(frozen=True)
 class OverCommit:
     """One GPU booked beyond its total: ``booked_mb`` (reservations + foreign usage) on ``total_mb``."""
