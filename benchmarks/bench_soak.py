@@ -22,7 +22,12 @@ and **lost leases** — a lease a client was granted (200), that had not
 expired, that the client had not released, and that no ``lease.released`` or
 ``lease.expired`` event explains, but that the server no longer knows.
 
-The table reports each count; every one must be 0 (the row's ``ok``). The
+The table reports each count; every one must be 0 (the row's ``ok``). So
+that the kills do hit evictions, ``low`` ignores SIGTERM (evicting it takes
+``eviction_timeout_s``, 1 s, then SIGKILL), and the table says what each kill
+interrupted — the kinds of intents left open when it landed — and how many
+starts, evictions and stops the soak began in all; the final status must
+show no ``over_committed`` condition. The
 soak is not in the default benchmark set (it takes a few minutes); the
 services and the reconciler run in a simulation scope of their own and are
 killed at the end.
@@ -69,7 +74,7 @@ MANAGED = """\
     managed:
       type: process
       exec_path: "${{RECONCILER_PYTHON}}"
-      args_template: "-m reconciler.testing.service --port {{port}} --name {name} --startup-delay 0.2"
+      args_template: "-m reconciler.testing.service --port {{port}} --name {name} --startup-delay 0.2{extra}"
       port: {port}
 """
 SLOT = """\
@@ -91,8 +96,9 @@ class Soak:
         self.api_port = free_port()
         self.url = f"http://127.0.0.1:{self.api_port}"
         self.ports = {name: free_port() for name in ("big", "mid", "low")}
-        blocks = [MANAGED.format(name=n, priority=p, port=self.ports[n])
-                  for n, p in (("big", 1), ("mid", 3), ("low", 5))]
+        # low ignores SIGTERM: evicting it takes eviction_timeout_s, then SIGKILL — a wide window for a kill
+        blocks = [MANAGED.format(name=n, priority=p, port=self.ports[n], extra=extra)
+                  for n, p, extra in (("big", 1, ""), ("mid", 3, ""), ("low", 5, " --ignore-sigterm"))]
         self.profile.write_text("schema_version: 1\nname: soak\nvram_total_mb: 8192\neviction_timeout_s: 1\n"
                                 "services:\n" + "".join(blocks) + SLOT)
         self.server: subprocess.Popen[bytes] | None = None
@@ -103,6 +109,7 @@ class Soak:
         self.over: list[int] = []
         self.duplicates: list[str] = []
         self.requests = {"granted": 0, "refused": 0, "unreachable": 0}
+        self.interrupted: dict[str, int] = {}  # what each kill interrupted: intent kind → kills
 
     def env(self) -> dict[str, str]:
         return {**os.environ, SCOPE_ENV: self.scope, "RECONCILER_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
@@ -129,6 +136,29 @@ class Soak:
         if self.server is not None and self.server.poll() is None:
             os.kill(self.server.pid, signal.SIGKILL)  # the reconciler alone: its services live on
             self.server.wait(10)
+
+    def note_kill(self) -> None:
+        """What the kill interrupted: the kinds of the intents left open (start, stop, evict, restart)."""
+        kinds = {kind for kind, in self.query("SELECT kind FROM intents WHERE finished_at IS NULL")} or {"nothing"}
+        for kind in kinds:
+            self.interrupted[kind] = self.interrupted.get(kind, 0) + 1
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        path = self.state / "state.db"
+        if not path.exists():
+            return []
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute(sql).fetchall()
+
+    def actions(self) -> dict[str, int]:
+        """Intents written over the whole soak, by kind: the starts, evictions, stops it carried out or began."""
+        return {str(kind): int(n) for kind, n in self.query("SELECT kind, count(*) FROM intents GROUP BY kind")}
+
+    def over_committed(self) -> list[str]:
+        """The final status's over_committed conditions (issue 8.2: none once it converged)."""
+        with httpx.Client(base_url=self.url, timeout=10) as http:
+            status = http.get("/v1/status").json()
+        return [c["message"] for c in status["conditions"] if c["type"] == "over_committed"]
 
     # --- traffic --------------------------------------------------------------------------
 
@@ -274,6 +304,7 @@ def run() -> list[dict[str, Any]]:
                 time.sleep(rng.uniform(0.3, 2.5))
                 soak.kill_server()
                 kills += 1
+                soak.note_kill()
                 soak.start_server()
             time.sleep(3)
             soak.stop.set()
@@ -282,13 +313,21 @@ def run() -> list[dict[str, Any]]:
             time.sleep(2)  # a pass or two: expiries, idle stops
             lost = soak.lost_leases()
             orphans = soak.orphans()
+            over = soak.over_committed()
+            actions = soak.actions()
         finally:
             soak.stop.set()
             soak.cleanup()
         took = time.monotonic() - began
+    mid = ", ".join(f"{n} {kind}" for kind, n in sorted(soak.interrupted.items()))
+    done = ", ".join(f"{n} {kind}" for kind, n in sorted(actions.items()))
     rows = [
         {"benchmark": f"soak: kill -9 of serve during evictions and lease traffic ({took:.0f} s)",
          "value": kills, "target": f"≥ {min(50, KILLS)} kills", "ok": kills >= min(50, KILLS)},
+        {"benchmark": f"soak: kills that interrupted an eviction (open intents at the kills: {mid})",
+         "value": soak.interrupted.get("evict", 0), "target": "> 0", "ok": soak.interrupted.get("evict", 0) > 0},
+        {"benchmark": f"soak: intents begun ({done})", "value": actions.get("evict", 0), "target": "> 0 evictions",
+         "ok": actions.get("evict", 0) > 0},
         {"benchmark": "soak: booked-total samples (every 100 ms) above 8192 MB", "value": len(soak.over),
          "target": f"0 of {soak.samples}", "ok": not soak.over},
         {"benchmark": "soak: two live processes of one service at once", "value": len(soak.duplicates),
@@ -298,5 +337,7 @@ def run() -> list[dict[str, Any]]:
         {"benchmark": f"soak: lost leases (of {soak.requests['granted']} granted, {soak.requests['refused']} "
                       f"refused, {soak.requests['unreachable']} while down)", "value": len(lost), "target": "0",
          "ok": not lost},
+        {"benchmark": "soak: over_committed conditions in the final status", "value": len(over), "target": "0",
+         "ok": not over},
     ]
     return rows

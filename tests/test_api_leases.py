@@ -224,7 +224,7 @@ def test_status_plan_metrics_and_openapi(api: ApiRun) -> None:
     assert set(status) >= {"node", "profile", "gpus", "services", "instances", "leases", "demands", "pending",
                            "plan", "conditions"}
     assert [s["service"] for s in status["services"]] == ["llm", "tts"]
-    assert status["conditions"][0] == {"type": "converged", "ok": True, "service": None,
+    assert status["conditions"][0] == {"type": "converged", "ok": True, "service": None, "gpu": None,
                                        "message": "converged: nothing to do"}
     plan = api.http.get("/v1/plan").json()
     assert plan["format_version"] == 1 and plan["profile"] == "api" and plan["actions"] == []

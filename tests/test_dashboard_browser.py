@@ -420,3 +420,35 @@ def test_dashboard_shows_history_rejections_holds_backoff_and_logs(host: Host, b
         assert errors == [], errors
     finally:
         server.close()
+
+
+def test_dashboard_shows_an_over_committed_gpu(host: Host, browser: webdriver.Chrome) -> None:
+    """Issue 8.2: a GPU booked beyond its total is shown as such — a condition, and a line on the GPU —
+    never as converged; both go once it fits again. Two always_on services fill the GPU; a foreign
+    process then takes 1024 MB more, and nothing may be evicted."""
+    host.write(profile(service("tts", host.port(), mb=4096, priority=3, always_on=True),
+                       service("comfyui", host.port(), mb=4096, priority=5, always_on=True), name="full"))
+    server = Server(host)
+    try:
+        server.wait_up()
+        poll(lambda: sum(i["state"] == "running" for i in server.status()["instances"]) == 2, START_S,
+             "both running", 0.1)
+        browser.get(server.base + "/")
+        poll(lambda: browser.text("#profile") == "full", 5, "the status rendered")
+        assert browser.script("return document.querySelector('#gpus .gpu-over')") is None
+        foreign = host.start_foreign("reconciler.testing.service", "--port", str(host.port()), sim_mb=1024)
+        chip = "return document.querySelector('#conditions li[data-type=over_committed]')?.textContent || ''"
+        text = poll(lambda: browser.script(chip), 15, "the over_committed condition on the page")
+        assert text.startswith("over-committed · GPU 0 is over-committed: 9216 MB booked on 8192 MB"), text
+        converged = "return document.querySelector('#conditions li[data-type=converged]')?.textContent || ''"
+        assert browser.script(converged).startswith("not converged"), browser.script(converged)
+        line = browser.script("return document.querySelector('#gpus [data-gpu=\"0\"] .gpu-over')?.textContent")
+        assert line == "over-committed: 1,024 MB booked beyond its total", line
+        foreign.kill()
+        foreign.wait(10)
+        poll(lambda: browser.script(chip) == "", 15, "the condition gone once the GPU fits")
+        assert browser.script("return document.querySelector('#gpus .gpu-over')") is None
+        errors = [e for e in browser.console() if e.get("level") == "SEVERE"]
+        assert errors == [], errors
+    finally:
+        server.close()

@@ -16,7 +16,7 @@ from datetime import timedelta
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.core.accounting import free_now, headroom
+from reconciler.core.accounting import free_now, headroom, over_commits
 from reconciler.core.compatibility import capacity
 from reconciler.core.planner import Planner, plan
 from reconciler.core.simulate import simulate
@@ -128,3 +128,24 @@ def test_vram_leases_added_as_a_sum_give_the_free_memory_of_accounting_them_one_
         if lease.kind == "vram" and lease.gpu is not None:
             held[lease.gpu] = held.get(lease.gpu, 0) + lease.mb
     assert {index: room.free(held.get(index, 0)) for index, room in rooms.items()} == expected
+
+
+@SETTINGS
+@given(st.one_of(worlds(), crowded_worlds(), spanning_worlds(), crowded_spanning_worlds()))
+def test_an_over_committed_gpu_is_never_a_converged_plan(case):
+    """Issue 8.2: a booked total above a GPU's total is relieved (an eviction or stop there) or said
+    (a pending item naming the GPU), never a plan with nothing to do; and a plan that relieves it
+    leaves the GPU within its total, or still says why not."""
+    profile, snapshot = case
+    world = World(profile, snapshot)
+    world.account()
+    result = plan(profile, snapshot)
+    for over in over_commits(world):
+        freed = [a for a in result.actions if a.kind in ("evict", "stop") and over.gpu in a.gpu_set]
+        said = [p for p in result.pending if p.service == f"GPU {over.gpu}" or f"GPU {over.gpu}" in p.reason]
+        assert freed or said, f"{over.describe()}, yet the plan neither frees memory there nor says why"
+    after = World(profile, simulate(profile, snapshot, result))
+    after.account()
+    for over in over_commits(after):
+        assert any(p.service == f"GPU {over.gpu}" for p in result.pending), \
+            f"after the plan, {over.describe()} and no pending item says why"

@@ -209,6 +209,31 @@ def test_a_store_that_fails_while_open_names_the_file_and_works_again_once_it_is
         assert [n.kind for n in notices] == ["failed", "recovered"] and notices[0].message == message
 
 
+def test_after_a_write_met_the_lock_the_next_ones_do_not_wait_for_it_until_one_gets_through(tmp_path):
+    """Issue 8.9: the loop's store must not keep the event loop waiting a busy timeout per write while
+    someone holds the lock; the first write waits (and fails), the next ones fail at once, and the
+    first that commits after the lock is gone makes writes wait as usual again."""
+    def waits(store) -> int:
+        return store._conn.execute("PRAGMA busy_timeout").fetchone()[0]
+
+    with open_store(tmp_path, FakeClock(), busy_timeout_s=0.2) as store:
+        fill(store)
+        assert waits(store) == 200
+        shell = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+        for _ in range(3):
+            with pytest.raises(StoreError, match="locked"):
+                store.put_instance(instance("other", pid=6000))
+            assert waits(store) == 0  # the next write fails at once while the lock is held
+        assert [i.service for i in store.instances()] == ["vllm"]  # reads go on (WAL)
+        assert waits(store) == 0  # a read says nothing about the lock
+        shell.execute("ROLLBACK")
+        shell.close()
+        store.put_instance(instance("other", pid=6000))
+        assert waits(store) == 200
+        assert [i.service for i in store.instances()] == ["other", "vllm"]
+
+
 # --- permissions: another user's files (real uids; as root, in a child that drops to uid 65534) ------------------
 
 NOBODY = 65534

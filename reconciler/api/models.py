@@ -124,10 +124,13 @@ class GpuStatus(_Response):
                          "reconciler.core.accounting.free_now).")
     used_mb: int = Field(description="What NVML reports used.")
     held_for: list[str] = Field(default_factory=list, description="Memory the last plan holds for an action not "
-                                "yet observed (counted in reserved_started_mb), in words: `1024 MB held for "
-                                "start:tts`.")
+                                "yet observed (counted in reserved_started_mb, where what it waited to see freed is "
+                                "left out), in words: `1024 MB held for start:tts`.")
     services_mb: dict[str, int] = Field(default_factory=dict, description="Service → MB it reserves on this GPU "
                                         "(started and adopted instances): the bar's split.")
+    over_committed_mb: int = Field(
+        0, description="Booked (reservations + foreign) beyond total_mb as last observed; 0 when it fits. Above 0 "
+                       "is never converged: the plan evicts, or says why it cannot (an over_committed condition).")
 
 
 class InstanceStatus(_Response):
@@ -253,9 +256,10 @@ class ModelTraffic(_Response):
 class Condition(_Response):
     """A fact about the reconciler worth a glance: ``ok`` false is something to look at."""
 
-    type: Literal["converged", "pending", "stalled", "observed", "profile"]
+    type: Literal["converged", "pending", "stalled", "observed", "profile", "over_committed"]
     ok: bool
     service: str | None = None
+    gpu: int | None = Field(None, description="The GPU it is about (over_committed).")
     message: str
 
 

@@ -1,6 +1,7 @@
-"""The native API, ``/v1``: leases, status, plan, events; and ``/metrics``.
+"""The native API, ``/v1``: leases, status, plan, events; and ``/metrics`` (the operator's verbs: :mod:`.services`).
 
-Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 422 (a
+Errors are ``{"detail": "…"}`` with 404 (unknown service or lease), 409 (a
+restart of a service with nothing of ours running), 422 (a
 body that does not validate: ``detail`` lists each problem with its
 location), 429 (the service's queue is full), 503 (not granted within
 ``wait_s``: ``detail`` is the plan's reason; :mod:`.refusals` maps each
@@ -19,7 +20,14 @@ from reconciler.api import events
 from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.metrics import CONTENT_TYPE
-from reconciler.api.models import LeaseOut, LeaseRequest, Problem, Released, RenewRequest, Status
+from reconciler.api.models import (
+    LeaseOut,
+    LeaseRequest,
+    Problem,
+    Released,
+    RenewRequest,
+    Status,
+)
 from reconciler.api.refusals import http_error
 from reconciler.api.status import build_status, service_url
 from reconciler.core.clock import iso_utc

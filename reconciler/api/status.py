@@ -5,7 +5,10 @@ demands: a lease granted a moment ago shows at once; one whose time is up
 but that no pass has released yet shows as ``state: "expired"`` with
 ``remaining_s: 0``, and is not counted as held); the last pass's
 snapshot, for health and GPU memory (with the store's leases accounted, see
-:mod:`.accounting`); and the last pass's plan, for the reasons. The model
+:mod:`.accounting`); and the last pass's plan, for the reasons. A GPU booked
+beyond its total in the world that plan was made from is never "converged":
+``gpus[].over_committed_mb`` and an ``over_committed`` condition say by how
+much and what the plan does about it (issue 8.2). The model
 gateway's traffic per model (``models``) is the runtime's
 :class:`~reconciler.runtime.traffic.Traffic`. The shape is
 :class:`reconciler.api.models.Status` (example in ``reconciler/api/README.md``).
@@ -28,7 +31,7 @@ from reconciler.api.models import (
     ServiceStatus,
     Status,
 )
-from reconciler.core.accounting import held_for, held_notes, world_now
+from reconciler.core.accounting import OverCommit, freed_for_starts, held_for, held_notes, over_commits, world_now
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -63,6 +66,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
     last = runtime.last_pass()
     snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None
+    over = over_commits(planned_from(profile, snapshot)) if snapshot is not None else []
     backoffs = {name: store.get_backoff(name) for name in sorted(set(profile.services) | {
         i.service for i in state.instances})}
     active = [lease for lease in state.leases if lease_active(lease, now)]
@@ -71,7 +75,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         profile=profile.name,
         observed_at=_iso(snapshot.now) if snapshot is not None else None,
         now=iso_utc(now),
-        gpus=_gpus(world, plan),
+        gpus=_gpus(world, plan, over),
         services=_services(profile, world, snapshot, backoffs, now),
         instances=[_instance(i, profile, world, active, backoffs, now) for i in state.instances],
         leases=[_lease(lease, now) for lease in state.leases],
@@ -79,7 +83,7 @@ def build_status(runtime: Runtime, profile: Profile) -> Status:
         pending=[PendingStatus(service=p.service, demand=p.demand, reason=p.reason) for p in plan.pending]
         if plan is not None else [],
         plan=plan.to_json_dict() if plan is not None else None,
-        conditions=_conditions(plan, backoffs, snapshot is not None, runtime.profile_problem),
+        conditions=_conditions(plan, backoffs, snapshot is not None, over, runtime.profile_problem),
         models=models(runtime),
     )
 
@@ -98,27 +102,42 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
     ) for m in runtime.traffic.models()]
 
 
-def _gpus(world: World | None, plan: Plan | None) -> list[GpuStatus]:
-    """Each GPU's reservations by origin, as the last pass observed them. Memory the last plan's starts hold
-    is said (``held_for``) and taken off ``free_mb``, as a VRAM lease's check counts it, but not added to
-    the reservations: the observation may still show what those starts replaced (a switch's stopped
-    instance), and adding both would book more than the GPU holds."""
+def planned_from(profile: Profile, snapshot: Snapshot) -> World:
+    """The world the last pass planned from: its snapshot, its leases. Where a GPU is over-committed is
+    judged here, as the planner judged it — not with the store's leases now: a slot lease that pass
+    granted after evicting for it would count beside the evicted instance the snapshot still shows."""
+    world = World(profile, snapshot)
+    world.account()
+    return world
+
+
+def _gpus(world: World | None, plan: Plan | None, over_commits: list[OverCommit]) -> list[GpuStatus]:
+    """Each GPU's reservations by origin. The last pass's snapshot predates
+    the starts that pass carried out, so their reservations are added from
+    its plan (and said: ``held_for``), as a VRAM lease's check counts them
+    (:func:`reconciler.core.accounting.free_now`) — and what those starts waited to see freed is left out
+    (:func:`~reconciler.core.accounting.freed_for_starts`), so a stop-then-start never shows both, above
+    the GPU's total. ``free_mb`` stays what a VRAM lease may take."""
     if world is None:
         return []
     held = held_for(world, plan)
     planned = {gpu: sum(mb for _, mb in items) for gpu, items in held.items()}
+    gone = freed_for_starts(world, plan)  # a start counted above ran only once these were freed
+    over = {o.gpu: o.over_mb for o in over_commits}
     out = []
     for index, view in world.gpus.items():
-        by_origin = {"started": 0, "adopted": 0, "slot": 0, "vram": 0}
-        for holder in view.holders.values():
-            by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
+        by_origin = {"started": planned.get(index, 0), "adopted": 0, "slot": 0, "vram": 0}
+        for key, holder in view.holders.items():
+            if (key, index) not in gone:
+                by_origin[holder.origin] = by_origin.get(holder.origin, 0) + holder.reservation
         out.append(GpuStatus(
             index=index, name=view.gpu.name, total_mb=view.total, reserved_started_mb=by_origin["started"],
             adopted_mb=by_origin["adopted"], leased_mb=by_origin["slot"] + by_origin["vram"],
             foreign_mb=view.foreign, free_mb=max(0, view.free - planned.get(index, 0)), used_mb=view.gpu.used_mb,
             held_for=held_notes(held.get(index, [])),
             services_mb={name: holder.reservation for name, holder in sorted(view.holders.items())
-                         if holder.origin in ("started", "adopted")},
+                         if holder.origin in ("started", "adopted") and (name, index) not in gone},
+            over_committed_mb=over.get(index, 0),
         ))
     return out
 
@@ -227,23 +246,43 @@ def _demand(demand: Demand, plan: Plan | None, now: datetime) -> DemandStatus:
     )
 
 
-def _conditions(plan: Plan | None, backoffs: dict[str, Backoff], observed: bool,
-                profile_problem: str | None = None) -> list[Condition]:
+def _conditions(
+    plan: Plan | None, backoffs: dict[str, Backoff], observed: bool, over: list[OverCommit],
+    profile_problem: str | None = None,
+) -> list[Condition]:
+    """``converged`` is ok only when the plan has nothing to do *and* no GPU is booked beyond its total."""
     out = []
     if profile_problem is not None:  # first: the header says it until a good save
         out.append(Condition(type="profile", ok=False, message=profile_problem))
     if not observed or plan is None:
         out.append(Condition(type="observed", ok=False, message="no pass has observed the host yet"))
     else:
-        converged = not plan.actions and not plan.pending
+        converged = not plan.actions and not plan.pending and not over
         bits = [f"{len(plan.actions)} action(s)" if plan.actions else "",
-                f"{len(plan.pending)} pending" if plan.pending else ""]
+                f"{len(plan.pending)} pending" if plan.pending else "",
+                f"GPU {', '.join(str(o.gpu) for o in over)} over-committed" if over else ""]
         out.append(Condition(type="converged", ok=converged,
                              message="converged: nothing to do" if converged else ", ".join(b for b in bits if b)))
         for item in plan.pending:
             out.append(Condition(type="pending", ok=False, service=item.service, message=item.reason))
+    for commit in over:
+        out.append(Condition(type="over_committed", ok=False, gpu=commit.gpu,
+                             message=f"{commit.describe()}; {_relief(commit.gpu, plan)}"))
     for name, backoff in backoffs.items():
         if backoff.stalled and backoff.healthy_since is None:
             message = f"{backoff.failures} failures in a row: {backoff.last_error or 'unknown error'}"
             out.append(Condition(type="stalled", ok=False, service=name, message=message))
     return out
+
+
+def _relief(gpu: int, plan: Plan | None) -> str:
+    """What the last plan does about an over-committed GPU: the evictions on it, or why it cannot."""
+    if plan is None:
+        return "no plan yet"
+    evicted = [a.service for a in plan.actions if a.kind in ("evict", "stop") and gpu in a.gpu_set]
+    waits = [p.reason for p in plan.pending if p.service == f"GPU {gpu}"]
+    if evicted:
+        return f"the plan frees memory there: {', '.join(evicted)} stop{'s' if len(evicted) == 1 else ''}"
+    if waits:  # the planner's "over-committed: … MB must be freed; <why>": the numbers are said already
+        return "nothing is evicted: " + waits[0].split(" must be freed; ", 1)[-1]
+    return "the next pass relieves it"

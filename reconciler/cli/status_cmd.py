@@ -152,7 +152,7 @@ def render(status: dict[str, Any]) -> str:
              (f"{s['backoff']['next_try_at'][11:19]} (in {duration(s['backoff']['next_try_in_s'])})"
               if s["backoff"].get("next_try_at") else "now"), s["backoff"].get("last_error")] for s in failing])]
         out.append("(`reconciler reset SERVICE` forgets the failures and tries it at once)")
-    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] == "observed"]
+    bad = [c for c in status.get("conditions") or [] if not c["ok"] and c["type"] in ("observed", "over_committed")]
     if bad:
         out += ["", "conditions:"] + [f"  {c['type']}{' ' + c['service'] if c.get('service') else ''}: {c['message']}"
                                       for c in bad]

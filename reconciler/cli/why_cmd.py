@@ -6,7 +6,9 @@ Reads ``GET /v1/status`` of a running ``reconciler serve`` (with its token
 when it has one, found as ``reconciler status`` finds it): the service's
 instance (state, health, leases), what the last plan does about it (each
 action with its reason), what waits for it (pending reasons, queued
-demands), and whether it is backing off. Exit 0; 1 when the service is not in
+demands), whether it is backing off, and whether its GPU is booked beyond
+its total (the ``over_committed`` condition: what the plan evicts there, or
+why nothing can be). Exit 0; 1 when the service is not in
 the profile or no server answers.
 """
 
@@ -57,6 +59,8 @@ def explain(status: dict[str, Any], name: str) -> list[str] | None:
     actions = [a for a in plan.get("actions", []) if a["service"] == name]
     pending = [p for p in status.get("pending", []) if p["service"] == name]
     demands = [d for d in status.get("demands", []) if d["service"] == name]
+    on = set(instance.get("gpus") or [instance["gpu"]]) if instance is not None else set()
+    over = [c for c in status.get("conditions", []) if c["type"] == "over_committed" and c.get("gpu") in on]
     lines = [_state(name, service, instance)]
     if service.get("held"):
         lines.append(f"It is held stopped: {service['held']}.")
@@ -74,6 +78,8 @@ def explain(status: dict[str, Any], name: str) -> list[str] | None:
         if not any(p.get("demand") == demand["id"] for p in pending):
             who = f" from {demand['holder']}" if demand["holder"] else ""
             lines.append(f"Lease request {demand['id']}{who} waits: {demand['reason']}.")
+    for condition in over:
+        lines.append(f"Its {condition['message']}.")
     if not plan:
         lines.append("The reconciler has not planned yet; ask again in a moment.")
     elif not actions and not pending and not demands and not service.get("held") and not (

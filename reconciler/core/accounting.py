@@ -18,7 +18,21 @@ moment (a VRAM lease granted a millisecond ago must count at once). So:
   exceed a GPU's total (invariant 4);
 * :func:`headroom` is the same with VRAM-only leases left to the caller,
   who keeps their sum per GPU (the leasing service's hot path: no walk over
-  a thousand leases per request).
+  a thousand leases per request);
+* :func:`over_commits` is what that invariant looks like when it broke
+  anyway — a crash in the middle of an eviction under an older version,
+  foreign usage that grew, an edit that raised a ceiling: each GPU whose
+  *booked* total (reservations plus foreign usage, DESIGN §3) is above its
+  total, and by how much. It reads only an accounted world, never a plan —
+  and the status document gives it the world the last pass planned from
+  (its snapshot and *its* leases): a plan's starts and slot leases wait for
+  its evictions, so adding them, or the store's leases granted since, to a
+  snapshot that still shows the evicted would report an over-commit that
+  never happened. An over-committed GPU is never "converged": the planner
+  relieves it or says why it cannot (``relieve_over_commits``), and the
+  status document shows it as a condition of its own (``over_committed``),
+  with the figure per GPU (``GpuStatus.over_committed_mb``) that ``why``,
+  the dashboard and the metrics read.
 """
 
 from __future__ import annotations
@@ -125,3 +139,65 @@ def free_explained(
         return 0, []
     items = held_for(world, plan).get(gpu, [])
     return max(0, view.free - sum(mb for _, mb in items)), held_notes(items)
+
+
+def freed_for_starts(world: World, plan: Plan | None) -> set[tuple[str, int]]:
+    """(holder, GPU) pairs that the plan's starts and restarts wait to see freed: stops and evictions
+    they require (the memory rule makes a start require every freer it counts on).
+
+    A start in :func:`planned_reservations` can only have run once these finished, so a *display* of
+    the GPU — the status document's bar — leaves them out where it counts the start; otherwise a
+    stop-then-start shows both, above the total, until the next observation. (:func:`free_now`
+    keeps counting them: what a VRAM lease may take stays conservative.)
+    """
+    if plan is None:
+        return set()
+    by_id = {action.id: action for action in plan.actions}
+    gone: set[tuple[str, int]] = set()
+    for action in plan.actions:
+        if action.kind not in ("start", "restart") or not action.mb:
+            continue
+        for required in action.requires:
+            freer = by_id.get(required)
+            if freer is None or freer.kind not in ("stop", "evict"):
+                continue
+            for gpu in set(freer.gpu_set) & set(action.gpu_set):
+                view = world.gpus.get(gpu)
+                if view is not None and freer.service in view.holders:
+                    gone.add((freer.service, gpu))
+    return gone
+
+
+@dataclass(frozen=True)
+class OverCommit:
+    """One GPU booked beyond its total: ``booked_mb`` (reservations + foreign usage) on ``total_mb``."""
+
+    gpu: int
+    total_mb: int
+    booked_mb: int
+
+    @property
+    def over_mb(self) -> int:
+        """How much must be freed for the GPU to fit again."""
+        return self.booked_mb - self.total_mb
+
+    def describe(self) -> str:
+        return (f"GPU {self.gpu} is over-committed: {self.booked_mb} MB booked on {self.total_mb} MB, "
+                f"{self.over_mb} MB too many")
+
+
+def over_commits(world: World) -> list[OverCommit]:
+    """The GPUs of an accounted ``world`` whose booked total is above their total, by index."""
+    out = []
+    for index in sorted(world.gpus):
+        view = world.gpus[index]
+        booked = view.reserved + view.foreign
+        if booked > view.total:
+            out.append(OverCommit(gpu=index, total_mb=view.total, booked_mb=booked))
+    return out
+
+
+def over_committed_mb(world: World) -> dict[int, int]:
+    """GPU index → MB booked beyond its total, 0 where it fits: one figure per GPU, for a gauge."""
+    over = {o.gpu: o.over_mb for o in over_commits(world)}
+    return {index: over.get(index, 0) for index in sorted(world.gpus)}

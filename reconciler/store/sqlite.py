@@ -31,6 +31,18 @@ with SIGBUS: no program can catch a fault in a mapping. Nothing of ours
 truncates it; do not either. A database an older version left with a
 rollback journal is switched to WAL when opened.
 
+**A lock held by someone else** (a ``sqlite3`` shell left in a transaction)
+makes a write wait up to the busy timeout — 10 s by default, 0.1 s for the
+loop's store (:mod:`reconciler.runtime.assembly`), whose calls run on the
+event loop — and then fail (``StoreError``, a ``failed`` notice). After one
+write found the database locked, the next ones do not wait at all
+(``busy_timeout = 0``) until one gets through: each fails at once while the
+lock is held, so a burst of lease requests or a pass retried every few
+seconds cannot keep the event loop waiting 0.1 s at a time (and
+``/api/health`` answers in milliseconds whatever the lock does). The first
+write that commits again restores the busy timeout. Reads never wait for a
+writer in WAL mode.
+
 **Start-up.** Before SQLite sees anything, the state directory must be (or
 become) a writable directory, and ``state.db`` and its journal, where they
 exist, readable and writable regular files; otherwise the store is not
@@ -177,6 +189,7 @@ class SqliteStore:
         self._failing: str | None = None  # the error of a failure streak, while it lasts
         self._closed = False
         self._depth = 0  # nested uses of the connection under the lock
+        self._hurried = False  # the database was found locked: writes do not wait until one gets through
         check_state_dir(self.path.parent)
         for suffix in ("", *COMPANIONS):
             problem = file_problem(companion(self.path, suffix))
@@ -288,10 +301,29 @@ class SqliteStore:
             self._depth += 1
             try:
                 with self._errors(what):
-                    yield self._conn
+                    try:
+                        yield self._conn
+                    except sqlite3.OperationalError as exc:
+                        if _locked(exc):
+                            self._hurry()
+                        raise
             finally:
                 self._depth -= 1
             self._worked()
+
+    def _hurry(self) -> None:
+        """The database was found locked: from now on a write does not wait for the lock (see the module)."""
+        if not self._hurried:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA busy_timeout = 0")
+                self._hurried = True
+
+    def _patient(self) -> None:
+        """A write got through: the lock is free again, so wait for it as usual."""
+        if self._hurried:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                self._hurried = False
 
     def _verify(self) -> None:
         """Write the state back if ``state.db`` was deleted or replaced since it was opened."""
@@ -409,6 +441,7 @@ class SqliteStore:
             except BaseException:
                 _rollback(conn)
                 raise
+            self._patient()
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -434,6 +467,7 @@ class SqliteStore:
             except BaseException:
                 _rollback(conn)
                 raise
+            self._patient()
 
     def checkpoint(self, *, truncate: bool = False) -> int:
         """Copy the write-ahead log back into the file as far as no reader needs it; returns the log's pages.
@@ -794,6 +828,11 @@ class SqliteStore:
     def get_intent(self, intent_id: int) -> Intent | None:
         rows = self._read(f"SELECT {self._INTENT_COLS} FROM intents WHERE id = ?", (intent_id,))
         return self._intent(rows[0]) if rows else None
+
+
+def _locked(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -149,7 +149,7 @@
     for (const c of list(conditions)) {
       if (!c || typeof c !== "object" || c.type === "pending") continue;
       const name = c.ok ? dash(c.type) : ({ converged: "not converged", observed: "not observed yet",
-        profile: "profile rejected" })[c.type] || dash(c.type);
+        profile: "profile rejected", over_committed: "over-committed" })[c.type] || dash(c.type);
       // "converged: nothing to do" under "converged" says it twice (and "profile rejected: …" under its name)
       const message = String(c.message || "").replace(/^profile rejected:\s*/, "")
         .replace(new RegExp(`^${String(c.type).replace(/\W/g, "")}:\\s*`), "");
@@ -232,6 +232,10 @@
         el("div", { class: "gpu-head" },
           el("span", { class: "gpu-name" }, `GPU ${dash(gpu.index)}`, gpu.name ? el("span", { class: "muted" }, ` · ${gpu.name}`) : null),
           el("span", { class: "gpu-total" }, `${mb(gpu.free_mb)} free of ${mb(total)}`)),
+        // booked beyond its total (a crash mid-eviction, foreign growth): never converged, said on the GPU too
+        Number(gpu.over_committed_mb) > 0
+          ? el("p", { class: "gpu-over", role: "alert" }, `over-committed: ${mb(gpu.over_committed_mb)} booked beyond its total`)
+          : null,
         bar, numbers));
     }
   }
