@@ -131,6 +131,7 @@ def test_an_over_commit_nothing_can_relieve_is_a_condition_in_status_why_and_the
             "GPU 0 is over-committed: 9216 MB booked on 8192 MB, 1024 MB too many; nothing is evicted: "), condition
         assert "always_on" in condition["message"]
         assert status["gpus"][0]["over_committed_mb"] == 1024
+        assert 'reconciler_gpu_overcommit_bytes{gpu="0"} 1.073741824e+09' in api.http.get("/metrics").text
         assert not converged(status)
         assert "GPU 0 over-committed" in next(c for c in status["conditions"] if c["type"] == "converged")["message"]
 

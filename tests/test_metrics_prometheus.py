@@ -201,7 +201,7 @@ def test_an_overcommitted_gpu_shows_the_excess_and_its_split_still_adds_up() -> 
 
     # what issue 8's crash mid-eviction left: 9216 MB booked on 8192
     gpu = GpuStatus(index=0, total_mb=8192, reserved_started_mb=6144, adopted_mb=1024, leased_mb=2048,
-                    foreign_mb=0, free_mb=0, used_mb=8192)
+                    foreign_mb=0, free_mb=0, used_mb=8192, over_committed_mb=1024)
     assert overcommit_mb(gpu) == 1024
     split = memory_split(gpu)
     assert split["other"] == 0 and sum(split.values()) - overcommit_mb(gpu) == gpu.total_mb

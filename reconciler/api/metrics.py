@@ -112,8 +112,10 @@ def memory_split(gpu: GpuStatus) -> dict[str, int]:
 
 
 def overcommit_mb(gpu: GpuStatus) -> int:
-    """Reservations booked above the GPU's total (invariant 4 says: never)."""
-    return max(0, gpu.reserved_started_mb + gpu.adopted_mb + gpu.leased_mb - gpu.total_mb)
+    """Booked above the GPU's total (invariant 4 says: never): the status document's figure, judged on the
+    world the last pass planned from (:func:`reconciler.core.accounting.over_committed_mb`), not a sum of
+    the status's reservation fields, which between passes may count a start beside what it replaced."""
+    return gpu.over_committed_mb
 
 
 class StateCollector:
