@@ -35,6 +35,7 @@ from reconciler.api.connections import (
 )
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.errors import GuardError
@@ -61,6 +62,7 @@ class ApiServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.guard: ConnectionGuard | None = None
+        self.cluster: ClusterNode | None = None  # set in cluster mode (reconciler.cli.cluster_opts)
 
     @property
     def url(self) -> str:
@@ -98,7 +100,7 @@ class ApiServer:
         metrics = Metrics(runtime, profile, self.guard)
         leasing = Leasing(runtime, profile, observe=metrics.observe_lease)
         self.context = ApiContext(runtime=runtime, profile=profile, leasing=leasing, metrics=metrics,
-                                  base_url=self.url)
+                                  base_url=self.url, cluster=self.cluster)
         leasing.start()
         metrics.start()
         config = uvicorn.Config(

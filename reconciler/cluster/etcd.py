@@ -385,7 +385,7 @@ def _revision(answer: dict[str, Any]) -> int:
 
 def _transport_reason(exc: BaseException, endpoint: str) -> str:
     text = str(exc) or type(exc).__name__
-    if endpoint.startswith("https://") and not isinstance(exc, httpx.ConnectError | httpx.TimeoutException) or (
-            "CERTIFICATE" in text.upper() or "SSL" in text.upper()):
+    dropped = endpoint.startswith("https://") and not isinstance(exc, httpx.ConnectError | httpx.TimeoutException)
+    if dropped or "CERTIFICATE" in text.upper() or "SSL" in text.upper():
         return f"{text} (a TLS member closed the connection: check --etcd-cacert, --etcd-cert and --etcd-key)"
     return text

@@ -75,4 +75,6 @@ class EventKind(StrEnum):
     # the model gateway
     GATEWAY_COLD = "gateway.cold", "A gateway request's model was not ready: what its wait caused (a start, a model switch, evictions), naming the model and the client."
     GATEWAY_REFUSED = "gateway.refused", "A gateway request could not be served within its wait: the model, the client and the plan's reason (answered 503)."
+    CLUSTER_JOINED = "cluster.joined", "This node joined its cluster in etcd (at start-up, or again after etcd or its lease came back): its state is published."
+    CLUSTER_DISCONNECTED = "cluster.disconnected", "etcd stopped answering this node: its services keep running, placement across nodes waits until etcd answers."
     LEASING_ERROR = "broker.error", "The leasing service could not read the store for a moment (shown, never recorded)."

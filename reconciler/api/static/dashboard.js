@@ -24,7 +24,7 @@
   // The stream brings every kind whatever this list says; one missing here (a newer server) is
   // still logged, marked as a kind this page does not know.
   const KINDS = [
-    "action.started", "action.finished", "api.started", "backoff", "broker.error", "demand.added", "demand.withdrawn",
+    "action.started", "action.finished", "api.started", "backoff", "broker.error", "cluster.joined", "cluster.disconnected", "demand.added", "demand.withdrawn",
     "gateway.started", "gateway.cold", "gateway.refused",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
