@@ -71,6 +71,8 @@ async def place(body: LeaseRequest, ctx: ApiContext) -> tuple[str, str | None, s
         except httpx.TransportError:
             excluded.add(placed.node)  # it went away since we read the view: place it again without it
             continue
+        if status == 200 and isinstance(answer, dict) and "id" in answer:
+            cluster.remember(str(answer["id"]), placed.node, placed.url)
         return JSONResponse(answer, status_code=status)
     raise HTTPException(503, f"{body.service}: the nodes chosen ({', '.join(sorted(excluded))}) did not answer; "
                              "retry")

@@ -54,6 +54,7 @@ import json
 import logging
 import random
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,7 @@ PUBLISH_INTERVAL_S = 2.0
 PUBLISH_DEBOUNCE_S = 0.02
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
+REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
 FORWARDED = "X-Reconciler-Forwarded"
 PLACEMENT = "X-Reconciler-Placement"
 
@@ -142,6 +144,7 @@ class ClusterNode:
         self._offers: dict[str, Offer] = {}
         self._offers_for: object = None
         self._http: httpx.AsyncClient | None = None
+        self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
 
     # --- keys -------------------------------------------------------------------------
 
@@ -386,11 +389,20 @@ class ClusterNode:
         raise ClusterRefused(503, f"placement of {service!r} lost {MAX_ATTEMPTS} races in a row to concurrent "
                                   "changes; retry")
 
+    def remember(self, lease_id: str, node: str, url: str) -> None:
+        """A lease we placed on ``node``: its holder may renew or release it here before that node has
+        published it (read your writes through this node)."""
+        self._placed[lease_id] = (node, url)
+        self._placed.move_to_end(lease_id)
+        while len(self._placed) > REMEMBERED:
+            self._placed.popitem(last=False)
+
     async def lease_owner(self, lease_id: str) -> tuple[str, str] | None:
-        """(node, its API URL) holding ``lease_id``, from etcd; None when no live node has it."""
+        """(node, its API URL) holding ``lease_id``: from etcd, else the leases we placed ourselves; None when
+        neither knows it (no live node has it)."""
         kv = await self.etcd.get(self.key("leases", lease_id))
         if kv is None:
-            return None
+            return self._placed.get(lease_id)
         doc = kv.json()
         return str(doc["node"]), str(doc.get("node_url", ""))
 
