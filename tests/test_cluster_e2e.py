@@ -143,6 +143,9 @@ def test_warm_first_across_nodes_pinning_and_forwarded_lease_calls(world: World)
     for held in (lease, pinned.json()):
         assert httpx.delete(f"{a.url}/v1/leases/{held['id']}", timeout=10).status_code == 200
     wait_until(lambda: not any(world.view()["leases"].values()), 10, "no leases left")
+    nodes = httpx.get(f"{b.url}/api/nodes", timeout=10).json()["nodes"]  # cf-orch's view: every node
+    assert sorted(n["node_id"] for n in nodes) == ["a", "b", "c"]
+    assert {n["node_id"]: n["gpus"][0]["vram_total_mb"] for n in nodes} == SIZES
     text = subprocess.run([sys.executable, "-m", "reconciler", "status", "--cluster", "--url", a.url],
                           capture_output=True, text=True, timeout=30)
     assert text.returncode == 0, text.stderr
@@ -287,6 +290,6 @@ def test_etcd_member_loss_then_quorum_loss_then_a_cut_off_cluster_rejoins(world:
     wait_until(lambda: "c" in world.view()["services"].get("embed", []), 15, "c's services published again")
     again = b.lease("embed")
     assert again.status_code == 200 and again.json()["node"] in ("a", "b", "c")  # warm everywhere: ties by name
-    for name, node in world.nodes.items():
+    for name in world.nodes:
         assert all(alive(pid) for pid in pids[name].values())
 

@@ -21,21 +21,29 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
   compatible; ``started``: the reverse.
 * ``node_id`` is this reconciler's node name (``--node``, default ``local``);
   ``agent_url`` is this server's URL; ``last_heartbeat`` the last observation.
+  In cluster mode (``--etcd``) ``GET /api/nodes`` lists every live node of the
+  cluster (``agent_url``: its advertised API), from etcd. ``allocate`` and
+  ``POST /api/leases`` stay local to the node asked (not yet placed across
+  nodes: a cf-orch client names its node).
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from reconciler.api.bodies import TextRoute
+from reconciler.api.cluster import unavailable
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.models import MAX_TTL_S, ModelName, Problem
 from reconciler.api.native import CLIENT_CLOSED
 from reconciler.api.refusals import http_error, status_of
 from reconciler.api.status import service_url
+from reconciler.cluster.etcd import EtcdError
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.snapshot import Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused
@@ -87,6 +95,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/nodes")
 async def nodes(ctx: Ctx) -> dict[str, Any]:
+    if ctx.cluster is not None:  # cluster mode: every live node, as the cluster view has it
+        return await cluster_nodes(ctx.cluster)
     last = ctx.runtime.last_pass()
     if last is None:
         return {"nodes": [{"node_id": ctx.node, "agent_url": ctx.base_url, "last_heartbeat": 0.0, "gpus": []}]}
@@ -97,6 +107,23 @@ async def nodes(ctx: Ctx) -> dict[str, Any]:
         "gpus": [{"gpu_id": g.index, "name": g.name, "vram_total_mb": g.total_mb, "vram_used_mb": g.used_mb,
                   "vram_free_mb": free.get(g.index, 0)} for g in snapshot.gpus],
     }]}
+
+
+async def cluster_nodes(cluster: ClusterNode) -> dict[str, Any]:
+    try:
+        view = await cluster.overview()
+    except EtcdError as exc:
+        raise unavailable(exc) from None
+    out = []
+    for node in view["nodes"]:
+        observed = node.get("observed_at")
+        out.append({
+            "node_id": node["node"], "agent_url": node.get("url"), "alive": node.get("alive", False),
+            "last_heartbeat": datetime.fromisoformat(observed.replace("Z", "+00:00")).timestamp() if observed else 0.0,
+            "gpus": [{"gpu_id": g["index"], "name": g.get("name", ""), "vram_total_mb": g["total_mb"],
+                      "vram_used_mb": g.get("used_mb", 0), "vram_free_mb": g["free_mb"]} for g in node["gpus"]],
+        })
+    return {"nodes": out}
 
 
 @router.get("/leases")

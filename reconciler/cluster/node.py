@@ -279,7 +279,8 @@ class ClusterNode:
                 free = max(0, view.free - planned.get(index, 0))
                 reserved = sum(h.reservation for h in view.holders.values()) + planned.get(index, 0)
                 gpus.append({"index": index, "name": view.gpu.name, "total_mb": view.total,
-                             "reserved_mb": reserved, "foreign_mb": view.foreign, "free_mb": free})
+                             "reserved_mb": reserved, "foreign_mb": view.foreign, "free_mb": free,
+                             "used_mb": view.gpu.used_mb})
             if self._offers_for is not last:
                 self._offers = offers(profile, last.snapshot, stored.leases, stored.demands, now)
                 self._offers_for = last
