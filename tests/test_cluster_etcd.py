@@ -24,8 +24,14 @@ from reconciler.testing.ports import free_port
 from tests.cluster_support import EtcdCluster, etcd_binary, make_tls
 
 
+@pytest.fixture(autouse=True)
+def _needs_etcd() -> None:
+    etcd_binary()  # skips, saying how to install it, where there is no etcd
+
+
 @pytest.fixture(scope="module")
 def etcd3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    etcd_binary()
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd3"), size=3).start()
     try:
         yield cluster

@@ -91,6 +91,8 @@ async def forward_lease(ctx: ApiContext, request: Request, method: str, lease_id
         return None
     try:
         status, answer = await ctx.cluster.forward(method, f"{owner[1]}/v1/leases/{lease_id}{suffix}", body)
+        if method == "DELETE" and status in (200, 404):
+            ctx.cluster.forget(lease_id)
     except httpx.TransportError:
         raise HTTPException(404, f"lease {lease_id!r} is held by node {owner[0]}, which does not answer; "
                                  "ask for a new one") from None

@@ -7,6 +7,8 @@
 * ``state/<node>`` — what it shares: GPUs (total, reserved, free), each service of its profile
   (priority, size, the URL it answers on from other machines, warm slots, the planner's offer:
   :mod:`.placement`), instances, leases;
+* ``reservations/<node>`` — per GPU: total, reserved and free MB; rewritten only when they change
+  (a start, a stop, a VRAM lease), not with every lease of a running service;
 * ``leases/<id>`` — one per lease it holds (which node, which service): any node can find the
   owner of a lease id to forward a renew or a release;
 * ``placements/<id>`` — a placement committed by a placer, until the chosen node has answered it.
@@ -32,10 +34,12 @@ other nodes (placement answers 503) until etcd answers again.
 **Placement** (:meth:`ClusterNode.place`). One range read of the whole prefix (the
 cluster view at revision R), :func:`.placement.rank`, then one txn that commits the
 choice: it compares the chosen node's liveness key (same create revision: the same
-incarnation, still alive) and its state key (mod revision unchanged since R: nothing
-was granted or started there since we read it) and, when both hold, puts
+incarnation, still alive) and its ``reservations`` key (mod revision unchanged since R:
+no GPU memory was reserved or freed there since we read it) and, when both hold, puts
 ``placements/<id>`` attached to that node's lease. A loser re-reads and tries again,
-at most :data:`MAX_ATTEMPTS` times with a short jittered pause. We chose to *forward*
+at most :data:`MAX_ATTEMPTS` times with a short jittered pause. (We compared the whole
+state key at first: every lease then changed it, and 50 concurrent requests lost 3
+txns in 4; warm slots are the serving node's to count, under its lock.) We chose to *forward*
 the request to the chosen node's API over HTTP rather than have the node pick the
 placement up through a watch: the request is answered by the same code that answers
 it on one machine (warm path, demand → converge → grant, the wait and its reason),
@@ -106,13 +110,14 @@ class View:
     revision: int
     nodes: dict[str, KeyValue] = field(default_factory=dict)
     states: dict[str, KeyValue] = field(default_factory=dict)
+    reservations: dict[str, KeyValue] = field(default_factory=dict)
     leases: dict[str, KeyValue] = field(default_factory=dict)
     placements: dict[str, KeyValue] = field(default_factory=dict)
 
     def alive_states(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for name in self.nodes:
-            if name in self.states:
+            if name in self.states and name in self.reservations:
                 out[name] = self.states[name].json()
         return out
 
@@ -133,6 +138,7 @@ class ClusterNode:
         self.lease_id: int | None = None
         self._node_create: int = 0
         self.connected = False
+        self.placements = 0  # placements committed by this node
         self.conflicts = 0  # placement txns lost to a concurrent change (re-read and retried)
         self._runtime: Runtime | None = None
         self._profile: Callable[[], Profile] | None = None
@@ -140,6 +146,8 @@ class ClusterNode:
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._published_leases: dict[str, str] = {}
+        self._published_state: dict[str, Any] = {}
+        self._published_reservations = ""
         self._answered: set[str] = set()
         self._offers: dict[str, Offer] = {}
         self._offers_for: object = None
@@ -320,8 +328,15 @@ class ClusterNode:
         if lease is None:
             return
         state = self.state()
+        same = {k: v for k, v in state.items() if k != "observed_at"}  # a pass that changed nothing: no write
+        if not force and not self._answered and same == self._published_state:
+            return
         docs = {doc["id"]: json.dumps(doc, sort_keys=True) for doc in state["leases"]}
         ops: list[Put | Delete] = [Put(self.key("state", self.node), json.dumps(state), lease)]
+        reservations = json.dumps({"gpus": [{k: g[k] for k in ("index", "total_mb", "reserved_mb", "free_mb")}
+                                            for g in state["gpus"]]}, sort_keys=True)
+        if force or reservations != self._published_reservations:
+            ops.append(Put(self.key("reservations", self.node), reservations, lease))
         for lease_id, doc in docs.items():
             if force or self._published_leases.get(lease_id) != doc:
                 ops.append(Put(self.key("leases", lease_id), doc, lease))
@@ -335,6 +350,8 @@ class ClusterNode:
             self._lost("its node key is gone")
             return
         self._published_leases = docs
+        self._published_state = same
+        self._published_reservations = reservations
 
     def answered(self, placement: str) -> None:
         """The request of ``placement`` has its answer: drop the key with the next publish."""
@@ -349,7 +366,8 @@ class ClusterNode:
     async def view(self) -> View:
         found = await self.etcd.range(self.prefix, prefix=True)
         view = View(found.revision)
-        tables = {"nodes": view.nodes, "state": view.states, "leases": view.leases, "placements": view.placements}
+        tables = {"nodes": view.nodes, "state": view.states, "reservations": view.reservations,
+                  "leases": view.leases, "placements": view.placements}
         for kv in found.kvs:
             kind, _, name = kv.key[len(self.prefix):].partition("/")
             table = tables.get(kind)
@@ -373,16 +391,17 @@ class ClusterNode:
                                               "has it in its profile")
                 raise ClusterRefused(503, f"no node can take {service!r} now: " + "; ".join(refusals))
             choice: Choice = choices[0]
-            node_kv, state_kv = view.nodes[choice.node], view.states[choice.node]
+            node_kv, reserved_kv = view.nodes[choice.node], view.reservations[choice.node]
             placement = str(uuid.uuid4())
             doc = {"service": service, "model": model, "node": choice.node, "tier": choice.tier, "by": self.node,
                    "revision": view.revision}
             ok, _ = await self.etcd.txn(
                 [Compare(node_kv.key, "CREATE", node_kv.create_revision),
-                 Compare(state_kv.key, "MOD", state_kv.mod_revision)],
+                 Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
                 [Put(self.key("placements", placement), json.dumps(doc), node_kv.lease)],
             )
             if ok:
+                self.placements += 1
                 url = str(node_kv.json().get("url", ""))
                 return Placed(choice.node, url, placement, choice.tier, choice.node == self.node)
             self.conflicts += 1
@@ -398,12 +417,18 @@ class ClusterNode:
         while len(self._placed) > REMEMBERED:
             self._placed.popitem(last=False)
 
+    def forget(self, lease_id: str) -> None:
+        self._placed.pop(lease_id, None)
+
     async def lease_owner(self, lease_id: str) -> tuple[str, str] | None:
-        """(node, its API URL) holding ``lease_id``: from etcd, else the leases we placed ourselves; None when
-        neither knows it (no live node has it)."""
+        """(node, its API URL) holding ``lease_id``: a lease we placed ourselves (no etcd round trip: a
+        holder renews and releases where it asked), else from etcd; None when no live node has it."""
+        mine = self._placed.get(lease_id)
+        if mine is not None:
+            return mine
         kv = await self.etcd.get(self.key("leases", lease_id))
         if kv is None:
-            return self._placed.get(lease_id)
+            return None
         doc = kv.json()
         return str(doc["node"]), str(doc.get("node_url", ""))
 
@@ -443,4 +468,6 @@ class ClusterNode:
             nodes.append({"node": self.node, "alive": False, "url": self.url, "advertise": self.advertise,
                           "profile": None, "observed_at": None, "gpus": [], "running": [], "leases": 0})
         return {"cluster": self.cluster, "node": self.node, "revision": view.revision, "nodes": nodes,
-                "services": where, "leases": by_node, "placements_in_flight": len(view.placements)}
+                "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
+                "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
+                             "placements": self.placements}}
