@@ -31,7 +31,6 @@ from reconciler.runtime.runtime import Runtime
 from reconciler.store import check_state_dir, open_store
 from reconciler.store.sqlite import SqliteStore
 
-
 LOOP_BUSY_TIMEOUT_S = 0.1
 
 
