@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_support import EtcdCluster, etcd_binary
+from tests.cluster_support import EtcdCluster, etcd_binary, make_tls
 from tests.e2e_support import Host, WatchRun, alive, wait_until
 
 TTL_S = 3
@@ -293,3 +293,36 @@ def test_etcd_member_loss_then_quorum_loss_then_a_cut_off_cluster_rejoins(world:
     for name in world.nodes:
         assert all(alive(pid) for pid in pids[name].values())
 
+
+
+def test_a_node_joins_an_etcd_that_requires_tls_client_certificates(tmp_path: Path) -> None:
+    etcd_binary()
+    tls = make_tls(tmp_path / "pki")
+    etcd = EtcdCluster(tmp_path / "etcd", size=1, tls=tls).start()
+    host = Host(tmp_path / "a")
+    try:
+        ports = {"llm": host.port(), "embed": host.port()}
+        host.write(profile("a", ports))
+        run = host.watch("--api", "127.0.0.1:0", "--node", "a", "--etcd", etcd.endpoints, "--etcd-ttl", str(TTL_S),
+                         "--etcd-cacert", tls["cacert"], "--etcd-cert", tls["cert"], "--etcd-key", tls["key"])
+        joined = run.wait_kind("cluster.joined", timeout_s=30)
+        assert joined["node"] == "a" and joined["cluster"] == "default"
+        url = (run.seen("api.started") or [run.wait_kind("api.started")])[0]["url"]
+        view = httpx.get(f"{url}/v1/cluster", timeout=10).json()
+        assert [n["node"] for n in view["nodes"] if n["alive"]] == ["a"]
+        granted = httpx.post(f"{url}/v1/leases", json={"service": "embed"}, timeout=30)
+        assert granted.status_code == 200 and granted.json()["node"] == "a"
+        # without a client certificate the same node cannot join: it serves alone and says why
+        other = Host(tmp_path / "b")
+        try:
+            other.write(profile("b", {"llm": other.port(), "embed": other.port()}))
+            alone = other.watch("--api", "127.0.0.1:0", "--node", "b", "--etcd", etcd.endpoints,
+                                "--etcd-cacert", tls["cacert"])
+            started = alone.wait_kind("api.started", timeout_s=30)
+            refused = httpx.post(f"{started['url']}/v1/leases", json={"service": "embed"}, timeout=30)
+            assert refused.status_code == 503 and "etcd-cert" in refused.json()["detail"]
+        finally:
+            other.close()
+    finally:
+        host.close()
+        etcd.stop()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -108,6 +109,11 @@ class KeyValue:
     lease: int
 
     def json(self) -> Any:
+        """The value as JSON, parsed once (a placement reads every node's state)."""
+        return self.parsed
+
+    @functools.cached_property
+    def parsed(self) -> Any:
         return json.loads(self.value)
 
     @classmethod

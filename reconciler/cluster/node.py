@@ -31,8 +31,9 @@ know etcd exists. A node cut off from etcd keeps converging to its own profile w
 services running; the cluster just stops seeing it, and it cannot place requests on
 other nodes (placement answers 503) until etcd answers again.
 
-**Placement** (:meth:`ClusterNode.place`). One range read of the whole prefix (the
-cluster view at revision R), :func:`.placement.rank`, then one txn that commits the
+**Placement** (:meth:`ClusterNode.place`). The cluster view at revision R — kept in
+memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
+then one txn that commits the
 choice: it compares the chosen node's liveness key (same create revision: the same
 incarnation, still alive) and its ``reservations`` key (mod revision unchanged since R:
 no GPU memory was reserved or freed there since we read it) and, when both hold, puts
@@ -46,8 +47,9 @@ it on one machine (warm path, demand → converge → grant, the wait and its re
 and no GPU can be double-booked because each node is the only writer of its own GPUs'
 reservations — its ledger grants under the runtime's exclusive lock (invariant 4).
 The txn makes the *choice* atomic against a stale view; the node's ledger makes the
-*booking* atomic. Two etcd round trips per placed lease (the range and the txn), plus
-the chosen node's batched publish, which is off the request path.
+*booking* atomic. One etcd round trip per placed lease (the txn) while the watch is
+current, two when the view must be read first (after a lost txn, or while the watch
+reconnects), plus the chosen node's batched publish, which is off the request path.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ class ClusterNode:
         self._offers: dict[str, Offer] = {}
         self._offers_for: object = None
         self._http: httpx.AsyncClient | None = None
+        self._cached: View | None = None  # kept current by a watch (:meth:`_follow`)
         self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
 
     # --- keys -------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class ClusterNode:
                                        limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
         subscription = runtime.events.subscribe()
         self._tasks = [asyncio.ensure_future(self._heartbeat()), asyncio.ensure_future(self._publisher()),
-                       asyncio.ensure_future(self._listen(subscription))]
+                       asyncio.ensure_future(self._listen(subscription)), asyncio.ensure_future(self._follow())]
         with contextlib.suppress(TimeoutError):  # etcd down at start-up: serve anyway, join when it answers
             await asyncio.wait_for(self._registered.wait(), self.etcd.timeout_s * len(self.etcd.endpoints) + 1)
 
@@ -364,22 +367,47 @@ class ClusterNode:
     # --- reading the cluster ----------------------------------------------------------------
 
     async def view(self) -> View:
+        """The cluster as etcd has it now (one range of the prefix)."""
         found = await self.etcd.range(self.prefix, prefix=True)
         view = View(found.revision)
-        tables = {"nodes": view.nodes, "state": view.states, "reservations": view.reservations,
-                  "leases": view.leases, "placements": view.placements}
         for kv in found.kvs:
-            kind, _, name = kv.key[len(self.prefix):].partition("/")
-            table = tables.get(kind)
-            if table is not None and name:
-                table[name] = kv
+            self._apply(view, "PUT", kv)
         return view
+
+    def _apply(self, view: View, kind: str, kv: KeyValue) -> None:
+        table_name, _, name = kv.key[len(self.prefix):].partition("/")
+        table = {"nodes": view.nodes, "state": view.states, "reservations": view.reservations,
+                 "leases": view.leases, "placements": view.placements}.get(table_name)
+        if table is None or not name:
+            return
+        if kind == "DELETE":
+            table.pop(name, None)
+        else:
+            table[name] = kv
+        view.revision = max(view.revision, kv.mod_revision)
+
+    async def _follow(self) -> None:
+        """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
+        placement then costs one etcd round trip (its txn) instead of two. The cache is dropped whenever
+        the watch breaks; a txn that loses (the cache was behind) re-reads with a range."""
+        while True:
+            try:
+                view = await self.view()
+                self._cached = view
+                async for events in self.etcd.watch(self.prefix, view.revision + 1):
+                    for event in events:
+                        self._apply(view, event.kind, event.kv)
+            except EtcdError:
+                pass
+            self._cached = None
+            await asyncio.sleep(RETRY_S)
 
     async def place(self, service: str, model: str | None, *, pin: str | None = None,
                     exclude: frozenset[str] = frozenset()) -> Placed:
         """Choose a node for a request and commit the choice (see the module docstring)."""
         for attempt in range(MAX_ATTEMPTS):
-            view = await self.view()
+            cached = self._cached if attempt == 0 else None
+            view = cached if cached is not None else await self.view()
             states = view.alive_states()
             if pin is not None and pin not in states:
                 known = ", ".join(sorted(states)) or "none"
