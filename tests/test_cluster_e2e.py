@@ -263,9 +263,20 @@ def _placements(world: World) -> list[dict[str, Any]]:
 
 def test_etcd_member_loss_then_quorum_loss_then_a_cut_off_cluster_rejoins(world: World) -> None:
     a, b, c = (world.nodes[n] for n in "abc")
-    world.etcd.kill(0)  # one of three: nothing visible changes
-    answers = [world.nodes["abc"[i % 3]].lease("embed", wait_s=2, ttl_s=300) for i in range(8)]
+    answers: list[httpx.Response] = []
+
+    def ask(count: int) -> None:
+        for i in range(count):
+            answers.append(world.nodes["abc"[i % 3]].lease("embed", wait_s=2, ttl_s=300))
+
+    asking = threading.Thread(target=ask, args=(8,))
+    asking.start()
+    time.sleep(0.05)
+    world.etcd.kill(0)  # one of three, mid-run: nothing visible changes but retryable answers
+    asking.join(60)
+    assert len(answers) == 8
     assert {r.status_code for r in answers} <= {200, 503}, [r.text for r in answers]
+    assert all(r.json()["detail"] for r in answers if r.status_code == 503)  # 503: retryable, with the reason
     granted = [r.json() for r in answers if r.status_code == 200]
     assert len(granted) >= 6
     for lease in granted:

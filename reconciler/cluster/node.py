@@ -59,6 +59,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -82,6 +83,7 @@ PUBLISH_INTERVAL_S = 2.0
 PUBLISH_DEBOUNCE_S = 0.02
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
+ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
 REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
 FORWARDED = "X-Reconciler-Forwarded"
 PLACEMENT = "X-Reconciler-Placement"
@@ -346,7 +348,7 @@ class ClusterNode:
         for gone in set(self._published_leases) - set(docs):
             ops.append(Delete(self.key("leases", gone)))
         answered, self._answered = self._answered, set()
-        ops.extend(Delete(self.key("placements", p)) for p in answered)
+        ops.extend(Delete(self.key("placements", p)) for p in answered | self._abandoned())
         ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
         if not ok:
             self._answered |= answered
@@ -355,6 +357,16 @@ class ClusterNode:
         self._published_leases = docs
         self._published_state = same
         self._published_reservations = reservations
+
+    def _abandoned(self) -> set[str]:
+        """Placements on this node whose placer never forwarded them (it died between its txn and its
+        request): dropped after :data:`ABANDONED_S`, so that they do not stay as long as this node lives."""
+        view = self._cached
+        if view is None:
+            return set()
+        now = time.time()
+        return {name for name, kv in view.placements.items()
+                if kv.json().get("node") == self.node and now - float(kv.json().get("at", now)) > ABANDONED_S}
 
     def answered(self, placement: str) -> None:
         """The request of ``placement`` has its answer: drop the key with the next publish."""
@@ -422,7 +434,7 @@ class ClusterNode:
             node_kv, reserved_kv = view.nodes[choice.node], view.reservations[choice.node]
             placement = str(uuid.uuid4())
             doc = {"service": service, "model": model, "node": choice.node, "tier": choice.tier, "by": self.node,
-                   "revision": view.revision}
+                   "revision": view.revision, "at": time.time()}
             ok, _ = await self.etcd.txn(
                 [Compare(node_kv.key, "CREATE", node_kv.create_revision),
                  Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
