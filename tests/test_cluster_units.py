@@ -103,4 +103,6 @@ def test_cluster_options_errors_are_clear_and_change_nothing(tmp_path: Path) -> 
         assert result.returncode == 1, (extra, result.stderr)
         assert message in result.stderr, (extra, result.stderr)
         assert "Traceback" not in result.stderr
+    watch = run_cli("watch", *base[1:-2], "--etcd", "http://127.0.0.1:1", "--node", "a")
+    assert watch.returncode == 1 and "use `reconciler serve`" in watch.stderr
     assert not (tmp_path / "s" / "state.db").exists()

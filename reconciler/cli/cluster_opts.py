@@ -58,6 +58,9 @@ def cluster_node(args: argparse.Namespace, api: ApiServer | None) -> ClusterNode
     for flag, value in (("--node", args.node), ("--cluster", args.cluster)):
         if not NAME.match(value):
             raise GuardError(f"{flag} {value!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    if api is None:
+        raise GuardError("a cluster node serves the API (other nodes forward requests to it): use `reconciler "
+                         "serve`, or `watch --api`")
     if args.node == "local":
         raise GuardError("a cluster node needs a name of its own: add --node NAME (unique in the cluster)")
     if not 2 <= args.etcd_ttl <= 300:
@@ -79,10 +82,8 @@ def cluster_node(args: argparse.Namespace, api: ApiServer | None) -> ClusterNode
                     password=password)
     except EtcdError as exc:
         raise GuardError(str(exc)) from None
-    token = api.token if api is not None else None
     node = ClusterNode(etcd, cluster=args.cluster, node=args.node, advertise=args.advertise,
-                       api_url=lambda: api.url if api is not None and api.socket is not None else None, token=token,
+                       api_url=lambda: api.url if api.socket is not None else None, token=api.token,
                        ttl_s=args.etcd_ttl)
-    if api is not None:
-        api.cluster = node
+    api.cluster = node
     return node
