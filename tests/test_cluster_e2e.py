@@ -203,12 +203,16 @@ def test_concurrent_requests_over_three_nodes_never_overbook(world: World) -> No
                 served_by[lease["node"]] = served_by.get(lease["node"], 0) + 1
                 time.sleep(0.05)
                 gone = client.delete(f"{entry.url}/v1/leases/{lease['id']}")
-                assert gone.status_code == 200, gone.text
+                # 404: its instance was evicted meanwhile (on a, llm and embed do not fit together), which
+                # ends its leases; anything else is a failure
+                assert gone.status_code == 200 or (gone.status_code == 404 and lease["node"] == "a"), gone.text
 
-    with ThreadPoolExecutor(50) as pool:
-        list(pool.map(one, range(200)))
-    stop.set()
-    sampler.join(10)
+    try:
+        with ThreadPoolExecutor(50) as pool:
+            list(pool.map(one, range(200)))
+    finally:
+        stop.set()
+        sampler.join(10)
     assert len(statuses) == 200  # every request answered
     assert set(statuses) <= {200, 429, 503}, statuses
     assert statuses.count(200) >= 100, statuses
@@ -331,7 +335,8 @@ def test_a_node_joins_an_etcd_that_requires_tls_client_certificates(tmp_path: Pa
                                 "--etcd-cacert", tls["cacert"])
             started = alone.wait_kind("api.started", timeout_s=30)
             refused = httpx.post(f"{started['url']}/v1/leases", json={"service": "embed"}, timeout=30)
-            assert refused.status_code == 503 and "etcd-cert" in refused.json()["detail"]
+            assert refused.status_code == 503 and "etcd-cert" in refused.json()["detail"], (
+                refused.text, alone.stderr()[-3000:])
         finally:
             other.close()
     finally:

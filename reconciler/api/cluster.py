@@ -19,6 +19,7 @@ no node has.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
@@ -31,6 +32,7 @@ from reconciler.cluster.etcd import EtcdError
 from reconciler.cluster.node import FORWARDED, ClusterNode, ClusterRefused
 
 REPLACE_ATTEMPTS = 3
+log = logging.getLogger("reconciler.cluster")
 FORWARD_SLACK_S = 15.0  # beyond the request's own wait_s
 
 
@@ -61,6 +63,9 @@ async def place(body: LeaseRequest, ctx: ApiContext) -> tuple[str, str | None, s
             raise HTTPException(refused.status, refused.detail) from None
         except EtcdError as exc:
             raise unavailable(exc) from None
+        except (OSError, ValueError) as exc:  # what a broken connection to etcd may still raise: answer, and log it
+            log.warning("placement of %s failed", body.service, exc_info=True)
+            raise HTTPException(503, f"placement failed ({type(exc).__name__}: {exc}); retry") from None
         if placed.local:
             return "local", None, placed.placement
         doc = body.model_dump()

@@ -81,6 +81,7 @@ from reconciler.runtime import Runtime
 DEFAULT_TTL_S = 10
 PUBLISH_INTERVAL_S = 2.0
 PUBLISH_DEBOUNCE_S = 0.02
+REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
 ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
@@ -401,18 +402,23 @@ class ClusterNode:
     async def _follow(self) -> None:
         """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
         placement then costs one etcd round trip (its txn) instead of two. The cache is dropped whenever
-        the watch breaks; a txn that loses (the cache was behind) re-reads with a range."""
+        the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a txn that loses (the
+        cache was behind) re-reads with a range."""
         while True:
             try:
                 view = await self.view()
                 self._cached = view
-                async for events in self.etcd.watch(self.prefix, view.revision + 1):
-                    for event in events:
-                        self._apply(view, event.kind, event.kv)
+                async with asyncio.timeout(REFOLLOW_S):  # a member that hangs cannot keep it stale for long
+                    async for events in self.etcd.watch(self.prefix, view.revision + 1):
+                        for event in events:
+                            self._apply(view, event.kind, event.kv)
+                self._cached = None  # the stream ended: the member went away
+                await asyncio.sleep(RETRY_S)
+            except TimeoutError:
+                continue  # read it all again and follow from there
             except EtcdError:
-                pass
-            self._cached = None
-            await asyncio.sleep(RETRY_S)
+                self._cached = None
+                await asyncio.sleep(RETRY_S)
 
     async def place(self, service: str, model: str | None, *, pin: str | None = None,
                     exclude: frozenset[str] = frozenset()) -> Placed:
