@@ -143,6 +143,17 @@ def test_warm_first_across_nodes_pinning_and_forwarded_lease_calls(world: World)
     for held in (lease, pinned.json()):
         assert httpx.delete(f"{a.url}/v1/leases/{held['id']}", timeout=10).status_code == 200
     wait_until(lambda: not any(world.view()["leases"].values()), 10, "no leases left")
+    # cf-orch's allocate is placed the same way, candidate by candidate; released at another node
+    allocated = httpx.post(f"{a.url}/api/services/embed/allocate", json={"model_candidates": ["any"]}, timeout=30)
+    assert allocated.status_code == 200, allocated.text
+    where = world.nodes[allocated.json()["node_id"]]  # b or c: both run embed with free slots by now
+    assert where.name in ("b", "c") and allocated.json()["url"] == f"http://127.0.0.1:{where.ports['embed']}"
+    other = "c" if where.name == "b" else "b"
+    allocation = allocated.json()["allocation_id"]  # other nodes find it once its node published it (ms)
+    wait_until(lambda: any(x["id"] == allocation for x in world.view(other)["leases"][where.name]), 10, "published")
+    released = httpx.delete(f"{world.nodes[other].url}/api/services/embed/allocations/"
+                            f"{allocated.json()['allocation_id']}", timeout=10)
+    assert released.status_code == 200 and released.json()["released"] is True
     nodes = httpx.get(f"{b.url}/api/nodes", timeout=10).json()["nodes"]  # cf-orch's view: every node
     assert sorted(n["node_id"] for n in nodes) == ["a", "b", "c"]
     assert {n["node_id"]: n["gpus"][0]["vram_total_mb"] for n in nodes} == SIZES

@@ -83,8 +83,40 @@ async def place(body: LeaseRequest, ctx: ApiContext) -> tuple[str, str | None, s
                              "retry")
 
 
+async def allocate_on(ctx: ApiContext, service: str, model: str, doc: dict[str, Any],
+                      wait_s: float) -> str | Response | None:
+    """cf-orch ``allocate`` of one model candidate in a cluster: None when this node should serve it, the
+    chosen node's answer when another one did, or why no node can serve this candidate (the caller then
+    tries the next one)."""
+    cluster = cluster_of(ctx)
+    excluded: set[str] = set()
+    for _ in range(REPLACE_ATTEMPTS):
+        try:
+            placed = await cluster.place(service, model, exclude=frozenset(excluded))
+        except ClusterRefused as refused:
+            return refused.detail
+        except EtcdError as exc:
+            raise unavailable(exc) from None
+        if placed.local:
+            cluster.answered(placed.placement)
+            return None
+        try:
+            status, answer = await cluster.forward(
+                "POST", f"{placed.url}/api/services/{service}/allocate", {**doc, "model_candidates": [model]},
+                placement=placed.placement, timeout_s=wait_s + FORWARD_SLACK_S)
+        except httpx.TransportError:
+            excluded.add(placed.node)
+            continue
+        if status == 200 and isinstance(answer, dict) and "allocation_id" in answer:
+            cluster.remember(str(answer["allocation_id"]), placed.node, placed.url)
+            return JSONResponse(answer)
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        return f"{detail or f'HTTP {status}'} (on node {placed.node})"
+    return f"the nodes chosen ({', '.join(sorted(excluded))}) did not answer"
+
+
 async def forward_lease(ctx: ApiContext, request: Request, method: str, lease_id: str, suffix: str = "",
-                        body: Any = None) -> Response | None:
+                        body: Any = None, *, path: str | None = None) -> Response | None:
     """The answer of the node that holds ``lease_id`` when another one does; None when we should answer."""
     if ctx.cluster is None or forwarded(request):
         return None
@@ -95,7 +127,8 @@ async def forward_lease(ctx: ApiContext, request: Request, method: str, lease_id
     if owner is None or owner[0] == ctx.cluster.node:
         return None
     try:
-        status, answer = await ctx.cluster.forward(method, f"{owner[1]}/v1/leases/{lease_id}{suffix}", body)
+        target = path if path is not None else f"/v1/leases/{lease_id}{suffix}"
+        status, answer = await ctx.cluster.forward(method, f"{owner[1]}{target}", body)
         if method == "DELETE" and status in (200, 404):
             ctx.cluster.forget(lease_id)
     except httpx.TransportError:

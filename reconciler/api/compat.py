@@ -22,9 +22,10 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
 * ``node_id`` is this reconciler's node name (``--node``, default ``local``);
   ``agent_url`` is this server's URL; ``last_heartbeat`` the last observation.
   In cluster mode (``--etcd``) ``GET /api/nodes`` lists every live node of the
-  cluster (``agent_url``: its advertised API), from etcd. ``allocate`` and
-  ``POST /api/leases`` stay local to the node asked (not yet placed across
-  nodes: a cf-orch client names its node).
+  cluster (``agent_url``: its advertised API), from etcd. ``allocate`` is
+  placed across the cluster candidate by candidate (the chosen node answers,
+  with its ``node_id`` and URL; releasing it at any node is forwarded to it).
+  ``POST /api/leases`` (VRAM) stays local: a cf-orch client names its node.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from reconciler.api import cluster
 from reconciler.api.bodies import TextRoute
 from reconciler.api.cluster import unavailable
 from reconciler.api.context import ApiContext, context, disconnected
@@ -43,7 +45,7 @@ from reconciler.api.native import CLIENT_CLOSED
 from reconciler.api.refusals import http_error, status_of
 from reconciler.api.status import service_url
 from reconciler.cluster.etcd import EtcdError
-from reconciler.cluster.node import ClusterNode
+from reconciler.cluster.node import PLACEMENT, ClusterNode
 from reconciler.core.snapshot import Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused
@@ -155,10 +157,19 @@ async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
 async def allocate(service: str, body: AllocateRequest, request: Request, ctx: Ctx) -> dict[str, Any] | Response:
     if not body.model_candidates:
         raise HTTPException(422, "model_candidates must be non-empty")
-    if service not in ctx.profile().services:
+    placement = request.headers.get(PLACEMENT)
+    across = ctx.cluster is not None and not cluster.forwarded(request)  # placed across the cluster
+    if service not in ctx.profile().services and not across:
         raise HTTPException(422, f"Unknown service {service!r} — not in profile {ctx.profile().name!r}")
     reasons = []
     for model in body.model_candidates:
+        if across:
+            elsewhere = await cluster.allocate_on(ctx, service, model, body.model_dump(), ALLOCATE_WAIT_S)
+            if isinstance(elsewhere, Response):
+                return elsewhere
+            if isinstance(elsewhere, str):
+                reasons.append(f"{model}: {elsewhere}")
+                continue
         lease_request = LeaseRequest(service=service, holder=body.caller, model=model, ttl_s=body.ttl_s,
                                      gpu=body.gpu_id, wait_s=ALLOCATE_WAIT_S)
         try:
@@ -171,18 +182,29 @@ async def allocate(service: str, body: AllocateRequest, request: Request, ctx: C
             continue
         except CallerGone:
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if ctx.cluster is not None and placement is not None:
+                ctx.cluster.answered(placement)
         lease = granted.lease
+        spec = ctx.profile().services.get(service)
         return {
             "allocation_id": lease.id, "service": service, "node_id": ctx.node, "gpu_id": lease.gpu,
-            "model": lease.model, "url": service_url(ctx.profile().services.get(service)),
+            "model": lease.model,
+            "url": ctx.cluster.service_url(spec.probe_port if spec else None) if ctx.cluster else service_url(spec),
             "started": not granted.warm, "warm": granted.warm,
         }
     raise HTTPException(503, f"All model candidates exhausted for {service!r}: " + "; ".join(reasons))
 
 
-@router.delete("/services/{service}/allocations/{allocation_id}", responses={404: {"model": Problem}})
-async def release_allocation(service: str, allocation_id: str, ctx: Ctx) -> dict[str, Any]:
+@router.delete("/services/{service}/allocations/{allocation_id}", response_model=None,
+                responses={404: {"model": Problem}})
+async def release_allocation(service: str, allocation_id: str, request: Request,
+                             ctx: Ctx) -> dict[str, Any] | Response:
     lease = ctx.leasing.lease_by_id(allocation_id)
+    if lease is None and (elsewhere := await cluster.forward_lease(
+            ctx, request, "DELETE", allocation_id,
+            path=f"/api/services/{service}/allocations/{allocation_id}")) is not None:
+        return elsewhere
     if lease is None or lease.kind != "service" or lease.service != service:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found for service {service!r}")
     if ctx.leasing.release(allocation_id) is None:
