@@ -13,13 +13,17 @@ Rows:
   a 3-member etcd commits through raft with an fsync on a majority: the dominant cost of a placement;
 * ``cross-node warm lease, N concurrent`` — ``POST /v1/leases`` at a, served by c, for 1 and 50
   concurrent clients (each lease is released afterwards, not timed). Target p50 ≤ 10 ms at 1;
+* ``same N concurrent at c, no placement`` — the same load sent to c directly, marked as already
+  placed: c's own grant path (its SQLite commits, under its lock), the floor under the row above;
 * ``... with 100 more nodes heartbeating`` — the same at 1 client while 100 light agents (asyncio
   tasks in this process, no services) keep a node lease alive and publish a state each, so every
   placement reads a 103-node view;
 * ``etcd round trips per warm lease (placer)`` — node a's etcd calls during the run ÷ leases
   (its own heartbeats included). Target ≤ 2;
 * ``node loss healed`` — kill -9 of node c (the only one running ``embed``): seconds until a
-  request at a is granted elsewhere (c's node lease expires, a re-places). Target ≤ TTL + 2 s.
+  request at a is granted elsewhere (a's forward to c fails at once and a places it again without
+  c; once c's node lease expires, c is out of placement altogether), and seconds until c and its
+  keys are gone from the cluster view (its lease expired). Target ≤ TTL + 2 s.
 
 Everything started here is killed by pid at the end (the services by the pids their node's store
 recorded, checked against their create time).
@@ -127,12 +131,12 @@ def _view(node: Node) -> dict[str, Any]:
     return httpx.get(f"{node.url}/v1/cluster", timeout=10).json()
 
 
-def _leases(url: str, clients: int, per_client: int) -> list[float]:
+def _leases(url: str, clients: int, per_client: int, headers: dict[str, str] | None = None) -> list[float]:
     samples: list[float] = []
     lock = threading.Lock()
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=30) as http:
+        with httpx.Client(base_url=url, timeout=30, headers=headers or {}) as http:
             for _ in range(per_client):
                 began = time.perf_counter()
                 answer = http.post("/v1/leases", json={"service": "embed", "holder": "bench", "wait_s": 10})
@@ -253,6 +257,9 @@ def run() -> list[dict[str, Any]]:
             rows.append(_row(f"cross-node warm lease, {CONCURRENT} concurrent (3 nodes)", many))
             conflicts = _view(a)["counters"]["placement_conflicts"]
             rows[-1]["value"] += f", {conflicts} placement txn conflicts (re-read)"
+            # the same load on c alone, marked as already placed: what c's own grant path costs
+            local = _leases(c.url, CONCURRENT, PER_CLIENT, headers={"X-Reconciler-Forwarded": "bench"})
+            rows.append(_row(f"  same {CONCURRENT} concurrent at c, no placement (c's own grant path)", local))
             agents = Agents(etcd.urls)
             agents.thread.start()
             agents.ready.wait(60)
@@ -274,6 +281,10 @@ def run() -> list[dict[str, Any]]:
             took = time.monotonic() - killed
             rows.append({"benchmark": "node loss healed (kill -9 → granted elsewhere)", "value": f"{took:.2f} s",
                          "target": f"<= TTL {TTL_S} s + 2 s", "ok": took <= TTL_S + 2})
+            _wait(lambda: all(n["node"] != "c" for n in _view(a)["nodes"]), 60, "c gone from the view")
+            gone = time.monotonic() - killed
+            rows.append({"benchmark": "node loss: its keys gone from the cluster view", "value": f"{gone:.2f} s",
+                         "target": f"<= TTL {TTL_S} s + 2 s", "ok": gone <= TTL_S + 2})
         finally:
             pids: list[int] = []
             for node in nodes.values():
