@@ -353,3 +353,30 @@ def test_a_node_joins_an_etcd_that_requires_tls_client_certificates(tmp_path: Pa
     finally:
         host.close()
         etcd.stop()
+
+
+def test_a_node_whose_etcd_lease_expired_registers_again_and_republishes(world: World) -> None:
+    """As after a partition longer than the TTL: its keys are gone; it registers anew from its own store."""
+    c = world.nodes["c"]
+    embed_pid = c.host.pids()["embed"]
+    held = world.nodes["a"].lease("embed").json()
+    assert held["node"] == "c"
+    wait_until(lambda: any(x["id"] == held["id"] for x in world.view()["leases"].get("c", [])), 10, "published")
+    ctl = [str(Path(etcd_binary()).with_name("etcdctl")), "--endpoints", world.etcd.endpoints]
+    if not Path(ctl[0]).exists():
+        pytest.skip("etcdctl is not installed (Debian: etcd-client)")
+    env = {"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"}
+    got = subprocess.run([*ctl, "get", "/reconciler/default/nodes/c", "-w", "json"], capture_output=True, text=True,
+                         env=env, timeout=10, check=True)
+    lease_id = json.loads(got.stdout)["kvs"][0]["lease"]
+    assert c.run is not None
+    mark = c.run.mark
+    subprocess.run([*ctl, "lease", "revoke", format(lease_id, "x")], capture_output=True, env=env, timeout=10,
+                   check=True)
+    c.run.wait_kind("cluster.joined", timeout_s=TTL_S + SLACK_S)
+    assert c.run.mark > mark
+    # gone at once, back within a keep-alive period, with what its store holds: the instance and the lease
+    wait_until(lambda: world.alive_nodes() == ["a", "b", "c"], TTL_S + SLACK_S, "c registered again")
+    wait_until(lambda: any(x["id"] == held["id"] for x in world.view()["leases"].get("c", [])), 10, "re-published")
+    assert "c" in world.view()["services"]["embed"]
+    assert c.host.pids()["embed"] == embed_pid and alive(embed_pid)

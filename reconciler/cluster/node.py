@@ -232,6 +232,7 @@ class ClusterNode:
     def _lost(self, why: str) -> None:
         log.warning("node %s: %s; registering again", self.node, why)
         self.lease_id = None
+        self.connected = False  # announced as joined again once registered
         self._published_leases = {}
 
     def _connected(self) -> None:
