@@ -72,6 +72,11 @@ def test_rank_warm_needs_a_compatible_model_and_ties_go_by_slots_then_name() -> 
     assert rank(states, "llm", None)[0][0].node == "b"  # most free slots
 
 
+def test_a_node_not_observed_yet_is_the_last_resort() -> None:
+    states = {"a": node({"llm": {"slots_free": 0, "offer": None}}), "b": node({"llm": svc(tier="queue")})}
+    assert [(c.node, c.tier) for c in rank(states, "llm", None)[0]] == [("b", "queue"), ("a", "queue")]
+
+
 def test_rank_pin_and_exclude() -> None:
     states = {"a": node({"llm": svc(slots=1)}), "b": node({"llm": svc(tier="fit", free=5)})}
     assert [c.node for c in rank(states, "llm", None, pin="b")[0]] == ["b"]

@@ -7,7 +7,9 @@ fits without eviction** (most free MB on the GPU it would go to), **then where
 eviction costs least** (the eviction order of :mod:`reconciler.core.eviction`:
 least important most-important member, fewest busy, fewest evicted, fewest
 MB, names), then — when no node can start it now — a node where it runs
-and the request may queue for a slot. A request may pin a node.
+and the request may queue for a slot, and last a node that has just joined
+and not yet observed its host (the request waits there for its first pass).
+A request may pin a node.
 
 We do not re-implement the rules to compare nodes. Each node asks its own
 planner (:func:`reconciler.core.planner.plan`, pure) what it would do with
@@ -139,8 +141,11 @@ def rank(states: dict[str, dict[str, Any]], service: str, model: str | None, *, 
         if entry is None:
             refusals.append(f"{node}: no service {service!r} in its profile")
             continue
-        offer = entry.get("offer") or {"tier": "none", "reason": "not offered yet"}
+        offer = entry.get("offer")
         serving = entry.get("model")
+        if offer is None:  # it joined before its first pass: it may take the request as a demand, last
+            keyed.append(((4, node), Choice(node, "queue", "not observed yet: it waits for its first pass")))
+            continue
         compatible = model is None or not entry.get("model_bound") or serving in (None, model)
         if entry.get("slots_free", 0) > 0 and compatible:
             keyed.append(((0, -int(entry["slots_free"]), node), Choice(node, "warm", "a free slot on a running "
