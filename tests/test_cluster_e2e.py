@@ -129,8 +129,9 @@ def test_warm_first_across_nodes_pinning_and_forwarded_lease_calls(world: World)
     lease = granted.json()
     assert lease["node"] == "c" and lease["url"] == f"http://127.0.0.1:{c.ports['embed']}"  # c's, not a's
     assert httpx.get(f"{lease['url']}/health", timeout=5).status_code == 200
-    # renew and release through another node: forwarded to the holder
+    # renew and release through another node (once c published the lease: tens of ms): forwarded to the holder
     b = world.nodes["b"]
+    wait_until(lambda: any(x["id"] == lease["id"] for x in world.view("b")["leases"]["c"]), 10, "lease in view")
     renewed = httpx.post(f"{b.url}/v1/leases/{lease['id']}/renew", json={"ttl_s": 60}, timeout=10)
     assert renewed.status_code == 200 and renewed.json()["node"] == "c"
     wait_until(lambda: any(x["id"] == lease["id"] for x in world.view("b")["leases"]["c"]), 10, "lease in view")

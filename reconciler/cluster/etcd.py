@@ -39,7 +39,7 @@ password is never part of an error message or a log line.
 **Errors** (one tree, here): :class:`EtcdError` is the base;
 :class:`EtcdUnavailable` (no member answered or none has quorum: retryable,
 the API maps it to 503), :class:`EtcdAuthError` (bad user/password, missing
-permission, bad client certificate: not retryable), :class:`EtcdRequestError`
+permission, a client certificate the member refused: not retryable), :class:`EtcdRequestError`
 (etcd refused the request: a bug or a version mismatch).
 """
 
@@ -260,6 +260,8 @@ class Etcd:
             raise EtcdUnavailable(f"no answer within {timeout_s or self.timeout_s:g} s") from None
         except httpx.TransportError as exc:
             raise EtcdUnavailable(_transport_reason(exc, endpoint)) from None
+        except ssl.SSLError as exc:  # an alert after the handshake (TLS 1.3) can escape httpx unwrapped
+            raise EtcdAuthError(_tls_reason(exc)) from None
         answer = _decode(response)
         error = answer.get("error") or answer.get("message")
         if error is None and response.status_code < 400:
@@ -284,6 +286,8 @@ class Etcd:
             raise EtcdUnavailable("no answer to authenticate") from None
         except httpx.TransportError as exc:
             raise EtcdUnavailable(_transport_reason(exc, endpoint)) from None
+        except ssl.SSLError as exc:
+            raise EtcdAuthError(_tls_reason(exc)) from None
         answer = _decode(response)
         token = answer.get("token")
         if response.status_code >= 400 or not token:
@@ -366,7 +370,7 @@ class Etcd:
                               for e in result.get("events", [])]
                     if events:
                         yield events
-        except (httpx.TransportError, asyncio.IncompleteReadError) as exc:
+        except (httpx.TransportError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             self._current = (self._current + 1) % len(self.endpoints)
             raise EtcdUnavailable(f"watch on {endpoint} ended: {_transport_reason(exc, endpoint)}") from None
 
@@ -387,6 +391,10 @@ def _decode(response: httpx.Response) -> dict[str, Any]:
 def _revision(answer: dict[str, Any]) -> int:
     header = answer.get("header") or answer.get("result", {}).get("header") or {}
     return int(header.get("revision", 0))
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    return f"TLS with etcd failed ({exc}): check --etcd-cacert, --etcd-cert and --etcd-key"
 
 
 def _transport_reason(exc: BaseException, endpoint: str) -> str:

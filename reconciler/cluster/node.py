@@ -80,7 +80,7 @@ from reconciler.runtime import Runtime
 
 DEFAULT_TTL_S = 10
 PUBLISH_INTERVAL_S = 2.0
-PUBLISH_DEBOUNCE_S = 0.1
+PUBLISH_DEBOUNCE_S = 0.05
 REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
