@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import reconciler
-from reconciler.api import compat, native, services
+from reconciler.api import cluster, compat, native, services
 from reconciler.api.auth import BearerAuth
 from reconciler.api.bodies import SafeJSONResponse, escaped
 from reconciler.api.context import ApiContext
@@ -52,6 +52,7 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
     )
     app.state.context = context
     app.include_router(native.router)
+    app.include_router(cluster.router)
     app.include_router(compat.router)
     app.include_router(services.router)
 

@@ -21,21 +21,31 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
   compatible; ``started``: the reverse.
 * ``node_id`` is this reconciler's node name (``--node``, default ``local``);
   ``agent_url`` is this server's URL; ``last_heartbeat`` the last observation.
+  In cluster mode (``--etcd``) ``GET /api/nodes`` lists every live node of the
+  cluster (``agent_url``: its advertised API), from etcd. ``allocate`` is
+  placed across the cluster candidate by candidate (the chosen node answers,
+  with its ``node_id`` and URL; releasing it at any node is forwarded to it).
+  ``POST /api/leases`` (VRAM) stays local: a cf-orch client names its node.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from reconciler.api import cluster
 from reconciler.api.bodies import TextRoute
+from reconciler.api.cluster import unavailable
 from reconciler.api.context import ApiContext, context, disconnected
 from reconciler.api.models import MAX_TTL_S, ModelName, Problem
 from reconciler.api.native import CLIENT_CLOSED
 from reconciler.api.refusals import http_error, status_of
 from reconciler.api.status import service_url
+from reconciler.cluster.etcd import EtcdError
+from reconciler.cluster.node import PLACEMENT, ClusterNode
 from reconciler.core.snapshot import Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused
@@ -87,6 +97,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/nodes")
 async def nodes(ctx: Ctx) -> dict[str, Any]:
+    if ctx.cluster is not None:  # cluster mode: every live node, as the cluster view has it
+        return await cluster_nodes(ctx.cluster)
     last = ctx.runtime.last_pass()
     if last is None:
         return {"nodes": [{"node_id": ctx.node, "agent_url": ctx.base_url, "last_heartbeat": 0.0, "gpus": []}]}
@@ -97,6 +109,23 @@ async def nodes(ctx: Ctx) -> dict[str, Any]:
         "gpus": [{"gpu_id": g.index, "name": g.name, "vram_total_mb": g.total_mb, "vram_used_mb": g.used_mb,
                   "vram_free_mb": free.get(g.index, 0)} for g in snapshot.gpus],
     }]}
+
+
+async def cluster_nodes(cluster: ClusterNode) -> dict[str, Any]:
+    try:
+        view = await cluster.overview()
+    except EtcdError as exc:
+        raise unavailable(exc) from None
+    out = []
+    for node in view["nodes"]:
+        observed = node.get("observed_at")
+        out.append({
+            "node_id": node["node"], "agent_url": node.get("url"), "alive": node.get("alive", False),
+            "last_heartbeat": datetime.fromisoformat(observed.replace("Z", "+00:00")).timestamp() if observed else 0.0,
+            "gpus": [{"gpu_id": g["index"], "name": g.get("name", ""), "vram_total_mb": g["total_mb"],
+                      "vram_used_mb": g.get("used_mb", 0), "vram_free_mb": g["free_mb"]} for g in node["gpus"]],
+        })
+    return {"nodes": out}
 
 
 @router.get("/leases")
@@ -128,10 +157,19 @@ async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
 async def allocate(service: str, body: AllocateRequest, request: Request, ctx: Ctx) -> dict[str, Any] | Response:
     if not body.model_candidates:
         raise HTTPException(422, "model_candidates must be non-empty")
-    if service not in ctx.profile().services:
+    placement = request.headers.get(PLACEMENT)
+    across = ctx.cluster is not None and not cluster.forwarded(request)  # placed across the cluster
+    if service not in ctx.profile().services and not across:
         raise HTTPException(422, f"Unknown service {service!r} — not in profile {ctx.profile().name!r}")
     reasons = []
     for model in body.model_candidates:
+        if across:
+            elsewhere = await cluster.allocate_on(ctx, service, model, body.model_dump(), ALLOCATE_WAIT_S)
+            if isinstance(elsewhere, Response):
+                return elsewhere
+            if isinstance(elsewhere, str):
+                reasons.append(f"{model}: {elsewhere}")
+                continue
         lease_request = LeaseRequest(service=service, holder=body.caller, model=model, ttl_s=body.ttl_s,
                                      gpu=body.gpu_id, wait_s=ALLOCATE_WAIT_S)
         try:
@@ -144,18 +182,29 @@ async def allocate(service: str, body: AllocateRequest, request: Request, ctx: C
             continue
         except CallerGone:
             return Response(status_code=CLIENT_CLOSED)
+        finally:
+            if ctx.cluster is not None and placement is not None:
+                ctx.cluster.answered(placement)
         lease = granted.lease
+        spec = ctx.profile().services.get(service)
         return {
             "allocation_id": lease.id, "service": service, "node_id": ctx.node, "gpu_id": lease.gpu,
-            "model": lease.model, "url": service_url(ctx.profile().services.get(service)),
+            "model": lease.model,
+            "url": ctx.cluster.service_url(spec.probe_port if spec else None) if ctx.cluster else service_url(spec),
             "started": not granted.warm, "warm": granted.warm,
         }
     raise HTTPException(503, f"All model candidates exhausted for {service!r}: " + "; ".join(reasons))
 
 
-@router.delete("/services/{service}/allocations/{allocation_id}", responses={404: {"model": Problem}})
-async def release_allocation(service: str, allocation_id: str, ctx: Ctx) -> dict[str, Any]:
+@router.delete("/services/{service}/allocations/{allocation_id}", response_model=None,
+                responses={404: {"model": Problem}})
+async def release_allocation(service: str, allocation_id: str, request: Request,
+                             ctx: Ctx) -> dict[str, Any] | Response:
     lease = ctx.leasing.lease_by_id(allocation_id)
+    if lease is None and (elsewhere := await cluster.forward_lease(
+            ctx, request, "DELETE", allocation_id,
+            path=f"/api/services/{service}/allocations/{allocation_id}")) is not None:
+        return elsewhere
     if lease is None or lease.kind != "service" or lease.service != service:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found for service {service!r}")
     if ctx.leasing.release(allocation_id) is None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from reconciler.api.metrics import Metrics
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.profile import Profile
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
@@ -22,6 +23,7 @@ class ApiContext:
     metrics: Metrics
     base_url: str  # http://host:port of this server (cf-orch's agent_url)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    cluster: ClusterNode | None = None  # cluster mode (--etcd): placement across nodes (reconciler.cluster)
 
     @property
     def node(self) -> str:

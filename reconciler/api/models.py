@@ -65,6 +65,8 @@ class LeaseRequest(_Request):
         DEFAULT_WAIT_S, ge=0, le=MAX_WAIT_S,
         description="How long to wait for a start (or a free slot) before answering 503 with the reason.",
     )
+    node: Annotated[str, StringConstraints(min_length=1, max_length=63)] | None = Field(
+        None, description="Cluster mode: the node that must serve it; none = wherever placement chooses.")
 
     def to_request(self) -> leasing.LeaseRequest:
         """The leasing service's request."""
@@ -92,6 +94,7 @@ class LeaseOut(_Response):
     model: str | None = None
     expires_at: str | None = Field(None, description="ISO 8601 UTC; none = until released.")
     kind: Literal["service", "vram"] = "service"
+    node: str | None = Field(None, description="Cluster mode: the node that holds it (its url is that node's).")
 
 
 class Released(_Response):

@@ -36,6 +36,7 @@ from reconciler.api.connections import (
 )
 from reconciler.api.context import ApiContext
 from reconciler.api.metrics import Metrics
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.errors import GuardError, ReconcilerError
@@ -71,6 +72,7 @@ class ApiServer:
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.guard: ConnectionGuard | None = None
+        self.cluster: ClusterNode | None = None  # set in cluster mode (reconciler.cli.cluster_opts)
 
     @property
     def url(self) -> str:
@@ -108,7 +110,7 @@ class ApiServer:
         metrics = Metrics(runtime, profile, self.guard)
         leasing = Leasing(runtime, profile, observe=metrics.observe_lease)
         self.context = ApiContext(runtime=runtime, profile=profile, leasing=leasing, metrics=metrics,
-                                  base_url=self.url)
+                                  base_url=self.url, cluster=self.cluster)
         leasing.start()
         metrics.start()
         config = uvicorn.Config(

@@ -1,12 +1,13 @@
 """``reconciler status``: what runs where, who holds what, what waits — from a running server.
 
-    reconciler status [--url URL] [--token-file FILE] [--format text|json]
+    reconciler status [--url URL] [--token-file FILE] [--format text|json] [--cluster]
 
 Reads ``GET /v1/status`` of ``reconciler serve`` (``--url``, else
 ``$RECONCILER_URL``, else ``http://127.0.0.1:7700``) and prints tables:
 GPUs (memory by use), instances, leases (an expired one the next pass
 releases says so), the model gateway's traffic per model (when it runs),
-pending demands and conditions.
+pending demands and conditions. ``--cluster`` prints the cluster view instead
+(``GET /v1/cluster``, :mod:`reconciler.render.cluster`).
 ``--format json`` prints the document as it came. A server with a token
 needs it: ``--token-file``, else ``$RECONCILER_TOKEN_FILE``, else
 ``$RECONCILER_TOKEN`` (see :mod:`reconciler.api.client`). Exit 0, or 1 when
@@ -27,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     add_url_argument(parser)
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output (default: text)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="the cluster instead (GET /v1/cluster): every node, its GPUs, what runs where")
     parser.set_defaults(func=run)
 
 
@@ -43,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from reconciler.api.client import ApiClient, load_token
 
     with ApiClient(args.url, load_token(args.token_file)) as client:
-        status = client.get("/v1/status")
-    if args.format == "json":
+        status = client.get("/v1/cluster" if args.cluster else "/v1/status")
+    if args.cluster and args.format == "text":
+        from reconciler.render.cluster import cluster_text
+
+        print(cluster_text(status))
+    elif args.format == "json":
         print(json.dumps(status, indent=2))
     else:
         print(render(status))

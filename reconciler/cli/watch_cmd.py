@@ -33,6 +33,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from reconciler.cli import cluster_opts
 from reconciler.host.specs import SPEC_HELP
 
 if TYPE_CHECKING:  # the command's parts are imported when it runs: other commands' parsers stay light
@@ -91,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve the model gateway (OpenAI and Ollama APIs: a request for a model gets its service "
         "started, switched or swapped in, then proxied); off unless given; off loopback needs --token-file",
     )
+    cluster_opts.add_arguments(parser)
 
 
 def _positive(text: str) -> float:
@@ -125,6 +127,7 @@ async def watch(args: argparse.Namespace) -> int:
     printer = Printer(args.events)
     api = api_server(args)
     gateway = gateway_server(args, api)
+    cluster = cluster_opts.cluster_node(args, api)  # --etcd: join a cluster (reconciler.cluster.node)
     backend, watcher, first = load(args, printer)
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     assembly = Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,
@@ -135,7 +138,7 @@ async def watch(args: argparse.Namespace) -> int:
             if server is not None:
                 server.bind()
         printing = asyncio.ensure_future(print_events(assembly.bus.subscribe(), printer))
-        companions: list[Companion] = [c for c in (api, gateway) if c is not None]  # stopped in reverse
+        companions: list[Companion] = [c for c in (cluster, api, gateway) if c is not None]  # stopped in reverse
         started = Started(path=str(first.path), gpu=backend.name, state_dir=str(state_dir), detected=first.note)
         loop = Loop(assembly.runtime, watcher, first, bus=assembly.bus, started=started,
                     allow_empty=args.allow_empty, resync_s=args.resync, where=args.profiles or args.profile,

@@ -77,3 +77,5 @@ class EventKind(StrEnum):
     GATEWAY_COLD = "gateway.cold", "A gateway request's model was not ready: what its wait caused (a start, a model switch, evictions), naming the model and the client."
     OLLAMA_PULL = "ollama.pull", "An Ollama pulls a model a lease asked for (pull: true): started, progress (shown, not recorded), done or failed."
     GATEWAY_REFUSED = "gateway.refused", "A gateway request could not be served within its wait: the model, the client and the plan's reason (answered 503)."
+    CLUSTER_JOINED = "cluster.joined", "This node joined its cluster in etcd (at start-up, or again after etcd or its lease came back): its state is published."
+    CLUSTER_DISCONNECTED = "cluster.disconnected", "etcd stopped answering this node: its services keep running, placement across nodes waits until etcd answers."

@@ -25,8 +25,8 @@
   // The stream brings every kind whatever this list says; one missing here (a newer server) is
   // still logged, marked as a kind this page does not know.
   const KINDS = [
-    "action.started", "action.finished", "api.started", "backoff", "demand.added", "demand.withdrawn",
-    "gateway.started", "gateway.cold", "gateway.refused", "ollama.pull",
+    "action.started", "action.finished", "api.started", "backoff", "cluster.joined", "cluster.disconnected",
+    "demand.added", "demand.withdrawn", "gateway.started", "gateway.cold", "gateway.refused", "ollama.pull",
     "instance.adopted", "instance.failed", "instance.forgotten", "instance.gone", "instance.healthy",
     "instance.launched", "instance.recovered", "instance.released", "instance.stopped", "instance.stray",
     "instance.unloaded", "intent.recovered", "intent.unresolved", "operator.request", "lease.granted", "lease.renewed", "lease.released",

@@ -1,0 +1,522 @@
+"""One node of a cluster: membership, publishing what it has, and placing requests across the cluster.
+
+**Keys.** Under ``/reconciler/<cluster>/``:
+
+* ``nodes/<node>`` — liveness: ``{node, url, advertise, joined_at}``, attached to the node's
+  etcd lease (TTL :data:`DEFAULT_TTL_S`, kept alive every third of it);
+* ``state/<node>`` — what it shares: GPUs (total, reserved, free), each service of its profile
+  (priority, size, the URL it answers on from other machines, warm slots, the planner's offer:
+  :mod:`.placement`), instances, leases;
+* ``reservations/<node>`` — per GPU: total, reserved and free MB; rewritten only when they change
+  (a start, a stop, a VRAM lease), not with every lease of a running service;
+* ``leases/<id>`` — one per lease it holds (which node, which service): any node can find the
+  owner of a lease id to forward a renew or a release;
+* ``placements/<id>`` — a placement committed by a placer, until the chosen node has answered it.
+
+Every key is attached to its node's etcd lease, so everything a node published vanishes
+when it dies: within one TTL its reservations and leases are gone from the cluster view
+and from placement, and holders of its leases get 404 when they renew.
+
+**Publishing.** The node's SQLite stays the authority for what is its own (DESIGN §8); etcd
+gets a copy. Any event of the runtime (a lease granted or released, a pass, an action)
+marks the state dirty; a publisher writes it in one txn (the state key, the lease keys
+that changed, the placements answered) at most every :data:`PUBLISH_DEBOUNCE_S`, and at
+least every :data:`PUBLISH_INTERVAL_S`. The txn compares the node key's create revision, so
+a node whose lease expired behind its back (a long pause, a partition) cannot publish into
+a dead incarnation: it registers again (a new lease, the node key, everything re-published
+from the local store) — which is also what happens when etcd comes back after a partition.
+
+**Partitions.** Nothing here ever stops, starts or signals anything: the runtime does not
+know etcd exists. A node cut off from etcd keeps converging to its own profile with its
+services running; the cluster just stops seeing it, and it cannot place requests on
+other nodes (placement answers 503) until etcd answers again.
+
+**Placement** (:meth:`ClusterNode.place`). The cluster view at revision R — kept in
+memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
+then one txn that commits the
+choice: it compares the chosen node's liveness key (same create revision: the same
+incarnation, still alive) and its ``reservations`` key (mod revision unchanged since R:
+no GPU memory was reserved or freed there since we read it) and, when both hold, puts
+``placements/<id>`` attached to that node's lease. A loser re-reads and tries again,
+at most :data:`MAX_ATTEMPTS` times with a short jittered pause. (We compared the whole
+state key at first: every lease then changed it, and 50 concurrent requests lost 3
+txns in 4; warm slots are the serving node's to count, under its lock.) We chose to *forward*
+the request to the chosen node's API over HTTP rather than have the node pick the
+placement up through a watch: the request is answered by the same code that answers
+it on one machine (warm path, demand → converge → grant, the wait and its reason),
+and no GPU can be double-booked because each node is the only writer of its own GPUs'
+reservations — its ledger grants atomically, in memory on the event loop's thread (invariant 4).
+The txn makes the *choice* atomic against a stale view; the node's ledger makes the
+*booking* atomic. One etcd round trip per placed lease (the txn) while the watch is
+current, two when the view must be read first (after a lost txn, or while the watch
+reconnects), plus the chosen node's batched publish, which is off the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, KeyValue, Put
+from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, warm_slots
+from reconciler.core.accounting import planned_reservations, world_now
+from reconciler.core.clock import iso_utc
+from reconciler.core.compatibility import capacity
+from reconciler.core.events import EventKind
+from reconciler.core.profile import Profile
+from reconciler.core.world import lease_active
+from reconciler.runtime import Runtime
+from reconciler.store.base import StoredState
+
+DEFAULT_TTL_S = 10
+PUBLISH_INTERVAL_S = 2.0
+PUBLISH_DEBOUNCE_S = 0.05
+REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
+RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
+MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
+ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
+REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
+FORWARDED = "X-Reconciler-Forwarded"
+PLACEMENT = "X-Reconciler-Placement"
+
+log = logging.getLogger("reconciler.cluster")
+
+
+class ClusterRefused(Exception):
+    """No node can take the request (``status`` 503) or the pinned node is unknown (404)."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Placed:
+    node: str
+    url: str
+    placement: str
+    tier: str
+    local: bool
+
+
+@dataclass
+class View:
+    revision: int
+    nodes: dict[str, KeyValue] = field(default_factory=dict)
+    states: dict[str, KeyValue] = field(default_factory=dict)
+    reservations: dict[str, KeyValue] = field(default_factory=dict)
+    leases: dict[str, KeyValue] = field(default_factory=dict)
+    placements: dict[str, KeyValue] = field(default_factory=dict)
+
+    def alive_states(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.nodes:
+            if name in self.states and name in self.reservations:
+                out[name] = self.states[name].json()
+        return out
+
+
+class ClusterNode:
+    """Membership, publishing and placement for one node; a companion of the watch loop."""
+
+    def __init__(self, etcd: Etcd, *, cluster: str, node: str, advertise: str, api_url: Callable[[], str | None],
+                 ttl_s: int = DEFAULT_TTL_S, token: str | None = None):
+        self.etcd = etcd
+        self.cluster = cluster
+        self.node = node
+        self.advertise = advertise
+        self._api_url = api_url
+        self.ttl_s = ttl_s
+        self.token = token
+        self.prefix = f"/reconciler/{cluster}/"
+        self.lease_id: int | None = None
+        self._node_create: int = 0
+        self.connected = False
+        self.placements = 0  # placements committed by this node
+        self.conflicts = 0  # placement txns lost to a concurrent change (re-read and retried)
+        self._runtime: Runtime | None = None
+        self._profile: Callable[[], Profile] | None = None
+        self._dirty = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._published_leases: dict[str, str] = {}
+        self._published_state: dict[str, Any] = {}
+        self._published_reservations = ""
+        self._answered: set[str] = set()
+        self._offers: dict[str, Offer] = {}
+        self._offers_for: object = None
+        self._http: httpx.AsyncClient | None = None
+        self._cached: View | None = None  # kept current by a watch (:meth:`_follow`)
+        self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
+
+    # --- keys -------------------------------------------------------------------------
+
+    def key(self, kind: str, name: str = "") -> str:
+        return f"{self.prefix}{kind}/{name}"
+
+    @property
+    def url(self) -> str:
+        """This node's API as other machines reach it: the advertised host and the API's port."""
+        local = self._api_url() or ""
+        port = local.rsplit(":", 1)[-1] if local else ""
+        scheme = local.split("://", 1)[0] if "://" in local else "http"
+        return f"{scheme}://{self.advertise}:{port}" if port else ""
+
+    def service_url(self, port: int | None) -> str | None:
+        return f"http://{self.advertise}:{port}" if port else None
+
+    # --- companion --------------------------------------------------------------------
+
+    async def start(self, runtime: Runtime, profile: Callable[[], Profile]) -> None:
+        self._runtime, self._profile = runtime, profile
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        subscription = runtime.events.subscribe()
+        self._tasks = [asyncio.ensure_future(self._heartbeat()), asyncio.ensure_future(self._publisher()),
+                       asyncio.ensure_future(self._listen(subscription)), asyncio.ensure_future(self._follow())]
+        with contextlib.suppress(TimeoutError):  # etcd down at start-up: serve anyway, join when it answers
+            await asyncio.wait_for(self._registered.wait(), self.etcd.timeout_s * len(self.etcd.endpoints) + 1)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.lease_id is not None:  # a clean leave: our keys go at once, not after a TTL
+            with contextlib.suppress(EtcdError):
+                await self.etcd.revoke(self.lease_id)
+        if self._http is not None:
+            await self._http.aclose()
+        await self.etcd.close()
+
+    def _announce(self, kind: EventKind, message: str, **data: Any) -> None:
+        if self._runtime is not None:
+            self._runtime.events.publish(kind, message=message, cluster=self.cluster, node=self.node, **data)
+
+    async def _listen(self, subscription: Any) -> None:
+        async for _ in subscription:
+            self._dirty.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                if self.lease_id is None:
+                    await self._register()
+                else:
+                    ttl = await self.etcd.keepalive(self.lease_id)
+                    if ttl <= 0:
+                        self._lost("its etcd lease expired")
+                        continue
+                    if not self.connected:
+                        await self._publish(force=True)
+                        self._connected()
+            except EtcdRequestError as exc:
+                if "lease not found" in str(exc):
+                    self._lost("its etcd lease expired")
+                    continue
+                self._disconnected(exc)
+            except EtcdError as exc:
+                self._disconnected(exc)
+            await asyncio.sleep(self.ttl_s / 3 if self.connected else RETRY_S)
+
+    def _lost(self, why: str) -> None:
+        log.warning("node %s: %s; registering again", self.node, why)
+        self.lease_id = None
+        self.connected = False  # announced as joined again once registered
+        self._published_leases = {}
+
+    def _connected(self) -> None:
+        if not self.connected:
+            self.connected = True
+            self._announce(EventKind.CLUSTER_JOINED, f"node {self.node} joined cluster {self.cluster} "
+                                                     f"({self.url or 'no API'})", url=self.url)
+
+    def _disconnected(self, exc: Exception) -> None:
+        if self.connected:
+            self.connected = False
+            message = (f"cluster {self.cluster}: etcd does not answer ({exc}); services keep running, "
+                       f"placement across nodes waits until it does")
+            log.warning("%s", message)
+            self._announce(EventKind.CLUSTER_DISCONNECTED, message)
+
+    async def _register(self) -> None:
+        lease = await self.etcd.grant(self.ttl_s)
+        me = {"node": self.node, "url": self.url, "advertise": self.advertise, "cluster": self.cluster}
+        _, revision = await self.etcd.txn([], [Put(self.key("nodes", self.node), json.dumps(me), lease)])
+        self.lease_id, self._node_create = lease, revision
+        self._published_leases = {}
+        await self._publish(force=True)
+        self._registered.set()
+        self._connected()
+
+    async def _publisher(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), PUBLISH_INTERVAL_S)
+            await asyncio.sleep(PUBLISH_DEBOUNCE_S)
+            self._dirty.clear()
+            if self.lease_id is None:
+                continue
+            try:
+                await self._publish()
+            except EtcdRequestError as exc:
+                if "lease not found" in str(exc):
+                    self._lost("its etcd lease expired")
+                else:
+                    log.warning("cluster publish failed: %s", exc)
+            except EtcdError as exc:
+                self._disconnected(exc)
+
+    # --- what we publish ------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """This node's shared state, from the store and the last pass (the local SQLite is the authority)."""
+        assert self._runtime is not None and self._profile is not None, "started"
+        runtime, profile = self._runtime, self._profile()
+        store, now = runtime.store, runtime.clock.now()
+        stored = StoredState(instances=store.instances(), leases=runtime.ledger.leases(),
+                             demands=runtime.ledger.demands())  # the ledger: leases in memory, written through
+        last = runtime.last_pass()
+        world = world_now(profile, last.snapshot, stored.leases, now) if last is not None else None
+        gpus: list[dict[str, Any]] = []
+        if world is not None and last is not None:
+            planned = planned_reservations(world, last.plan)
+            for index, view in sorted(world.gpus.items()):
+                free = max(0, view.free - planned.get(index, 0))
+                reserved = sum(h.reservation for h in view.holders.values()) + planned.get(index, 0)
+                gpus.append({"index": index, "name": view.gpu.name, "total_mb": view.total,
+                             "reserved_mb": reserved, "foreign_mb": view.foreign, "free_mb": free,
+                             "used_mb": view.gpu.used_mb})
+            if self._offers_for is not last:
+                self._offers = offers(profile, last.snapshot, stored.leases, stored.demands, now)
+                self._offers_for = last
+        slots = warm_slots(profile, world, stored.leases, now)
+        active = [lease for lease in stored.leases if lease_active(lease, now)]
+        instances = {i.service: i for i in stored.instances}
+        services: dict[str, Any] = {}
+        for name, spec in profile.services.items():
+            instance = instances.get(name)
+            offer = self._offers.get(name)
+            services[name] = {
+                "priority": spec.priority, "max_mb": spec.max_mb, "capacity": capacity(spec),
+                "url": self.service_url(spec.probe_port), "model_bound": binds_model(profile, name),
+                "running": instance is not None and instance.state == "running",
+                "model": instance.model if instance is not None else None,
+                "gpu": instance.gpu if instance is not None else None,
+                "held": sum(1 for lease in active if lease.service == name and lease.kind == "service"),
+                "slots_free": slots.get(name, 0),
+                "offer": offer.to_json() if offer is not None else None,
+            }
+        return {
+            "node": self.node, "url": self.url, "advertise": self.advertise, "profile": profile.name,
+            "observed_at": iso_utc(last.snapshot.now) if last is not None else None,
+            "gpus": gpus, "services": services,
+            "instances": [{"service": i.service, "gpu": i.gpu, "gpus": i.gpus, "state": i.state, "model": i.model,
+                           "origin": i.origin} for i in stored.instances],
+            "leases": [self._lease_doc(lease) for lease in active],
+        }
+
+    def _lease_doc(self, lease: Any) -> dict[str, Any]:
+        return {"id": lease.id, "node": self.node, "service": lease.service, "holder": lease.holder,
+                "kind": lease.kind, "gpu": lease.gpu, "mb": lease.mb, "model": lease.model,
+                "expires_at": iso_utc(lease.expires_at) if lease.expires_at else None, "node_url": self.url}
+
+    async def _publish(self, force: bool = False) -> None:
+        lease = self.lease_id
+        if lease is None:
+            return
+        state = self.state()
+        same = {k: v for k, v in state.items() if k != "observed_at"}  # a pass that changed nothing: no write
+        if not force and not self._answered and same == self._published_state:
+            return
+        docs = {doc["id"]: json.dumps(doc, sort_keys=True) for doc in state["leases"]}
+        ops: list[Put | Delete] = [Put(self.key("state", self.node), json.dumps(state), lease)]
+        reservations = json.dumps({"gpus": [{k: g[k] for k in ("index", "total_mb", "reserved_mb", "free_mb")}
+                                            for g in state["gpus"]]}, sort_keys=True)
+        if force or reservations != self._published_reservations:
+            ops.append(Put(self.key("reservations", self.node), reservations, lease))
+        for lease_id, doc in docs.items():
+            if force or self._published_leases.get(lease_id) != doc:
+                ops.append(Put(self.key("leases", lease_id), doc, lease))
+        for gone in set(self._published_leases) - set(docs):
+            ops.append(Delete(self.key("leases", gone)))
+        answered, self._answered = self._answered, set()
+        ops.extend(Delete(self.key("placements", p)) for p in answered | self._abandoned())
+        ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
+        if not ok:
+            self._answered |= answered
+            self._lost("its node key is gone")
+            return
+        self._published_leases = docs
+        self._published_state = same
+        self._published_reservations = reservations
+
+    def _abandoned(self) -> set[str]:
+        """Placements on this node whose placer never forwarded them (it died between its txn and its
+        request): dropped after :data:`ABANDONED_S`, so that they do not stay as long as this node lives."""
+        view = self._cached
+        if view is None:
+            return set()
+        now = time.time()
+        return {name for name, kv in view.placements.items()
+                if kv.json().get("node") == self.node and now - float(kv.json().get("at", now)) > ABANDONED_S}
+
+    def answered(self, placement: str) -> None:
+        """The request of ``placement`` has its answer: drop the key with the next publish."""
+        self._answered.add(placement)
+        self._dirty.set()
+
+    def touch(self) -> None:
+        self._dirty.set()
+
+    # --- reading the cluster ----------------------------------------------------------------
+
+    async def view(self) -> View:
+        """The cluster as etcd has it now (one range of the prefix)."""
+        found = await self.etcd.range(self.prefix, prefix=True)
+        view = View(found.revision)
+        for kv in found.kvs:
+            self._apply(view, "PUT", kv)
+        return view
+
+    def _apply(self, view: View, kind: str, kv: KeyValue) -> None:
+        table_name, _, name = kv.key[len(self.prefix):].partition("/")
+        table = {"nodes": view.nodes, "state": view.states, "reservations": view.reservations,
+                 "leases": view.leases, "placements": view.placements}.get(table_name)
+        if table is None or not name:
+            return
+        if kind == "DELETE":
+            table.pop(name, None)
+        else:
+            table[name] = kv
+        view.revision = max(view.revision, kv.mod_revision)
+
+    async def _follow(self) -> None:
+        """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
+        placement then costs one etcd round trip (its txn) instead of two. The cache is dropped whenever
+        the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a txn that loses (the
+        cache was behind) re-reads with a range."""
+        while True:
+            try:
+                view = await self.view()
+                self._cached = view
+                async with asyncio.timeout(REFOLLOW_S):  # a member that hangs cannot keep it stale for long
+                    async for events in self.etcd.watch(self.prefix, view.revision + 1):
+                        for event in events:
+                            self._apply(view, event.kind, event.kv)
+                self._cached = None  # the stream ended: the member went away
+                await asyncio.sleep(RETRY_S)
+            except TimeoutError:
+                continue  # read it all again and follow from there
+            except EtcdError:
+                self._cached = None
+                await asyncio.sleep(RETRY_S)
+
+    async def place(self, service: str, model: str | None, *, pin: str | None = None,
+                    exclude: frozenset[str] = frozenset()) -> Placed:
+        """Choose a node for a request and commit the choice (see the module docstring)."""
+        for attempt in range(MAX_ATTEMPTS):
+            cached = self._cached if attempt == 0 else None
+            view = cached if cached is not None else await self.view()
+            states = view.alive_states()
+            if pin is not None and pin not in states:
+                known = ", ".join(sorted(states)) or "none"
+                raise ClusterRefused(404, f"no live node {pin!r} in cluster {self.cluster!r} (live: {known})")
+            choices, refusals = rank(states, service, model, pin=pin, exclude=exclude)
+            if not choices:
+                if not any(service in s.get("services", {}) for s in states.values()):
+                    raise ClusterRefused(404, f"unknown service {service!r}: no node of cluster {self.cluster!r} "
+                                              "has it in its profile")
+                raise ClusterRefused(503, f"no node can take {service!r} now: " + "; ".join(refusals))
+            choice: Choice = choices[0]
+            node_kv, reserved_kv = view.nodes[choice.node], view.reservations[choice.node]
+            placement = str(uuid.uuid4())
+            doc = {"service": service, "model": model, "node": choice.node, "tier": choice.tier, "by": self.node,
+                   "revision": view.revision, "at": time.time()}
+            ok, _ = await self.etcd.txn(
+                [Compare(node_kv.key, "CREATE", node_kv.create_revision),
+                 Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
+                [Put(self.key("placements", placement), json.dumps(doc), node_kv.lease)],
+            )
+            if ok:
+                self.placements += 1
+                url = str(node_kv.json().get("url", ""))
+                return Placed(choice.node, url, placement, choice.tier, choice.node == self.node)
+            self.conflicts += 1
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+        raise ClusterRefused(503, f"placement of {service!r} lost {MAX_ATTEMPTS} races in a row to concurrent "
+                                  "changes; retry")
+
+    def remember(self, lease_id: str, node: str, url: str) -> None:
+        """A lease we placed on ``node``: its holder may renew or release it here before that node has
+        published it (read your writes through this node)."""
+        self._placed[lease_id] = (node, url)
+        self._placed.move_to_end(lease_id)
+        while len(self._placed) > REMEMBERED:
+            self._placed.popitem(last=False)
+
+    def forget(self, lease_id: str) -> None:
+        self._placed.pop(lease_id, None)
+
+    async def lease_owner(self, lease_id: str) -> tuple[str, str] | None:
+        """(node, its API URL) holding ``lease_id``: a lease we placed ourselves (no etcd round trip: a
+        holder renews and releases where it asked), else from etcd; None when no live node has it."""
+        mine = self._placed.get(lease_id)
+        if mine is not None:
+            return mine
+        kv = await self.etcd.get(self.key("leases", lease_id))
+        if kv is None:
+            return None
+        doc = kv.json()
+        return str(doc["node"]), str(doc.get("node_url", ""))
+
+    async def forward(self, method: str, url: str, body: Any = None, *, placement: str | None = None,
+                      timeout_s: float = 30.0) -> tuple[int, Any]:
+        """Send a request to another node's API; (status, JSON answer). Raises httpx.TransportError."""
+        assert self._http is not None, "started"
+        headers = {FORWARDED: self.node}
+        if placement is not None:
+            headers[PLACEMENT] = placement
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        response = await self._http.request(method, url, json=body, headers=headers, timeout=timeout_s)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {"detail": response.text or f"HTTP {response.status_code}"}
+        return response.status_code, answer
+
+    async def overview(self) -> dict[str, Any]:
+        """``GET /v1/cluster``: the nodes, where each service runs, leases by node."""
+        view = await self.view()
+        nodes = []
+        where: dict[str, list[str]] = {}
+        by_node: dict[str, list[Any]] = {}
+        for name, state in sorted(view.alive_states().items()):
+            running = sorted(s for s, d in state.get("services", {}).items() if d.get("running"))
+            for service in running:
+                where.setdefault(service, []).append(name)
+            by_node[name] = state.get("leases", [])
+            node_doc = view.nodes[name].json()
+            nodes.append({"node": name, "alive": True, "url": node_doc.get("url"),
+                          "advertise": node_doc.get("advertise"),
+                          "profile": state.get("profile"), "observed_at": state.get("observed_at"),
+                          "gpus": state.get("gpus", []), "running": running, "leases": len(by_node[name])})
+        if self.node not in view.nodes:
+            nodes.append({"node": self.node, "alive": False, "url": self.url, "advertise": self.advertise,
+                          "profile": None, "observed_at": None, "gpus": [], "running": [], "leases": 0})
+        return {"cluster": self.cluster, "node": self.node, "revision": view.revision, "nodes": nodes,
+                "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
+                "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
+                             "placements": self.placements}}
