@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+# the characters str.splitlines breaks at: a diagnostic is one line, whatever a file's names hold
+_ONE_LINE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 @dataclass(frozen=True, order=True)
 class Diagnostic:
@@ -34,7 +37,8 @@ class Diagnostic:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.col}: {self.message}"
+        """One line, always: a character that breaks lines (a name with U+2028 in it) is written escaped."""
+        return f"{self.file}:{self.line}:{self.col}: {self.message}".translate(_ONE_LINE)
 
 
 class ReconcilerError(Exception):
