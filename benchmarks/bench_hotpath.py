@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.bench_leases import ROOT, Connection, Server, _free_port
+from benchmarks.bench_leases import ROOT, Connection, Server, _free_port, on_connections
 from benchmarks.timing import percentile
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,7 +59,6 @@ def _vram_body(n: int) -> dict[str, Any]:
 async def _round(url: str, clients: int, pairs: int, kind: str) -> tuple[list[float], float, int]:
     samples: list[float] = []
     failures = 0
-    connections = [await Connection.open(url) for _ in range(clients)]
 
     async def worker(n: int, connection: Connection) -> None:
         nonlocal failures
@@ -81,13 +80,7 @@ async def _round(url: str, clients: int, pairs: int, kind: str) -> tuple[list[fl
             status, _ = await connection.request("DELETE", f"{path}{lease_id}")
             failures += status != 200
 
-    try:
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(n, c) for n, c in enumerate(connections)))
-        wall = time.perf_counter() - began
-    finally:
-        for connection in connections:
-            await connection.close()
+    wall = await on_connections(url, clients, worker)
     return samples, wall, failures
 
 

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +198,22 @@ class Connection:
         await self.writer.wait_closed()
 
 
+async def on_connections(url: str, clients: int, worker: Callable[[int, Connection], Awaitable[None]]) -> float:
+    """Run ``worker(n, connection)`` on ``clients`` keep-alive connections at once; the wall seconds it took."""
+    connections = [await Connection.open(url) for _ in range(clients)]
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(n, c) for n, c in enumerate(connections)))
+        return time.perf_counter() - began
+    finally:
+        for connection in connections:
+            await connection.close()
+
+
 async def _fast_round(url: str, clients: int, total: int) -> tuple[list[float], float, int]:
     samples: list[float] = []
     failures = 0
     per_client = total // clients
-    connections = [await Connection.open(url) for _ in range(clients)]
 
     async def worker(n: int, connection: Connection) -> None:
         nonlocal failures
@@ -215,13 +227,7 @@ async def _fast_round(url: str, clients: int, total: int) -> tuple[list[float], 
             else:
                 failures += 1
 
-    try:
-        began = time.perf_counter()
-        await asyncio.gather(*(worker(n, c) for n, c in enumerate(connections)))
-        wall = time.perf_counter() - began
-    finally:
-        for connection in connections:
-            await connection.close()
+    wall = await on_connections(url, clients, worker)
     return samples, wall, failures
 
 
