@@ -74,7 +74,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @FUZZ
 @given(document=mutated())
-@example(document=b"schema_version: 1\nname: x\nvram_total_mb: 2048\nservices:\n  o\xe2\x80\xa8lama:")  # U+2028 in a name
+@example(document=b"schema_version: 1\nname: x\nservices:\n  o\xe2\x80\xa8lama:")  # U+2028 in a name
 def test_mutated_profiles_give_located_errors_or_pass(workdir, document):
     path = workdir / "mutated.yaml"
     path.write_bytes(document)
