@@ -1,11 +1,12 @@
 """The status document (``GET /v1/status``): what runs where, who holds what, what waits and why.
 
-Made on request from three sources: the store, read now (instances, leases,
-demands: a lease granted a moment ago shows at once; one whose time is up
+Made on request from three sources: the runtime's state, read now
+(:meth:`~reconciler.runtime.Runtime.state`: instances from the store, leases
+and demands from the ledger: a lease granted a moment ago shows at once; one whose time is up
 but that no pass has released yet shows as ``state: "expired"`` with
 ``remaining_s: 0``, and is not counted as held); the last pass's
-snapshot, for health and GPU memory (with the store's leases accounted, see
-:mod:`.accounting`); and the last pass's plan, for the reasons. A GPU booked
+snapshot, for health and GPU memory (with the leases held now accounted, see
+:mod:`reconciler.core.accounting`); and the last pass's plan, for the reasons. A GPU booked
 beyond its total in the world that plan was made from is never "converged":
 ``gpus[].over_committed_mb`` and an ``over_committed`` condition say by how
 much and what the plan does about it (issue 8.2). The model
@@ -42,7 +43,6 @@ from reconciler.core.snapshot import Demand, Instance, Lease, Snapshot
 from reconciler.core.wanted import held_closure
 from reconciler.core.world import World, lease_active
 from reconciler.runtime import Runtime
-from reconciler.store.base import StoredState
 
 
 def service_url(spec: Service | None) -> str | None:
@@ -61,8 +61,7 @@ def _seconds(delta: float) -> float:
 
 def build_status(runtime: Runtime, profile: Profile) -> Status:
     store, now = runtime.store, runtime.clock.now()
-    ledger = runtime.ledger
-    state = StoredState(instances=store.instances(), leases=ledger.leases(), demands=ledger.demands())
+    state = runtime.state()
     last = runtime.last_pass()
     snapshot, plan = (last.snapshot, last.plan) if last is not None else (None, None)
     world = world_now(profile, snapshot, state.leases, now) if snapshot is not None else None

@@ -77,7 +77,6 @@ from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.core.world import lease_active
 from reconciler.runtime import Runtime
-from reconciler.store.base import StoredState
 
 DEFAULT_TTL_S = 10
 PUBLISH_INTERVAL_S = 2.0
@@ -284,9 +283,8 @@ class ClusterNode:
         """This node's shared state, from the store and the last pass (the local SQLite is the authority)."""
         assert self._runtime is not None and self._profile is not None, "started"
         runtime, profile = self._runtime, self._profile()
-        store, now = runtime.store, runtime.clock.now()
-        stored = StoredState(instances=store.instances(), leases=runtime.ledger.leases(),
-                             demands=runtime.ledger.demands())  # the ledger: leases in memory, written through
+        now = runtime.clock.now()
+        stored = runtime.state()
         last = runtime.last_pass()
         world = world_now(profile, last.snapshot, stored.leases, now) if last is not None else None
         gpus: list[dict[str, Any]] = []

@@ -70,18 +70,11 @@ class Ledger:
         self._vram: dict[int, int] = {}
         self._expiries: list[tuple[datetime, str]] = []
         self._fenced: set[str] = set()
-        self.version = 0  # changes with every lease or demand change
         self.bookings = 0  # changes with every change to a lease that is not a VRAM lease (free-memory caches)
-        self.reload()
-
-    def reload(self) -> None:
-        """Read leases and demands from the store (at start, and after the store's file was restored)."""
-        state = self.store.state()
-        self._leases, self._by_service, self._vram, self._expiries = {}, {}, {}, []
+        state = store.state()  # the store's leases and demands at start: from here on, memory is the truth
         for lease in state.leases:
             self._add(lease)
         self._demands = {d.id: d for d in state.demands}
-        self.version += 1
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -171,7 +164,6 @@ class Ledger:
         self._add(lease)
         if demand_id is not None:
             self._demands.pop(demand_id, None)
-        self.version += 1
         return True
 
     def renew(self, lease_id: str, expires_at: datetime | None) -> Lease | None:
@@ -183,7 +175,6 @@ class Ledger:
             return None
         self._remove(lease_id)
         self._add(lease)
-        self.version += 1
         return lease
 
     def release(self, lease_id: str, now: datetime | None = None) -> Lease | None:
@@ -199,7 +190,6 @@ class Ledger:
         else:
             self.store.release_lease(lease_id)
         self._remove(lease_id)
-        self.version += 1
         return lease
 
     def expire(self, now: datetime) -> list[Lease]:
@@ -224,19 +214,16 @@ class Ledger:
                 self.store.set_idle_since(service, idle[service])
         for lease in expired:
             self._remove(lease.id)
-        self.version += 1
         return expired
 
     def add_demand(self, demand: Demand) -> None:
         self.store.add_demand(demand)
         self._demands[demand.id] = demand
-        self.version += 1
 
     def remove_demand(self, demand_id: str) -> Demand | None:
         if demand_id not in self._demands:
             return None
         self.store.remove_demand(demand_id)
-        self.version += 1
         return self._demands.pop(demand_id)
 
     # --- memory ---------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
 from reconciler.runtime.pulls import Pulls
 from reconciler.runtime.traffic import Traffic
-from reconciler.store.base import Store
+from reconciler.store.base import Store, StoredState
 
 QUICK_ACTION_TIMEOUT_S = 30.0  # adopt, lease, release: store writes only
 DRIVER_MARGIN_S = 130.0  # launching (docker run may pull an image), SIGKILL confirmation
@@ -114,6 +114,11 @@ class Runtime:
         """What the last pass observed and planned (None before the first)."""
         return self._last
 
+    def state(self) -> StoredState:
+        """The inventory from the store, leases and demands from the ledger (in memory, the truth)."""
+        return StoredState(instances=self.store.instances(), leases=self.ledger.leases(),
+                           demands=self.ledger.demands())
+
     def planning(self) -> Plan | None:
         """The plan of the pass in flight, from the moment it is made until that pass ends (else None):
         its starts hold memory that a VRAM lease must not take meanwhile."""
@@ -152,7 +157,8 @@ class Runtime:
         for lease in self.ledger.expire(now):
             self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
         ledger = self.ledger
-        observed = await self._observer_for(profile).observe(store.instances(), ledger.leases(), ledger.demands())
+        state = self.state()
+        observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
         snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
         # leases and demands as they are now (grants go on while a pass observes); from here to publishing
         # the plan nothing awaits, so every grant is either seen by the planner or sees the plan's starts
