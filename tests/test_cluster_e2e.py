@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -201,14 +202,21 @@ def test_concurrent_requests_over_three_nodes_never_overbook(world: World) -> No
     sampler.start()
     names = list(world.nodes)
     statuses: list[int] = []
+    retried: list[int] = []
     served_by: dict[str, int] = {}
 
     def one(i: int) -> None:
         entry = world.nodes[names[i % 3]]
         service = "llm" if i % 2 else "embed"
         with httpx.Client(timeout=60) as client:
-            answer = client.post(f"{entry.url}/v1/leases", json={"service": service, "holder": f"h{i}",
-                                                                  "wait_s": 10, "ttl_s": 60})
+            give_up = time.monotonic() + 60
+            while True:  # 429 says "the queue is full, retry later": a well-behaved client does
+                answer = client.post(f"{entry.url}/v1/leases", json={"service": service, "holder": f"h{i}",
+                                                                      "wait_s": 10, "ttl_s": 60})
+                if answer.status_code != 429 or time.monotonic() > give_up:
+                    break
+                retried.append(i)
+                time.sleep(0.05 + 0.1 * random.random())
             statuses.append(answer.status_code)
             if answer.status_code == 200:
                 lease = answer.json()
@@ -226,8 +234,9 @@ def test_concurrent_requests_over_three_nodes_never_overbook(world: World) -> No
         stop.set()
         sampler.join(10)
     assert len(statuses) == 200  # every request answered
-    assert set(statuses) <= {200, 429, 503}, statuses
-    assert statuses.count(200) >= 100, statuses
+    assert set(statuses) <= {200, 503}, statuses  # a full queue was retried; 503: not granted within wait_s
+    # whether a queue fills depends on timing (a loaded CI machine fills more); retried, nearly every one is served
+    assert statuses.count(200) >= 180, (statuses.count(200), statuses.count(503), len(retried))
     assert len(served_by) >= 2, served_by  # spread over nodes
     assert samples > 3
     assert not problems, problems[:10]
