@@ -72,6 +72,8 @@ except ImportError:  # httptools is a dependency; a build without it falls back 
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 from uvicorn.server import ServerState
 
+from reconciler.api.coalescing import CoalescingTransport
+
 HEAD_TIMEOUT_S = 5.0  # a request head must be complete this long after the connection (or its first byte)
 BODY_TIMEOUT_S = 5.0  # a body may pause this long between bytes
 KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uvicorn's timeout_keep_alive)
@@ -394,7 +396,8 @@ class _Watchdog:
 
 
 class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[misc]
-    """uvicorn's httptools protocol (llhttp, in C) with the watchdog, and a bound on the head's size."""
+    """uvicorn's httptools protocol (llhttp, in C) with the watchdog, a bound on the head's size, and each
+    response's writes coalesced (:mod:`reconciler.api.coalescing`)."""
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -446,6 +449,9 @@ class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[mi
             return
         self._phase = "body"
         super().on_headers_complete()
+        cycle = self.cycle  # the new request's (reconciler.api.coalescing: its head and body in one send)
+        if cycle is not None and not isinstance(cycle.transport, CoalescingTransport):
+            cycle.transport = CoalescingTransport(self.transport, self.loop)
 
     def on_body(self, body: bytes) -> None:
         if self._phase != "closed":

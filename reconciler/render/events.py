@@ -74,11 +74,16 @@ def format_text(event: dict[str, Any]) -> str | None:
 
 
 class Printer:
-    """Writes events to a stream (stdout by default) as text lines or JSON lines."""
+    """Writes events to a stream (stdout by default) as text lines or JSON lines.
+
+    Lines wait in the printer's own buffer until a flush, whatever the stream's buffering: with
+    ``PYTHONUNBUFFERED=1`` (common in containers, and in the systemd unit we write) every ``write`` of a
+    text stream is a system call, which under lease traffic cost two per request."""
 
     def __init__(self, fmt: str, out: TextIO | None = None):
         self.fmt = fmt
         self._out = out
+        self._lines: list[str] = []
 
     @property
     def out(self) -> TextIO:
@@ -89,19 +94,19 @@ class Printer:
             line: str | None = json.dumps(event, default=str, ensure_ascii=False)
         else:
             line = format_text(event)
-        try:
-            if line is not None:
-                self.out.write(line + "\n")
-            if flush:
-                self.out.flush()
-        except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
-
+        if line is not None:
+            self._lines.append(line + "\n")
+        if flush:
+            self.flush()
 
     def flush(self) -> None:
+        text = "".join(self._lines)
+        self._lines.clear()
         try:
+            if text:
+                self.out.write(text)
             self.out.flush()
-        except BrokenPipeError:  # as above
+        except BrokenPipeError:  # `watch | head`: the reader is gone; keep reconciling
             os.dup2(os.open(os.devnull, os.O_WRONLY), self.out.fileno())
 
 
