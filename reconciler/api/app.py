@@ -2,7 +2,8 @@
 
 Layers, outermost first: :class:`.auth.BearerAuth` (a call without the token,
 when one is set, never reaches anything else), :class:`.limits.BodyLimit`,
-then FastAPI's routing and validation, where :class:`.bodies.TextRoute`
+:class:`.fastlane.FastLane` (the four lease routes' plain case, the same route
+functions without the framework's routing), then FastAPI's routing and validation, where :class:`.bodies.TextRoute`
 refuses a JSON body holding a lone surrogate before the route's models see
 it. Every error is ``{"detail": ...}``; an unexpected exception is a 500 that
 says what went wrong, and a store or host error a 503 (try again), never a
@@ -33,6 +34,7 @@ from reconciler.api import cluster, compat, native, services
 from reconciler.api.auth import BearerAuth
 from reconciler.api.bodies import SafeJSONResponse, escaped
 from reconciler.api.context import ApiContext
+from reconciler.api.fastlane import FastLane, error_answer
 from reconciler.api.limits import BodyLimit
 from reconciler.errors import ReconcilerError
 
@@ -61,15 +63,16 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
         return SafeJSONResponse({"detail": [problem(e) for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         detail = exc.detail
         if exc.status_code == 400 and detail == UNPARSABLE:  # FastAPI's words for a body json cannot read
             detail = "the body is not a JSON document this API can read (invalid UTF-8, or nested too deeply)"
-        return SafeJSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+            exc = StarletteHTTPException(400, detail, exc.headers)
+        return error_answer(exc)
 
     @app.exception_handler(ReconcilerError)
-    async def _host_error(request: Request, exc: ReconcilerError) -> SafeJSONResponse:
-        return SafeJSONResponse({"detail": f"the reconciler could not do it now: {exc}"}, status_code=503)
+    async def _host_error(request: Request, exc: ReconcilerError) -> Response:
+        return error_answer(exc)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -92,6 +95,7 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
+    app.add_middleware(FastLane, context=context)  # innermost: behind the token and the body limit
     app.add_middleware(BodyLimit)
     app.add_middleware(BearerAuth, token=token)
     return app
