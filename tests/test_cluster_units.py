@@ -177,6 +177,14 @@ def test_whatif_a_service_leaving_the_profile_moves_its_lease_and_its_placement_
     stranded = cluster_plan(alone, "n1", without, snapshot, local)
     assert [e.to for e in stranded.ended] == [None, None] and stranded.exit_code == 3
     assert stranded.ended[0].refusals == ()  # no node has comfyui at all
+    from reconciler.render.cluster_plan import cluster_text
+
+    text = cluster_text(stranded.to_json_dict())
+    assert "  < placement P1 (comfyui, placed by n2) ends: in flight to n1, which would no longer offer comfyui\n" \
+        "      → no node could take it: no other node has comfyui in its profile\n" in text
+    assert "  ~ placement of comfyui: n1 (queue) → no node\n" in text
+    assert text.endswith("Cluster: 1 service(s) withdrawn, 0 offered, 2 lease(s) or placement(s) ended, "
+                         "2 placement(s) changed.\n")
 
 
 def test_whatif_refuses_a_node_that_is_not_alive() -> None:

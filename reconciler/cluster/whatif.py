@@ -67,7 +67,7 @@ class Ended:
     kind: str  # "lease" | "placement"
     id: str
     service: str
-    holder: str | None
+    holder: str | None  # a lease's holder; for a placement, the node that placed it
     why: str
     to: str | None  # the node a new request would be placed on; None when no node can take it
     tier: str | None

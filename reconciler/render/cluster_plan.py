@@ -31,12 +31,14 @@ def _lines(doc: dict[str, Any]) -> list[str]:
     lines = [f"- no longer offered here: {o['service']} ({o['reason']})" for o in doc["withdrawn"]]
     lines += [f"+ placeable here: {o['service']} ({o['reason']})" for o in doc["offered"]]
     for ended in doc["ended"]:
-        who = f", holder {ended['holder']}" if ended.get("holder") else ""
+        role = "holder" if ended["kind"] == "lease" else "placed by"
+        who = f", {role} {ended['holder']}" if ended.get("holder") else ""
         lines.append(f"< {ended['kind']} {ended['id']} ({ended['service']}{who}) ends: {ended['why']}")
         if ended["to"] is not None:
             lines.append(f"    → a new request goes to {ended['to']} ({ended['tier']})")
         else:
-            lines.append("    → no node could take it: " + ("; ".join(ended["refusals"]) or "none has it"))
+            lines.append("    → no node could take it: " + ("; ".join(ended["refusals"])
+                                                          or f"no other node has {ended['service']} in its profile"))
     lines += [f"~ placement of {w['service']}: {_choice(w['before'])} → {_choice(w['after'])}"
               for w in doc["placement"] if w["changed"]]
     return lines
