@@ -111,3 +111,88 @@ def test_cluster_options_errors_are_clear_and_change_nothing(tmp_path: Path) -> 
     watch = run_cli("watch", *base[1:-2], "--etcd", "http://127.0.0.1:1", "--node", "a")
     assert watch.returncode == 1 and "use `reconciler serve`" in watch.stderr
     assert not (tmp_path / "s" / "state.db").exists()
+
+
+# --- plan --cluster without a cluster (reconciler.cluster.whatif) ---------------------------------------
+
+
+def whatif_world() -> tuple[Any, Any, dict[str, Any]]:
+    """Golden 13's host (comfyui running on an 8 GB GPU) with a lease on comfyui and no demand, as node ``n1``
+    of a cluster whose other node ``n2`` would start comfyui without eviction; the view as ``GET /v1/cluster``
+    gives it, n1's services as n1 publishes them for its current profile."""
+    from reconciler.cluster.whatif import services_after
+    from reconciler.core.planner import plan
+    from reconciler.core.snapshot import Lease
+
+    scenario = GOLDEN / "13-evict-for-more-important"
+    profile = load_profile(scenario / "profile.yaml", environ={})
+    base = load_snapshot(scenario / "snapshot.yaml")
+    lease = Lease(id="L1", service="comfyui", holder="bob", gpu=0, expires_at=base.now.replace(hour=17))
+    snapshot = base.model_copy(update={"demands": [], "leases": [lease], "node": "n1"})
+    published = services_after(profile, snapshot, plan(profile, snapshot))
+    view = {"cluster": "lab", "node": "n2", "nodes": [
+        {"node": "n1", "alive": True, "services": published},
+        {"node": "n2", "alive": True, "services": {"comfyui": svc(tier="fit", free=20000)}},
+        {"node": "n3", "alive": False, "services": {}},
+    ], "placements": [
+        {"id": "P1", "service": "comfyui", "model": None, "node": "n1", "tier": "warm", "by": "n2"},
+        {"id": "P2", "service": "vllm", "model": None, "node": "n1", "tier": "fit", "by": "n2"},
+    ]}
+    return profile, snapshot, view
+
+
+def test_whatif_an_unchanged_profile_changes_nothing_in_the_cluster() -> None:
+    from reconciler.cluster.whatif import cluster_plan
+    from reconciler.core.planner import plan
+
+    profile, snapshot, view = whatif_world()
+    result = cluster_plan(view, "n1", profile, snapshot, plan(profile, snapshot))
+    assert (result.withdrawn, result.offered, result.ended) == ([], [], [])
+    assert not result.cluster_changes and result.exit_code == 0
+    where = {w.service: (w.before, w.after) for w in result.placement}
+    # comfyui's one slot is bob's on n1: a new request goes where it would start; vllm must evict comfyui on n1
+    assert where == {"comfyui": (("n2", "fit"), ("n2", "fit")), "vllm": (("n1", "evict"), ("n1", "evict"))}
+
+
+def test_whatif_a_service_leaving_the_profile_moves_its_lease_and_its_placement_in_flight() -> None:
+    from reconciler.cluster.whatif import cluster_plan
+    from reconciler.core.planner import plan
+
+    profile, snapshot, view = whatif_world()
+    without = profile.model_copy(update={"services": {"vllm": profile.services["vllm"]}})
+    local = plan(without, snapshot)
+    result = cluster_plan(view, "n1", without, snapshot, local)
+    assert {a.id for a in local.actions} == {"stop:comfyui", "release:L1"}
+    assert [(o.service, o.reason) for o in result.withdrawn] == [("comfyui", "no longer in the profile")]
+    assert [(e.kind, e.id, e.holder, e.to, e.tier) for e in result.ended] == [
+        ("lease", "L1", "bob", "n2", "fit"), ("placement", "P1", "n2", "n2", "fit")]  # P2's vllm stays offered
+    assert "no longer in the profile" in result.ended[0].why
+    changed = {w.service: (w.before, w.after) for w in result.placement if w.changed}
+    assert changed == {"vllm": (("n1", "evict"), ("n1", "fit"))}  # comfyui's stop makes room: no eviction
+    assert result.exit_code == 2
+    doc = result.to_json_dict()
+    assert doc["changes"] is True and doc["local"]["summary"]["stop"] == 1
+    # with n2 gone too, the lease has nowhere to go: something wanted cannot be reached
+    alone = {**view, "nodes": [n for n in view["nodes"] if n["node"] != "n2"]}
+    stranded = cluster_plan(alone, "n1", without, snapshot, local)
+    assert [e.to for e in stranded.ended] == [None, None] and stranded.exit_code == 3
+    assert stranded.ended[0].refusals == ()  # no node has comfyui at all
+    from reconciler.render.cluster_plan import cluster_text
+
+    text = cluster_text(stranded.to_json_dict())
+    assert "  < placement P1 (comfyui, placed by n2) ends: in flight to n1, which would no longer offer comfyui\n" \
+        "      → no node could take it: no other node has comfyui in its profile\n" in text
+    assert "  ~ placement of comfyui: n1 (queue) → no node\n" in text
+    assert text.endswith("Cluster: 1 service(s) withdrawn, 0 offered, 2 lease(s) or placement(s) ended, "
+                         "2 placement(s) changed.\n")
+
+
+def test_whatif_refuses_a_node_that_is_not_alive() -> None:
+    import pytest
+
+    from reconciler.cluster.whatif import ClusterViewError, cluster_plan
+    from reconciler.core.planner import plan
+
+    profile, snapshot, view = whatif_world()
+    with pytest.raises(ClusterViewError, match=r"node 'n3' is not a live node of cluster 'lab' \(live: n1, n2\)"):
+        cluster_plan(view, "n3", profile, snapshot, plan(profile, snapshot))

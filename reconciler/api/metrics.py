@@ -74,6 +74,17 @@ Counted from the event bus and the leasing service:
 
 Counters kept in this process (actions, restarts, lease waits) start from 0 when the server starts;
 Prometheus' ``rate()`` and ``increase()`` take such a reset in their stride.
+
+**In a cluster** (``--etcd``) every series carries a constant ``node`` label, the node's name
+(:class:`NodeLabelled`): one Prometheus scraping every node of a cluster then tells ``gpu="0"`` of
+node a from ``gpu="0"`` of node b without relabelling rules, and the Grafana dashboard groups by
+``node``. We chose the label on every series over a single ``reconciler_node_info{node}`` to join
+against: a join (``* on (instance) group_left (node) reconciler_node_info``) would be needed in every
+query and alert rule, and the node's name is what an operator filters by. On one machine (no
+``--etcd``) the output is exactly as before, with no ``node`` label — a one-machine host's name is
+``local``, which says nothing, and existing queries and alerts keep working. A scrape config that
+sets a target label ``node`` itself would meet ours: Prometheus keeps ours as ``exported_node``
+(or replaces it, with ``honor_labels: true``).
 """
 
 from __future__ import annotations
@@ -266,9 +277,25 @@ class ConnectionCollector:
         yield closed
 
 
+class NodeLabelled:
+    """A registry's metrics with a constant ``node`` label added to every sample (cluster mode)."""
+
+    def __init__(self, registry: CollectorRegistry, node: str):
+        self.registry = registry
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [s._replace(labels={"node": self.node, **s.labels}) for s in metric.samples]
+            yield labelled
+
+
 class Metrics:
-    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], connections: ConnectionGuard | None = None):
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], connections: ConnectionGuard | None = None,
+                 node: Callable[[], str | None] = lambda: None):
         self.runtime = runtime
+        self.node = node  # the node's name in a cluster (every series gets a `node` label), None on one machine
         self.registry = CollectorRegistry()
         self.actions = Counter("reconciler_actions", "Plan actions carried out, by kind and outcome",
                                ["kind", "outcome"], registry=self.registry)
@@ -290,7 +317,10 @@ class Metrics:
         self.lease_wait.labels(path, result).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        node = self.node()
+        if node is None:
+            return generate_latest(self.registry)
+        return generate_latest(NodeLabelled(self.registry, node))  # duck-typed: anything with collect()
 
     def start(self) -> None:
         self._listening = asyncio.ensure_future(self._listen(self.runtime.events.subscribe()))

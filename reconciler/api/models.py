@@ -283,3 +283,6 @@ class Status(_Response):
     conditions: list[Condition]
     models: list[ModelTraffic] = Field(
         default_factory=list, description="The model gateway's traffic per model (empty without --gateway).")
+    cluster: str | None = Field(
+        None, description="The cluster this node belongs to (`serve --etcd`; `GET /v1/cluster` shows it); null on "
+        "one machine.")

@@ -137,7 +137,10 @@ async def release_lease(lease_id: str, request: Request, ctx: Ctx) -> Released |
 @router.get("/v1/status", response_model=Status, tags=["status"])
 async def status(ctx: Ctx) -> Status:
     """GPUs, services, instances, leases, waiting demands with reasons, the plan, conditions."""
-    return build_status(ctx.runtime, ctx.profile())
+    status = build_status(ctx.runtime, ctx.profile())
+    if ctx.cluster is not None:
+        status.cluster = ctx.cluster.cluster
+    return status
 
 
 @router.get("/v1/plan", responses={503: {"model": Problem}}, tags=["status"])

@@ -107,7 +107,8 @@ class ApiServer:
         if self.socket is None:
             self.bind()
         assert self.socket is not None and self.guard is not None, "bound above"
-        metrics = Metrics(runtime, profile, self.guard)
+        metrics = Metrics(runtime, profile, self.guard,
+                          node=lambda: self.cluster.node if self.cluster is not None else None)
         leasing = Leasing(runtime, profile, observe=metrics.observe_lease)
         self.context = ApiContext(runtime=runtime, profile=profile, leasing=leasing, metrics=metrics,
                                   base_url=self.url, cluster=self.cluster)

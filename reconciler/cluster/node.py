@@ -496,7 +496,8 @@ class ClusterNode:
         return response.status_code, answer
 
     async def overview(self) -> dict[str, Any]:
-        """``GET /v1/cluster``: the nodes, where each service runs, leases by node."""
+        """``GET /v1/cluster``: the nodes (each with its published ``services``: what it offers placement),
+        where each service runs, leases by node, placements in flight."""
         view = await self.view()
         nodes = []
         where: dict[str, list[str]] = {}
@@ -510,11 +511,17 @@ class ClusterNode:
             nodes.append({"node": name, "alive": True, "url": node_doc.get("url"),
                           "advertise": node_doc.get("advertise"),
                           "profile": state.get("profile"), "observed_at": state.get("observed_at"),
-                          "gpus": state.get("gpus", []), "running": running, "leases": len(by_node[name])})
+                          "gpus": state.get("gpus", []), "running": running, "leases": len(by_node[name]),
+                          "services": state.get("services", {})})
         if self.node not in view.nodes:
             nodes.append({"node": self.node, "alive": False, "url": self.url, "advertise": self.advertise,
-                          "profile": None, "observed_at": None, "gpus": [], "running": [], "leases": 0})
+                          "profile": None, "observed_at": None, "gpus": [], "running": [], "leases": 0,
+                          "services": {}})
+        placements = [{"id": name, **{k: v for k, v in kv.json().items() if k in ("service", "model", "node", "tier",
+                                                                                    "by")}}
+                      for name, kv in sorted(view.placements.items())]
         return {"cluster": self.cluster, "node": self.node, "revision": view.revision, "nodes": nodes,
                 "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
+                "placements": placements,
                 "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
                              "placements": self.placements}}

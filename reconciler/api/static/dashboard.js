@@ -17,6 +17,7 @@
   const EVENTS_MAX = 200;          // event log entries kept (newest first)
   const REFRESH_GAP_MS = 100;      // at most one status fetch per 100 ms: a burst of events costs two
   const FALLBACK_POLL_MS = 15000;  // re-fetch now and then even when the stream is quiet
+  const CLUSTER_POLL_MS = 2000;    // the cluster card (other nodes' changes are not on this node's stream)
   const TICK_MS = 250;             // countdowns (lease TTL, uptime)
   const RETRY_MS = [1000, 2000, 5000, 10000]; // reconnecting the stream: waits, then the last one again
   const TOKEN_KEY = "reconciler.token";
@@ -55,6 +56,8 @@
     lastId: "",        // the last event id seen: sent as Last-Event-ID when reconnecting
     retries: 0,
     needToken: false,  // the server answered 401: waiting for the form
+    clusterFetching: false, // a fetch of v1/cluster is under way
+    clusterRenders: 0, // how many times the cluster card was rendered (tests read it)
   };
   window.reconcilerDashboard = state;
 
@@ -668,6 +671,81 @@
     node.textContent = text;
   }
 
+  // ---- the cluster (serve --etcd): every node, from GET v1/cluster --------------------------
+
+  // One row per node: alive, each GPU's reserved/total MB (with a small bar), what runs there, its
+  // lease count and API; then every lease of the cluster by node. Other nodes' changes do not come
+  // through this node's event stream, so the card is fetched every CLUSTER_POLL_MS while shown.
+  function renderCluster(doc) {
+    setText("cluster-name", doc.cluster);
+    setText("cluster-updated", `seen from ${dash(doc.node)} · ${clock()}`);
+    const tbody = $("cluster").querySelector("tbody");
+    clear(tbody);
+    for (const node of list(doc.nodes)) {
+      const gpus = el("td", { class: "gpus" });
+      for (const gpu of list(node.gpus)) {
+        const total = Math.max(0, Number(gpu.total_mb) || 0);
+        const reserved = Math.max(0, Number(gpu.reserved_mb) || 0);
+        const share = total ? Math.min(100, (100 * reserved) / total) : 0;
+        const fill = el("span", { class: "mini-fill" });
+        fill.style.width = `${share.toFixed(1)}%`; // CSSOM, not a style attribute (a strict CSP allows it)
+        gpus.append(el("div", { class: "cluster-gpu", dataset: { gpu: String(gpu.index) } },
+          el("span", { class: "mono" }, `GPU ${dash(gpu.index)}: ${mb(reserved)} / ${mb(total)}`),
+          el("span", { class: "mini-bar", "aria-hidden": "true" }, fill)));
+      }
+      if (!list(node.gpus).length) gpus.append("—");
+      const url = safeUrl(node.url);
+      tbody.append(el("tr", { dataset: { node: String(node.node) }, class: node.alive ? null : "down" },
+        el("td", { class: "node" }, dash(node.node), node.node === doc.node ? el("span", { class: "muted" }, " (this)") : null),
+        el("td", { class: "alive" }, node.alive ? "yes" : "no"),
+        gpus,
+        el("td", { class: "running" }, list(node.running).join(", ") || "—"),
+        el("td", { class: "num leases" }, String(Number(node.leases) || 0)),
+        el("td", { class: "url mono" }, url ? el("a", { href: url, rel: "noopener noreferrer" }, node.url) : dash(node.url))));
+    }
+    const leases = $("cluster-leases").querySelector("tbody");
+    clear(leases);
+    let count = 0;
+    const byNode = doc.leases && typeof doc.leases === "object" ? doc.leases : {};
+    for (const node of Object.keys(byNode).sort()) {
+      for (const lease of list(byNode[node])) {
+        count += 1;
+        leases.append(el("tr", { dataset: { lease: String(lease.id), node } },
+          el("td", { class: "node" }, node),
+          el("td", { class: "id mono", title: String(lease.id) }, shortId(lease.id)),
+          el("td", { class: "service" }, dash(lease.service)),
+          el("td", { class: "holder" }, dash(lease.holder)),
+          el("td", { class: "num gpu" }, dash(lease.gpu)),
+          el("td", { class: "model" }, dash(lease.model))));
+      }
+    }
+    show("cluster-leases-empty", count === 0);
+    show("cluster-card", true);
+    state.clusterRenders += 1;
+    document.body.dataset.clusterRenders = String(state.clusterRenders);
+  }
+
+  async function refreshCluster() {
+    if (state.needToken || !state.status || !state.status.cluster || state.clusterFetching) return;
+    state.clusterFetching = true;
+    try {
+      const response = await fetch("v1/cluster", { headers: authorized({ Accept: "application/json" }), cache: "no-store" });
+      if (response.status === 401) { needToken(); return; }
+      if (!response.ok) {
+        let detail = `${response.status}`;
+        try { detail = (await response.json()).detail || detail; } catch (e) { /* not JSON */ }
+        throw new Error(detail);
+      }
+      renderCluster(await response.json());
+      $("cluster-card").classList.remove("stale");
+    } catch (err) {
+      $("cluster-card").classList.add("stale");
+      setText("cluster-updated", `cluster view failed: ${err && err.message ? err.message : err}`);
+    } finally {
+      state.clusterFetching = false;
+    }
+  }
+
   // ---- status fetching --------------------------------------------------------------------
 
   // The first event after a quiet spell fetches at once (a lease shows up in a few ms); the
@@ -692,6 +770,7 @@
       state.status = status;
       state.fetchedAt = performance.now();
       render(status);
+      if (status.cluster) refreshCluster(); else show("cluster-card", false);
       tick();
       document.body.classList.remove("stale");
     } catch (err) {
@@ -711,6 +790,7 @@
     stream();
     setInterval(tick, TICK_MS);
     setInterval(refresh, FALLBACK_POLL_MS);
+    setInterval(refreshCluster, CLUSTER_POLL_MS);
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
