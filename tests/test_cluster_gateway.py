@@ -1,0 +1,193 @@
+"""The model gateway and cf-orch's VRAM leases across a cluster: a real etcd, three real nodes, real clients.
+
+Each node is ``reconciler watch --api --gateway`` (what ``serve --gateway`` runs) with ``--node`` and
+``--etcd``, on a simulated GPU of its own size — a: 8 GB, b: 16 GB, c: 24 GB — and a profile of its
+own: every node serves the embedding model ``emb`` (always on only on c, so it is warm there and
+nowhere else); a serves ``alpha`` and c ``gamma``, which no other node serves. The clients are the
+real OpenAI SDK and httpx (cf-orch's ``POST /api/leases``), always pointed at node a.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from reconciler.testing.fake_openai import embedding, reply
+from tests.cluster_support import EtcdCluster, etcd_binary
+from tests.e2e_support import Host, WatchRun, wait_until
+from tests.gateway_support import fake, upstream_stats
+
+TTL_S = 3
+SIZES = {"a": 8192, "b": 16384, "c": 24576}
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def profile(node: str, ports: dict[str, int]) -> str:
+    blocks = [fake("embed", ports["embed"], model="emb", mb=1024, max_concurrent=4, always_on=node == "c")]
+    if node == "a":
+        blocks.append(fake("chat", ports["own"], model="alpha", mb=2048))
+    if node == "c":  # slow chunks: a stream lasts long enough to be cut off by its client
+        blocks.append(fake("llm", ports["own"], model="gamma", mb=4096, args="--chunk-delay 0.3"))
+    return (f"schema_version: 1\nname: node-{node}\nvram_total_mb: {SIZES[node]}\neviction_timeout_s: 2\n"
+            "services:\n" + "".join(blocks))
+
+
+@dataclass
+class Node:
+    name: str
+    host: Host
+    ports: dict[str, int]
+    run: WatchRun | None = None
+    api: str = ""
+    gateway: str = ""
+
+    def start(self, etcd: EtcdCluster) -> None:
+        self.run = self.host.watch("--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0", "--gpu",
+                                   f"sim:{SIZES[self.name]}", "--node", self.name, "--etcd", etcd.endpoints,
+                                   "--etcd-ttl", str(TTL_S))
+        self.run.wait_kind("cluster.joined", timeout_s=30)
+        self.api = (self.run.seen("api.started") or [self.run.wait_kind("api.started", timeout_s=30)])[0]["url"]
+        self.gateway = (self.run.seen("gateway.started")
+                        or [self.run.wait_kind("gateway.started", timeout_s=30)])[0]["url"]
+
+    def sdk(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key="unused", max_retries=0, timeout=60.0)
+
+    def get(self, path: str) -> Any:
+        answer = httpx.get(f"{self.api}{path}", timeout=30)
+        answer.raise_for_status()
+        return answer.json()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[dict[str, Node]]:
+    etcd_binary()
+    etcd = EtcdCluster(tmp_path / "etcd", size=1).start()
+    made: dict[str, Node] = {}
+    try:
+        for name in SIZES:
+            host = Host(tmp_path / name)
+            ports = {"embed": host.port(), "own": host.port()}
+            host.write(profile(name, ports))
+            made[name] = Node(name, host, ports)
+        for node in made.values():
+            node.start(etcd)
+        a = made["a"]
+
+        def ready() -> bool:
+            view = a.get("/v1/cluster")
+            alive = sorted(n["node"] for n in view["nodes"] if n["alive"])
+            return alive == ["a", "b", "c"] and "c" in view["services"].get("embed", [])
+
+        wait_until(ready, 30, "three nodes in the cluster view, embed running on c")
+        wait_until(lambda: {m["id"] for m in httpx.get(f"{a.gateway}/v1/models", timeout=10).json()["data"]}
+                   >= {"alpha", "emb", "gamma"}, 20, "node a's gateway lists c's models")
+        yield made
+    finally:
+        for node in made.values():
+            node.host.close()
+        etcd.stop()
+
+
+def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[str, Node]) -> None:
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    sdk = a.sdk()
+    listed = {m.id: m.owned_by for m in sdk.models.list()}  # every live node's models, from node a
+    assert listed == {"alpha": "chat", "emb": "embed", "gamma": "llm"}
+    assert sdk.models.retrieve("gamma").owned_by == "llm"
+    tags = {t["name"]: t for t in httpx.get(f"{a.gateway}/api/tags", timeout=10).json()["models"]}
+    assert set(tags) == {"alpha", "emb", "gamma"} and tags["gamma"]["size"] == 4096 * 1024 * 1024
+
+    # gamma is served only on c: placed there (a start on c), proxied through a's gateway, answered
+    chat = sdk.chat.completions.create(model="gamma", messages=MESSAGES, max_tokens=4)
+    assert chat.choices[0].message.content == "".join(reply("gamma", 4))
+    assert upstream_stats(c.ports["own"])["last"]["model"] == "gamma"
+    stream = sdk.chat.completions.create(model="gamma", messages=MESSAGES, max_tokens=5, stream=True)
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices]
+    assert pieces == reply("gamma", 5)  # relayed chunk by chunk across two gateways
+    assert "llm" not in {i["service"] for i in a.get("/v1/status")["instances"]}
+
+    # warm first: emb runs on c only, so a request at a goes there rather than starting a's own
+    before = upstream_stats(c.ports["embed"])["requests"]
+    vectors = sdk.embeddings.create(model="emb", input=["hello"])
+    assert vectors.data[0].embedding == pytest.approx(embedding("hello", 8), abs=1e-6)
+    assert upstream_stats(c.ports["embed"])["requests"] == before + 1
+    assert "embed" not in {i["service"] for i in a.get("/v1/status")["instances"]}
+
+    # a client that goes away mid-stream cancels the request on c (its upstream and its lease), at once
+    with httpx.stream("POST", f"{a.gateway}/v1/chat/completions", timeout=30,
+                      json={"model": "gamma", "messages": MESSAGES, "max_tokens": 100, "stream": True}) as cut:
+        assert cut.status_code == 200
+        first = next(cut.iter_raw())
+        assert first.startswith(b"data: ")
+    wait_until(lambda: upstream_stats(c.ports["own"])["in_flight"] == 0, 5, "c's upstream request cancelled")
+    wait_until(lambda: not [x for x in c.get("/v1/status")["leases"] if x["service"] == "llm"
+                            and x.get("state", "active") == "active"], 5, "c's gateway lease released")
+
+    # a's own model is served at a, and c's gateway serves a's model too (placement from c)
+    assert a.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices[0].message.content \
+        == "".join(reply("alpha", 2))
+    via_c = c.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=3)
+    assert via_c.choices[0].message.content == "".join(reply("alpha", 3))
+
+    # c dies: its models leave every listing within a TTL; emb is placed elsewhere, gamma is a 404
+    assert c.run is not None
+    c.run.kill()
+    wait_until(lambda: "gamma" not in {m.id for m in sdk.models.list()}, TTL_S + 10, "gamma gone from a's list")
+    vectors = sdk.embeddings.create(model="emb", input=["again"])
+    assert vectors.data[0].embedding == pytest.approx(embedding("again", 8), abs=1e-6)
+    served = {n: i for n in ("a", "b") for i in nodes[n].get("/v1/status")["instances"] if i["service"] == "embed"}
+    assert list(served) == ["b"]  # fits without eviction, most free MB: b's 16 GB
+    with pytest.raises(openai.NotFoundError) as gone:
+        sdk.chat.completions.create(model="gamma", messages=MESSAGES)
+    assert "not served by any live node" in str(gone.value)
+    assert gone.value.body["code"] == "model_not_found"  # type: ignore[index]
+    ollama = httpx.post(f"{b.gateway}/api/chat", json={"model": "gamma", "messages": MESSAGES}, timeout=10)
+    assert ollama.status_code == 404 and "not served by any live node" in ollama.json()["error"]
+
+
+def test_cf_orch_vram_lease_at_a_node_without_room_is_granted_on_another(nodes: dict[str, Node]) -> None:
+    a = nodes["a"]
+    lease = {"service": "trainer", "mb": 12000, "ttl_s": 60}
+    here = httpx.post(f"{a.api}/api/leases", json={**lease, "node_id": "a", "gpu_id": 0}, timeout=30)
+    assert here.status_code == 503 and "Insufficient VRAM" in here.json()["detail"]  # a names itself: stays
+    anywhere = httpx.post(f"{a.api}/api/leases", json={**lease, "node_id": "*"}, timeout=30)
+    assert anywhere.status_code == 200, anywhere.text
+    granted = anywhere.json()["lease"]
+    assert (granted["node_id"], granted["gpu_id"], granted["mb_granted"]) == ("c", 0, 12000)  # most free MB
+    held = [x for x in nodes["c"].get("/v1/status")["leases"] if x["id"] == granted["lease_id"]]
+    assert held and held[0]["mb"] == 12000
+    pinned = httpx.post(f"{a.api}/api/leases", json={**lease, "node_id": "b", "gpu_id": 0}, timeout=30)
+    assert pinned.status_code == 200 and pinned.json()["lease"]["node_id"] == "b", pinned.text
+
+    def free(node: str) -> int:
+        view = a.get("/v1/cluster")
+        return int(next(n for n in view["nodes"] if n["node"] == node)["gpus"][0]["free_mb"])
+
+    wait_until(lambda: free("c") <= SIZES["c"] - 1024 - 12000 and free("b") <= SIZES["b"] - 12000, 10,
+               "b and c published their VRAM leases")
+    too_big = httpx.post(f"{a.api}/api/leases", json={**lease, "mb": 20000, "node_id": "*"}, timeout=30)
+    assert too_big.status_code == 503  # c has 24576 - 1024 (emb) - 12000 left: nowhere fits now
+    assert "c: GPU 0 has" in too_big.json()["detail"] and "b: GPU 0 has" in too_big.json()["detail"]
+    unknown = httpx.post(f"{a.api}/api/leases", json={**lease, "node_id": "zz", "gpu_id": 0}, timeout=30)
+    assert unknown.status_code == 404 and "no live node 'zz'" in unknown.json()["detail"]
+    for node, held_lease in (("c", granted), ("b", pinned.json()["lease"])):  # released at a: forwarded
+        released = httpx.delete(f"{a.api}/api/leases/{held_lease['lease_id']}", timeout=10)
+        assert released.status_code == 200 and released.json()["released"] is True, released.text
+        assert not [x for x in nodes[node].get("/v1/status")["leases"] if x["id"] == held_lease["lease_id"]]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # once c published the release, 20000 MB fit there again
+        again = httpx.post(f"{a.api}/api/leases", json={**lease, "mb": 20000, "node_id": "*"}, timeout=30)
+        if again.status_code == 200:
+            assert again.json()["lease"]["node_id"] == "c"
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"20000 MB never placed after the releases: {again.text}")
