@@ -139,10 +139,11 @@ def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[st
 
     # c dies: its models leave every listing within a TTL; emb is placed elsewhere, gamma is a 404
     assert c.run is not None
-    c.run.kill()
-    wait_until(lambda: "gamma" not in {m.id for m in sdk.models.list()}, TTL_S + 10, "gamma gone from a's list")
-    vectors = sdk.embeddings.create(model="emb", input=["again"])
+    c.run.kill()  # its services keep running; its gateway (in its process) is gone at once
+    assert "c" in {n["node"] for n in a.get("/v1/cluster")["nodes"] if n["alive"]}  # still in the view (TTL)
+    vectors = sdk.embeddings.create(model="emb", input=["again"])  # warm on c: refused there, placed again
     assert vectors.data[0].embedding == pytest.approx(embedding("again", 8), abs=1e-6)
+    wait_until(lambda: "gamma" not in {m.id for m in sdk.models.list()}, TTL_S + 10, "gamma gone from a's list")
     served = {n: i for n in ("a", "b") for i in nodes[n].get("/v1/status")["instances"] if i["service"] == "embed"}
     assert list(served) == ["b"]  # fits without eviction, most free MB: b's 16 GB
     with pytest.raises(openai.NotFoundError) as gone:
