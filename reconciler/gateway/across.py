@@ -163,6 +163,9 @@ class Across:
                 return await answer(send, error(
                     protocol, 503, f"model {model!r} is not served on this node and the cluster state is "
                     f"unavailable (etcd: {exc}); retry in a moment", retry_after_s=5.0))
+            if watch.gone:  # the client left while it was placed
+                self.cluster.answered(placed.placement)
+                return None
             if placed.local:
                 return await local(placed.placement)
             if not placed.gateway:  # published without a gateway since: not a candidate next time
@@ -170,6 +173,10 @@ class Across:
                 continue
             try:
                 return await self._relay(placed, path, scope, raw, send, watch)
+            except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:  # reached, but silent
+                self.cluster.answered(placed.placement)
+                return await answer(send, error(protocol, 504, f"model {model!r}: node {placed.node}'s gateway "
+                                                               f"did not answer in time ({type(exc).__name__})"))
             except httpx.TransportError as exc:  # it went away since the view was read: place it again
                 log.warning("gateway: node %s did not answer for %s (%s); placing it again", placed.node, model, exc)
                 excluded.add(placed.node)
