@@ -34,7 +34,9 @@ know etcd exists. A node cut off from etcd keeps converging to its own profile w
 services running; the cluster just stops seeing it, and it cannot place requests on
 other nodes (placement answers 503) until etcd answers again.
 
-**Placement** (:meth:`ClusterNode.place`). The cluster view at revision R — kept in
+**Placement** (:meth:`ClusterNode.place` for a lease on a service, :meth:`~ClusterNode.place_model`
+for a gateway request naming a model, :meth:`~ClusterNode.place_vram` for cf-orch's VRAM lease: three
+rankings of :mod:`.placement`, one transaction, :meth:`~ClusterNode._commit`). The cluster view at revision R — kept in
 memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
 then one txn that commits the
 choice: it compares the chosen node's liveness key (same create revision: the same
