@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reconciler.cluster.placement import offers, rank
+from reconciler.cluster.placement import offers, rank, rank_model, rank_vram
 from reconciler.loading import load_profile, load_snapshot
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
@@ -83,6 +83,56 @@ def test_rank_pin_and_exclude() -> None:
     assert [c.node for c in rank(states, "llm", None, exclude=frozenset({"a"}))[0]] == ["b"]
     choices, refusals = rank(states, "llm", None, pin="zz")
     assert choices == [] and refusals == ["zz: not a live node of the cluster"]
+
+
+def test_a_node_running_another_model_is_a_queue_after_the_others() -> None:
+    states = {"a": node({"llm": svc(slots=1, tier="warm", model="m1", model_bound=True)}),
+              "b": node({"llm": svc(tier="queue", model="m2", model_bound=True, reason="2/2 leases held")})}
+    choices, refusals = rank(states, "llm", "m2")
+    assert [(c.node, c.tier) for c in choices] == [("b", "queue"), ("a", "queue")] and refusals == []
+    assert "switches to m2 once idle" in choices[1].reason
+
+
+def gateway_node(models: dict[str, tuple[str, str]], services: dict[str, dict[str, Any]],
+                 gateway: str | None = "http://x:1") -> dict[str, Any]:
+    return {"gateway": gateway, "services": services,
+            "models": {n: {"service": s, "model": m, "api": "openai", "mb": 1} for n, (s, m) in models.items()}}
+
+
+def test_rank_model_scores_each_node_on_the_service_its_gateway_routes_the_model_to() -> None:
+    states = {
+        "a": gateway_node({"qwen": ("vllm", "Qwen/Qwen2-7B")}, {"vllm": svc(tier="fit", free=9000)}),
+        "b": gateway_node({"qwen": ("llama", "qwen.gguf"), "q": ("llama", "qwen.gguf")},
+                          {"llama": svc(slots=1, tier="warm", model="qwen.gguf", model_bound=True)}),
+        "c": gateway_node({"other": ("x", "x")}, {"x": svc(slots=3, tier="warm")}),
+        "d": gateway_node({"qwen": ("vllm", "q")}, {"vllm": svc(tier="none", reason="needs 9000 MB")}),
+        "e": gateway_node({"qwen": ("vllm", "q")}, {"vllm": svc(slots=4, tier="warm")}, gateway=None),
+    }
+    choices, refusals = rank_model(states, "qwen")
+    assert [(c.node, c.service, c.model, c.tier) for c in choices] == [
+        ("b", "llama", "qwen.gguf", "warm"), ("a", "vllm", "Qwen/Qwen2-7B", "fit")]  # e has no gateway
+    assert refusals == ["d (vllm): needs 9000 MB"]  # c does not serve it: not a refusal
+    assert [c.node for c in rank_model(states, "qwen", exclude=frozenset({"b"}))[0]] == ["a"]
+    assert rank_model(states, "nope") == ([], [])
+
+
+def test_rank_model_applies_ollamas_tag_rule() -> None:
+    states = {"a": gateway_node({"llama3.2:latest": ("ollama", "llama3.2:latest")}, {"ollama": svc(slots=1)})}
+    assert [c.model for c in rank_model(states, "llama3.2")[0]] == ["llama3.2:latest"]
+
+
+def test_rank_vram_goes_where_most_is_free_and_says_why_not_elsewhere() -> None:
+    def gpus(*free: int) -> dict[str, Any]:
+        return {"gpus": [{"index": i, "total_mb": 24576, "reserved_mb": 0, "free_mb": f} for i, f in enumerate(free)]}
+
+    reservations = {"a": gpus(8000), "b": gpus(3000, 16000), "c": gpus(12000)}
+    choices, refusals = rank_vram(reservations, 10000, None)
+    assert [(c.node, c.gpu) for c in choices] == [("b", 1), ("c", 0)]
+    assert refusals == ["a: GPU 0 has 8000 MB free, 10000 MB requested"]
+    assert [(c.node, c.gpu) for c in rank_vram(reservations, 2000, 0)[0]] == [("c", 0), ("a", 0), ("b", 0)]
+    assert rank_vram(reservations, 100, 1)[1] == ["a: no GPU 1", "c: no GPU 1"]
+    assert [c.node for c in rank_vram(reservations, 100, None, pin="c")[0]] == ["c"]
+    assert rank_vram(reservations, 100, None, pin="zz") == ([], ["zz: not a live node of the cluster"])
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -115,6 +115,50 @@ async def allocate_on(ctx: ApiContext, service: str, model: str, doc: dict[str, 
     return f"the nodes chosen ({', '.join(sorted(excluded))}) did not answer"
 
 
+ANYWHERE = "*"  # cf-orch's node_id for a VRAM lease that may go to any node of the cluster
+
+
+async def vram_on(ctx: ApiContext, doc: dict[str, Any], mb: int, gpu: int | None,
+                  pin: str | None) -> tuple[int, str] | Response:
+    """cf-orch ``POST /api/leases`` in a cluster: (GPU, placement) when this node should grant it, else the
+    chosen node's answer. Placed by :meth:`ClusterNode.place_vram` (the GPU with the most free MB, anywhere
+    or on the pinned node); a chosen node that does not answer, or that has no longer room when asked (a
+    race with its own starts), is left out and the lease placed again."""
+    cluster = cluster_of(ctx)
+    excluded: set[str] = set()
+    last = ""
+    for _ in range(REPLACE_ATTEMPTS):
+        try:
+            placed = await cluster.place_vram(mb, gpu, pin=pin, exclude=frozenset(excluded))
+        except ClusterRefused as refused:
+            if last and refused.status == 503:
+                raise HTTPException(503, f"{refused.detail}; {last}") from None
+            raise HTTPException(refused.status, refused.detail) from None
+        except EtcdError as exc:
+            raise unavailable(exc) from None
+        assert placed.gpu is not None, "a VRAM placement names its GPU"
+        if placed.local:
+            return placed.gpu, placed.placement
+        try:
+            status, answer = await cluster.forward("POST", f"{placed.url}/api/leases",
+                                                   {**doc, "node_id": placed.node, "gpu_id": placed.gpu},
+                                                   placement=placed.placement)
+        except httpx.TransportError:
+            excluded.add(placed.node)
+            last = f"node {placed.node} did not answer"
+            continue
+        lease = answer.get("lease") if isinstance(answer, dict) else None
+        if status == 200 and isinstance(lease, dict) and "lease_id" in lease:
+            cluster.remember(str(lease["lease_id"]), placed.node, placed.url)
+            return JSONResponse(answer)
+        if status == 503 and pin is None:  # taken meanwhile on that node: try the next best
+            excluded.add(placed.node)
+            last = f"node {placed.node}: {answer.get('detail') if isinstance(answer, dict) else status}"
+            continue
+        return JSONResponse(answer, status_code=status)
+    raise HTTPException(503, f"Insufficient VRAM — {mb} MB: the nodes chosen did not grant it ({last}); retry")
+
+
 async def forward_lease(ctx: ApiContext, request: Request, method: str, lease_id: str, suffix: str = "",
                         body: Any = None, *, path: str | None = None) -> Response | None:
     """The answer of the node that holds ``lease_id`` when another one does; None when we should answer."""

@@ -25,7 +25,11 @@ error bodies too: ``{"detail": ...}``), but backed by the real reconciler:
   cluster (``agent_url``: its advertised API), from etcd. ``allocate`` is
   placed across the cluster candidate by candidate (the chosen node answers,
   with its ``node_id`` and URL; releasing it at any node is forwarded to it).
-  ``POST /api/leases`` (VRAM) stays local: a cf-orch client names its node.
+  ``POST /api/leases`` (VRAM) is placed across the cluster too when its ``node_id`` is ``"*"`` (any
+  node; ``gpu_id`` may then be left out: any GPU): the node and GPU with the most free MB now, through
+  the same placement transaction; the answer's ``node_id`` and ``gpu_id`` name where it was granted.
+  A ``node_id`` naming another live node pins the lease there (forwarded to it); this node's own name
+  keeps it here, as on one machine. ``DELETE /api/leases/{id}`` works at any node.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class _Body(BaseModel):
 
 class VramLeaseRequest(_Body):
     node_id: Name
-    gpu_id: int = Field(ge=0, le=1024)
+    gpu_id: int | None = Field(None, ge=0, le=1024)  # required but with node_id "*" in a cluster
     mb: int = Field(gt=0, le=16 * 1024 * 1024)
     service: Name
     priority: int = Field(2, ge=-1_000_000, le=1_000_000)
@@ -133,20 +137,38 @@ async def leases(ctx: Ctx) -> dict[str, Any]:
     return {"leases": [_vram_lease(lease, ctx) for lease in ctx.runtime.ledger.leases() if lease.kind == "vram"]}
 
 
-@router.post("/leases", responses={422: {"model": Problem}, 503: {"model": Problem}})
-async def request_lease(body: VramLeaseRequest, ctx: Ctx) -> dict[str, Any]:
-    if body.node_id != ctx.node:
-        raise HTTPException(422, f"Unknown node_id {body.node_id!r} — this reconciler is node {ctx.node!r}")
+@router.post("/leases", response_model=None, responses={422: {"model": Problem}, 503: {"model": Problem}})
+async def request_lease(body: VramLeaseRequest, request: Request, ctx: Ctx) -> dict[str, Any] | Response:
+    gpu, placement = body.gpu_id, request.headers.get(PLACEMENT)
+    if ctx.cluster is not None and not cluster.forwarded(request) and body.node_id != ctx.node:
+        pin = None if body.node_id == cluster.ANYWHERE else body.node_id  # placed across the cluster
+        placed = await cluster.vram_on(ctx, body.model_dump(), body.mb, gpu, pin)
+        if isinstance(placed, Response):
+            return placed
+        gpu, placement = placed
+    elif body.node_id != ctx.node:
+        anywhere = " (or \"*\" in a cluster)" if ctx.cluster is not None else ""
+        raise HTTPException(422, f"Unknown node_id {body.node_id!r} — this reconciler is node {ctx.node!r}"
+                                 f"{anywhere}")
+    if gpu is None:
+        raise HTTPException(422, "gpu_id is required (in a cluster, node_id \"*\" places the lease on any GPU "
+                                 "of any node)")
     try:
-        lease = await ctx.leasing.vram_lease(body.gpu_id, body.mb, body.service, body.priority, body.ttl_s)
+        lease = await ctx.leasing.vram_lease(gpu, body.mb, body.service, body.priority, body.ttl_s)
     except LeaseRefused as refused:
         raise http_error(refused) from None
+    finally:
+        if ctx.cluster is not None and placement is not None:
+            ctx.cluster.answered(placement)
     return {"lease": _vram_lease(lease, ctx)}
 
 
-@router.delete("/leases/{lease_id}", responses={404: {"model": Problem}})
-async def release_lease(lease_id: str, ctx: Ctx) -> dict[str, Any]:
+@router.delete("/leases/{lease_id}", response_model=None, responses={404: {"model": Problem}})
+async def release_lease(lease_id: str, request: Request, ctx: Ctx) -> dict[str, Any] | Response:
     lease = ctx.leasing.lease_by_id(lease_id)
+    if lease is None and (elsewhere := await cluster.forward_lease(
+            ctx, request, "DELETE", lease_id, path=f"/api/leases/{lease_id}")) is not None:
+        return elsewhere
     if lease is None or lease.kind != "vram" or ctx.leasing.release(lease_id) is None:
         raise HTTPException(404, f"Lease {lease_id!r} not found")
     return {"released": True, "lease_id": lease_id}

@@ -26,6 +26,7 @@ from reconciler.errors import GuardError
 if TYPE_CHECKING:
     from reconciler.api.server import ApiServer
     from reconciler.cluster.node import ClusterNode
+    from reconciler.gateway.server import GatewayServer
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -47,8 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="TTL of this node's etcd lease: a dead node leaves placement within it (default: 10)")
 
 
-def cluster_node(args: argparse.Namespace, api: ApiServer | None) -> ClusterNode | None:
-    """The cluster companion when ``--etcd`` (or ``$RECONCILER_ETCD``) asks for one; GuardError on bad options."""
+def cluster_node(args: argparse.Namespace, api: ApiServer | None,
+                 gateway: GatewayServer | None = None) -> ClusterNode | None:
+    """The cluster companion when ``--etcd`` (or ``$RECONCILER_ETCD``) asks for one; GuardError on bad options.
+    With a gateway, its URL goes into the node's record and the gateway places requests across nodes."""
     urls = getattr(args, "etcd", None) or os.environ.get("RECONCILER_ETCD")
     if not urls:
         return None
@@ -84,6 +87,9 @@ def cluster_node(args: argparse.Namespace, api: ApiServer | None) -> ClusterNode
         raise GuardError(str(exc)) from None
     node = ClusterNode(etcd, cluster=args.cluster, node=args.node, advertise=args.advertise,
                        api_url=lambda: api.url if api.socket is not None else None, token=api.token,
-                       ttl_s=args.etcd_ttl)
+                       ttl_s=args.etcd_ttl,
+                       gateway_url=(lambda: gateway.url if gateway.socket is not None else None) if gateway else None)
     api.cluster = node
+    if gateway is not None:
+        gateway.cluster = node
     return node

@@ -127,7 +127,7 @@ async def watch(args: argparse.Namespace) -> int:
     printer = Printer(args.events)
     api = api_server(args)
     gateway = gateway_server(args, api)
-    cluster = cluster_opts.cluster_node(args, api)  # --etcd: join a cluster (reconciler.cluster.node)
+    cluster = cluster_opts.cluster_node(args, api, gateway)  # --etcd: join a cluster (reconciler.cluster.node)
     backend, watcher, first = load(args, printer)
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     assembly = Assembly(state_dir=state_dir, gpu_backend=backend, clock=SYSTEM_CLOCK, node=args.node,

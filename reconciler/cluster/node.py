@@ -2,11 +2,14 @@
 
 **Keys.** Under ``/reconciler/<cluster>/``:
 
-* ``nodes/<node>`` — liveness: ``{node, url, advertise, joined_at}``, attached to the node's
+* ``nodes/<node>`` — liveness: ``{node, url, advertise, gateway}`` (``gateway``: its model gateway's URL
+  on the advertised host, when it serves one; else null), attached to the node's
   etcd lease (TTL :data:`DEFAULT_TTL_S`, kept alive every third of it);
 * ``state/<node>`` — what it shares: GPUs (total, reserved, free), each service of its profile
   (priority, size, the URL it answers on from other machines, warm slots, the planner's offer:
-  :mod:`.placement`), instances, leases;
+  :mod:`.placement`), instances, leases; with a gateway, its URL and the models it routes
+  (``models``: name → service, upstream name, protocol, MB), so that any node's gateway can place a
+  request for a model and list every node's models;
 * ``reservations/<node>`` — per GPU: total, reserved and free MB; rewritten only when they change
   (a start, a stop, a VRAM lease), not with every lease of a running service;
 * ``leases/<id>`` — one per lease it holds (which node, which service): any node can find the
@@ -31,7 +34,9 @@ know etcd exists. A node cut off from etcd keeps converging to its own profile w
 services running; the cluster just stops seeing it, and it cannot place requests on
 other nodes (placement answers 503) until etcd answers again.
 
-**Placement** (:meth:`ClusterNode.place`). The cluster view at revision R — kept in
+**Placement** (:meth:`ClusterNode.place` for a lease on a service, :meth:`~ClusterNode.place_model`
+for a gateway request naming a model, :meth:`~ClusterNode.place_vram` for cf-orch's VRAM lease: three
+rankings of :mod:`.placement`, one transaction, :meth:`~ClusterNode._commit`). The cluster view at revision R — kept in
 memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
 then one txn that commits the
 choice: it compares the chosen node's liveness key (same create revision: the same
@@ -69,7 +74,7 @@ from typing import Any
 import httpx
 
 from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, KeyValue, Put
-from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, warm_slots
+from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, rank_model, rank_vram, warm_slots
 from reconciler.core.accounting import planned_reservations, world_now
 from reconciler.core.clock import iso_utc
 from reconciler.core.compatibility import capacity
@@ -108,6 +113,10 @@ class Placed:
     placement: str
     tier: str
     local: bool
+    service: str = ""
+    model: str | None = None
+    gateway: str = ""  # the chosen node's gateway URL (a gateway request)
+    gpu: int | None = None  # the chosen GPU (a VRAM lease)
 
 
 @dataclass
@@ -131,12 +140,15 @@ class ClusterNode:
     """Membership, publishing and placement for one node; a companion of the watch loop."""
 
     def __init__(self, etcd: Etcd, *, cluster: str, node: str, advertise: str, api_url: Callable[[], str | None],
-                 ttl_s: int = DEFAULT_TTL_S, token: str | None = None):
+                 ttl_s: int = DEFAULT_TTL_S, token: str | None = None,
+                 gateway_url: Callable[[], str | None] | None = None):
         self.etcd = etcd
         self.cluster = cluster
         self.node = node
         self.advertise = advertise
         self._api_url = api_url
+        self._gateway_url = gateway_url or (lambda: None)
+        self._models: Callable[[], dict[str, dict[str, Any]]] | None = None  # the gateway's, once it started
         self.ttl_s = ttl_s
         self.token = token
         self.prefix = f"/reconciler/{cluster}/"
@@ -172,6 +184,19 @@ class ClusterNode:
         port = local.rsplit(":", 1)[-1] if local else ""
         scheme = local.split("://", 1)[0] if "://" in local else "http"
         return f"{scheme}://{self.advertise}:{port}" if port else ""
+
+    @property
+    def gateway_url(self) -> str | None:
+        """This node's model gateway as other machines reach it (the advertised host), when it has one."""
+        local = self._gateway_url()
+        if not local:
+            return None
+        return f"http://{self.advertise}:{local.rsplit(':', 1)[-1]}"
+
+    def serve_models(self, models: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """The gateway's routing table, published with this node's state (name → service, model, api, mb)."""
+        self._models = models
+        self._dirty.set()
 
     def service_url(self, port: int | None) -> str | None:
         return f"http://{self.advertise}:{port}" if port else None
@@ -251,7 +276,8 @@ class ClusterNode:
 
     async def _register(self) -> None:
         lease = await self.etcd.grant(self.ttl_s)
-        me = {"node": self.node, "url": self.url, "advertise": self.advertise, "cluster": self.cluster}
+        me = {"node": self.node, "url": self.url, "advertise": self.advertise, "cluster": self.cluster,
+              "gateway": self.gateway_url}
         _, revision = await self.etcd.txn([], [Put(self.key("nodes", self.node), json.dumps(me), lease)])
         self.lease_id, self._node_create = lease, revision
         self._published_leases = {}
@@ -320,6 +346,7 @@ class ClusterNode:
             "node": self.node, "url": self.url, "advertise": self.advertise, "profile": profile.name,
             "observed_at": iso_utc(last.snapshot.now) if last is not None else None,
             "gpus": gpus, "services": services,
+            "gateway": self.gateway_url, "models": self._models() if self._models is not None else {},
             "instances": [{"service": i.service, "gpu": i.gpu, "gpus": i.gpus, "state": i.state, "model": i.model,
                            "origin": i.origin} for i in stored.instances],
             "leases": [self._lease_doc(lease) for lease in active],
@@ -423,25 +450,71 @@ class ClusterNode:
 
     async def place(self, service: str, model: str | None, *, pin: str | None = None,
                     exclude: frozenset[str] = frozenset()) -> Placed:
-        """Choose a node for a request and commit the choice (see the module docstring)."""
-        for attempt in range(MAX_ATTEMPTS):
-            cached = self._cached if attempt == 0 else None
-            view = cached if cached is not None else await self.view()
+        """Choose a node for a lease on ``service`` and commit the choice (see the module docstring)."""
+
+        def choose(view: View) -> list[Choice]:
             states = view.alive_states()
             if pin is not None and pin not in states:
-                known = ", ".join(sorted(states)) or "none"
-                raise ClusterRefused(404, f"no live node {pin!r} in cluster {self.cluster!r} (live: {known})")
+                raise self._no_pin(pin, states)
             choices, refusals = rank(states, service, model, pin=pin, exclude=exclude)
             if not choices:
                 if not any(service in s.get("services", {}) for s in states.values()):
                     raise ClusterRefused(404, f"unknown service {service!r}: no node of cluster {self.cluster!r} "
                                               "has it in its profile")
                 raise ClusterRefused(503, f"no node can take {service!r} now: " + "; ".join(refusals))
-            choice: Choice = choices[0]
+            return choices
+
+        return await self._commit(choose, service)
+
+    async def place_model(self, asked: str, *, exclude: frozenset[str] = frozenset()) -> Placed:
+        """Choose a node whose gateway serves the model ``asked`` and commit the choice: 404 when no live
+        node serves it, 503 when none can take it now (:func:`.placement.rank_model`)."""
+
+        def choose(view: View) -> list[Choice]:
+            states = view.alive_states()
+            choices, refusals = rank_model(states, asked, exclude=exclude)
+            if not choices:
+                if not refusals:
+                    gone = " (the nodes that serve it did not answer)" if exclude else ""
+                    raise ClusterRefused(404, f"model {asked!r} is not served by any live node of cluster "
+                                              f"{self.cluster!r}{gone}")
+                raise ClusterRefused(503, f"no node can take model {asked!r} now: " + "; ".join(refusals))
+            return choices
+
+        return await self._commit(choose, asked)
+
+    async def place_vram(self, mb: int, gpu: int | None, *, pin: str | None = None,
+                         exclude: frozenset[str] = frozenset()) -> Placed:
+        """Choose a node and GPU with ``mb`` free now for a VRAM lease and commit the choice (503 when none
+        has it, 404 for a pinned node that is not alive)."""
+
+        def choose(view: View) -> list[Choice]:
+            alive = {n: view.reservations[n].json() for n in view.alive_states()}
+            if pin is not None and pin not in alive:
+                raise self._no_pin(pin, alive)
+            choices, refusals = rank_vram(alive, mb, gpu, pin=pin, exclude=exclude)
+            if not choices:
+                raise ClusterRefused(503, f"Insufficient VRAM — no node has {mb} MB free"
+                                          f"{f' on GPU {gpu}' if gpu is not None else ''}: " + "; ".join(refusals))
+            return choices
+
+        return await self._commit(choose, f"{mb} MB of VRAM")
+
+    def _no_pin(self, pin: str, alive: dict[str, Any]) -> ClusterRefused:
+        known = ", ".join(sorted(alive)) or "none"
+        return ClusterRefused(404, f"no live node {pin!r} in cluster {self.cluster!r} (live: {known})")
+
+    async def _commit(self, choose: Callable[[View], list[Choice]], what: str) -> Placed:
+        """The placement transaction: read the view, take the best choice, commit it comparing what was read;
+        a loser re-reads and retries (at most :data:`MAX_ATTEMPTS` times)."""
+        for attempt in range(MAX_ATTEMPTS):
+            cached = self._cached if attempt == 0 else None
+            view = cached if cached is not None else await self.view()
+            choice = choose(view)[0]
             node_kv, reserved_kv = view.nodes[choice.node], view.reservations[choice.node]
             placement = str(uuid.uuid4())
-            doc = {"service": service, "model": model, "node": choice.node, "tier": choice.tier, "by": self.node,
-                   "revision": view.revision, "at": time.time()}
+            doc = {"service": choice.service, "model": choice.model, "node": choice.node, "tier": choice.tier,
+                   "by": self.node, "revision": view.revision, "at": time.time()}
             ok, _ = await self.etcd.txn(
                 [Compare(node_kv.key, "CREATE", node_kv.create_revision),
                  Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
@@ -449,12 +522,18 @@ class ClusterNode:
             )
             if ok:
                 self.placements += 1
-                url = str(node_kv.json().get("url", ""))
-                return Placed(choice.node, url, placement, choice.tier, choice.node == self.node)
+                record = node_kv.json()
+                return Placed(choice.node, str(record.get("url", "")), placement, choice.tier,
+                              choice.node == self.node, choice.service, choice.model,
+                              str(record.get("gateway") or ""), choice.gpu)
             self.conflicts += 1
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-        raise ClusterRefused(503, f"placement of {service!r} lost {MAX_ATTEMPTS} races in a row to concurrent "
+        raise ClusterRefused(503, f"placement of {what} lost {MAX_ATTEMPTS} races in a row to concurrent "
                                   "changes; retry")
+
+    async def current(self) -> View:
+        """The cluster view: the watched one when it is current (no round trip), else one range read."""
+        return self._cached if self._cached is not None else await self.view()
 
     def remember(self, lease_id: str, node: str, url: str) -> None:
         """A lease we placed on ``node``: its holder may renew or release it here before that node has

@@ -7,9 +7,18 @@ fits without eviction** (most free MB on the GPU it would go to), **then where
 eviction costs least** (the eviction order of :mod:`reconciler.core.eviction`:
 least important most-important member, fewest busy, fewest evicted, fewest
 MB, names), then — when no node can start it now — a node where it runs
-and the request may queue for a slot, and last a node that has just joined
-and not yet observed its host (the request waits there for its first pass).
-A request may pin a node.
+and the request may queue for a slot, then a node where it runs another model
+(the request waits there until the instance is idle and switches it, as on
+one machine), and last a node that has just joined and not yet observed its
+host (the request waits there for its first pass). A request may pin a node.
+
+Three rankings share the rule: :func:`rank` (a lease on a named service:
+``POST /v1/leases``, cf-orch's ``allocate``), :func:`rank_model` (a gateway
+request: each node scored on the service its own gateway routes the model
+to — published with its state as ``models`` — so a model may be served by
+differently named services on different nodes) and :func:`rank_vram` (cf-orch's
+VRAM lease: the GPU with the most free MB, since such a lease starts and
+evicts nothing).
 
 We do not re-implement the rules to compare nodes. Each node asks its own
 planner (:func:`reconciler.core.planner.plan`, pure) what it would do with
@@ -26,13 +35,14 @@ lease, offers with every pass: the warm count is recomputed at every publish
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
 from reconciler.core.compatibility import capacity, model_bound
 from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
+from reconciler.core.served import Route, lookup
 from reconciler.core.snapshot import Demand, Lease, Snapshot
 from reconciler.core.world import World, lease_active
 
@@ -124,6 +134,33 @@ class Choice:
     node: str
     tier: Tier
     reason: str
+    service: str = ""  # the service on that node (a gateway request: a model's service may differ by node)
+    model: str | None = None  # the name that node's upstream knows the model by
+    gpu: int | None = None  # a VRAM lease: the GPU it goes to
+
+
+def _score(node: str, entry: dict[str, Any], model: str | None) -> tuple[tuple[Any, ...], Choice] | str:
+    """One node's rank key and choice for a request on its service ``entry``, or why it cannot take it."""
+    offer = entry.get("offer")
+    serving = entry.get("model")
+    if offer is None:  # it joined before its first pass: it may take the request as a demand, last
+        return (5, node), Choice(node, "queue", "not observed yet: it waits for its first pass")
+    compatible = model is None or not entry.get("model_bound") or serving in (None, model)
+    if entry.get("slots_free", 0) > 0 and compatible:
+        return (0, -int(entry["slots_free"]), node), Choice(node, "warm", "a free slot on a running instance")
+    tier: Tier = offer.get("tier", "none")
+    if tier == "warm":  # the offer is a pass old, or the instance runs another model: it may queue there
+        tier = "queue"
+    if tier == "fit":
+        return (1, -int(offer.get("free_mb", 0)), node), Choice(node, tier, "fits without eviction")
+    if tier == "evict":
+        cost = tuple(tuple(c) if isinstance(c, list) else c for c in offer.get("cost", ()))
+        return (2, cost, node), Choice(node, tier, "fits after evicting less important services")
+    if tier == "queue" and compatible:
+        return (3, node), Choice(node, tier, offer.get("reason", "waits for a free slot"))
+    if tier == "queue":  # runs another model: the request waits there until the instance is idle, then switches
+        return (4, node), Choice(node, tier, f"runs {serving}; switches to {model} once idle")
+    return str(offer.get("reason") or "cannot serve it")
 
 
 def rank(states: dict[str, dict[str, Any]], service: str, model: str | None, *, pin: str | None = None,
@@ -136,34 +173,79 @@ def rank(states: dict[str, dict[str, Any]], service: str, model: str | None, *, 
     for node in sorted(states):
         if node in exclude or (pin is not None and node != pin):
             continue
-        services = states[node].get("services", {})
-        entry = services.get(service)
+        entry = states[node].get("services", {}).get(service)
         if entry is None:
             refusals.append(f"{node}: no service {service!r} in its profile")
             continue
-        offer = entry.get("offer")
-        serving = entry.get("model")
-        if offer is None:  # it joined before its first pass: it may take the request as a demand, last
-            keyed.append(((4, node), Choice(node, "queue", "not observed yet: it waits for its first pass")))
-            continue
-        compatible = model is None or not entry.get("model_bound") or serving in (None, model)
-        if entry.get("slots_free", 0) > 0 and compatible:
-            keyed.append(((0, -int(entry["slots_free"]), node), Choice(node, "warm", "a free slot on a running "
-                                                                                   "instance")))
-            continue
-        tier: Tier = offer.get("tier", "none")
-        if tier == "warm":  # the offer is a pass old; the slot is gone: it may queue there
-            tier = "queue"
-        if tier == "fit":
-            keyed.append(((1, -int(offer.get("free_mb", 0)), node), Choice(node, tier, "fits without eviction")))
-        elif tier == "evict":
-            cost = tuple(tuple(c) if isinstance(c, list) else c for c in offer.get("cost", ()))
-            keyed.append(((2, cost, node), Choice(node, tier, "fits after evicting less important services")))
-        elif tier == "queue" and compatible:
-            keyed.append(((3, node), Choice(node, tier, offer.get("reason", "waits for a free slot"))))
+        scored = _score(node, entry, model)
+        if isinstance(scored, str):
+            refusals.append(f"{node}: {scored}")
         else:
-            refusals.append(f"{node}: {offer.get('reason') or 'cannot serve it'}")
+            keyed.append((scored[0], replace(scored[1], service=service, model=model)))
     if pin is not None and pin not in states:
+        refusals.append(f"{pin}: not a live node of the cluster")
+    keyed.sort(key=lambda item: item[0])
+    return [choice for _, choice in keyed], refusals
+
+
+def route_of(state: dict[str, Any], asked: str) -> Route | None:
+    """How a node's gateway routes the model name ``asked`` (its published ``models``), Ollama's tag rule
+    included; None when it does not serve it or has no gateway."""
+    if not state.get("gateway"):
+        return None
+    table = {name: Route(str(r["service"]), str(r["model"]), r.get("api", "openai"), bool(r.get("declared", True)))
+             for name, r in (state.get("models") or {}).items()}
+    return lookup(table, asked)
+
+
+def rank_model(states: dict[str, dict[str, Any]], asked: str, *, pin: str | None = None,
+               exclude: frozenset[str] = frozenset()) -> tuple[list[Choice], list[str]]:
+    """The nodes whose gateway can take a request for the model ``asked``, best first (the rule of
+    :func:`rank`, each node scored on the service that serves ``asked`` there), and why the others cannot."""
+    keyed: list[tuple[tuple[Any, ...], Choice]] = []
+    refusals: list[str] = []
+    for node in sorted(states):
+        if node in exclude or (pin is not None and node != pin):
+            continue
+        route = route_of(states[node], asked)
+        if route is None:
+            continue  # not served there: not a refusal worth naming
+        entry = states[node].get("services", {}).get(route.service)
+        if entry is None:
+            continue
+        scored = _score(node, entry, route.model)
+        if isinstance(scored, str):
+            refusals.append(f"{node} ({route.service}): {scored}")
+        else:
+            keyed.append((scored[0], replace(scored[1], service=route.service, model=route.model)))
+    keyed.sort(key=lambda item: item[0])
+    return [choice for _, choice in keyed], refusals
+
+
+def rank_vram(reservations: dict[str, dict[str, Any]], mb: int, gpu: int | None, *, pin: str | None = None,
+              exclude: frozenset[str] = frozenset()) -> tuple[list[Choice], list[str]]:
+    """The (node, GPU) pairs with ``mb`` free now for a VRAM lease, most free MB first, and why the other
+    nodes cannot take it. A VRAM lease starts nothing and evicts nothing (cf-orch's rule), so only the
+    tier "fits without eviction" applies; ``gpu`` given: that GPU index only.
+
+    ``reservations``: node name → its published ``reservations`` document (alive nodes only)."""
+    keyed: list[tuple[tuple[Any, ...], Choice]] = []
+    refusals: list[str] = []
+    for node in sorted(reservations):
+        if node in exclude or (pin is not None and node != pin):
+            continue
+        gpus = [g for g in reservations[node].get("gpus", []) if gpu is None or g.get("index") == gpu]
+        if not gpus:
+            refusals.append(f"{node}: no GPU {gpu}" if gpu is not None else f"{node}: no GPU observed yet")
+            continue
+        best = max(gpus, key=lambda g: (int(g.get("free_mb", 0)), -int(g.get("index", 0))))
+        free = int(best.get("free_mb", 0))
+        if free < mb:
+            refusals.append(f"{node}: GPU {best.get('index')} has {free} MB free, {mb} MB requested")
+            continue
+        keyed.append(((-free, node), Choice(node, "fit", f"{free} MB free on GPU {best['index']}",
+                                            gpu=int(best["index"]))))
+    if pin is not None and pin not in reservations:
         refusals.append(f"{pin}: not a live node of the cluster")
     keyed.sort(key=lambda item: item[0])
     return [choice for _, choice in keyed], refusals

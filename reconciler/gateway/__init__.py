@@ -17,6 +17,8 @@ proxies the request, streams included, to the instance.
     upstream.py   one httpx connection pool per instance
     protocols.py  the protocols' error shapes, keep_alive durations
     server.py     the listener: uvicorn on the watch loop's event loop, a companion of the loop
+    across.py     cluster mode (--etcd): a request placed across nodes, proxied to the chosen node's
+                  gateway; the models of every live node listed
 
 It sits beside :mod:`reconciler.api` (neither imports the other) above the
 runtime; its per-model numbers go to :attr:`Runtime.traffic

@@ -64,11 +64,13 @@ from typing import Any
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.clock import iso_utc
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.errors import CallerGone, LeaseRefused, ReconcilerError, Refusal
 from reconciler.gateway import translate
+from reconciler.gateway.across import Across, forwarded
 from reconciler.gateway.causes import Caused, Causes
 from reconciler.gateway.gate import Gates, GateTimeout, QueueFull
 from reconciler.gateway.leases import ImplicitLeases
@@ -157,7 +159,8 @@ class Exchange:
 class Gateway:
     """The ASGI app; :meth:`start` it in the event loop and :meth:`close` it before the leasing service."""
 
-    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], leasing: Leasing, token: str | None):
+    def __init__(self, runtime: Runtime, profile: Callable[[], Profile], leasing: Leasing, token: str | None,
+                 cluster: ClusterNode | None = None):
         self.runtime = runtime
         self.profile = profile
         self.routes = Routes(runtime, profile)
@@ -169,6 +172,8 @@ class Gateway:
         self.clock = runtime.clock
         self.token = token.encode() if token else None
         self.created = int(time.time())
+        # cluster mode (--etcd): requests placed across nodes, listings of every node (:mod:`.across`)
+        self.across = Across(cluster, self.routes, profile, self.pools, self.token) if cluster is not None else None
 
     def start(self) -> None:
         self.leases.start()
@@ -238,16 +243,23 @@ class Gateway:
         if path == "/":
             return Answer(200, b"Ollama is running", b"text/plain; charset=utf-8")
         if path == "/v1/models":
-            return json_answer({"object": "list", "data": [self._model_entry(name, route.service)
-                                                           for name, route in self.routes.names()]})
+            remote = await self.across.elsewhere() if self.across is not None else []
+            return json_answer({"object": "list", "data": [
+                *(self._model_entry(name, route.service) for name, route in self.routes.names()),
+                *(self._model_entry(r.name, r.service) for r in remote)]})
         if path.startswith("/v1/models/"):
             name = path.removeprefix("/v1/models/")
             target = self.routes.resolve(name)
-            if target is None:
+            if target is not None:
+                return json_answer(self._model_entry(name, target.service))
+            found = await self.across.find(name) if self.across is not None else None
+            if found is None:
                 return error("openai", 404, self.routes.unknown(name), param="model")
-            return json_answer(self._model_entry(name, target.service))
+            return json_answer(self._model_entry(name, found.service))
         if path == "/api/tags":
-            return json_answer({"models": await self._tags()})
+            remote = await self.across.elsewhere() if self.across is not None else []
+            return json_answer({"models": [*await self._tags(),
+                                           *(self._tag(r.name, r.service, r.mb) for r in remote)]})
         if path == "/api/ps":
             return json_answer({"models": await self._ps()})
         if path == "/api/version":
@@ -269,7 +281,12 @@ class Gateway:
             return error("ollama", 400, "the body must be JSON naming a \"model\" (GET /api/tags lists them)")
         target = self.routes.resolve(name)
         if target is None:
-            return error("ollama", 404, self.routes.unknown(name))
+            found = await self.across.find(name) if self.across is not None else None
+            if found is None:
+                return error("ollama", 404, self.routes.unknown(name))
+            tag = self._tag(name, found.service, found.mb)  # another node's: what it published
+            return json_answer({"modelfile": "", "parameters": "", "template": "", "details": tag["details"],
+                                "model_info": {}, "capabilities": ["completion"], "modified_at": tag["modified_at"]})
         if target.api == "ollama" and self._healthy(target.service):
             client = self.pools.client(target.service, target.url)
             try:
@@ -321,9 +338,9 @@ class Gateway:
             out.append(dict(own, name=name, model=name) if own is not None else self._tag(name, route.service))
         return out
 
-    def _tag(self, name: str, service: str) -> dict[str, object]:
-        spec = self.profile().services.get(service)
-        size = (spec.ceiling_mb(name) if spec is not None else 0) * MIB
+    def _tag(self, name: str, service: str, mb: int | None = None) -> dict[str, object]:
+        spec = self.profile().services.get(service) if mb is None else None
+        size = (mb if mb is not None else spec.ceiling_mb(name) if spec is not None else 0) * MIB
         return {"name": name, "model": name, "modified_at": iso_utc(self.clock.now()), "size": size,
                 "digest": "", "details": {"parent_model": "", "format": "", "family": service, "families": [service],
                                           "parameter_size": "", "quantization_level": ""}}
@@ -377,6 +394,31 @@ class Gateway:
         if not isinstance(body, dict) or not isinstance(model, str) or not model:
             return await self._answer(send, error(protocol, 400, "the body must be a JSON object that names a "
                                                   "\"model\" (GET /v1/models or /api/tags lists them)", param="model"))
+        placement = forwarded(scope) if self.across is not None else ""
+        if self.across is not None and placement is None:  # cluster mode, from a client: placed across nodes
+            watch = Disconnect(receive)
+            try:
+                await self.across.serve(
+                    protocol, path, scope, raw, model, self.routes.resolve(model) is not None, send, watch,
+                    lambda p: self._here(protocol, path, scope, body, raw, model, send, arrived, watch, p),
+                    self._answer)
+            finally:
+                watch.close()
+            return None
+        return await self._here(protocol, path, scope, body, raw, model, send, arrived, receive, placement)
+
+    async def _here(self, protocol: Protocol, path: str, scope: Scope, body: dict[str, Any], raw: bytes, model: str,
+                    send: Send, arrived: float, receive: Receive | Disconnect, placement: str | None) -> None:
+        """A request served by this node, as on one machine; ``receive`` is the client's connection, or the
+        :class:`Disconnect` already watching it; ``placement`` the cluster placement this answers, if any."""
+        try:
+            await self._serve_here(protocol, path, scope, body, raw, model, send, arrived, receive)
+        finally:
+            if placement and self.across is not None:
+                self.across.cluster.answered(placement)
+
+    async def _serve_here(self, protocol: Protocol, path: str, scope: Scope, body: dict[str, Any], raw: bytes,
+                          model: str, send: Send, arrived: float, receive: Receive | Disconnect) -> None:
         target = self.routes.resolve(model)
         if target is None:
             return await self._answer(send, error(protocol, 404, self.routes.unknown(model), param="model"))
@@ -389,6 +431,8 @@ class Gateway:
         if exchange.shortcut == "unload":  # Ollama: unload it; nothing is started for that
             self.leases.keep_alive(target.service, 0)
             return await self._load_answer(send, exchange, target, traffic, arrived)
+        if isinstance(receive, Disconnect):  # already watched (placed across the cluster): its owner closes it
+            return await self._serve(exchange, target, client, send, receive, traffic, arrived)
         watch = Disconnect(receive)
         try:
             await self._serve(exchange, target, client, send, watch, traffic, arrived)

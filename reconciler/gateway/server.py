@@ -13,6 +13,11 @@ process; only when no API runs (``watch --gateway``) does it start one of
 its own. On stop it closes first (the companions stop in reverse order):
 uvicorn stops taking requests and closes the connections, which cancels what
 is in flight and releases its leases; then the pools close.
+
+In a cluster (``cluster``, set by the wiring when ``--etcd`` is given) the
+gateway places requests across nodes and lists every node's models
+(:mod:`.across`); its routing table is handed to the cluster companion to
+publish.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable, Generator
 
 import uvicorn
 
+from reconciler.cluster.node import ClusterNode
 from reconciler.core.events import EventKind
 from reconciler.core.profile import Profile
 from reconciler.errors import GuardError
@@ -71,6 +77,7 @@ class GatewayServer:
         self.gateway: Gateway | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self.cluster: ClusterNode | None = None  # set by whoever wires a cluster node (``--etcd``)
 
     @property
     def port(self) -> int:
@@ -105,8 +112,10 @@ class GatewayServer:
         if leasing is None:
             leasing = self._own = Leasing(runtime, profile)
             leasing.start()
-        self.gateway = Gateway(runtime, profile, leasing, self.token)
+        self.gateway = Gateway(runtime, profile, leasing, self.token, self.cluster)
         self.gateway.start()
+        if self.gateway.across is not None and self.cluster is not None:  # published with the node's state
+            self.cluster.serve_models(self.gateway.across.models)
         config = uvicorn.Config(
             self.gateway, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2,
             ws="none", server_header=False, date_header=False, timeout_keep_alive=30,
