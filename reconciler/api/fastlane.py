@@ -61,11 +61,11 @@ async def _native_release(request: Request, ctx: ApiContext, lease_id: Any) -> A
 
 
 async def _vram_lease(request: Request, ctx: ApiContext, body: Any) -> Any:
-    return await compat.request_lease(body, ctx)
+    return await compat.request_lease(body, request, ctx)
 
 
 async def _vram_release(request: Request, ctx: ApiContext, lease_id: Any) -> Any:
-    return await compat.release_lease(lease_id, ctx)
+    return await compat.release_lease(lease_id, request, ctx)
 
 
 # (method, path) → (body model, route); a path ending in "/" takes one more segment, the lease id
