@@ -108,3 +108,51 @@ def test_a_served_answer_and_a_streamed_one_arrive_whole() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_close_by_the_server_in_the_same_turn_still_sends_what_is_held() -> None:
+    """The protocol closes the connection itself, not through the response's view of it: uvicorn's graceful
+    shutdown (``Server.shutdown`` → each connection's ``shutdown()``: a connection whose response is complete is
+    closed at once), and the guard's timeouts and evictions. When that happens in the same turn of the event loop
+    as a response's last write (held until the turn ends), the last write must still leave before the close.
+    Here the stream's generator schedules the server's own shutdown step just before it ends, so the shutdown
+    runs after the stream's last write and before the turn's flush: the response must arrive complete."""
+    app = FastAPI()
+    state: dict[str, Any] = {}
+
+    def shut_down_connections() -> None:  # what uvicorn.Server.shutdown does to each open connection
+        for connection in list(state["server"].server_state.connections):
+            connection.shutdown()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def parts() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            await asyncio.sleep(0.01)  # the last write alone in its turn: held until the turn ends
+            asyncio.get_running_loop().call_soon(shut_down_connections)
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    guard = ConnectionGuard(size(1024))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, http=guard.protocol_class(), log_level="warning", lifespan="off")
+    server = state["server"] = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.02)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while chunk := raw.recv(65536):  # the server closes once the stream ended
+            received += chunk
+        raw.close()
+        assert received.startswith(b"HTTP/1.1 200 OK"), received
+        assert received.endswith(b"6\r\nfirst\n\r\n0\r\n\r\n"), received  # the last chunk too
+    finally:
+        server.should_exit = True
+        thread.join(10)

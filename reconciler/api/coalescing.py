@@ -8,15 +8,18 @@ for the lease API) the kernel does the receiver's work inside each ``send``: in 
 profile of the VRAM lease endpoint, writing answers was a fifth of the server's
 time, more than the lease itself and its SQLite commit together.
 
-:class:`CoalescingTransport` stands between one request's response cycle and the
-connection's transport. The first write of a turn of the event loop is held; a
+:class:`CoalescingTransport` stands between a connection's protocol (and so each of its
+response cycles) and its transport: every write and close of the connection passes
+through it, the protocol's own too (uvicorn's shutdown, a parse error's 400, the
+connection guard's 408/503), so none can overtake or drop a held write. The first
+write of a turn of the event loop is held; a
 second write in the same turn (the body, written right after the head by the same
 task) goes out together with it, in one ``send``; a write left alone (the head of a
 streamed response, or one chunk of it) goes out at the end of the turn
 (``call_soon``), so nothing waits longer than the loop's current turn. Closing
-sends what is held first. Everything else is the connection's transport's own:
-flow control still reaches the response through the protocol, which sees the real
-transport.
+(or aborting) sends what is held first. Everything else is the connection's transport's own:
+flow control still reaches the response through the protocol (the real transport calls
+its ``pause_writing``, and uvicorn's flow control holds the real transport).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 
 class CoalescingTransport:
-    """A response cycle's view of its connection's transport (see the module docstring)."""
+    """A connection's transport as its protocol and response cycles see it (see the module docstring)."""
 
     __slots__ = ("_held", "_loop", "_transport")
 
@@ -51,6 +54,10 @@ class CoalescingTransport:
     def close(self) -> None:
         self._flush()
         self._transport.close()
+
+    def abort(self) -> None:  # the guard's 503 is written just before it aborts: that write goes first
+        self._flush()
+        self._transport.abort()
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()

@@ -395,7 +395,7 @@ class _Watchdog:
             self.transport.close()
 
 
-class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[misc]
+class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):
     """uvicorn's httptools protocol (llhttp, in C) with the watchdog, a bound on the head's size, and each
     response's writes coalesced (:mod:`reconciler.api.coalescing`)."""
 
@@ -406,6 +406,12 @@ class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[mi
         self._phase = "idle"  # idle (between requests) → head → body → idle; closed (the head was too large)
         self._head_bytes = 0  # bytes received since the head began (while it has no end)
         self._fields = 0  # bytes of its request line and header fields
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # as uvicorn's
+        super().connection_made(transport)
+        # every write and close of the connection, the protocol's and the guard's too, passes through the
+        # coalescing view (reconciler.api.coalescing): a close in the turn of a held write sends it first
+        self.transport = CoalescingTransport(self.transport, self.loop)  # type: ignore[assignment]
 
     def _waiting_for_head(self) -> bool:
         return self._phase != "body" and (self.cycle is None or self.cycle.response_complete)
@@ -448,10 +454,7 @@ class GuardedHttpToolsProtocol(_Watchdog, HttpToolsProtocol):  # type: ignore[mi
         if self._phase == "closed":
             return
         self._phase = "body"
-        super().on_headers_complete()
-        cycle = self.cycle  # the new request's (reconciler.api.coalescing: its head and body in one send)
-        if cycle is not None and not isinstance(cycle.transport, CoalescingTransport):
-            cycle.transport = CoalescingTransport(self.transport, self.loop)
+        super().on_headers_complete()  # the new cycle writes through self.transport, the coalescing view
 
     def on_body(self, body: bytes) -> None:
         if self._phase != "closed":
