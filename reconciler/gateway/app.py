@@ -74,7 +74,7 @@ from reconciler.gateway.gate import Gates, GateTimeout, QueueFull
 from reconciler.gateway.leases import ImplicitLeases
 from reconciler.gateway.protocols import OLLAMA_VERSION, Answer, Protocol, error, json_answer, parse_duration
 from reconciler.gateway.routing import Routes, Target
-from reconciler.gateway.upstream import Pools
+from reconciler.gateway.upstream import Response, UpstreamError, Upstreams
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
 from reconciler.runtime.traffic import ModelTraffic
@@ -164,7 +164,8 @@ class Gateway:
         self.gates = Gates()
         self.leases = ImplicitLeases(runtime, leasing)
         self.causes = Causes(runtime)
-        self.pools = Pools()
+        self.upstreams = Upstreams()
+        self.info = httpx.AsyncClient(timeout=INFO_TIMEOUT_S, trust_env=False)  # the info routes (tags, ps, show)
         self.traffic = runtime.traffic
         self.clock = runtime.clock
         self.token = token.encode() if token else None
@@ -177,7 +178,8 @@ class Gateway:
     async def close(self) -> None:
         await self.causes.close()
         await self.leases.close()
-        await self.pools.close()
+        self.upstreams.close()
+        await self.info.aclose()
 
     # --- ASGI -----------------------------------------------------------------------------
 
@@ -271,10 +273,8 @@ class Gateway:
         if target is None:
             return error("ollama", 404, self.routes.unknown(name))
         if target.api == "ollama" and self._healthy(target.service):
-            client = self.pools.client(target.service, target.url)
             try:
-                response = await client.post("/api/show", json={**body, "model": target.model},
-                                             timeout=INFO_TIMEOUT_S)
+                response = await self.info.post(f"{target.url}/api/show", json={**body, "model": target.model})
                 if response.status_code == 200:
                     return json_answer(response.json())
             except (httpx.HTTPError, ValueError):
@@ -296,9 +296,8 @@ class Gateway:
         spec = self.profile().services.get(service)
         if spec is None or spec.probe_port is None or not self._healthy(service):
             return None
-        client = self.pools.client(service, spec.base_url or "")
         try:
-            response = await client.get(path, timeout=INFO_TIMEOUT_S)
+            response = await self.info.get(f"{spec.base_url or ''}{path}")
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -540,28 +539,26 @@ class Gateway:
     async def _relay(self, exchange: Exchange, target: Target, send: Send, watch: Disconnect, traffic: ModelTraffic,
                      arrived: float, pid: int | None) -> None:
         """Send the request to the instance and relay its answer, chunk by chunk; cancelled when the client goes."""
-        client = self.pools.client(target.service, target.url, pid)
-        request = client.build_request("POST", exchange.path, content=exchange.body,
-                                       headers={"content-type": "application/json"})
+        upstream = self.upstreams.of(target.service, target.url, pid)
         status = 0
         watch.arm()
         try:
             try:
-                response = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+                response = await upstream.send("POST", exchange.path, exchange.body)
+            except UpstreamError as exc:
                 status = 502
                 message = (f"model {target.asked!r}: the model server of {target.service} at {target.url} did not "
-                           f"answer ({type(exc).__name__}: {exc or 'no detail'})")
+                           f"answer ({exc}); `reconciler logs {target.service}` shows what it said")
                 await self._answer(send, error(exchange.protocol, 502, message))
                 return
             try:
-                status = response.status_code
+                status = response.status
                 if exchange.translate:
                     await self._translated(exchange, target, response, send, watch, traffic, arrived)
                 else:
                     await self._passed(exchange, response, send, watch, traffic, arrived)
             finally:
-                await response.aclose()
+                response.close()
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -570,28 +567,28 @@ class Gateway:
                 task.uncancel()
             status = CLIENT_CLOSED
             traffic.disconnected += 1
-        except (httpx.HTTPError, ReconcilerError) as exc:  # the upstream broke off mid-answer: the client's ends
+        except (UpstreamError, ReconcilerError) as exc:  # the upstream broke off mid-answer: the client's ends
             log.warning("gateway: %s %s: the model server broke off: %s", target.service, exchange.path, exc)
         finally:
             watch.disarm()
             if status:
                 traffic.answered(status, self.clock.monotonic() - arrived)
 
-    async def _passed(self, exchange: Exchange, response: httpx.Response, send: Send, watch: Disconnect,
+    async def _passed(self, exchange: Exchange, response: Response, send: Send, watch: Disconnect,
                       traffic: ModelTraffic, arrived: float) -> None:
-        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
         if not exchange.stream:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
-            await send({"type": "http.response.start", "status": response.status_code,
+            body = await response.read()
+            await send({"type": "http.response.start", "status": response.status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             traffic.ttfb.observe(self.clock.monotonic() - arrived)
             watch.finished = True
             await send({"type": "http.response.body", "body": body})
             return
-        await send({"type": "http.response.start", "status": response.status_code,
+        await send({"type": "http.response.start", "status": response.status,
                     "headers": [*headers, (b"x-accel-buffering", b"no")]})
         first = True
-        async for chunk in response.aiter_raw():
+        async for chunk in response.pieces():
             if first:
                 traffic.ttfb.observe(self.clock.monotonic() - arrived)
                 first = False
@@ -599,19 +596,18 @@ class Gateway:
         watch.finished = True
         await send({"type": "http.response.body", "body": b""})
 
-    async def _translated(self, exchange: Exchange, target: Target, response: httpx.Response, send: Send,
+    async def _translated(self, exchange: Exchange, target: Target, response: Response, send: Send,
                           watch: Disconnect, traffic: ModelTraffic, arrived: float) -> None:
         started_ns = time.monotonic_ns() - int((self.clock.monotonic() - arrived) * 1e9)
         kind = "chat" if exchange.kind == "chat" else "generate"
-        if response.status_code >= 400:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
+        if response.status >= 400:
+            body = await response.read()
             watch.finished = True
-            await self._answer(send, error("ollama", response.status_code,
-                                           translate.error_text(body, response.status_code)))
+            await self._answer(send, error("ollama", response.status, translate.error_text(body, response.status)))
             traffic.ttfb.observe(self.clock.monotonic() - arrived)
             return
         if not exchange.stream:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
+            body = await response.read()
             try:
                 parsed = json.loads(body)
             except ValueError:
@@ -634,14 +630,14 @@ class Gateway:
         stream = translate.StreamTranslator(target.asked, kind, started_ns)
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.pieces():
                 lines = stream.feed(chunk)
                 if lines:
                     if first:
                         traffic.ttfb.observe(self.clock.monotonic() - arrived)
                         first = False
                     await send({"type": "http.response.body", "body": lines, "more_body": True})
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             tail = stream.cut_short(f"the model server of {target.service} broke off: {exc}")
         else:
             if stream.done:
