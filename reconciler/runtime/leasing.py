@@ -89,6 +89,7 @@ class LeaseRequest:
     ttl_s: float | None = 300.0  # None: until released
     gpu: int | None = None
     wait_s: float = 120.0
+    durable: bool = True  # False: a warm grant is held in memory only (the gateway's per-request lease; see .ledger)
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class Leasing:
             model=instance.model if instance.model is not None else request.model,
             expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
         )
-        if not ledger.grant(lease, capacity(spec), now=now):
+        if not ledger.grant(lease, capacity(spec), now=now, durable=request.durable):
             return None
         self.runtime.events.publish(EventKind.LEASE_GRANTED, service=lease.service, lease=lease.id,
                                     holder=lease.holder, path="fast")
