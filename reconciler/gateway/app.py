@@ -12,7 +12,10 @@ Routes (DESIGN §7):
   Ollama, translated (:mod:`.translate`) for a server that speaks only
   OpenAI's API. ``POST /api/show`` (a model's details) is asked of the
   Ollama serving the model when it runs, else answered from the profile:
-  a question about a model starts nothing.
+  a question about a model starts nothing. ``POST /api/pull`` is passed
+  to the Ollama that serves (or would pull) the model, its progress relayed
+  as it comes, and answered ``success`` for a model an OpenAI-only server
+  is given by the profile (:mod:`.pull`).
 
 **One request** (:meth:`Gateway.proxy`): read the body (at most
 :data:`MAX_BODY`), find its ``model`` in the routing table (:mod:`.routing`;
@@ -73,6 +76,7 @@ from reconciler.gateway.causes import Caused, Causes
 from reconciler.gateway.gate import Gates, GateTimeout, QueueFull
 from reconciler.gateway.leases import ImplicitLeases
 from reconciler.gateway.protocols import OLLAMA_VERSION, Answer, Protocol, error, json_answer, parse_duration
+from reconciler.gateway.pull import provided, pull_target
 from reconciler.gateway.routing import Routes, Target
 from reconciler.gateway.upstream import Response, UpstreamError, Upstreams
 from reconciler.runtime import Runtime
@@ -151,6 +155,7 @@ class Exchange:
     keep_alive: object = UNSET  # seconds (None: clear) for our own instance, after the answer
     shortcut: str | None = None  # "load" / "unload": an Ollama load request, answered without the upstream
     raw: bool = False  # /api/generate with raw: plain completions
+    any_model: bool = False  # leases the service, not a model (a pull: the model is not there yet)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
@@ -202,6 +207,8 @@ class Gateway:
                     "--token-file; an OpenAI SDK sends its api_key so)"))
             if method == "POST" and path == "/api/show":
                 return await self._answer(tracked, await self._show(receive))
+            if method == "POST" and path == "/api/pull":
+                return await self._pull(scope, receive, tracked)
             if method == "POST" and (path.startswith("/v1/") or path in OLLAMA_PATHS):
                 return await self.proxy(protocol, path, scope, receive, tracked)
             if method in ("GET", "HEAD"):
@@ -212,7 +219,7 @@ class Gateway:
             return await self._answer(tracked, error(protocol, 404, f"{what}; the gateway serves OpenAI's /v1/models, "
                                                      "POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
                                                      "Ollama's /api/tags, /api/ps, /api/version, POST /api/chat, "
-                                                     "/api/generate, /api/embed, /api/show"))
+                                                     "/api/generate, /api/embed, /api/show, /api/pull"))
         except CallerGone:
             return None
         except Exception as exc:  # noqa: BLE001 - a client gets an answer that says what went wrong
@@ -282,6 +289,36 @@ class Gateway:
         tag = self._tag(name, target.service)
         return json_answer({"modelfile": "", "parameters": "", "template": "", "details": tag["details"],
                             "model_info": {}, "capabilities": ["completion"], "modified_at": tag["modified_at"]})
+
+    async def _pull(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ollama's ``POST /api/pull`` (see :mod:`.pull`): relayed from the Ollama that pulls, started if need
+        be and held until the pull ends; ``success`` at once for a model an OpenAI-only server is given."""
+        arrived = self.clock.monotonic()
+        raw = await _read_body(receive)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(name, str) or not name:
+            return await self._answer(send, error("ollama", 400, "the body must be JSON naming the \"model\" to "
+                                                  "pull, as {\"model\": \"llama3.2:3b\"}"))
+        found = pull_target(self.routes, self.profile(), name)
+        if isinstance(found, str):
+            return await self._answer(send, error("ollama", 404, found))
+        stream = body.get("stream") is not False
+        if found.api != "ollama":
+            return await self._answer(send, provided(stream))
+        exchange = Exchange("ollama", "pull", "/api/pull", _dump({**body, "model": found.model}), stream,
+                            any_model=True)
+        watch = Disconnect(receive)
+        try:
+            await self._serve(exchange, found, _client(scope), send, watch,
+                              self.traffic.of(found.model, found.service), arrived)
+        finally:
+            watch.close()
+            self.runtime.wake()  # a pass soon: its probe lists the model pulled, which routes it
+        return None
 
     def _model_entry(self, name: str, service: str) -> dict[str, object]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": service}
@@ -440,8 +477,8 @@ class Gateway:
             try:
                 await gate.enter(target.model, deadline - self.clock.monotonic(), watch.event)
                 entered = True
-                granted = await self.leases.acquire(target.service, target.model, client,
-                                                    deadline - self.clock.monotonic(), watch.wait)
+                granted = await self.leases.acquire(target.service, None if exchange.any_model else target.model,
+                                                    client, deadline - self.clock.monotonic(), watch.wait)
             except QueueFull as full:
                 return await self._refuse(send, exchange, target, client, traffic, arrived, 429,
                                           f"model {target.asked!r}: {full.queued} requests already wait for "

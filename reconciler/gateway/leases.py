@@ -75,9 +75,10 @@ class ImplicitLeases:
     def held(self) -> int:
         return len(self._held)
 
-    async def acquire(self, service: str, model: str, client: str, wait_s: float,
+    async def acquire(self, service: str, model: str | None, client: str, wait_s: float,
                       disconnected: Callable[[], Awaitable[object]]) -> Granted:
-        """A lease on ``service`` for ``model``; raises LeaseRefused or CallerGone as the leasing service does."""
+        """A lease on ``service`` for ``model`` (None: whatever it serves); raises LeaseRefused or CallerGone as the
+        leasing service does."""
         granted = await self.leasing.lease(
             LeaseRequest(service=service, holder=holder(client), model=model, ttl_s=LEASE_TTL_S,
                          wait_s=max(0.0, wait_s), durable=False),
