@@ -114,6 +114,10 @@ class Ledger:
             return list(self._demands.values())
         return [d for d in self._demands.values() if d.service == service]
 
+    def memory_only(self, lease_id: str) -> bool:
+        """Whether the lease is held in memory only (granted with ``durable=False``)."""
+        return lease_id in self._memory_only
+
     def has_demand(self, demand_id: str) -> bool:
         return demand_id in self._demands
 
