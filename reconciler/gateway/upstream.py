@@ -39,8 +39,14 @@ between two requests: it never saw the request).
 
 At most :data:`KEEPALIVE` idle connections are kept per instance, each for
 at most :data:`KEEPALIVE_EXPIRY_S`; the rest are closed when their answer
-ends. Timeouts: connecting :data:`CONNECT_S` (the instance is healthy when
-its lease is granted, so a refused connection is a failure, answered 502),
+ends. The pool is a stack (the newest idle connection is taken; nothing is
+scanned), so keeping many costs nothing per request — httpcore looked at
+every pooled connection per request, which is why 8 were kept with it; at
+50 concurrent clients 64 kept cost 0.38 to 0.39 ms of CPU per request
+here, 8 kept 0.43 to 0.56 (reconnecting the rest).
+
+Timeouts: connecting :data:`CONNECT_S` (the instance is healthy when its
+lease is granted, so a refused connection is a failure, answered 502),
 and a read may wait :data:`READ_S` between two pieces of the answer (a long
 prompt's first token). Answers are asked for uncompressed, so the bytes
 relayed are the bytes the client reads. Failures are :class:`UpstreamError`,
@@ -59,7 +65,7 @@ import httptools
 
 CONNECT_S = 10.0
 READ_S = 600.0
-KEEPALIVE = 8  # idle connections kept per instance: on loopback a new one costs less than many kept
+KEEPALIVE = 64  # idle connections kept per instance (the pool is a stack: taking one costs the same with 64)
 KEEPALIVE_EXPIRY_S = 30.0
 HIGH_WATER = 256 * 1024  # unread answer bytes past which the socket is not read (backpressure)
 
