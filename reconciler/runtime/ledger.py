@@ -62,14 +62,18 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 
 from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Lease
+from reconciler.errors import StoreError
 from reconciler.store.base import Store
 
 IDLE_FLUSH_S = 0.05  # the longest a memory-only lease's idle-time change waits to be written
+
+log = logging.getLogger("reconciler.ledger")
 
 
 def _active(lease: Lease, now: datetime) -> bool:
@@ -286,7 +290,14 @@ class Ledger:
         except RuntimeError:  # outside an event loop: now
             self.flush()
             return
-        self._flushing = loop.call_later(IDLE_FLUSH_S, self.flush)
+        self._flushing = loop.call_later(IDLE_FLUSH_S, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flushing = None
+        try:
+            self.flush()
+        except StoreError as exc:  # kept: the next change or the next pass (Runtime.state) writes them
+            log.warning("writing idle times failed (%s); they are written again before the next pass", exc)
 
     def flush(self) -> None:
         """Write the idle times that wait, in one transaction (a store that fails keeps them for the next try)."""
