@@ -132,6 +132,51 @@ def test_show_describes_a_model_whose_service_is_not_running_without_starting_it
         gw.close()
 
 
+def test_pull_starts_the_ollama_relays_its_progress_and_the_model_is_then_served(host: Host) -> None:
+    """``POST /api/pull``: a name nobody serves yet goes to the one Ollama (started on demand, held until the pull
+    ends), its progress lines relayed as they come; a registry error is Ollama's own line; a model of an
+    OpenAI-only server is already there: ``success``, nothing started."""
+    port = host.port()
+    host.write(profile(fake_ollama("ollama", port, ["llama3.2:3b"], always_on=False,
+                                   args="--pullable newmodel --pull-s 1.0"),
+                       fake("llm", host.port(), models={"tiny": 1024})))
+    gw = GatewayRun(host)
+    try:
+        assert gw.instance("ollama") is None  # on demand: not running before the pull
+        arrived = lines_as_they_arrive(gw, "/api/pull", {"model": "newmodel"})
+        statuses = [line["status"] for _, line in arrived]
+        assert statuses[0] == "pulling manifest" and statuses[-3:] == [
+            "verifying sha256 digest", "writing manifest", "success"]
+        progress = [line for _, line in arrived if "completed" in line]
+        assert [round(5 * line["completed"] / line["total"]) for line in progress] == [0, 1, 2, 3, 4, 5]
+        spread = arrived[-1][0] - arrived[0][0]
+        assert spread >= 0.7, f"the lines came together ({spread:.2f} s apart): buffered, not relayed as they came"
+        assert gw.instance("ollama")["state"] == "running"  # started for the pull
+        assert gw.status()["leases"] == []  # held while it pulled, released at its end
+
+        gw.wait_until(lambda: any(t["name"] == "newmodel:latest" for t in gw.ollama.get("/api/tags").json()["models"]),
+                      "the pulled model listed by the Ollama's next probe")
+        answer = gw.ollama.post("/api/chat", json={"model": "newmodel", "messages": MESSAGES, "stream": False,
+                                                   "options": {"num_predict": 2}})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["message"]["content"] == "".join(reply("newmodel:latest", 2))
+
+        refused = [line for _, line in lines_as_they_arrive(gw, "/api/pull", {"name": "nosuch:7b"})]
+        assert refused == [{"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+
+        streamed = gw.ollama.post("/api/pull", json={"model": "tiny"})
+        assert streamed.status_code == 200 and streamed.headers["content-type"] == "application/x-ndjson"
+        assert [json.loads(line) for line in streamed.text.splitlines()] == [{"status": "success"}]
+        whole = gw.ollama.post("/api/pull", json={"model": "tiny", "stream": False})
+        assert whole.status_code == 200 and whole.json() == {"status": "success"}
+        assert gw.instance("llm") is None  # a model the profile provides: nothing to download, nothing started
+
+        bad = gw.ollama.post("/api/pull", content=b"not json")
+        assert bad.status_code == 400 and "naming the \"model\" to pull" in bad.json()["error"]
+    finally:
+        gw.close()
+
+
 def test_keep_alive_0_stops_the_instance_when_idle_and_minus_1_keeps_it(host: Host) -> None:
     short, keep = host.port(), host.port()
     host.write(profile(fake("short", short, model="s"), fake("keep", keep, model="k", idle_stop_after_s=0.5)))

@@ -11,6 +11,7 @@ import asyncio
 import json
 import textwrap
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +24,8 @@ from reconciler.gateway import translate
 from reconciler.gateway.causes import caused_by
 from reconciler.gateway.gate import Gate, GateTimeout, QueueFull
 from reconciler.gateway.protocols import error, parse_duration
+from reconciler.gateway.pull import provided, pull_target
+from reconciler.gateway.routing import Routes, Target
 from reconciler.loading import parse_profile
 from reconciler.runtime.keepalive import KeepAlive
 from reconciler.runtime.traffic import Traffic, percentile
@@ -391,3 +394,33 @@ def test_text_output_leaves_out_the_gateway_s_implicit_leases_but_not_others():
     assert format_text({**ours, "kind": "lease.released"}) is None
     theirs = format_text({**ours, "holder": "kiwi"})
     assert theirs is not None and "holder=kiwi" in theirs
+
+
+def test_a_pull_goes_to_the_ollama_that_serves_the_model_or_the_only_one_else_a_404_says_why() -> None:
+    def ollama(name: str, port: int, models: str = "") -> str:
+        return (f"  {name}:\n    max_mb: 1024\n    priority: 1\n    backend: ollama\n{models}"
+                f"    managed: {{type: process, exec_path: /bin/ollama, args_template: serve, port: {port}}}\n")
+
+    llama = ("  llm:\n    max_mb: 1024\n    priority: 2\n    models: [tiny]\n"
+             "    managed: {type: process, exec_path: /bin/llama-server, args_template: \"-m {model}\", port: 8080}\n")
+    one = profile("services:\n" + ollama("ol", 11434) + llama)
+    routes = Routes(SimpleNamespace(last_pass=lambda: None), lambda: one)  # type: ignore[arg-type]
+    found = pull_target(routes, one, "qwen3:8b")
+    assert isinstance(found, Target) and (found.service, found.model, found.api) == ("ol", "qwen3:8b", "ollama")
+    tiny = pull_target(routes, one, "tiny")
+    assert isinstance(tiny, Target) and tiny.api == "openai"  # answered "success": the profile provides it
+    assert json.loads(provided(stream=False).body) == {"status": "success"}
+    assert provided(stream=True).content_type == b"application/x-ndjson"
+
+    two = profile("services:\n" + ollama("a", 11434, "    models: [llama3.2:3b]\n") + ollama("b", 11435) + llama)
+    routes = Routes(SimpleNamespace(last_pass=lambda: None), lambda: two)  # type: ignore[arg-type]
+    known = pull_target(routes, two, "llama3.2:3b")
+    assert isinstance(known, Target) and known.service == "a"  # its models: name the one that pulls it
+    why = pull_target(routes, two, "llama3.2:1b")
+    assert isinstance(why, str) and "2 Ollama services could pull it (a, b)" in why and "`models:`" in why
+    assert "did you mean 'llama3.2:3b'" in why
+
+    none = profile("services:\n" + llama)
+    routes = Routes(SimpleNamespace(last_pass=lambda: None), lambda: none)  # type: ignore[arg-type]
+    why = pull_target(routes, none, "qwen3:8b")
+    assert isinstance(why, str) and "no Ollama service in profile 'gw' could pull it" in why

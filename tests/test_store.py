@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from datetime import datetime, timedelta
 
@@ -12,7 +13,7 @@ from reconciler.core.launch import launch_digest as spec_hash
 from reconciler.core.snapshot import Demand, Instance, Launch, Lease
 from reconciler.errors import StoreError
 from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.runtime.ledger import Ledger
+from reconciler.runtime.ledger import IDLE_FLUSH_S, Ledger
 from reconciler.store import SqliteStore, Store, default_state_dir, open_store
 from reconciler.store.schema import SCHEMA_VERSION
 from reconciler.testing.clock import T0, FakeClock
@@ -186,6 +187,38 @@ def test_renew_release_and_expire_with_fake_clock(store):
     assert ledger.release("C", now=at(40)).service == "other"
     assert ledger.release("C") is None
     assert store.leases() == []
+
+
+def test_memory_only_leases_are_never_written_and_their_idle_time_is_written_behind(store):
+    """The gateway's per-request leases (durable=False): counted, renewed and released in memory; the idle time
+    they change reaches the store within IDLE_FLUSH_S (or at a flush), and a restart finds them gone."""
+    ledger = Ledger(store, FakeClock())
+    store.put_instance(vllm_instance(idle_since=at(-5)))
+
+    async def scenario() -> None:
+        assert ledger.grant(Lease(id="M1", service="vllm", expires_at=at(120)), 2, now=T0, durable=False)
+        assert ledger.grant(Lease(id="M2", service="vllm"), 2, now=T0, durable=False)
+        assert not ledger.grant(Lease(id="M3", service="vllm"), 2, now=T0, durable=False)  # they take slots
+        assert store.leases() == [] and [lease.id for lease in ledger.leases("vllm")] == ["M1", "M2"]
+        assert store.get_instance("vllm").idle_since == at(-5)  # busy, not yet written
+        ledger.flush()  # what Runtime.state() does before a pass reads the inventory
+        assert store.get_instance("vllm").idle_since is None
+        assert ledger.renew("M1", at(300)).expires_at == at(300)
+        assert ledger.release("M2", now=at(1)).id == "M2" and ledger.release("M1", now=at(2)).id == "M1"
+        assert store.get_instance("vllm").idle_since is None  # the idle time waits (IDLE_FLUSH_S)
+        await asyncio.sleep(IDLE_FLUSH_S * 4)
+        assert store.get_instance("vllm").idle_since == at(2)  # idle from its last lease's end
+        # a durable grant writes its own idle time at once, and one still waiting does not overwrite it
+        assert ledger.grant(Lease(id="M4", service="vllm"), 2, now=at(3), durable=False)
+        assert ledger.release("M4", now=at(3)) is not None
+        assert ledger.grant(Lease(id="D1", service="vllm"), 2, now=at(4))
+        await asyncio.sleep(IDLE_FLUSH_S * 4)
+        assert store.get_instance("vllm").idle_since is None
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="only a service lease granted without a demand"):
+        ledger.grant(Lease(id="V", kind="vram", service="vllm", gpu=0, mb=1), 9, now=T0, durable=False)
+    assert [lease.id for lease in Ledger(store, FakeClock()).leases()] == ["D1"]  # a restart: memory-only gone
 
 
 def test_demands_keep_queue_order(store):

@@ -137,7 +137,7 @@ async def watch(args: argparse.Namespace) -> int:
         for server in (api, gateway):
             if server is not None:
                 server.bind()
-        printing = asyncio.ensure_future(print_events(assembly.bus.subscribe(), printer))
+        printing = asyncio.ensure_future(print_events(assembly.bus.subscribe(wants=printer.wants), printer))
         companions: list[Companion] = [c for c in (cluster, api, gateway) if c is not None]  # stopped in reverse
         started = Started(path=str(first.path), gpu=backend.name, state_dir=str(state_dir), detected=first.note)
         loop = Loop(assembly.runtime, watcher, first, bus=assembly.bus, started=started,

@@ -12,7 +12,10 @@ Routes (DESIGN §7):
   Ollama, translated (:mod:`.translate`) for a server that speaks only
   OpenAI's API. ``POST /api/show`` (a model's details) is asked of the
   Ollama serving the model when it runs, else answered from the profile:
-  a question about a model starts nothing.
+  a question about a model starts nothing. ``POST /api/pull`` is passed
+  to the Ollama that serves (or would pull) the model, its progress relayed
+  as it comes, and answered ``success`` for a model an OpenAI-only server
+  is given by the profile (:mod:`.pull`).
 
 **One request** (:meth:`Gateway.proxy`): read the body (at most
 :data:`MAX_BODY`), find its ``model`` in the routing table (:mod:`.routing`;
@@ -75,8 +78,9 @@ from reconciler.gateway.causes import Caused, Causes
 from reconciler.gateway.gate import Gates, GateTimeout, QueueFull
 from reconciler.gateway.leases import ImplicitLeases
 from reconciler.gateway.protocols import OLLAMA_VERSION, Answer, Protocol, error, json_answer, parse_duration
+from reconciler.gateway.pull import provided, pull_target
 from reconciler.gateway.routing import Routes, Target
-from reconciler.gateway.upstream import Pools
+from reconciler.gateway.upstream import Response, UpstreamError, Upstreams
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
 from reconciler.runtime.traffic import ModelTraffic
@@ -153,6 +157,7 @@ class Exchange:
     keep_alive: object = UNSET  # seconds (None: clear) for our own instance, after the answer
     shortcut: str | None = None  # "load" / "unload": an Ollama load request, answered without the upstream
     raw: bool = False  # /api/generate with raw: plain completions
+    any_model: bool = False  # leases the service, not a model (a pull: the model is not there yet)
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
@@ -167,7 +172,8 @@ class Gateway:
         self.gates = Gates()
         self.leases = ImplicitLeases(runtime, leasing)
         self.causes = Causes(runtime)
-        self.pools = Pools()
+        self.upstreams = Upstreams()
+        self.info = httpx.AsyncClient(timeout=INFO_TIMEOUT_S, trust_env=False)  # the info routes (tags, ps, show)
         self.traffic = runtime.traffic
         self.clock = runtime.clock
         self.token = token.encode() if token else None
@@ -182,7 +188,8 @@ class Gateway:
     async def close(self) -> None:
         await self.causes.close()
         await self.leases.close()
-        await self.pools.close()
+        self.upstreams.close()
+        await self.info.aclose()
 
     # --- ASGI -----------------------------------------------------------------------------
 
@@ -205,6 +212,8 @@ class Gateway:
                     "--token-file; an OpenAI SDK sends its api_key so)"))
             if method == "POST" and path == "/api/show":
                 return await self._answer(tracked, await self._show(receive))
+            if method == "POST" and path == "/api/pull":
+                return await self._pull(scope, receive, tracked)
             if method == "POST" and (path.startswith("/v1/") or path in OLLAMA_PATHS):
                 return await self.proxy(protocol, path, scope, receive, tracked)
             if method in ("GET", "HEAD"):
@@ -215,7 +224,7 @@ class Gateway:
             return await self._answer(tracked, error(protocol, 404, f"{what}; the gateway serves OpenAI's /v1/models, "
                                                      "POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
                                                      "Ollama's /api/tags, /api/ps, /api/version, POST /api/chat, "
-                                                     "/api/generate, /api/embed, /api/show"))
+                                                     "/api/generate, /api/embed, /api/show, /api/pull"))
         except CallerGone:
             return None
         except Exception as exc:  # noqa: BLE001 - a client gets an answer that says what went wrong
@@ -288,10 +297,8 @@ class Gateway:
             return json_answer({"modelfile": "", "parameters": "", "template": "", "details": tag["details"],
                                 "model_info": {}, "capabilities": ["completion"], "modified_at": tag["modified_at"]})
         if target.api == "ollama" and self._healthy(target.service):
-            client = self.pools.client(target.service, target.url)
             try:
-                response = await client.post("/api/show", json={**body, "model": target.model},
-                                             timeout=INFO_TIMEOUT_S)
+                response = await self.info.post(f"{target.url}/api/show", json={**body, "model": target.model})
                 if response.status_code == 200:
                     return json_answer(response.json())
             except (httpx.HTTPError, ValueError):
@@ -299,6 +306,36 @@ class Gateway:
         tag = self._tag(name, target.service)
         return json_answer({"modelfile": "", "parameters": "", "template": "", "details": tag["details"],
                             "model_info": {}, "capabilities": ["completion"], "modified_at": tag["modified_at"]})
+
+    async def _pull(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Ollama's ``POST /api/pull`` (see :mod:`.pull`): relayed from the Ollama that pulls, started if need
+        be and held until the pull ends; ``success`` at once for a model an OpenAI-only server is given."""
+        arrived = self.clock.monotonic()
+        raw = await _read_body(receive)
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or not isinstance(name, str) or not name:
+            return await self._answer(send, error("ollama", 400, "the body must be JSON naming the \"model\" to "
+                                                  "pull, as {\"model\": \"llama3.2:3b\"}"))
+        found = pull_target(self.routes, self.profile(), name)
+        if isinstance(found, str):
+            return await self._answer(send, error("ollama", 404, found))
+        stream = body.get("stream") is not False
+        if found.api != "ollama":
+            return await self._answer(send, provided(stream))
+        exchange = Exchange("ollama", "pull", "/api/pull", _dump({**body, "model": found.model}), stream,
+                            any_model=True)
+        watch = Disconnect(receive)
+        try:
+            await self._serve(exchange, found, _client(scope), send, watch,
+                              self.traffic.of(found.model, found.service), arrived)
+        finally:
+            watch.close()
+            self.runtime.wake()  # a pass soon: its probe lists the model pulled, which routes it
+        return None
 
     def _model_entry(self, name: str, service: str) -> dict[str, object]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": service}
@@ -313,9 +350,8 @@ class Gateway:
         spec = self.profile().services.get(service)
         if spec is None or spec.probe_port is None or not self._healthy(service):
             return None
-        client = self.pools.client(service, spec.base_url or "")
         try:
-            response = await client.get(path, timeout=INFO_TIMEOUT_S)
+            response = await self.info.get(f"{spec.base_url or ''}{path}")
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
@@ -485,8 +521,8 @@ class Gateway:
             try:
                 await gate.enter(target.model, deadline - self.clock.monotonic(), watch.event)
                 entered = True
-                granted = await self.leases.acquire(target.service, target.model, client,
-                                                    deadline - self.clock.monotonic(), watch.wait)
+                granted = await self.leases.acquire(target.service, None if exchange.any_model else target.model,
+                                                    client, deadline - self.clock.monotonic(), watch.wait)
             except QueueFull as full:
                 return await self._refuse(send, exchange, target, client, traffic, arrived, 429,
                                           f"model {target.asked!r}: {full.queued} requests already wait for "
@@ -584,28 +620,26 @@ class Gateway:
     async def _relay(self, exchange: Exchange, target: Target, send: Send, watch: Disconnect, traffic: ModelTraffic,
                      arrived: float, pid: int | None) -> None:
         """Send the request to the instance and relay its answer, chunk by chunk; cancelled when the client goes."""
-        client = self.pools.client(target.service, target.url, pid)
-        request = client.build_request("POST", exchange.path, content=exchange.body,
-                                       headers={"content-type": "application/json"})
+        upstream = self.upstreams.of(target.service, target.url, pid)
         status = 0
         watch.arm()
         try:
             try:
-                response = await client.send(request, stream=True)
-            except httpx.HTTPError as exc:
+                response = await upstream.send("POST", exchange.path, exchange.body)
+            except UpstreamError as exc:
                 status = 502
                 message = (f"model {target.asked!r}: the model server of {target.service} at {target.url} did not "
-                           f"answer ({type(exc).__name__}: {exc or 'no detail'})")
+                           f"answer ({exc}); `reconciler logs {target.service}` shows what it said")
                 await self._answer(send, error(exchange.protocol, 502, message))
                 return
             try:
-                status = response.status_code
+                status = response.status
                 if exchange.translate:
                     await self._translated(exchange, target, response, send, watch, traffic, arrived)
                 else:
                     await self._passed(exchange, response, send, watch, traffic, arrived)
             finally:
-                await response.aclose()
+                response.close()
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -614,28 +648,28 @@ class Gateway:
                 task.uncancel()
             status = CLIENT_CLOSED
             traffic.disconnected += 1
-        except (httpx.HTTPError, ReconcilerError) as exc:  # the upstream broke off mid-answer: the client's ends
+        except (UpstreamError, ReconcilerError) as exc:  # the upstream broke off mid-answer: the client's ends
             log.warning("gateway: %s %s: the model server broke off: %s", target.service, exchange.path, exc)
         finally:
             watch.disarm()
             if status:
                 traffic.answered(status, self.clock.monotonic() - arrived)
 
-    async def _passed(self, exchange: Exchange, response: httpx.Response, send: Send, watch: Disconnect,
+    async def _passed(self, exchange: Exchange, response: Response, send: Send, watch: Disconnect,
                       traffic: ModelTraffic, arrived: float) -> None:
-        headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]
+        headers = [(k, v) for k, v in response.headers if k not in HOP_BY_HOP]
         if not exchange.stream:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
-            await send({"type": "http.response.start", "status": response.status_code,
+            body = await response.read()
+            await send({"type": "http.response.start", "status": response.status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             traffic.ttfb.observe(self.clock.monotonic() - arrived)
             watch.finished = True
             await send({"type": "http.response.body", "body": body})
             return
-        await send({"type": "http.response.start", "status": response.status_code,
+        await send({"type": "http.response.start", "status": response.status,
                     "headers": [*headers, (b"x-accel-buffering", b"no")]})
         first = True
-        async for chunk in response.aiter_raw():
+        async for chunk in response.pieces():
             if first:
                 traffic.ttfb.observe(self.clock.monotonic() - arrived)
                 first = False
@@ -643,19 +677,18 @@ class Gateway:
         watch.finished = True
         await send({"type": "http.response.body", "body": b""})
 
-    async def _translated(self, exchange: Exchange, target: Target, response: httpx.Response, send: Send,
+    async def _translated(self, exchange: Exchange, target: Target, response: Response, send: Send,
                           watch: Disconnect, traffic: ModelTraffic, arrived: float) -> None:
         started_ns = time.monotonic_ns() - int((self.clock.monotonic() - arrived) * 1e9)
         kind = "chat" if exchange.kind == "chat" else "generate"
-        if response.status_code >= 400:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
+        if response.status >= 400:
+            body = await response.read()
             watch.finished = True
-            await self._answer(send, error("ollama", response.status_code,
-                                           translate.error_text(body, response.status_code)))
+            await self._answer(send, error("ollama", response.status, translate.error_text(body, response.status)))
             traffic.ttfb.observe(self.clock.monotonic() - arrived)
             return
         if not exchange.stream:
-            body = b"".join([chunk async for chunk in response.aiter_raw()])
+            body = await response.read()
             try:
                 parsed = json.loads(body)
             except ValueError:
@@ -678,14 +711,14 @@ class Gateway:
         stream = translate.StreamTranslator(target.asked, kind, started_ns)
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.pieces():
                 lines = stream.feed(chunk)
                 if lines:
                     if first:
                         traffic.ttfb.observe(self.clock.monotonic() - arrived)
                         first = False
                     await send({"type": "http.response.body", "body": lines, "more_body": True})
-        except httpx.HTTPError as exc:
+        except UpstreamError as exc:
             tail = stream.cut_short(f"the model server of {target.service} broke off: {exc}")
         else:
             if stream.done:

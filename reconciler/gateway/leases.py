@@ -13,9 +13,15 @@ its interface (a release that becomes a coroutine, say) is a change here:
   (``gateway 127.0.0.1:53422``).
 * :meth:`ImplicitLeases.release` ends it as soon as the answer has been
   sent, the upstream failed, or the client went away.
-* A lease has a time to live (:data:`LEASE_TTL_S`) so that a gateway that
-  dies leaves nothing held for long; one task renews the leases of long
-  answers (a stream of minutes) every :data:`RENEW_EVERY_S`.
+* A warm grant is held in memory only (``durable=False``, see
+  :mod:`reconciler.runtime.ledger`): its holder is a connection of this
+  process and cannot outlive it, so it costs no store transaction — the two
+  it cost (grant, release) were a third of the gateway's CPU per warm
+  request — and a reconciler that restarts finds it gone. A lease granted
+  after a wait (a pass planned it) is written like any other.
+* A lease has a time to live (:data:`LEASE_TTL_S`) so that a written one
+  outlives a gateway that dies by that at most; one task renews the leases
+  of long answers (a stream of minutes) every :data:`RENEW_EVERY_S`.
 * :meth:`ImplicitLeases.keep_alive` records an Ollama request's
   ``keep_alive`` for the instance that served it (see
   :mod:`reconciler.runtime.keepalive`) and asks for a pass when it says to
@@ -69,12 +75,13 @@ class ImplicitLeases:
     def held(self) -> int:
         return len(self._held)
 
-    async def acquire(self, service: str, model: str, client: str, wait_s: float,
+    async def acquire(self, service: str, model: str | None, client: str, wait_s: float,
                       disconnected: Callable[[], Awaitable[object]]) -> Granted:
-        """A lease on ``service`` for ``model``; raises LeaseRefused or CallerGone as the leasing service does."""
+        """A lease on ``service`` for ``model`` (None: whatever it serves); raises LeaseRefused or CallerGone as the
+        leasing service does."""
         granted = await self.leasing.lease(
             LeaseRequest(service=service, holder=holder(client), model=model, ttl_s=LEASE_TTL_S,
-                         wait_s=max(0.0, wait_s)),
+                         wait_s=max(0.0, wait_s), durable=False),
             disconnected=disconnected)
         self._held[granted.lease.id] = self.clock.monotonic()
         return granted

@@ -31,6 +31,15 @@ _GATEWAY_LEASES = {EventKind.LEASE_GRANTED, EventKind.LEASE_RELEASED}
 GATEWAY_HOLDER = "gateway "  # the holder of a gateway request's implicit lease: "gateway 127.0.0.1:53422"
 
 
+def shown(event: dict[str, Any]) -> bool:
+    """False for what text mode surely leaves out, checked cheaply before an event is queued for printing
+    (the gateway's two lease events per request, the runtime's own pass events)."""
+    kind = event.get("kind")
+    if kind in _SILENT:
+        return False
+    return not (kind in _GATEWAY_LEASES and str(event.get("holder", "")).startswith(GATEWAY_HOLDER))
+
+
 def format_text(event: dict[str, Any]) -> str | None:
     """One readable line (or a few) for an event; None when text mode leaves it out."""
     kind = event.get("kind", "?")
@@ -88,6 +97,10 @@ class Printer:
     @property
     def out(self) -> TextIO:
         return self._out or sys.stdout
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        """Whether this printer prints ``event`` at all (every one in JSON mode)."""
+        return self.fmt == "json" or shown(event)
 
     def __call__(self, event: dict[str, Any], *, flush: bool = True) -> None:
         if self.fmt == "json":

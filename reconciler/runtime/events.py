@@ -39,6 +39,7 @@ the store logs it as well), ``store.recovered`` and ``store.restored``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from reconciler.core.clock import Clock, iso_utc
@@ -60,13 +61,16 @@ BATCHED_KINDS = frozenset({EventKind.LEASE_GRANTED, EventKind.LEASE_RELEASED, Ev
 class Subscription:
     """One subscriber's events, as an async iterator; ``close()`` (or ``async with``) ends it."""
 
-    def __init__(self, bus: EventBus, maxsize: int):
+    def __init__(self, bus: EventBus, maxsize: int, wants: Callable[[dict[str, Any]], bool] | None = None):
         self._bus = bus
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize)
+        self._wants = wants
         self.dropped = 0
         self.closed = False
 
     def _deliver(self, event: dict[str, Any]) -> None:
+        if self._wants is not None and not self._wants(event):
+            return
         if self._queue.full():
             self._queue.get_nowait()
             self.dropped += 1
@@ -188,9 +192,11 @@ class EventBus:
         finally:
             self._reporting = False
 
-    def subscribe(self, maxsize: int = DEFAULT_QUEUE_SIZE) -> Subscription:
-        """A new subscription; it sees every event published from now on."""
-        subscription = Subscription(self, maxsize)
+    def subscribe(self, maxsize: int = DEFAULT_QUEUE_SIZE, *,
+                  wants: Callable[[dict[str, Any]], bool] | None = None) -> Subscription:
+        """A new subscription; it sees every event published from now on (those ``wants`` says yes to, when
+        given: a subscriber that would skip most of a kind skips it before it is queued)."""
+        subscription = Subscription(self, maxsize, wants)
         self._subscribers.add(subscription)
         return subscription
 

@@ -65,7 +65,7 @@ from reconciler.core.events import EventKind
 from reconciler.core.launch import launch_changed
 from reconciler.core.plan import Plan
 from reconciler.core.profile import Profile, Service
-from reconciler.core.snapshot import Demand, Lease
+from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.core.world import World
 from reconciler.errors import CallerGone, LeaseRefused, Refusal
 from reconciler.runtime.passes import LastPass
@@ -89,6 +89,7 @@ class LeaseRequest:
     ttl_s: float | None = 300.0  # None: until released
     gpu: int | None = None
     wait_s: float = 120.0
+    durable: bool = True  # False: a warm grant is held in memory only (the gateway's per-request lease; see .ledger)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Leasing:
         self._world_of: LastPass | None = None
         self._world_cache: World | None = None
         self._rooms: _Rooms | None = None
+        self._launches: dict[str, tuple[Service, Instance, bool]] = {}  # see _launch_changed
 
     @property
     def store(self) -> Store:
@@ -222,7 +224,7 @@ class Leasing:
         instance = self.store.get_instance(request.service)
         if instance is None or instance.state != "running":
             return None
-        if instance.restart is not None or launch_changed(request.service, spec, instance) is not None:
+        if instance.restart is not None or self._launch_changed(request.service, spec, instance):
             return None  # it restarts (now, or once its leases end): new requests wait for the new one
         world = self._world(last)
         seen = world.instances.get(request.service)
@@ -238,11 +240,22 @@ class Leasing:
             model=instance.model if instance.model is not None else request.model,
             expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
         )
-        if not ledger.grant(lease, capacity(spec), now=now):
+        if not ledger.grant(lease, capacity(spec), now=now, durable=request.durable):
             return None
-        self.runtime.events.publish(EventKind.LEASE_GRANTED, service=lease.service, lease=lease.id,
-                                    holder=lease.holder, path="fast")
+        tell = self.runtime.events.publish if request.durable else self.runtime.events.announce  # see release()
+        tell(EventKind.LEASE_GRANTED, service=lease.service, lease=lease.id, holder=lease.holder, path="fast")
         return lease
+
+    def _launch_changed(self, name: str, spec: Service, instance: Instance) -> bool:
+        """:func:`launch_changed`, remembered while the service's spec and the instance are the same objects (the
+        store hands out the same frozen Instance while its row is unchanged): rendering the launch per request
+        was a tenth of the warm path."""
+        seen = self._launches.get(name)
+        if seen is not None and seen[0] is spec and seen[1] is instance:
+            return seen[2]
+        changed = launch_changed(name, spec, instance) is not None
+        self._launches[name] = (spec, instance, changed)
+        return changed
 
     def _world(self, last: LastPass) -> World:
         """The last pass's world (built once per pass: it is read, never changed, here)."""
@@ -343,16 +356,21 @@ class Leasing:
         expires = self.clock.now() + timedelta(seconds=ttl_s) if ttl_s else None
         lease = self.ledger.renew(lease_id, expires)
         if lease is not None:
-            self.runtime.events.publish(EventKind.LEASE_RENEWED, service=lease.service, lease=lease.id,
-                                        expires_at=iso_utc(expires) if expires else None)
+            tell = self.runtime.events.announce if self.ledger.memory_only(lease_id) else self.runtime.events.publish
+            tell(EventKind.LEASE_RENEWED, service=lease.service, lease=lease.id,
+                 expires_at=iso_utc(expires) if expires else None)
         return lease
 
     def release(self, lease_id: str) -> Lease | None:
+        """End a lease now. A lease held in memory only (the gateway's, per request) has its grant and release
+        announced to whoever listens (the dashboard, event streams, metrics) but not recorded: it is no more
+        durable than the lease, and the event log would hold two rows per model request otherwise."""
+        durable = not self.ledger.memory_only(lease_id)
         lease = self.ledger.release(lease_id, self.clock.now())
         if lease is not None:
             self.vram_priority.pop(lease.id, None)
-            self.runtime.events.publish(EventKind.LEASE_RELEASED, service=lease.service, lease=lease.id,
-                                        holder=lease.holder)
+            tell = self.runtime.events.publish if durable else self.runtime.events.announce
+            tell(EventKind.LEASE_RELEASED, service=lease.service, lease=lease.id, holder=lease.holder)
             if self.ledger.waiting():  # a freed slot or freed memory: queued demands may be granted now
                 self.runtime.wake()
         return lease

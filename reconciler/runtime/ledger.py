@@ -24,6 +24,21 @@ room). Each GPU's VRAM-lease megabytes are kept as a running sum
 (:meth:`vram_mb`), so a VRAM lease's check does not walk the leases. The
 earliest expiry is kept in a heap (:meth:`next_expiry`).
 
+**Held in memory only.** A lease granted with ``durable=False`` — the
+model gateway's implicit lease of one request — is never written to the
+store: its holder is a connection of this very process, so it cannot outlive
+it, and a reconciler that restarts should find it gone, not hold the
+instance busy for its time to live. It counts, shows and is planned with
+like any other (every reader reads memory); only its grant and release
+cost no transaction. The idle time it changes (busy at its grant when the
+service held no lease, idle at its release when it was the last) is written
+behind, within :data:`IDLE_FLUSH_S`, all waiting changes in one transaction
+(:meth:`flush`) — and at once before a pass reads the inventory
+(:meth:`~reconciler.runtime.Runtime.state` flushes first), before any
+write of the store's own idle time for that service, and on close. A crash
+loses at most that window's idle times: the instance then counts as idle
+since its start, or its previous idle time.
+
 **The idle-time rule** (DESIGN §3, "Wanted"): a *service* lease granted makes
 its service's instance busy (``idle_since`` cleared); when a service's last
 service lease ends — released, or expired at its ``expires_at`` — its
@@ -45,13 +60,20 @@ pass's ``now``) or the runtime's clock.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 
 from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Lease
+from reconciler.errors import StoreError
 from reconciler.store.base import Store
+
+IDLE_FLUSH_S = 0.05  # the longest a memory-only lease's idle-time change waits to be written
+
+log = logging.getLogger("reconciler.ledger")
 
 
 def _active(lease: Lease, now: datetime) -> bool:
@@ -70,6 +92,9 @@ class Ledger:
         self._vram: dict[int, int] = {}
         self._expiries: list[tuple[datetime, str]] = []
         self._fenced: set[str] = set()
+        self._memory_only: set[str] = set()  # leases never written to the store (durable=False)
+        self._idle_due: dict[str, datetime | None] = {}  # service → idle time still to write (None: busy)
+        self._flushing: asyncio.TimerHandle | None = None
         self.bookings = 0  # changes with every change to a lease that is not a VRAM lease (free-memory caches)
         state = store.state()  # the store's leases and demands at start: from here on, memory is the truth
         for lease in state.leases:
@@ -92,6 +117,10 @@ class Ledger:
         if service is None:
             return list(self._demands.values())
         return [d for d in self._demands.values() if d.service == service]
+
+    def memory_only(self, lease_id: str) -> bool:
+        """Whether the lease is held in memory only (granted with ``durable=False``)."""
+        return lease_id in self._memory_only
 
     def has_demand(self, demand_id: str) -> bool:
         return demand_id in self._demands
@@ -144,9 +173,11 @@ class Ledger:
 
     # --- changes -------------------------------------------------------------------------
 
-    def grant(self, lease: Lease, max_concurrent: int, *, now: datetime, demand_id: str | None = None) -> bool:
+    def grant(self, lease: Lease, max_concurrent: int, *, now: datetime, demand_id: str | None = None,
+              durable: bool = True) -> bool:
         """Grant ``lease`` unless its service holds ``max_concurrent`` leases of its kind, or ``demand_id``
-        was withdrawn (False: refused, nothing changed). Granting an id already held is a no-op (True)."""
+        was withdrawn (False: refused, nothing changed). Granting an id already held is a no-op (True).
+        ``durable=False``: held in memory only (a service lease without a demand; see the module text)."""
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         if lease.id in self._leases:
@@ -155,7 +186,16 @@ class Ledger:
             return False
         if self.held(lease.service, lease.kind, now) >= max_concurrent:
             return False
+        if not durable:
+            if lease.kind != "service" or demand_id is not None:
+                raise ValueError("only a service lease granted without a demand may be held in memory only")
+            if not self._by_service.get((lease.service, "service")):
+                self._idle_later(lease.service, None)  # busy from now
+            self._memory_only.add(lease.id)
+            self._add(lease)
+            return True
         if lease.kind == "service":
+            self._idle_due.pop(lease.service, None)  # written now, in the same transaction
             with self.store.batch():
                 self.store.put_lease(lease, demand_id=demand_id, now=now)
                 self.store.set_idle_since(lease.service, None)
@@ -170,7 +210,11 @@ class Ledger:
         """Move a lease's expiry; None when there is no such lease (it expired or was released)."""
         if lease_id not in self._leases:
             return None
-        lease = self.store.renew_lease(lease_id, expires_at)
+        lease: Lease | None
+        if lease_id in self._memory_only:
+            lease = self._leases[lease_id].model_copy(update={"expires_at": expires_at})
+        else:
+            lease = self.store.renew_lease(lease_id, expires_at)
         if lease is None:
             return None
         self._remove(lease_id)
@@ -183,7 +227,12 @@ class Ledger:
         if lease is None:
             return None
         idle = lease.kind == "service" and len(self._by_service.get((lease.service, "service"), {})) == 1
-        if idle:
+        if lease_id in self._memory_only:
+            self._memory_only.discard(lease_id)
+            if idle:
+                self._idle_later(lease.service, now or self.clock.now())
+        elif idle:
+            self._idle_due.pop(lease.service, None)  # written now, in the same transaction
             with self.store.batch():
                 self.store.release_lease(lease_id)
                 self.store.set_idle_since(lease.service, now or self.clock.now())
@@ -207,12 +256,16 @@ class Ledger:
         gone = {lease.id for lease in expired}
         idle = {service: when for service, when in ends.items()
                 if all(lid in gone for lid in self._by_service.get((service, "service"), {}))}
+        for service in idle:
+            self._idle_due.pop(service, None)  # written now, in the same transaction
         with self.store.batch():
             for lease in expired:
-                self.store.release_lease(lease.id)
+                if lease.id not in self._memory_only:
+                    self.store.release_lease(lease.id)
             for service in sorted(idle):
                 self.store.set_idle_since(service, idle[service])
         for lease in expired:
+            self._memory_only.discard(lease.id)
             self._remove(lease.id)
         return expired
 
@@ -225,6 +278,43 @@ class Ledger:
             return None
         self.store.remove_demand(demand_id)
         return self._demands.pop(demand_id)
+
+    # --- idle times written behind (memory-only leases) ----------------------------------
+
+    def _idle_later(self, service: str, when: datetime | None) -> None:
+        self._idle_due[service] = when
+        if self._flushing is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside an event loop: now
+            self.flush()
+            return
+        self._flushing = loop.call_later(IDLE_FLUSH_S, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._flushing = None
+        try:
+            self.flush()
+        except StoreError as exc:  # kept: the next change or the next pass (Runtime.state) writes them
+            log.warning("writing idle times failed (%s); they are written again before the next pass", exc)
+
+    def flush(self) -> None:
+        """Write the idle times that wait, in one transaction (a store that fails keeps them for the next try)."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+            self._flushing = None
+        if not self._idle_due:
+            return
+        due, self._idle_due = self._idle_due, {}
+        try:
+            with self.store.batch():
+                for service in sorted(due):
+                    self.store.set_idle_since(service, due[service])
+        except Exception:
+            for service, when in due.items():
+                self._idle_due.setdefault(service, when)
+            raise
 
     # --- memory ---------------------------------------------------------------------------
 

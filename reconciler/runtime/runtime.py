@@ -28,6 +28,7 @@ pass plans with (:mod:`.keepalive`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
 from reconciler.core.redaction import redact_plan
 from reconciler.core.report import Outcome, PassReport
+from reconciler.errors import ReconcilerError
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
 from reconciler.host.probes import Prober
@@ -115,7 +117,9 @@ class Runtime:
         return self._last
 
     def state(self) -> StoredState:
-        """The inventory from the store, leases and demands from the ledger (in memory, the truth)."""
+        """The inventory from the store, leases and demands from the ledger (in memory, the truth); the idle
+        times of memory-only leases are written first, so the inventory read has them."""
+        self.ledger.flush()
         return StoredState(instances=self.store.instances(), leases=self.ledger.leases(),
                            demands=self.ledger.demands())
 
@@ -277,6 +281,8 @@ class Runtime:
         """Cancel the model pulls in progress, close the probe client and the GPU backend; the instances keep
         running."""
         await self.pulls.aclose()
+        with contextlib.suppress(ReconcilerError):  # a failing store: nothing more can be kept
+            self.ledger.flush()
         self.events.close()
         await self.prober.aclose()
         self.gpu_backend.close()

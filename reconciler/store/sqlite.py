@@ -190,6 +190,7 @@ class SqliteStore:
         self._closed = False
         self._depth = 0  # nested uses of the connection under the lock
         self._hurried = False  # the database was found locked: writes do not wait until one gets through
+        self._parsed: dict[str, tuple[str, Instance]] = {}  # service → its row's text and that text parsed
         check_state_dir(self.path.parent)
         for suffix in ("", *COMPANIONS):
             problem = file_problem(companion(self.path, suffix))
@@ -518,8 +519,18 @@ class SqliteStore:
             )
 
     def get_instance(self, service: str) -> Instance | None:
+        """The service's instance; its row is read every time, and parsed again only when its text changed (an
+        Instance is frozen: the gateway's warm path reads it per request, and the parse was most of the read)."""
         rows = self._read("SELECT data FROM instances WHERE service = ?", (service,))
-        return Instance.model_validate_json(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        text = rows[0][0]
+        parsed = self._parsed.get(service)
+        if parsed is not None and parsed[0] == text:
+            return parsed[1]
+        instance = Instance.model_validate_json(text)
+        self._parsed[service] = (text, instance)
+        return instance
 
     def instances(self) -> list[Instance]:
         return [Instance.model_validate_json(r[0]) for r in self._read("SELECT data FROM instances ORDER BY service")]
