@@ -58,7 +58,7 @@ from reconciler.cluster.placement import route_of
 from reconciler.core.profile import Profile
 from reconciler.gateway.protocols import Protocol, error
 from reconciler.gateway.routing import Routes
-from reconciler.gateway.upstream import Pools
+from reconciler.gateway.upstream import CONNECT_S, READ_S
 
 REPLACE_ATTEMPTS = 3
 PASSED_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
@@ -89,14 +89,34 @@ def forwarded(scope: Scope) -> str | None:
 class Across:
     """Placement and proxying of gateway requests across the nodes of a cluster."""
 
-    def __init__(self, cluster: ClusterNode, routes: Routes, profile: Callable[[], Profile], pools: Pools,
-                 token: bytes | None):
+    def __init__(self, cluster: ClusterNode, routes: Routes, profile: Callable[[], Profile], token: bytes | None):
         self.cluster = cluster
         self.routes = routes
         self.profile = profile
-        self.pools = pools
         self.token = token
         self.proxied = 0  # requests answered by another node's gateway
+        # node → an httpx client for its gateway (kept-alive connections between nodes; the local upstreams'
+        # lean client, reconciler.gateway.upstream, is for loopback model servers)
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._retiring: set[asyncio.Future[None]] = set()
+
+    def _client(self, node: str, url: str) -> httpx.AsyncClient:
+        client = self._clients.get(node)
+        if client is not None and str(client.base_url).rstrip("/") == url.rstrip("/"):
+            return client
+        if client is not None:  # the node came back on another address: the old connections are useless
+            retired = asyncio.ensure_future(client.aclose())
+            self._retiring.add(retired)  # held until done (the loop keeps only weak references to tasks)
+            retired.add_done_callback(self._retiring.discard)
+        client = self._clients[node] = httpx.AsyncClient(
+            base_url=url, timeout=httpx.Timeout(connect=CONNECT_S, read=READ_S, write=READ_S, pool=None),
+            headers={"accept-encoding": "identity"}, trust_env=False)
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
 
     def models(self) -> dict[str, dict[str, Any]]:
         """This gateway's routing table as it is published: name → service, model, api, declared, mb."""
@@ -188,7 +208,7 @@ class Across:
     async def _relay(self, placed: Placed, path: str, scope: Scope, raw: bytes, send: Send, watch: Any) -> None:
         """Send the request to the chosen node's gateway and relay its answer chunk by chunk. Raises
         httpx.TransportError only when nothing was sent to the client yet (the caller places it again)."""
-        client = self.pools.client(f"node {placed.node}", placed.gateway)
+        client = self._client(placed.node, placed.gateway)
         query = scope.get("query_string") or b""
         headers = {"content-type": "application/json", FORWARDED: self.cluster.node, PLACEMENT: placed.placement}
         if self.token is not None:
