@@ -6,7 +6,8 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -57,6 +58,26 @@ async def _scenarios() -> None:
     assert coalescing.get_extra_info("peername") == "peer"  # the rest is the connection's
 
 
+@contextmanager
+def serving(app: FastAPI) -> Iterator[tuple[uvicorn.Server, int]]:
+    """``app`` served by uvicorn with the guarded protocol on a free loopback port, in a thread, once started."""
+    guard = ConnectionGuard(size(1024))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=guard.protocol_class(), log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_writes_in_one_turn_are_one_send_and_none_waits_past_the_turn() -> None:
     asyncio.run(_scenarios())
 
@@ -78,22 +99,8 @@ def test_a_served_answer_and_a_streamed_one_arrive_whole() -> None:
                 await asyncio.sleep(0.01)
         return StreamingResponse(parts(), media_type="text/plain")
 
-    guard = ConnectionGuard(size(1024))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=guard.protocol_class(), log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
+    with serving(app) as (_, port):
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            for _ in range(200):
-                try:
-                    client.get("/one")
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.02)
             for _ in range(20):  # kept alive: each answer whole, in order
                 answer = client.get("/one")
                 assert answer.status_code == 200 and answer.json() == {"answer": "x" * 100}
@@ -105,9 +112,6 @@ def test_a_served_answer_and_a_streamed_one_arrive_whole() -> None:
             received += chunk
         raw.close()
         assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b'{"answer":"' + b"x" * 100 + b'"}')
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_close_by_the_server_in_the_same_turn_still_sends_what_is_held() -> None:
@@ -132,19 +136,8 @@ def test_a_close_by_the_server_in_the_same_turn_still_sends_what_is_held() -> No
             asyncio.get_running_loop().call_soon(shut_down_connections)
         return StreamingResponse(parts(), media_type="text/plain")
 
-    guard = ConnectionGuard(size(1024))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, http=guard.protocol_class(), log_level="warning", lifespan="off")
-    server = state["server"] = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.02)
+    with serving(app) as (server, port):
+        state["server"] = server
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         raw.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
         received = b""
@@ -153,6 +146,3 @@ def test_a_close_by_the_server_in_the_same_turn_still_sends_what_is_held() -> No
         raw.close()
         assert received.startswith(b"HTTP/1.1 200 OK"), received
         assert received.endswith(b"6\r\nfirst\n\r\n0\r\n\r\n"), received  # the last chunk too
-    finally:
-        server.should_exit = True
-        thread.join(10)
