@@ -43,15 +43,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-import psutil
-
 from reconciler.core.identity import same_start
 from reconciler.core.plan import Plan
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Gpu, Instance, Snapshot
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import probe_targets
-from reconciler.host.probes import Prober
+from reconciler.host.probes import Prober, Target
+from reconciler.host.processes import start_time
 
 FULL_EVERY_S = 10.0  # a full pass at least this often, however quiet the host
 
@@ -66,6 +65,7 @@ class Basis:
     gpus: list[Gpu]  # the backend's read, before any attribution
     holds: frozenset[str]
     at: float  # monotonic
+    targets: dict[str, Target]  # what to probe (the profile's, computed once)
 
 
 class Steady:
@@ -88,7 +88,8 @@ class Steady:
                 or not _all_healthy(profile, snapshot):
             self._basis = None
             return
-        self._basis = Basis(profile, snapshot, plan, gpus, frozenset(holds), self.monotonic())
+        self._basis = Basis(profile, snapshot, plan, gpus, frozenset(holds), self.monotonic(),
+                            probe_targets(profile))
 
     async def reuse(self, profile: Profile, instances: list[Instance], leases: int, demands: int,
                     holds: Iterable[str], now: datetime) -> Snapshot | None:
@@ -100,7 +101,7 @@ class Steady:
             return None
         if not all(_still_running(i) for i in instances):
             return None
-        probing = asyncio.ensure_future(self.prober.probe_all(probe_targets(profile)))
+        probing = asyncio.ensure_future(self.prober.probe_all(basis.targets))
         try:
             gpus = await asyncio.to_thread(self.gpu_backend.read)
             probes = await probing
@@ -146,15 +147,7 @@ def _still_running(instance: Instance) -> bool:
     zombie is not running)."""
     if instance.pid is None or instance.create_time is None:
         return False
-    try:
-        process = psutil.Process(instance.pid)
-        with process.oneshot():
-            started = process.create_time()
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return False
-    except (psutil.Error, ProcessLookupError):
-        return False
-    return same_start(instance.create_time, started)
+    return same_start(instance.create_time, start_time(instance.pid))
 
 
 __all__ = ["FULL_EVERY_S", "Basis", "Steady"]
