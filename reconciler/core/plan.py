@@ -23,7 +23,7 @@ def action_id(kind: ActionKind, subject: str) -> str:
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Action(_Out, Spanning):

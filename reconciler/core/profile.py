@@ -48,7 +48,7 @@ ModelName = Annotated[str, Field(min_length=1, max_length=1024), AfterValidator(
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 def _check_template(value: str, field: str) -> str:
@@ -196,7 +196,7 @@ class ModelSpec(_Strict):
     )
 
 
-NO_MODEL_SPEC = ModelSpec.model_construct()  # no validation: nothing to check, and no model built for it at import
+NO_MODEL_SPEC = ModelSpec()
 
 
 def _models_shape(value: object) -> str:
