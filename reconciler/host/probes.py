@@ -33,6 +33,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -183,7 +184,7 @@ async def lean_probe(target: Target) -> Probe:
 
 
 async def _exchange(target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Probe:
-    path = target.path if target.path.startswith("/") else "/" + target.path
+    path = quote(target.path if target.path.startswith("/") else "/" + target.path, safe="/?&=%:@!$'()*+,;~")
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\nAccept: */*\r\n"
                  f"User-Agent: reconciler-probe\r\nConnection: close\r\n\r\n".encode("latin-1"))
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
