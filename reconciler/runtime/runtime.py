@@ -6,6 +6,9 @@ against what it saw (:mod:`.inventory`: the dead pruned, finished starts
 promoted), plans, holds back the starts of services that are backing off and
 whatever needs them (:mod:`.backoff`), and runs the rest of the plan's
 ``requires`` DAG (:mod:`.executor`, :mod:`.actions`). Passes never overlap.
+On a quiet, converged host a pass first asks :mod:`.steady` whether the last
+full pass's answer still holds (its instances, probes and GPUs looked at
+again), and reports that answer when it does.
 :meth:`Runtime.recover` runs once at startup (:mod:`.recovery`);
 :meth:`Runtime.converge` repeats passes while they make progress.
 
