@@ -166,8 +166,9 @@ class Runtime:
         state = self.state()
         held = set(store.holds()) | self.transient_holds  # what an operator holds stopped (.controls)
         steady = await self.steady.reuse(profile, state.instances, len(state.leases), len(state.demands), held, now)
-        if steady is not None and self.steady.plan is not None and not ledger.leases() and not ledger.demands():
-            # nothing changed (and no lease or demand came while it looked): the last answer holds (.steady)
+        if (steady is not None and self.steady.plan is not None and not ledger.leases() and not ledger.demands()
+                and set(store.holds()) | self.transient_holds == held):
+            # nothing changed (and no lease, demand or hold came while it looked): the last answer holds (.steady)
             plan = self.steady.plan
             self._last = LastPass(snapshot=steady, plan=plan)
             _, stalled = hold_back(plan, profile, store, steady.now)
