@@ -25,13 +25,14 @@
 (4) 200 concurrent health probes: one subprocess (this module,
     ``--listen N``) serves minimal HTTP on 200 loopback ports with
     asyncio; ``Prober.probe_all`` over the 200 targets, several rounds on one
-    prober (as the runtime uses it; the first round opens every connection).
+    prober (as the runtime uses it; each probe on a connection of its own).
 (5) ``watch`` idle: the converged watch of (1)/(3), 3 running services, is
     sampled with psutil for ``BENCH_IDLE_S`` seconds (default 60) with the
-    services at the default ``probe_interval_s`` (5 s: watch runs a full pass
+    services at the default ``probe_interval_s`` (5 s: watch runs a pass
     every 5 s): CPU time used / wall time, and the largest RSS seen. Before
     that, for information only, a third as long at ``probe_interval_s: 1``
-    (the demo's, and (1)/(3)'s): a full observe-plan pass every second.
+    (the demo's, and (1)/(3)'s): a pass every second (on a quiet host a
+    steady one, :mod:`reconciler.runtime.steady`, and a full one every 10 s).
 
 Wall times come from a shared machine; the no-op pass rows also give the
 pass's CPU time (this process, all threads), which other load affects less.
@@ -347,9 +348,9 @@ def watch_benchmarks(save_rounds: int = 15, health_rounds: int = 5, idle_s: floa
         rows.append(healthy_to_running(world, watch, base, 0.5, health_rounds, "healthy within the pass"))
         rows.append(healthy_to_running(world, watch, base, 2.5, health_rounds, "start outlives the pass"))
         # For information, no verdict: the cadence of the runs above (probe_interval_s 1, as in the demo)
-        # means a full observe-plan pass every second.
+        # means a pass every second (a steady one on a quiet host: probes, /proc, GPUs; runtime/steady.py).
         watch.wait_converged()
-        fast = idle(watch, idle_s / 3, "probe_interval_s 1: a full pass every 1 s")[0]
+        fast = idle(watch, idle_s / 3, "probe_interval_s 1: a pass every 1 s")[0]
         rows.append({**{k: v for k, v in fast.items() if k != "ok"}, "target": "(info; < 1 % is for idle)"})
         # Idle as an operator's profile leaves it: the default probe interval (5 s), so a pass every 5 s.
         # (Nothing restarts: the probe interval is not part of a launch spec.)

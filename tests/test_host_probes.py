@@ -119,3 +119,55 @@ def test_two_hundred_probes_run_at_once_over_one_client(monkeypatch):
 @pytest.mark.parametrize("path, url", [("health", "http://127.0.0.1:8000/health"), ("/", "http://127.0.0.1:8000/")])
 def test_target_url(path, url):
     assert Target(8000, path).url == url
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "to-the-end"])
+def test_an_ollama_answer_is_read_however_it_is_framed(framing):
+    """An Ollama probe reads the body of /api/tags by Content-Length, in chunks, or up to the close."""
+    body = b'{"models": [{"name": "llama3.2:3b"}, {"model": "qwen2.5:7b"}]}'
+
+    async def run():
+        async def handle(reader, writer):
+            request = await reader.readuntil(b"\r\n\r\n")
+            assert request.startswith(b"GET /api/tags HTTP/1.1\r\n") and b"Connection: close" in request
+            if framing == "content-length":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            elif framing == "chunked":
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:]))
+                             + b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        try:
+            prober = Prober()
+            target = Target(server.sockets[0].getsockname()[1], "/api/tags", kind="ollama")
+            return await prober.probe(target)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    probe = asyncio.run(run())
+    assert (probe.healthy, probe.status, probe.models) == (True, 200, ["llama3.2:3b", "qwen2.5:7b"])
+
+
+def test_a_peer_that_is_not_http_is_unhealthy_not_an_error():
+    async def run():
+        async def handle(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        try:
+            return await Prober().probe(Target(server.sockets[0].getsockname()[1]))
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    probe = asyncio.run(run())
+    assert not probe.healthy and probe.status is None and probe.error.startswith("not an HTTP answer")

@@ -157,3 +157,30 @@ def test_installed_command_survives_a_reader_that_goes_away():
     _, err = proc.communicate(timeout=60)
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
     assert proc.returncode == 2
+
+
+# What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands.
+NOT_FOR_PLAN = ("fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
+                "reconciler.gateway", "reconciler.runtime", "reconciler.host", "reconciler.store",
+                "reconciler.cli.watch_cmd", "reconciler.cli.serve_cmd", "reconciler.cli.apply_cmd")
+
+
+@pytest.mark.parametrize("command", [
+    plan_args(START),
+    ["validate", str(START / "profile.yaml")],
+])
+def test_plan_and_validate_import_only_what_they_use(command):
+    """A command imports what it uses (the CLI registers only the command run): a fresh interpreter
+    that plans or validates has loaded none of the HTTP stack, the runtime or the host's libraries."""
+    script = (
+        "import sys\n"
+        "from reconciler.cli import main\n"
+        f"code = main({command!r})\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {NOT_FOR_PLAN!r} or m in {NOT_FOR_PLAN!r} "
+        f"or any(m.startswith(p + '.') for p in {NOT_FOR_PLAN!r}))\n"
+        "print(code, loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
+    assert code in ("0", "2") and loaded == "[]", result.stdout

@@ -23,9 +23,13 @@ def test_commits_grow_the_log_and_the_background_checkpoints_copy_it_back(tmp_pa
         async def main() -> int:
             checkpoints = Checkpoints(store, SYSTEM_CLOCK, every_s=0.01)
             checkpoints.start()
-            while checkpoints.done < 2:
+            while checkpoints.done < 1:
                 await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # ten more periods, nothing written: the same log is not checkpointed again
+            assert checkpoints.done == 1
             store.put_lease(Lease(id="after", service="svc", holder="h"))  # the store is usable meanwhile
+            while checkpoints.done < 2:  # a write: the next period checkpoints
+                await asyncio.sleep(0.01)
             await checkpoints.stop()  # the last one truncates the log
             return checkpoints.done
 

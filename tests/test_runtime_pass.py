@@ -160,3 +160,35 @@ def test_any_launch_error_is_a_failure_that_backs_off(env):
     rt = asyncio.run(main())
     assert rt.store.get_backoff("svc").failures == 1
     assert rt.store.open_intents() == [] and rt.store.instances() == []
+
+
+def test_a_quiet_pass_reuses_the_answer_until_an_instance_dies_or_the_profile_changes(env):
+    """runtime/steady.py: on a converged host a pass looks again (pids, probes, GPUs) and reuses the last
+    full pass's empty plan; an edit (a new profile), or a killed instance, is a full pass at once."""
+    pa, pb = free_port(), free_port()
+    profile = make_profile({"a": fake_service(pa, max_mb=1000, always_on=True),
+                            "b": fake_service(pb, max_mb=500, always_on=True)})
+
+    async def main():
+        async with env.runtime() as rt:
+            first = await rt.reconcile(profile)
+            assert {o.status for o in first.outcomes.values()} == {"done"}
+            full = await rt.reconcile(profile)  # converged: a full pass that plans nothing is the basis
+            assert full.plan.actions == [] and rt.steady.reused == 0
+            quiet = [await rt.reconcile(profile) for _ in range(3)]
+            assert rt.steady.reused == 3 and all(r.plan.actions == [] for r in quiet)
+            assert quiet[-1].snapshot.now >= full.snapshot.now and rt.last_pass().snapshot is quiet[-1].snapshot
+            edited = profile.model_copy(deep=True)  # a reload is a new profile object: a full pass
+            await rt.reconcile(edited)
+            assert rt.steady.reused == 3
+            await rt.reconcile(edited)
+            assert rt.steady.reused == 4
+            victim = next(i for i in rt.store.instances() if i.service == "a")
+            psutil.Process(victim.pid).kill()
+            psutil.Process(victim.pid).wait(10)
+            noticed = await rt.reconcile(edited)  # the pid is gone: a full pass notices, and plans its start
+            assert rt.steady.reused == 4 and "start:a" in noticed.outcomes
+            return rt
+
+    rt = asyncio.run(main())
+    assert ("instance.gone", "a") in events(rt)

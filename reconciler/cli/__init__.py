@@ -1,5 +1,11 @@
 """Command line: one module per command, each with ``register(subparsers)``.
 
+A command imports only what it uses: the parser registers the one command
+named on the command line (every command only for the top-level help, or
+when the name is not one of ours, so argparse can list the choices), and each
+command imports its parts when it runs — ``reconciler plan`` never loads the
+HTTP stack, the runtime or the other commands' modules.
+
 Every command returns its exit code. Deliberate errors (:mod:`reconciler.errors`)
 print as located messages, never as tracebacks; an unexpected one (a bug) prints
 one line saying so, and its traceback only with ``RECONCILER_DEBUG=1``. Usage
@@ -33,13 +39,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the arguments, with only the command they name (the same parser for that command)."""
     parser = _Parser(prog="reconciler", description="Declarative reconciler for GPU services.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name in COMMANDS:
+    named = _command_named(argv)
+    for name in (named,) if named else COMMANDS:
         importlib.import_module(f"reconciler.cli.{name.replace('-', '_')}_cmd").register(sub)
     return parser
+
+
+def _command_named(argv: list[str] | None) -> str | None:
+    """The command ``argv`` runs, when it is one of ours (the top level takes no option but ``-h``, so it
+    is the first argument; ``-h`` first is the top-level help, which lists them all)."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT ignored, and an ignored signal stays ignored across exec: Ctrl-C (or a test's SIGINT) would
     # never reach us. Python installs its own handler only where SIGINT was not ignored, so do it here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    parser = build_parser(arguments)
+    args = parser.parse_args(arguments)
     try:
         return int(args.func(args))
     except InputError as exc:

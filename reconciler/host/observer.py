@@ -65,6 +65,7 @@ class Observer:
         self.node = node
         self.clock = clock
         self.prober = prober or Prober()
+        self.last_read: list[Gpu] | None = None  # the GPU backend's last read, before Ollama's attribution
 
     @property
     def profile(self) -> Profile:
@@ -90,7 +91,7 @@ class Observer:
             now = now.replace(tzinfo=UTC)
         probing = asyncio.ensure_future(self.prober.probe_all(probe_targets(profile)))
         try:
-            gpus = await asyncio.to_thread(self.gpu_backend.read)
+            gpus = self.last_read = await asyncio.to_thread(self.gpu_backend.read)
             processes = await asyncio.to_thread(_collect, profile, instances, gpus)
             probes = await probing
         finally:

@@ -1,10 +1,20 @@
 """HTTP health probes: ``GET http://127.0.0.1:{host_port}{health_path}``, 2xx = healthy.
 
-One :class:`Prober` holds one ``httpx.AsyncClient`` for its whole life (made on
-first use inside the running event loop, closed by ``aclose()``), so probing
-a hundred services reuses connections instead of building a client each
-time. ``trust_env=False``: a proxy from the environment must never see, or
-break, loopback probes. Each probe has its own timeout (the service's
+A probe is one short HTTP/1.1 exchange on a connection of its own
+(``Connection: close``), written and read here on asyncio's streams: a
+request line and three headers out, a status line and the headers back (and,
+for an Ollama, the body, by ``Content-Length``, chunks, or to the end). A
+watch probes every service every ``probe_interval_s``, the demo five of them
+every second, and through ``httpx`` (its pool, ``anyio``, ``h11``, the URL
+and cookie models) each probe cost more CPU than the rest of the pass; this
+way it costs a connect and two reads. No proxy is ever asked: a proxy from the
+environment must never see, or break, loopback probes.
+
+:class:`Prober` also holds one ``httpx.AsyncClient`` for its whole life (made
+on first use inside the running event loop, closed by ``aclose()``): the
+loopback HTTP of the other host modules (the Ollama API), which reuses its
+connections. A prober given a client of its own probes through it (a
+caller's transport, a test's). Each probe has its own timeout (the service's
 ``probe_timeout_s``), and all probes of one round run concurrently. A probe
 never raises: what went wrong is in :class:`Probe.error`.
 
@@ -18,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -29,6 +41,8 @@ from reconciler.core.profile import Service, is_ollama
 from reconciler.core.snapshot import Probe
 
 DEFAULT_TIMEOUT_S = 2.0
+MAX_HEAD_BYTES = 64 * 1024  # a status line and headers longer than this are not a health answer
+MAX_BODY_BYTES = 4 * 1024 * 1024  # an Ollama's model list, read for an ollama probe only
 
 
 def _stop_sniffio_lookups() -> None:
@@ -77,10 +91,10 @@ def service_target(service: Service) -> Target | None:
                   kind="ollama" if ollama else "http", host=service.url_host)
 
 
-def ollama_models(response: httpx.Response) -> list[str] | None:
-    """The model names of an Ollama's ``/api/tags`` answer; None when the answer is not one."""
+def ollama_models(response: httpx.Response | bytes) -> list[str] | None:
+    """The model names of an Ollama's ``/api/tags`` answer (a response, or its body); None when it is not one."""
     try:
-        data = response.json()
+        data = json.loads(response) if isinstance(response, bytes) else response.json()
     except ValueError:
         return None
     models = data.get("models") if isinstance(data, dict) else None
@@ -95,6 +109,7 @@ class Prober:
 
     def __init__(self, client: httpx.AsyncClient | None = None):
         self._client = client
+        self._through_client = client is not None  # a given client is probed through; else the lean path
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -109,6 +124,8 @@ class Prober:
         return self._client
 
     async def probe(self, target: Target) -> Probe:
+        if not self._through_client:
+            return await lean_probe(target)
         try:
             response = await self.client.get(target.url, timeout=target.timeout_s)
         except httpx.TimeoutException:
@@ -137,3 +154,82 @@ class Prober:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+class _BadAnswer(Exception):
+    """The peer answered, but not in HTTP/1.x (or beyond the size limits)."""
+
+
+async def lean_probe(target: Target) -> Probe:
+    """One probe on a connection of its own, over asyncio streams (see the module docstring)."""
+    try:
+        async with asyncio.timeout(target.timeout_s):
+            try:
+                reader, writer = await asyncio.open_connection(target.host.strip("[]"), target.port,
+                                                               limit=MAX_HEAD_BYTES)
+            except OSError:
+                return Probe(healthy=False, error=f"connection refused on port {target.port}")
+            try:
+                return await _exchange(target, reader, writer)
+            finally:
+                writer.close()
+    except TimeoutError:
+        return Probe(healthy=False, error=f"no answer within {target.timeout_s:g}s")
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        return Probe(healthy=False, error="the connection closed before a complete answer")
+    except (_BadAnswer, ValueError) as exc:
+        return Probe(healthy=False, error=f"not an HTTP answer ({exc})")
+    except OSError as exc:
+        return Probe(healthy=False, error=f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+
+async def _exchange(target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Probe:
+    path = quote(target.path if target.path.startswith("/") else "/" + target.path, safe="/?&=%:@!$'()*+,;~")
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\nAccept: */*\r\n"
+                 f"User-Agent: reconciler-probe\r\nConnection: close\r\n\r\n".encode("latin-1"))
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *header_lines = head[:-4].split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    if not version.startswith("HTTP/1."):
+        raise _BadAnswer(f"status line {status_line[:40]!r}")
+    status = int(rest[:3])
+    healthy = 200 <= status < 300
+    if not healthy or target.kind != "ollama":
+        return Probe(healthy=healthy, status=status, error=None if healthy else f"HTTP {status}")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    models = ollama_models(await _body(reader, headers))
+    if models is None:
+        return Probe(healthy=False, status=status,
+                     error=f"answers {target.path} but not as an Ollama does (no \"models\" list)")
+    return Probe(healthy=True, status=status, models=models)
+
+
+async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    """The body after the head: by ``Content-Length``, in chunks, or up to the end (``Connection: close``)."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            length = int(line.split(b";", 1)[0].strip(), 16)
+            if length == 0:
+                return b"".join(chunks)
+            size += length
+            if size > MAX_BODY_BYTES:
+                raise _BadAnswer("body over the size limit")
+            chunks.append(await reader.readexactly(length))
+            await reader.readexactly(2)
+    if "content-length" in headers:
+        length = int(headers["content-length"])
+        if length > MAX_BODY_BYTES:
+            raise _BadAnswer("body over the size limit")
+        return await reader.readexactly(length)
+    body = await reader.read(MAX_BODY_BYTES + 1)
+    while len(body) <= MAX_BODY_BYTES and (more := await reader.read(MAX_BODY_BYTES + 1 - len(body))):
+        body += more
+    if len(body) > MAX_BODY_BYTES:
+        raise _BadAnswer("body over the size limit")
+    return body

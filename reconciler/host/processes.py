@@ -201,6 +201,44 @@ def describe(pid: int, listening: list[int] | None = None) -> Process | None:
     return Process(pid=pid, create_time=create_time, ppid=ppid, cmdline=cmdline, listening=listening)
 
 
+_PROC_STAT = os.path.exists("/proc/self/stat") and hasattr(os, "sysconf")
+
+
+def proc_stat(pid: int | str, boot: float, ticks: int) -> tuple[bool, int, float] | None:
+    """(zombie, ppid, create_time) of ``pid`` from ``/proc/<pid>/stat`` (create time as psutil computes it:
+    ``boot`` + start ticks / ``ticks``); None when it is gone or unreadable. One ``read`` on a raw
+    descriptor: this runs for every process on every pass of a simulated GPU."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        # after "pid (comm) ": state ppid … starttime (the 20th field after comm)
+        fields = data[data.rindex(b")") + 2:].split()
+        return fields[0] == b"Z", int(fields[1]), boot + int(fields[19]) / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_time(pid: int) -> float | None:
+    """When process ``pid`` started (psutil's ``create_time``); None when it is gone or a zombie."""
+    if _PROC_STAT:
+        try:
+            boot, ticks = psutil.boot_time(), os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, psutil.Error):
+            boot, ticks = 0.0, 0
+        if ticks:
+            stat = proc_stat(pid, boot, ticks)
+            return None if stat is None or stat[0] else stat[2]
+    try:
+        process = psutil.Process(pid)
+        with process.oneshot():
+            return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except (psutil.Error, ProcessLookupError):
+        return None
+
+
 def ancestors(pid: int, limit: int = 32) -> list[int]:
     """The pids above ``pid``, nearest first (empty when it is gone)."""
     chain: list[int] = []

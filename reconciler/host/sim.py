@@ -37,6 +37,7 @@ from ruamel.yaml.error import YAMLError
 
 from reconciler.core.snapshot import Gpu, GpuProcess
 from reconciler.errors import GpuBackendError
+from reconciler.host.processes import proc_stat
 
 SIM_MB_ENV = "RECONCILER_SIM_GPU_MB"
 SCOPE_ENV = "RECONCILER_SIM_SCOPE"
@@ -231,17 +232,8 @@ def _linux_process_table() -> list[tuple[int, int, float]] | None:
         return None
     table = []
     for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                data = stat.read()
-            # after "pid (comm) ": state ppid … starttime (the 20th field after comm)
-            fields = data[data.rindex(b")") + 2:].split()
-            if fields[0] != b"Z":
-                table.append((int(entry), int(fields[1]), boot + int(fields[19]) / ticks))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or unreadable
+        if entry.isdigit() and (stat := proc_stat(entry, boot, ticks)) is not None and not stat[0]:
+            table.append((int(entry), stat[1], stat[2]))  # a zombie, or one gone meanwhile, is left out
     return table
 
 

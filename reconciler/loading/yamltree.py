@@ -26,6 +26,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.tag import Tag
 
 from reconciler.errors import Diagnostic, InputError
 from reconciler.loading.positions import Mark, Path, Positions
@@ -35,7 +36,8 @@ MAX_DEPTH = 64
 FAST_FROM_CHARS = 16_000  # shorter texts take the pure parser: importing libyaml costs more than it saves there
 
 _CORE = "tag:yaml.org,2002:"
-_PLAIN_SCALARS = {_CORE + t for t in ("str", "int", "float", "bool", "null")}
+_MAP, _SEQ, _NULL, _MERGE, _TIMESTAMP = (_CORE + t for t in ("map", "seq", "null", "merge", "timestamp"))
+_SCALARS = {_CORE + t for t in ("str", "int", "float", "bool", "null", "timestamp")}
 _HINTS = {
     "found character '\\t' that cannot start any token": "indent with spaces; YAML does not allow tabs",
     "mapping values are not allowed here": "quote a value that contains ': ', or fix the indentation",
@@ -90,32 +92,48 @@ def _compose_fast(text: str, yaml: YAML) -> Node | None:
     written), a ``%`` directive, where the C extension is missing — and for
     a text under :data:`FAST_FROM_CHARS`, where importing it (15 ms) costs
     more than it saves. The C
-    composer resolves plain scalars the YAML 1.1 way (``yes`` a bool); each
-    plain scalar is resolved again here by the round-trip resolver (YAML 1.2,
-    as the pure path does), so both paths give the same tags and marks
-    (``tests/test_loading_yaml.py`` compares them on every profile shipped).
+    composer runs with ruamel's base resolver (every scalar a string, every
+    mapping a map: no regular expressions in Python for each scalar, a third of
+    the time of its YAML 1.1 resolver); each plain scalar is resolved here by the
+    round-trip resolver (YAML 1.2, as the pure path does), so both paths give the
+    same tags and marks (``tests/test_loading_yaml.py`` compares them on every
+    profile shipped).
     """
     if len(text) < FAST_FROM_CHARS or any(sign in text for sign in "&!%"):  # anchors, tags, directives
         return None
     try:
-        fast = YAML(typ="safe", pure=False)
-        if "CParser" not in fast.Parser.__name__:
-            return None
+        from ruamel.yaml.cyaml import CBaseLoader  # ModuleNotFoundError without the C extension
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            root: Node | None = fast.compose(text)
+            loader = CBaseLoader(text)
+            try:
+                root: Node | None = loader.get_single_node()
+            finally:
+                loader.dispose()
     except Exception:  # noqa: BLE001  (any complaint of libyaml: the pure parser says it properly)
         return None
     if root is None:
         return None
     resolver = yaml.resolver
+    # One Tag object per tag, shared by the nodes that carry it: a Tag formats itself once (node.tag is that
+    # text, percent-decoded character by character), and a plain scalar's tag depends on its text alone (one
+    # YAML version: no directive), so each distinct text is resolved once.
+    shared: dict[tuple[Any, Any], Tag] = {}
+    plain: dict[str, Tag] = {}
     stack: list[Node] = [root]
     while stack:
         node = stack.pop()
-        if isinstance(node, ScalarNode):
-            if not node.style:  # plain: resolved by YAML 1.2's rules
-                node.tag = resolver.resolve(ScalarNode, node.value, (True, False))
-        elif isinstance(node, MappingNode):
+        if isinstance(node, ScalarNode) and not node.style:  # plain: resolved by YAML 1.2's rules
+            tag = plain.get(node.value)
+            if tag is None:
+                found = resolver.resolve(ScalarNode, node.value, (True, False))
+                tag = plain[node.value] = shared.setdefault((found.handle, found.suffix), found)
+            node.ctag = tag
+            continue
+        if node.ctag is not None:
+            node.ctag = shared.setdefault((node.ctag.handle, node.ctag.suffix), node.ctag)
+        if isinstance(node, MappingNode):
             for key, value in node.value:
                 stack.extend((key, value))
         elif isinstance(node, SequenceNode):
@@ -166,6 +184,7 @@ class _Builder:
         self._open: set[int] = set()
         self._alias_depth = 0
         self._alias_values = 0
+        self._scalars: dict[tuple[str, str], Any] = {}  # (tag, text) → value, built once
 
     def error(self, node: Node, message: str) -> None:
         mark = _mark(node)
@@ -198,14 +217,15 @@ class _Builder:
             if self._alias_values > MAX_ALIAS_VALUES:
                 raise _TooLarge(node)
         self._open.add(key)
+        tag = node.tag  # a property that formats ruamel's Tag: read once
         try:
-            if isinstance(node, MappingNode) and node.tag == _CORE + "map":
+            if isinstance(node, MappingNode) and tag == _MAP:
                 return self._mapping(node, path, depth)
-            if isinstance(node, SequenceNode) and node.tag == _CORE + "seq":
+            if isinstance(node, SequenceNode) and tag == _SEQ:
                 return [self._item(item, (*path, i), depth) for i, item in enumerate(node.value)]
-            if isinstance(node, ScalarNode) and node.tag in _PLAIN_SCALARS | {_CORE + "timestamp"}:
-                return self._scalar(node)
-            self.error(node, f"unsupported YAML tag {_short(node.tag)}; write a plain value, list or mapping")
+            if isinstance(node, ScalarNode) and tag in _SCALARS:
+                return self._scalar(node, tag)
+            self.error(node, f"unsupported YAML tag {_short(tag)}; write a plain value, list or mapping")
             return None
         finally:
             self._open.discard(key)
@@ -220,7 +240,7 @@ class _Builder:
         first_seen: dict[str, Mark] = {}
         merges: list[Node] = []
         for key_node, value_node in node.value:
-            if key_node.tag == _CORE + "merge":
+            if key_node.tag == _MERGE:
                 merges.append(value_node)
                 continue
             if not isinstance(key_node, ScalarNode):
@@ -257,21 +277,28 @@ class _Builder:
     @staticmethod
     def _value_mark(key_node: Node, value_node: Node) -> Mark:
         # An empty value ("services:" and nothing under it) has no text of its own: point at its key.
-        if isinstance(value_node, ScalarNode) and value_node.value == "" and value_node.tag == _CORE + "null":
+        if isinstance(value_node, ScalarNode) and value_node.value == "" and value_node.tag == _NULL:
             return _mark(key_node)
         return _mark(value_node)
 
-    def _scalar(self, node: ScalarNode) -> Any:
-        if node.tag == _CORE + "timestamp":
+    def _scalar(self, node: ScalarNode, tag: str) -> Any:
+        if tag == _TIMESTAMP:
             return str(node.value)
+        known = (tag, node.value)  # the plain value depends on tag and text alone (ruamel's subclasses aside)
+        if known in self._scalars:
+            return self._scalars[known]
         value = self.constructor.construct_object(node, deep=True)
+        plain: Any
         if value is None or isinstance(value, bool):
-            return value
-        if isinstance(value, int):
-            return int(value)
-        if isinstance(value, float):
-            return float(value)
-        return str(value)
+            plain = value
+        elif isinstance(value, int):
+            plain = int(value)
+        elif isinstance(value, float):
+            plain = float(value)
+        else:
+            plain = str(value)
+        self._scalars[known] = plain
+        return plain
 
 
 def _short(tag: str | None) -> str:

@@ -10,6 +10,11 @@ needs and returns), and the event loop never waits for the disk. When the
 reconciler stops, one last checkpoint truncates the log. A checkpoint that
 fails (the disk is full) is logged and tried again next time: the log
 keeps growing meanwhile, nothing is lost.
+
+A log nobody wrote to since the last checkpoint (its size and modification
+time as they were then: an idle reconciler's) is not checkpointed again: that
+was a thread woken, a connection opened and a checkpoint run every 2 s for
+nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 from reconciler.core.clock import Clock
 from reconciler.errors import StoreError
@@ -36,6 +42,7 @@ class Checkpoints:
         self.every_s = every_s
         self.done = 0  # checkpoints run (for tests and curiosity)
         self._task: asyncio.Task[None] | None = None
+        self._seen: tuple[int, int] | None = None  # the log's (size, mtime) right after the last checkpoint
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -50,12 +57,22 @@ class Checkpoints:
     async def _run(self) -> None:
         while True:
             await self.clock.sleep(self.every_s)
-            await self._once()
+            if self._seen is None or self._log() != self._seen:
+                await self._once()
+
+    def _log(self) -> tuple[int, int] | None:
+        """The write-ahead log's size and modification time (None when there is none)."""
+        try:
+            stat = os.stat(f"{self.store.path}-wal")
+        except OSError:
+            return None
+        return stat.st_size, stat.st_mtime_ns
 
     async def _once(self, *, truncate: bool = False) -> None:
         try:
             await asyncio.to_thread(self.store.checkpoint, truncate=truncate)
             self.done += 1
+            self._seen = self._log()
         except StoreError as exc:
             log.warning("checkpoint of %s failed (%s); the next one tries again", self.store.path, exc)
         except RuntimeError:  # the loop is closing (no thread can be started): the next start checkpoints

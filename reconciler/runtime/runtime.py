@@ -6,6 +6,9 @@ against what it saw (:mod:`.inventory`: the dead pruned, finished starts
 promoted), plans, holds back the starts of services that are backing off and
 whatever needs them (:mod:`.backoff`), and runs the rest of the plan's
 ``requires`` DAG (:mod:`.executor`, :mod:`.actions`). Passes never overlap.
+On a quiet, converged host a pass first asks :mod:`.steady` whether the last
+full pass's answer still holds (its instances, probes and GPUs looked at
+again), and reports that answer when it does.
 :meth:`Runtime.recover` runs once at startup (:mod:`.recovery`);
 :meth:`Runtime.converge` repeats passes while they make progress.
 
@@ -40,6 +43,7 @@ from reconciler.core.planner import plan as make_plan
 from reconciler.core.profile import Profile
 from reconciler.core.redaction import redact_plan
 from reconciler.core.report import Outcome, PassReport
+from reconciler.core.snapshot import Snapshot
 from reconciler.errors import ReconcilerError
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import Observer
@@ -56,6 +60,7 @@ from reconciler.runtime.ledger import Ledger
 from reconciler.runtime.lifecycle import DEFAULT_MEMORY_TIMEOUT_S, Lifecycle
 from reconciler.runtime.passes import GrantWatch, LastPass, PassSignal
 from reconciler.runtime.pulls import Pulls
+from reconciler.runtime.steady import Steady
 from reconciler.runtime.traffic import Traffic
 from reconciler.store.base import Store, StoredState
 
@@ -111,6 +116,7 @@ class Runtime:
         self._woken = asyncio.Event()
         self._deadline: float | None = None
         self._probe_misses: dict[tuple[str, int | None], int] = {}  # failed probes in a row (inventory)
+        self.steady = Steady(self.prober, gpu_backend, clock.monotonic)  # a quiet pass reuses the last answer
 
     def last_pass(self) -> LastPass | None:
         """What the last pass observed and planned (None before the first)."""
@@ -162,12 +168,23 @@ class Runtime:
             self.events.publish(EventKind.LEASE_EXPIRED, service=lease.service, lease=lease.id, holder=lease.holder)
         ledger = self.ledger
         state = self.state()
-        observed = await self._observer_for(profile).observe(state.instances, state.leases, state.demands)
+        held = set(store.holds()) | self.transient_holds  # what an operator holds stopped (.controls)
+        steady = await self.steady.reuse(profile, state.instances, len(state.leases), len(state.demands), held, now)
+        if (steady is not None and self.steady.plan is not None and not ledger.leases() and not ledger.demands()
+                and set(store.holds()) | self.transient_holds == held):
+            # nothing changed (and no lease, demand or hold came while it looked): the last answer holds (.steady)
+            plan = self.steady.plan
+            self._last = LastPass(snapshot=steady, plan=plan)
+            _, stalled = hold_back(plan, profile, store, steady.now)
+            return self._report(profile, plan, steady, {}, stalled)
+        self.steady.forget()
+        observer = self._observer_for(profile)
+        observed = await observer.observe(state.instances, state.leases, state.demands)
         snapshot = self.keep_alive.apply(await inventory.tidy(self.lifecycle, profile, observed, self._probe_misses))
         # leases and demands as they are now (grants go on while a pass observes); from here to publishing
         # the plan nothing awaits, so every grant is either seen by the planner or sees the plan's starts
         snapshot = snapshot.model_copy(update={"leases": ledger.leases(), "demands": ledger.demands()})
-        held = set(store.holds()) | self.transient_holds  # what an operator holds stopped (.controls)
+        held = set(store.holds()) | self.transient_holds  # read again: an operator may have held one meanwhile
         if held:
             snapshot = snapshot.model_copy(update={"held": sorted(held)})
         plan = self.pulls.after_plan(profile, snapshot, make_plan(profile, snapshot))
@@ -184,6 +201,13 @@ class Runtime:
         outcomes = {k: replace(o, detail=self.redactor.text(o.detail)) for k, o in outcomes.items()}
         plan = redact_plan(plan, self.redactor)  # reasons may quote a launch spec an older profile expanded
         self._last, self._planning = LastPass(snapshot=snapshot, plan=plan), None
+        if not outcomes:
+            self.steady.remember(profile, snapshot, plan, observer.last_read, held)
+        return self._report(profile, plan, snapshot, outcomes, stalled)
+
+    def _report(self, profile: Profile, plan: Plan, snapshot: Snapshot, outcomes: dict[str, Outcome],
+                stalled: dict[str, str]) -> PassReport:
+        """The pass's event and report."""
         counts = {s: sum(1 for o in outcomes.values() if o.status == s)
                   for s in ("done", "failed", "skipped", "deferred")}
         # an uneventful pass is shown, never recorded: a watch passes every few seconds (and a start held back by
