@@ -55,6 +55,26 @@ The txn makes the *choice* atomic against a stale view; the node's ledger makes 
 *booking* atomic. One etcd round trip per placed lease (the txn) while the watch is
 current, two when the view must be read first (after a lost txn, or while the watch
 reconnects), plus the chosen node's batched publish, which is off the request path.
+
+**Local choices pay no etcd round trip.** When the ranking chooses this node itself, no txn
+is sent: the request goes straight to the local path. The txn is there to make a choice of
+*another* node atomic against a stale view — its compare fails when that node's reservations
+or incarnation changed since we read them, so we re-read instead of sending it a request
+chosen on old facts. For this node those facts are not read from etcd at all: its ledger,
+under its lock on the event loop, is the only writer of its GPUs' reservations and grants or
+refuses (queues, starts, evicts) against what it holds *now*. The compare on our own
+reservations key could only fail because of our own writes, and what it would protect — a
+booking on our GPUs — our ledger makes atomic anyway. So a stale view can make a local
+choice *less good* (another node became warmer meanwhile: the request queues or starts here
+where it could have been warm there, exactly as a request that arrived a moment earlier), never
+a double booking. Liveness needs no compare either: we are alive if we answer; a node cut off
+from etcd drops its watched view when a heartbeat fails (within a third of the TTL), and
+placement then reads etcd and answers 503 as before — until then it serves from its last view
+what it chose for itself, as its gateway does. The placement record, which only shows a
+request in flight (``GET /v1/cluster``, ``plan --cluster``; no ranking reads it), is written
+by the next batched publish when the request is still waiting then, and never when it was
+answered first — the usual warm case. Counted as ``local_placements`` (and ``placement_txns``
+for the others) in ``GET /v1/cluster``.
 """
 
 from __future__ import annotations
@@ -157,6 +177,8 @@ class ClusterNode:
         self.connected = False
         self.placements = 0  # placements committed by this node
         self.conflicts = 0  # placement txns lost to a concurrent change (re-read and retried)
+        self.placement_txns = 0  # placement txns sent (a choice of another node)
+        self.local_placements = 0  # placements on this node itself: no txn (module docstring, "Local choices")
         self._runtime: Runtime | None = None
         self._profile: Callable[[], Profile] | None = None
         self._dirty = asyncio.Event()
@@ -166,6 +188,7 @@ class ClusterNode:
         self._published_state: dict[str, Any] = {}
         self._published_reservations = ""
         self._answered: set[str] = set()
+        self._unpublished: dict[str, str] = {}  # our own placements not yet written: id → record
         self._offers: dict[str, Offer] = {}
         self._offers_for: object = None
         self._http: httpx.AsyncClient | None = None
@@ -267,6 +290,7 @@ class ClusterNode:
                                                      f"({self.url or 'no API'})", url=self.url)
 
     def _disconnected(self, exc: Exception) -> None:
+        self._cached = None  # a view we cannot vouch for: placement reads etcd again (and says it cannot)
         if self.connected:
             self.connected = False
             message = (f"cluster {self.cluster}: etcd does not answer ({exc}); services keep running, "
@@ -363,7 +387,7 @@ class ClusterNode:
             return
         state = self.state()
         same = {k: v for k, v in state.items() if k != "observed_at"}  # a pass that changed nothing: no write
-        if not force and not self._answered and same == self._published_state:
+        if not force and not self._answered and not self._unpublished and same == self._published_state:
             return
         docs = {doc["id"]: json.dumps(doc, sort_keys=True) for doc in state["leases"]}
         ops: list[Put | Delete] = [Put(self.key("state", self.node), json.dumps(state), lease)]
@@ -378,9 +402,16 @@ class ClusterNode:
             ops.append(Delete(self.key("leases", gone)))
         answered, self._answered = self._answered, set()
         ops.extend(Delete(self.key("placements", p)) for p in answered | self._abandoned())
+        writing, self._unpublished = self._unpublished, {}  # answered while written: deleted by the next publish
+        ops.extend(Put(self.key("placements", p), doc, lease) for p, doc in writing.items())
         ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
         if not ok:
             self._answered |= answered
+            for placement, doc in writing.items():
+                if placement in self._answered:
+                    self._answered.discard(placement)  # answered meanwhile: nothing to write or delete
+                else:
+                    self._unpublished[placement] = doc
             self._lost("its node key is gone")
             return
         self._published_leases = docs
@@ -398,7 +429,10 @@ class ClusterNode:
                 if kv.json().get("node") == self.node and now - float(kv.json().get("at", now)) > ABANDONED_S}
 
     def answered(self, placement: str) -> None:
-        """The request of ``placement`` has its answer: drop the key with the next publish."""
+        """The request of ``placement`` has its answer: drop the key with the next publish (a placement of
+        our own not written yet is just forgotten: nothing to write, nothing to delete)."""
+        if self._unpublished.pop(placement, None) is not None:
+            return
         self._answered.add(placement)
         self._dirty.set()
 
@@ -440,6 +474,8 @@ class ClusterNode:
                     async for events in self.etcd.watch(self.prefix, view.revision + 1):
                         for event in events:
                             self._apply(view, event.kind, event.kv)
+                        if self.connected:  # dropped by a heartbeat that failed: back once etcd answers again
+                            self._cached = view
                 self._cached = None  # the stream ended: the member went away
                 await asyncio.sleep(RETRY_S)
             except TimeoutError:
@@ -515,6 +551,14 @@ class ClusterNode:
             placement = str(uuid.uuid4())
             doc = {"service": choice.service, "model": choice.model, "node": choice.node, "tier": choice.tier,
                    "by": self.node, "revision": view.revision, "at": time.time()}
+            if choice.node == self.node:  # our own ledger decides: no txn (module docstring, "Local choices")
+                self.placements += 1
+                self.local_placements += 1
+                self._unpublished[placement] = json.dumps(doc)
+                self._dirty.set()
+                return Placed(self.node, self.url, placement, choice.tier, True, choice.service, choice.model,
+                              self.gateway_url or "", choice.gpu)
+            self.placement_txns += 1
             ok, _ = await self.etcd.txn(
                 [Compare(node_kv.key, "CREATE", node_kv.create_revision),
                  Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
@@ -603,4 +647,5 @@ class ClusterNode:
                 "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
                 "placements": placements,
                 "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
-                             "placements": self.placements}}
+                             "placements": self.placements, "placement_txns": self.placement_txns,
+                             "local_placements": self.local_placements}}
