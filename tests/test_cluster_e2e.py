@@ -263,6 +263,8 @@ def test_a_request_the_node_asked_takes_itself_sends_no_placement_txn(world: Wor
     assert world.nodes["a"].get("/v1/cluster")["counters"]["placement_txns"] >= 1
     for lease in [*(r.json() for r in held), third.json()]:
         assert httpx.delete(f"{c.url}/v1/leases/{lease['id']}", timeout=10).status_code == 200
+    # a's record of the third (embed started on a or b: it waited, so a wrote it) is gone once answered
+    wait_until(lambda: not _placements(world), 10, "no placement record left")
 
 
 def test_node_killed_leaves_within_ttl_its_demands_are_replaced_and_it_rejoins(world: World) -> None:

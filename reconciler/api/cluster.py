@@ -76,6 +76,8 @@ async def place(body: LeaseRequest, ctx: ApiContext) -> tuple[str, str | None, s
         except httpx.TransportError:
             excluded.add(placed.node)  # it went away since we read the view: place it again without it
             continue
+        finally:
+            cluster.answered(placed.placement)
         if status == 200 and isinstance(answer, dict) and "id" in answer:
             cluster.remember(str(answer["id"]), placed.node, placed.url)
         return JSONResponse(answer, status_code=status)
@@ -107,6 +109,8 @@ async def allocate_on(ctx: ApiContext, service: str, model: str, doc: dict[str, 
         except httpx.TransportError:
             excluded.add(placed.node)
             continue
+        finally:
+            cluster.answered(placed.placement)
         if status == 200 and isinstance(answer, dict) and "allocation_id" in answer:
             cluster.remember(str(answer["allocation_id"]), placed.node, placed.url)
             return JSONResponse(answer)
@@ -147,6 +151,8 @@ async def vram_on(ctx: ApiContext, doc: dict[str, Any], mb: int, gpu: int | None
             excluded.add(placed.node)
             last = f"node {placed.node} did not answer"
             continue
+        finally:
+            cluster.answered(placed.placement)
         lease = answer.get("lease") if isinstance(answer, dict) else None
         if status == 200 and isinstance(lease, dict) and "lease_id" in lease:
             cluster.remember(str(lease["lease_id"]), placed.node, placed.url)

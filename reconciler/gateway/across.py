@@ -174,13 +174,13 @@ class Across:
             try:
                 return await self._relay(placed, path, scope, raw, send, watch)
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:  # reached, but silent
-                self.cluster.answered(placed.placement)
                 return await answer(send, error(protocol, 504, f"model {model!r}: node {placed.node}'s gateway "
                                                                f"did not answer in time ({type(exc).__name__})"))
             except httpx.TransportError as exc:  # it went away since the view was read: place it again
                 log.warning("gateway: node %s did not answer for %s (%s); placing it again", placed.node, model, exc)
                 excluded.add(placed.node)
-                self.cluster.answered(placed.placement)
+            finally:
+                self.cluster.answered(placed.placement)  # the placer's record: in flight no more
         return await answer(send, error(protocol, 503, f"model {model!r}: the nodes chosen "
                                                        f"({', '.join(sorted(excluded))}) did not answer; retry",
                                         retry_after_s=5.0))
