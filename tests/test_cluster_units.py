@@ -3,11 +3,14 @@ the cluster options' errors."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from reconciler.cluster.confirming import Check, Confirmations, Revisions
+from reconciler.cluster.etcd import EtcdUnavailable
 from reconciler.cluster.placement import offers, rank, rank_model, rank_vram
 from reconciler.loading import load_profile, load_snapshot
 
@@ -246,3 +249,50 @@ def test_whatif_refuses_a_node_that_is_not_alive() -> None:
     profile, snapshot, view = whatif_world()
     with pytest.raises(ClusterViewError, match=r"node 'n3' is not a live node of cluster 'lab' \(live: n1, n2\)"):
         cluster_plan(view, "n3", profile, snapshot, plan(profile, snapshot))
+
+
+def test_confirmations_share_one_read_and_a_read_always_starts_after_the_choice() -> None:
+    """Placements waiting together share one etcd read; one that asks while a read is in flight waits for
+    the next (a read it did not see start cannot vouch for its choice)."""
+    sent: list[asyncio.Future[Revisions]] = []
+
+    async def read() -> Revisions:
+        sent.append(asyncio.get_running_loop().create_future())
+        return await sent[-1]
+
+    async def settle() -> None:  # every task runs until it waits
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        confirmations = Confirmations(read)
+        live = Check("nodes/c", "CREATE", 5)
+        first = [asyncio.ensure_future(confirmations.confirm([live, Check("reservations/c", "MOD", 9)]))
+                 for _ in range(3)]
+        await settle()
+        assert len(sent) == 1  # three placements, one read
+        late = asyncio.ensure_future(confirmations.confirm([live, Check("reservations/c", "MOD", 9)]))
+        await settle()
+        assert len(sent) == 1  # it waits for the next read, not the one in flight
+        sent[0].set_result({"nodes/c": (5, 5), "reservations/c": (6, 9)})
+        assert await asyncio.gather(*first) == [True, True, True]
+        await settle()
+        assert len(sent) == 2
+        sent[1].set_result({"nodes/c": (5, 5), "reservations/c": (6, 12)})  # reserved meanwhile: re-read, re-rank
+        assert await late is False
+        gone = asyncio.ensure_future(confirmations.confirm([Check("nodes/b", "CREATE", 3)]))
+        await settle()
+        sent[2].set_result({"nodes/c": (5, 5)})  # b's key is gone: b died
+        assert await gone is False
+        failing = asyncio.ensure_future(confirmations.confirm([live]))
+        await settle()
+        sent[3].set_exception(EtcdUnavailable("no etcd member answered"))
+        try:
+            await failing
+        except EtcdUnavailable:
+            pass
+        else:
+            raise AssertionError("a read that fails fails its placements")
+        assert confirmations.reads == 4
+
+    asyncio.run(scenario())

@@ -104,6 +104,7 @@ from typing import Any
 
 import httpx
 
+from reconciler.cluster.confirming import Check, Confirmations, Revisions
 from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, KeyValue, Put
 from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, rank_model, rank_vram, warm_slots
 from reconciler.core.accounting import planned_reservations, world_now
@@ -122,6 +123,7 @@ RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
 ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
 REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
+KEEPALIVE = 8  # idle connections kept to other nodes: httpcore scans them all per request (gateway/upstream.py)
 FORWARDED = "X-Reconciler-Forwarded"
 PLACEMENT = "X-Reconciler-Placement"
 
@@ -207,6 +209,7 @@ class ClusterNode:
         self._http: httpx.AsyncClient | None = None
         self._cached: View | None = None  # kept current by a watch (:meth:`_follow`)
         self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
+        self._confirmations = Confirmations(self._revisions)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -242,7 +245,7 @@ class ClusterNode:
     async def start(self, runtime: Runtime, profile: Callable[[], Profile]) -> None:
         self._runtime, self._profile = runtime, profile
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
-                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=KEEPALIVE))
         subscription = runtime.events.subscribe()
         self._tasks = [asyncio.ensure_future(self._heartbeat()), asyncio.ensure_future(self._publisher()),
                        asyncio.ensure_future(self._listen(subscription)), asyncio.ensure_future(self._follow())]
@@ -472,6 +475,11 @@ class ClusterNode:
 
     # --- reading the cluster ----------------------------------------------------------------
 
+    async def _revisions(self) -> Revisions:
+        """Every node's liveness and reservations key with its revisions, now (one linearizable read)."""
+        found = await self.etcd.ranges([self.key("nodes"), self.key("reservations")], keys_only=True)
+        return {kv.key: (kv.create_revision, kv.mod_revision) for part in found for kv in part.kvs}
+
     async def view(self) -> View:
         """The cluster as etcd has it now (one range of the prefix)."""
         found = await self.etcd.range(self.prefix, prefix=True)
@@ -586,11 +594,10 @@ class ClusterNode:
             if local:  # our own ledger decides: no txn (module docstring, "Local choices")
                 self.local_placements += 1
                 ok = True
-            else:  # compares only: a linearizable read for etcd, no raft entry, no fsync ("The record")
+            else:  # a linearizable read, shared with the placements waiting now (:mod:`.confirming`)
                 self.placement_txns += 1
-                ok, _ = await self.etcd.txn(
-                    [Compare(node_kv.key, "CREATE", node_kv.create_revision),
-                     Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)], [])
+                ok = await self._confirmations.confirm([Check(node_kv.key, "CREATE", node_kv.create_revision),
+                                                        Check(reserved_kv.key, "MOD", reserved_kv.mod_revision)])
             if ok:
                 self.placements += 1
                 self._unpublished[placement] = json.dumps(doc)  # written by the next publish if still in flight
