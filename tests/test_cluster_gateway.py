@@ -140,6 +140,14 @@ def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[st
     vectors = sdk.embeddings.create(model="emb", input=["hello"])
     assert vectors.data[0].embedding == pytest.approx(embedding("hello", 8), abs=1e-6)
     assert upstream_stats(c.ports["embed"])["requests"] == before + 1
+    # counted in full where it was served, and at the node asked only as proxied there
+    asked = {m["model"]: m for m in a.get("/v1/status")["models"]}
+    assert asked["emb"]["requests"] == 0 and asked["emb"]["proxied"] == {"c": 1}
+    served = {m["model"]: m for m in c.get("/v1/status")["models"]}
+    assert served["emb"]["requests"] >= 1 and served["emb"]["proxied"] == {}
+    metrics = httpx.get(f"{a.api}/metrics", headers=AUTH, timeout=10).text
+    proxied = [line for line in metrics.splitlines() if line.startswith("reconciler_gateway_proxied_total{")]
+    assert [line.rsplit(" ", 1)[1] for line in proxied if 'model="emb"' in line and 'to_node="c"' in line] == ["1.0"]
     assert "embed" not in {i["service"] for i in a.get("/v1/status")["instances"]}
 
     # a client that goes away mid-stream cancels the request on c (its upstream and its lease), at once

@@ -14,9 +14,9 @@
   (a start, a stop, a VRAM lease), not with every lease of a running service;
 * ``leases/<id>`` — one per lease it holds (which node, which service): any node can find the
   owner of a lease id to forward a renew or a release;
-* ``placements/<id>`` — a request this node placed (on itself or another node) that is still
-  waiting for its answer: written by its next publish, so only a request that waits longer than
-  a publish takes (a start, a queue) ever has one; deleted once answered (*the record*, below).
+* ``placements/<id>`` — a request this node placed (on itself or another node) that has waited
+  for its answer longer than :data:`RECORD_AFTER_S` (a start, a queue); deleted once answered
+  (*the record*, below).
 
 Every key is attached to its node's etcd lease, so everything a node published vanishes
 when it dies: within one TTL its reservations and leases are gone from the cluster view
@@ -64,9 +64,12 @@ raft log entry and no fsync — 1.5-3 ms instead of 2.6-5.5 on a 3-member etcd o
 loses nothing: nobody compares against a placement record, so putting one in the txn never
 kept two placers apart — the compare on the chosen node's keys does, and it is still there.
 The record only shows a request in flight (``GET /v1/cluster``, ``plan --cluster``; no
-ranking reads it), so the placer writes it with its next batched publish, attached to its own
-etcd lease, only if the request is still waiting then, and deletes it once the answer came
-back (it sees the answer: it forwarded the request). A placer that dies takes its records with
+ranking reads it), so the placer writes it with a batched publish, attached to its own etcd
+lease, once the request has waited :data:`RECORD_AFTER_S` (a start, a queue: within the
+:data:`PUBLISH_INTERVAL_S` that follows), and deletes it once the answer came back (it sees
+the answer: it forwarded the request). A warm request never has one — not even under load,
+when writing one for each of fifty concurrent requests (and the watch events they cause on
+every node) cost more than the requests themselves. A placer that dies takes its records with
 it; its forwarded requests are answered anyway (or cancelled: the connection closed).
 
 **Local choices pay no etcd round trip.** When the ranking chooses this node itself, no txn
@@ -84,7 +87,7 @@ a double booking. Liveness needs no compare either: we are alive if we answer; a
 from etcd drops its watched view when a heartbeat fails (within a third of the TTL), and
 placement then reads etcd and answers 503 as before — until then it serves from its last view
 what it chose for itself, as its gateway does. Its placement record is written as any other
-(*the record*, above): never for a request answered before the next publish. Counted as
+(*the record*, above): never for a warm request. Counted as
 ``local_placements`` (and ``placement_txns`` for the others) in ``GET /v1/cluster``.
 """
 
@@ -118,6 +121,7 @@ from reconciler.runtime import Runtime
 DEFAULT_TTL_S = 10
 PUBLISH_INTERVAL_S = 2.0
 PUBLISH_DEBOUNCE_S = 0.05
+RECORD_AFTER_S = 0.5  # a placement's record is written once its request has waited this long (see "The record")
 REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
 MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
@@ -201,7 +205,7 @@ class ClusterNode:
         self._published_state: dict[str, Any] = {}
         self._published_reservations = ""
         self._answered: set[str] = set()
-        self._unpublished: dict[str, str] = {}  # our own placements not yet written: id → record
+        self._unpublished: dict[str, tuple[str, float]] = {}  # ours, not written yet: id → (record, since)
         self._written: dict[str, str] = {}  # our own placements written, not yet answered: id → record
         self._writing: dict[str, str] = {}  # those the publish in flight writes
         self._offers: dict[str, Offer] = {}
@@ -298,7 +302,7 @@ class ClusterNode:
         self.lease_id = None
         self.connected = False  # announced as joined again once registered
         self._published_leases = {}
-        self._unpublished.update(self._written)  # they went with the old etcd lease: written again
+        self._unpublished.update((p, (doc, 0.0)) for p, doc in self._written.items())  # gone with the old lease
         self._written = {}
 
     def _connected(self) -> None:
@@ -405,7 +409,9 @@ class ClusterNode:
             return
         state = self.state()
         same = {k: v for k, v in state.items() if k != "observed_at"}  # a pass that changed nothing: no write
-        if not force and not self._answered and not self._unpublished and same == self._published_state:
+        due = {p: doc for p, (doc, since) in self._unpublished.items()
+               if time.monotonic() - since >= RECORD_AFTER_S}
+        if not force and not self._answered and not due and same == self._published_state:
             return
         docs = {doc["id"]: json.dumps(doc, sort_keys=True) for doc in state["leases"]}
         ops: list[Put | Delete] = [Put(self.key("state", self.node), json.dumps(state), lease)]
@@ -420,7 +426,9 @@ class ClusterNode:
             ops.append(Delete(self.key("leases", gone)))
         answered, self._answered = self._answered, set()
         ops.extend(Delete(self.key("placements", p)) for p in answered | self._abandoned())
-        writing, self._unpublished = self._unpublished, {}  # answered while written: deleted by the next publish
+        writing = due  # answered while written: deleted by the next publish
+        for placement in writing:
+            del self._unpublished[placement]
         self._writing = writing
         ops.extend(Put(self.key("placements", p), doc, lease) for p, doc in writing.items())
         try:
@@ -448,7 +456,7 @@ class ClusterNode:
             if placement in self._answered:
                 self._answered.discard(placement)  # nothing to write, nothing to delete
             else:
-                self._unpublished[placement] = doc
+                self._unpublished[placement] = (doc, 0.0)
 
     def _abandoned(self) -> set[str]:
         """Placements on this node that their placer never deleted (placers before the record became
@@ -600,7 +608,7 @@ class ClusterNode:
                                                         Check(reserved_kv.key, "MOD", reserved_kv.mod_revision)])
             if ok:
                 self.placements += 1
-                self._unpublished[placement] = json.dumps(doc)  # written by the next publish if still in flight
+                self._unpublished[placement] = (json.dumps(doc), time.monotonic())  # written if it waits
                 self._dirty.set()
                 record = node_kv.json()
                 return Placed(choice.node, str(record.get("url", "")), placement, choice.tier, local,

@@ -20,6 +20,11 @@ one machine; otherwise it is proxied to the chosen node's gateway, marked with
 placement id (dropped from etcd once answered), with the cluster's token. The protocols have no
 field to pin a node, so a gateway request is never pinned.
 
+**Counting.** A proxied request is counted in full (requests, latencies, what it caused) by the
+node that served it, and by the node asked only as ``proxied`` to that node (per model, in the
+status document and ``reconciler_gateway_proxied_total``): summing ``requests`` over the nodes
+counts each request once, and the node asked still shows where its clients' requests went.
+
 **Relaying.** The chosen gateway's answer is relayed as it comes: status, headers, then each
 chunk as it is read — a stream (SSE, NDJSON) is never buffered, and the next chunk is read only
 once the previous one went to the client, so backpressure reaches the serving node. A client
@@ -59,6 +64,7 @@ from reconciler.core.profile import Profile
 from reconciler.gateway.protocols import Protocol, error
 from reconciler.gateway.routing import Routes
 from reconciler.gateway.upstream import Pools
+from reconciler.runtime.traffic import Traffic
 
 REPLACE_ATTEMPTS = 3
 PASSED_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
@@ -90,13 +96,14 @@ class Across:
     """Placement and proxying of gateway requests across the nodes of a cluster."""
 
     def __init__(self, cluster: ClusterNode, routes: Routes, profile: Callable[[], Profile], pools: Pools,
-                 token: bytes | None):
+                 token: bytes | None, traffic: Traffic | None = None):
         self.cluster = cluster
         self.routes = routes
         self.profile = profile
         self.pools = pools
         self.token = token
         self.proxied = 0  # requests answered by another node's gateway
+        self.traffic = traffic  # per model: what this gateway placed elsewhere (``proxied``, by node)
 
     def models(self) -> dict[str, dict[str, Any]]:
         """This gateway's routing table as it is published: name → service, model, api, declared, mb."""
@@ -199,6 +206,9 @@ class Across:
         try:
             response = await client.send(request, stream=True)  # TransportError: not reached, nothing sent
             self.proxied += 1
+            if self.traffic is not None:
+                counted = self.traffic.of(placed.model or "", placed.service).proxied
+                counted[placed.node] = counted.get(placed.node, 0) + 1
             try:
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": [(k.lower(), v) for k, v in response.headers.raw
