@@ -161,17 +161,17 @@ def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[st
                             and x.get("state", "active") == "active"], 5, "c's gateway lease released")
 
     # a's own model is served at a, and c's gateway serves a's model too (placement from c); a choosing
-    # itself sends no placement txn (its ledger decides), a choosing another node does
+    # itself confirms nothing with etcd (its ledger decides), a choosing another node does
     counters = a.get("/v1/cluster")["counters"]
     assert a.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices[0].message.content \
         == "".join(reply("alpha", 2))
     after = a.get("/v1/cluster")["counters"]
-    assert after["placement_txns"] == counters["placement_txns"]
+    assert after["placement_confirmations"] == counters["placement_confirmations"]
     assert after["local_placements"] == counters["local_placements"] + 1
-    txns = c.get("/v1/cluster")["counters"]["placement_txns"]
+    confirmed = c.get("/v1/cluster")["counters"]["placement_confirmations"]
     via_c = c.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=3)
     assert via_c.choices[0].message.content == "".join(reply("alpha", 3))
-    assert c.get("/v1/cluster")["counters"]["placement_txns"] == txns + 1
+    assert c.get("/v1/cluster")["counters"]["placement_confirmations"] == confirmed + 1
 
     # c dies: its models leave every listing within a TTL; emb is placed elsewhere, gamma is a 404
     assert c.run is not None

@@ -38,13 +38,14 @@ other nodes (placement answers 503) until etcd answers again.
 
 **Placement** (:meth:`ClusterNode.place` for a lease on a service, :meth:`~ClusterNode.place_model`
 for a gateway request naming a model, :meth:`~ClusterNode.place_vram` for cf-orch's VRAM lease: three
-rankings of :mod:`.placement`, one transaction, :meth:`~ClusterNode._commit`). The cluster view at revision R — kept in
-memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
-then one txn that commits the
-choice: it compares the chosen node's liveness key (same create revision: the same
-incarnation, still alive) and its ``reservations`` key (mod revision unchanged since R:
-no GPU memory was reserved or freed there since we read it), and writes nothing. A loser
-re-reads and tries again,
+rankings of :mod:`.placement`, one confirmation, :meth:`~ClusterNode._commit`). The cluster view at
+revision R — kept in memory by a watch of the prefix, else one range read of it —
+:func:`.placement.rank`, then, when another node is chosen, one linearizable etcd read that
+confirms the choice (:mod:`.confirming`, shared by the placements waiting at that moment): the
+chosen node's liveness key still has the create revision we read (the same incarnation, still
+alive) and its ``reservations`` key the mod revision (no GPU memory was reserved or freed there
+since we read it) — the compare of a transaction that writes nothing. A loser re-reads and
+tries again,
 at most :data:`MAX_ATTEMPTS` times with a short jittered pause. (We compared the whole
 state key at first: every lease then changed it, and 50 concurrent requests lost 3
 txns in 4; warm slots are the serving node's to count, under its lock.) We chose to *forward*
@@ -53,15 +54,18 @@ placement up through a watch: the request is answered by the same code that answ
 it on one machine (warm path, demand → converge → grant, the wait and its reason),
 and no GPU can be double-booked because each node is the only writer of its own GPUs'
 reservations — its ledger grants atomically, in memory on the event loop's thread (invariant 4).
-The txn makes the *choice* atomic against a stale view; the node's ledger makes the
-*booking* atomic. One etcd round trip per placed lease (the txn) while the watch is
-current, two when the view must be read first (after a lost txn, or while the watch
-reconnects), plus the chosen node's batched publish, which is off the request path.
+The confirmation makes the *choice* atomic against a stale view; the node's ledger makes the
+*booking* atomic. At most one etcd round trip per lease placed on another node (the
+confirmation, fewer when concurrent placements share one) while the watch is current, two
+when the view must be read first (after a lost confirmation, or while the watch reconnects),
+none for a lease the node asked places on itself, plus the nodes' batched publishes, which
+are off the request path.
 
-**The record.** The txn compares and writes nothing: etcd answers a txn without writes as a
+**The record.** The confirmation writes nothing: etcd answers a txn without writes as a
 linearizable read (its leader confirms it still leads: one heartbeat to a majority) with no
-raft log entry and no fsync — 1.5-3 ms instead of 2.6-5.5 on a 3-member etcd on disk. It
-loses nothing: nobody compares against a placement record, so putting one in the txn never
+raft log entry and no fsync — a range's 1.6-3 ms instead of a write's 2.6-5.5 on a 3-member
+etcd on disk. Until issue 12's last round the txn also put the placement record; that lost
+nothing to drop: nobody compares against a placement record, so putting one in the txn never
 kept two placers apart — the compare on the chosen node's keys does, and it is still there.
 The record only shows a request in flight (``GET /v1/cluster``, ``plan --cluster``; no
 ranking reads it), so the placer writes it with a batched publish, attached to its own etcd
@@ -72,11 +76,11 @@ when writing one for each of fifty concurrent requests (and the watch events the
 every node) cost more than the requests themselves. A placer that dies takes its records with
 it; its forwarded requests are answered anyway (or cancelled: the connection closed).
 
-**Local choices pay no etcd round trip.** When the ranking chooses this node itself, no txn
-is sent: the request goes straight to the local path. The txn is there to make a choice of
-*another* node atomic against a stale view — its compare fails when that node's reservations
-or incarnation changed since we read them, so we re-read instead of sending it a request
-chosen on old facts. For this node those facts are not read from etcd at all: its ledger,
+**Local choices pay no etcd round trip.** When the ranking chooses this node itself, nothing
+is confirmed: the request goes straight to the local path. The confirmation is there to make
+a choice of *another* node atomic against a stale view — its compare fails when that node's
+reservations or incarnation changed since we read them, so we re-read instead of sending it
+a request chosen on old facts. For this node those facts are not read from etcd at all: its ledger,
 under its lock on the event loop, is the only writer of its GPUs' reservations and grants or
 refuses (queues, starts, evicts) against what it holds *now*. The compare on our own
 reservations key could only fail because of our own writes, and what it would protect — a
@@ -88,7 +92,7 @@ from etcd drops its watched view when a heartbeat fails (within a third of the T
 placement then reads etcd and answers 503 as before — until then it serves from its last view
 what it chose for itself, as its gateway does. Its placement record is written as any other
 (*the record*, above): never for a warm request. Counted as
-``local_placements`` (and ``placement_txns`` for the others) in ``GET /v1/cluster``.
+``local_placements`` (and ``placement_confirmations`` for the others) in ``GET /v1/cluster``.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +128,7 @@ PUBLISH_DEBOUNCE_S = 0.05
 RECORD_AFTER_S = 0.5  # a placement's record is written once its request has waited this long (see "The record")
 REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
-MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
+MAX_ATTEMPTS = 8  # placement attempts (confirmations lost) before answering "busy"
 ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
 REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
 KEEPALIVE = 8  # idle connections kept to other nodes: httpcore scans them all per request (gateway/upstream.py)
@@ -193,9 +197,9 @@ class ClusterNode:
         self._node_create: int = 0
         self.connected = False
         self.placements = 0  # placements committed by this node
-        self.conflicts = 0  # placement txns lost to a concurrent change (re-read and retried)
-        self.placement_txns = 0  # placement txns sent (a choice of another node)
-        self.local_placements = 0  # placements on this node itself: no txn (module docstring, "Local choices")
+        self.conflicts = 0  # placements whose confirmation failed: a concurrent change (re-read and retried)
+        self.placement_confirmations = 0  # choices of another node confirmed against etcd (:mod:`.confirming`)
+        self.local_placements = 0  # placements on this node itself: nothing confirmed ("Local choices")
         self._runtime: Runtime | None = None
         self._profile: Callable[[], Profile] | None = None
         self._dirty = asyncio.Event()
@@ -213,7 +217,7 @@ class ClusterNode:
         self._http: httpx.AsyncClient | None = None
         self._cached: View | None = None  # kept current by a watch (:meth:`_follow`)
         self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
-        self._confirmations = Confirmations(self._revisions)
+        self._confirmations = Confirmations(self._revisions, self._holds)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -488,6 +492,11 @@ class ClusterNode:
         found = await self.etcd.ranges([self.key("nodes"), self.key("reservations")], keys_only=True)
         return {kv.key: (kv.create_revision, kv.mod_revision) for part in found for kv in part.kvs}
 
+    async def _holds(self, checks: Sequence[Check]) -> bool:
+        """Whether every check holds now: one txn of their compares that writes nothing."""
+        ok, _ = await self.etcd.txn([Compare(c.key, c.target, c.revision) for c in checks], [])
+        return ok
+
     async def view(self) -> View:
         """The cluster as etcd has it now (one range of the prefix)."""
         found = await self.etcd.range(self.prefix, prefix=True)
@@ -510,8 +519,8 @@ class ClusterNode:
 
     async def _follow(self) -> None:
         """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
-        placement then costs one etcd round trip (its txn) instead of two. The cache is dropped whenever
-        the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a txn that loses (the
+        placement then costs one etcd round trip (its confirmation) instead of two. The cache is dropped
+        whenever the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a choice that loses (the
         cache was behind) re-reads with a range."""
         while True:
             try:
@@ -599,11 +608,11 @@ class ClusterNode:
             doc = {"service": choice.service, "model": choice.model, "node": choice.node, "tier": choice.tier,
                    "by": self.node, "revision": view.revision, "at": time.time()}
             local = choice.node == self.node
-            if local:  # our own ledger decides: no txn (module docstring, "Local choices")
+            if local:  # our own ledger decides: nothing to confirm (module docstring, "Local choices")
                 self.local_placements += 1
                 ok = True
             else:  # a linearizable read, shared with the placements waiting now (:mod:`.confirming`)
-                self.placement_txns += 1
+                self.placement_confirmations += 1
                 ok = await self._confirmations.confirm([Check(node_kv.key, "CREATE", node_kv.create_revision),
                                                         Check(reserved_kv.key, "MOD", reserved_kv.mod_revision)])
             if ok:
@@ -690,5 +699,6 @@ class ClusterNode:
                 "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
                 "placements": placements,
                 "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
-                             "placements": self.placements, "placement_txns": self.placement_txns,
+                             "placements": self.placements, "placement_confirmations": self.placement_confirmations,
+                             "confirmation_reads": self._confirmations.reads,
                              "local_placements": self.local_placements}}
