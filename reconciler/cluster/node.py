@@ -433,7 +433,7 @@ class ClusterNode:
         writing = due  # answered while written: deleted by the next publish
         for placement in writing:
             del self._unpublished[placement]
-        self._writing = writing
+        self._writing.update(writing)  # (a forced publish may run beside the publisher's)
         ops.extend(Put(self.key("placements", p), doc, lease) for p, doc in writing.items())
         try:
             ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
@@ -442,7 +442,8 @@ class ClusterNode:
             self._unwritten(writing)
             raise
         finally:
-            self._writing = {}
+            for placement in writing:
+                self._writing.pop(placement, None)
         if ok:
             self._written.update((p, doc) for p, doc in writing.items() if p not in self._answered)
         else:
@@ -455,11 +456,10 @@ class ClusterNode:
         self._published_reservations = reservations
 
     def _unwritten(self, writing: dict[str, str]) -> None:
-        """Placement records a publish did not write: again with the next one, unless answered meanwhile."""
+        """Placement records a publish may not have written: again with the next one, unless answered
+        meanwhile (then deleted by it, in case the txn was applied and only its answer lost)."""
         for placement, doc in writing.items():
-            if placement in self._answered:
-                self._answered.discard(placement)  # nothing to write, nothing to delete
-            else:
+            if placement not in self._answered:
                 self._unpublished[placement] = (doc, 0.0)
 
     def _abandoned(self) -> set[str]:

@@ -176,6 +176,7 @@ class Across:
             if placed.local:
                 return await local(placed.placement)
             if not placed.gateway:  # published without a gateway since: not a candidate next time
+                self.cluster.answered(placed.placement)
                 excluded.add(placed.node)
                 continue
             try:
