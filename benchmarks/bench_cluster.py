@@ -277,7 +277,7 @@ def run() -> list[dict[str, Any]]:
             many = _leases(a.url, CONCURRENT, PER_CLIENT)
             rows.append(_row(f"cross-node warm lease, {CONCURRENT} concurrent (3 nodes)", many))
             conflicts = _view(a)["counters"]["placement_conflicts"]
-            rows[-1]["value"] += f", {conflicts} placement txn conflicts (re-read)"
+            rows[-1]["value"] += f", {conflicts} placement conflicts (re-read)"
             # the same load on c alone, marked as already placed: what c's own grant path costs
             local = _leases(c.url, CONCURRENT, PER_CLIENT, headers={"X-Reconciler-Forwarded": "bench"})
             rows.append(_row(f"  same {CONCURRENT} concurrent at c, no placement (c's own grant path)", local))
