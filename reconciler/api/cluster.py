@@ -2,7 +2,8 @@
 
 Only used when the server runs with ``--etcd`` (:attr:`ApiContext.cluster`); on one
 machine none of this runs. A ``POST /v1/leases`` that arrives from a client is placed
-by :meth:`reconciler.cluster.node.ClusterNode.place` (one etcd read, one etcd txn) and
+by :meth:`reconciler.cluster.node.ClusterNode.place` (the watched view, then one etcd read that confirms
+a choice of another node; none when this node chooses itself) and
 then answered here (when this node was chosen) or forwarded to the chosen node's API,
 marked with ``X-Reconciler-Forwarded`` so that node answers it locally, as on one
 machine. When the chosen node cannot be reached (it died since the read) the request

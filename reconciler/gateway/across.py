@@ -12,7 +12,7 @@ every node knows which models every live node's gateway serves, and where it ans
 is placed by :meth:`reconciler.cluster.node.ClusterNode.place_model`: the rule of ``POST
 /v1/leases`` (warm first anywhere, then where it fits without eviction, then least eviction
 cost, then where it may queue), each node scored on the service *its* gateway routes the model
-to, committed through the same placement transaction. The node asked is a candidate like any
+to, confirmed the same way (no etcd call when this node chooses itself). The node asked is a candidate like any
 other: a model served here but warm elsewhere goes elsewhere; one served only elsewhere too.
 When this node is chosen the request takes the local path (gate, implicit lease, relay) as on
 one machine; otherwise it is proxied to the chosen node's gateway, marked with
