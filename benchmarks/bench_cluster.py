@@ -3,14 +3,20 @@
 On one machine: a real 3-member etcd (:mod:`reconciler.testing.etcd`) and three ``reconciler
 serve --etcd`` nodes (simulated GPUs of 8, 16 and 24 GB, each its own profile, state directory and
 simulation scope). The service ``embed`` (shared, ``max_concurrent`` 64) runs on node c only;
-every request goes to node a's API, so every lease is placed across nodes: a reads the cluster
-(one etcd range), commits the choice (one etcd txn), and forwards the request to c, which grants
-it on its warm path.
+every request goes to node a's API, so every lease is placed across nodes: a ranks the nodes on
+its watched view of the cluster, confirms the choice (one linearizable etcd read, shared by the
+placements waiting at that moment), and forwards the request to c, which grants it on its warm
+path.
 
 Rows:
 * ``etcd round trip`` — one range of one key through :class:`reconciler.cluster.etcd.Etcd` (httpx,
   JSON gateway, keep-alive), the floor of everything else; ``etcd txn`` — a compare + put, which
-  a 3-member etcd commits through raft with an fsync on a majority: the dominant cost of a placement;
+  a 3-member etcd commits through raft with an fsync on a majority (a node's publish);
+  ``placement confirmation`` — alone: a txn of the compares that writes nothing; shared by
+  concurrent placements: the keys and revisions of every node's liveness and reservations key in
+  one read-only txn; etcd answers both as a linearizable read (no raft entry, no fsync);
+* ``warm lease at the node that runs it`` — ``POST /v1/leases`` at c, placed (not marked as
+  forwarded): c chooses itself, which confirms nothing with etcd — the same cost as c's own grant;
 * ``cross-node warm lease, N concurrent`` — ``POST /v1/leases`` at a, served by c, for 1 and 50
   concurrent clients (each lease is released afterwards, not timed). Target p50 ≤ 10 ms at 1;
 * ``same N concurrent at c, no placement`` — the same load sent to c directly, marked as already
@@ -164,7 +170,7 @@ def _row(name: str, samples: list[float], target: str | None = None, ok: bool | 
     return row
 
 
-async def _round_trip(endpoints: list[str]) -> tuple[list[float], list[float]]:
+async def _round_trip(endpoints: list[str]) -> tuple[list[float], list[float], list[float], list[float]]:
     from reconciler.cluster.etcd import Compare, Etcd, Put
 
     etcd = Etcd(endpoints)
@@ -175,6 +181,16 @@ async def _round_trip(endpoints: list[str]) -> tuple[list[float], list[float]]:
             began = time.perf_counter()
             await etcd.range("/bench/key")
             samples.append((time.perf_counter() - began) * 1000)
+        reads, alone = [], []
+        for _ in range(200):
+            began = time.perf_counter()
+            await etcd.ranges(["/bench/"], keys_only=True)
+            reads.append((time.perf_counter() - began) * 1000)
+            kv = await etcd.get("/bench/key")
+            assert kv is not None
+            began = time.perf_counter()
+            await etcd.txn([Compare("/bench/key", "MOD", kv.mod_revision)], [])
+            alone.append((time.perf_counter() - began) * 1000)
         txns = []
         for _ in range(100):
             kv = await etcd.get("/bench/key")
@@ -182,7 +198,7 @@ async def _round_trip(endpoints: list[str]) -> tuple[list[float], list[float]]:
             began = time.perf_counter()
             await etcd.txn([Compare("/bench/key", "MOD", kv.mod_revision)], [Put("/bench/placement", "x")])
             txns.append((time.perf_counter() - began) * 1000)
-        return samples[20:], txns[10:]
+        return samples[20:], alone[20:], reads[20:], txns[10:]
     finally:
         await etcd.close()
 
@@ -235,16 +251,21 @@ def run() -> list[dict[str, Any]]:
         etcd = EtcdCluster(root / "etcd", size=3).start()
         nodes: dict[str, Node] = {}
         try:
-            rt, txn = asyncio.run(_round_trip(etcd.urls))
+            rt, alone, shared, txn = asyncio.run(_round_trip(etcd.urls))
             rows.append({"benchmark": "etcd round trip (range, 1 key)", "median_ms": percentile(rt, 50),
                          "p95_ms": percentile(rt, 95), "p99_ms": percentile(rt, 99)})
-            rows.append({"benchmark": "etcd txn (compare + put: a placement)", "median_ms": percentile(txn, 50),
+            rows.append({"benchmark": "etcd txn (compare + put: a publish)", "median_ms": percentile(txn, 50),
                          "p95_ms": percentile(txn, 95), "p99_ms": percentile(txn, 99)})
+            for name, confirm in (("alone: compare-only txn", alone), ("shared: keys-only read", shared)):
+                rows.append({"benchmark": f"placement confirmation ({name})", "median_ms": percentile(confirm, 50),
+                             "p95_ms": percentile(confirm, 95), "p99_ms": percentile(confirm, 99)})
             nodes = {name: Node(root, name, etcd) for name in SIZES}
             a, c = nodes["a"], nodes["c"]
             _wait(lambda: len(_view(a)["nodes"]) == 3 and _view(a)["services"].get("embed") == ["c"], 60,
                   "three nodes, embed on c")
             _leases(a.url, 1, 20)  # warm-up
+            here = _leases(c.url, 1, SEQUENTIAL // 2)
+            rows.append(_row("warm lease at the node that runs it (c chooses itself: no etcd call)", here))
             before = _view(a)["counters"]["etcd_round_trips"]
             one = _leases(a.url, 1, SEQUENTIAL)
             after = _view(a)["counters"]["etcd_round_trips"] - 1  # (less the view's own range)
@@ -256,7 +277,7 @@ def run() -> list[dict[str, Any]]:
             many = _leases(a.url, CONCURRENT, PER_CLIENT)
             rows.append(_row(f"cross-node warm lease, {CONCURRENT} concurrent (3 nodes)", many))
             conflicts = _view(a)["counters"]["placement_conflicts"]
-            rows[-1]["value"] += f", {conflicts} placement txn conflicts (re-read)"
+            rows[-1]["value"] += f", {conflicts} placement conflicts (re-read)"
             # the same load on c alone, marked as already placed: what c's own grant path costs
             local = _leases(c.url, CONCURRENT, PER_CLIENT, headers={"X-Reconciler-Forwarded": "bench"})
             rows.append(_row(f"  same {CONCURRENT} concurrent at c, no placement (c's own grant path)", local))

@@ -245,6 +245,30 @@ def test_concurrent_requests_over_three_nodes_never_overbook(world: World) -> No
         assert node.get("/v1/status")["demands"] == []
 
 
+def test_a_request_the_node_asked_takes_itself_pays_no_etcd_round_trip(world: World) -> None:
+    """The node's own ledger grants or refuses atomically: choosing itself needs no etcd confirmation, so a
+    warm local request sends etcd nothing (node.py, "Local choices")."""
+    c = world.nodes["c"]
+    before = c.get("/v1/cluster")["counters"]
+    held = [c.lease("embed", ttl_s=60) for _ in range(2)]  # warm on c: c ranks itself first
+    assert [r.status_code for r in held] == [200, 200] and {r.json()["node"] for r in held} == {"c"}
+    after = c.get("/v1/cluster")["counters"]
+    assert after["placement_confirmations"] == before["placement_confirmations"]
+    assert after["confirmation_reads"] == before["confirmation_reads"]  # no etcd call on the request's path
+    assert after["local_placements"] == before["local_placements"] + 2
+    # answered at once: no placement record was ever written for them
+    assert not [p for p in _placements(world) if p["node"] == "c"]
+    # the other nodes see them as leases of c once c published them, and place the next one elsewhere
+    wait_until(lambda: len(world.view("a")["leases"].get("c", [])) == 2, 10, "c's leases published")
+    third = world.nodes["a"].lease("embed")
+    assert third.status_code == 200 and third.json()["node"] != "c"  # c's two slots are held
+    assert world.nodes["a"].get("/v1/cluster")["counters"]["placement_confirmations"] >= 1
+    for lease in [*(r.json() for r in held), third.json()]:
+        assert httpx.delete(f"{c.url}/v1/leases/{lease['id']}", timeout=10).status_code == 200
+    # a's record of the third (embed started on a or b: written if it waited 0.5 s) is gone once answered
+    wait_until(lambda: not _placements(world), 10, "no placement record left")
+
+
 def test_node_killed_leaves_within_ttl_its_demands_are_replaced_and_it_rejoins(world: World) -> None:
     a, c = world.nodes["a"], world.nodes["c"]
     held = a.lease("embed").json()
@@ -309,7 +333,7 @@ def test_etcd_member_loss_then_quorum_loss_then_a_cut_off_cluster_rejoins(world:
         assert gone.status_code == 200
     pids = {name: node.host.pids() for name, node in world.nodes.items()}
     world.etcd.kill(1)  # two of three: no quorum; placement answers 503, local services keep running
-    refused = a.lease("embed", wait_s=2)
+    refused = a.lease("embed", wait_s=2, node="c")  # another node: its choice cannot be confirmed
     assert refused.status_code == 503 and "cluster state unavailable" in refused.json()["detail"]
     assert c.get("/v1/status")["instances"][0]["state"] == "running"
     world.etcd.kill(2)  # every member down: every node is cut off

@@ -140,6 +140,14 @@ def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[st
     vectors = sdk.embeddings.create(model="emb", input=["hello"])
     assert vectors.data[0].embedding == pytest.approx(embedding("hello", 8), abs=1e-6)
     assert upstream_stats(c.ports["embed"])["requests"] == before + 1
+    # counted in full where it was served, and at the node asked only as proxied there
+    asked = {m["model"]: m for m in a.get("/v1/status")["models"]}
+    assert asked["emb"]["requests"] == 0 and asked["emb"]["proxied"] == {"c": 1}
+    served = {m["model"]: m for m in c.get("/v1/status")["models"]}
+    assert served["emb"]["requests"] >= 1 and served["emb"]["proxied"] == {}
+    metrics = httpx.get(f"{a.api}/metrics", headers=AUTH, timeout=10).text
+    proxied = [line for line in metrics.splitlines() if line.startswith("reconciler_gateway_proxied_total{")]
+    assert [line.rsplit(" ", 1)[1] for line in proxied if 'model="emb"' in line and 'to_node="c"' in line] == ["1.0"]
     assert "embed" not in {i["service"] for i in a.get("/v1/status")["instances"]}
 
     # a client that goes away mid-stream cancels the request on c (its upstream and its lease), at once
@@ -152,11 +160,18 @@ def test_the_openai_sdk_at_one_node_gets_models_served_on_another(nodes: dict[st
     wait_until(lambda: not [x for x in c.get("/v1/status")["leases"] if x["service"] == "llm"
                             and x.get("state", "active") == "active"], 5, "c's gateway lease released")
 
-    # a's own model is served at a, and c's gateway serves a's model too (placement from c)
+    # a's own model is served at a, and c's gateway serves a's model too (placement from c); a choosing
+    # itself confirms nothing with etcd (its ledger decides), a choosing another node does
+    counters = a.get("/v1/cluster")["counters"]
     assert a.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=2).choices[0].message.content \
         == "".join(reply("alpha", 2))
+    after = a.get("/v1/cluster")["counters"]
+    assert after["placement_confirmations"] == counters["placement_confirmations"]
+    assert after["local_placements"] == counters["local_placements"] + 1
+    confirmed = c.get("/v1/cluster")["counters"]["placement_confirmations"]
     via_c = c.sdk().chat.completions.create(model="alpha", messages=MESSAGES, max_tokens=3)
     assert via_c.choices[0].message.content == "".join(reply("alpha", 3))
+    assert c.get("/v1/cluster")["counters"]["placement_confirmations"] == confirmed + 1
 
     # c dies: its models leave every listing within a TTL; emb is placed elsewhere, gamma is a 404
     assert c.run is not None

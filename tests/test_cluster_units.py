@@ -3,11 +3,14 @@ the cluster options' errors."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from reconciler.cluster.confirming import Check, Confirmations, Revisions
+from reconciler.cluster.etcd import EtcdUnavailable
 from reconciler.cluster.placement import offers, rank, rank_model, rank_vram
 from reconciler.loading import load_profile, load_snapshot
 
@@ -246,3 +249,61 @@ def test_whatif_refuses_a_node_that_is_not_alive() -> None:
     profile, snapshot, view = whatif_world()
     with pytest.raises(ClusterViewError, match=r"node 'n3' is not a live node of cluster 'lab' \(live: n1, n2\)"):
         cluster_plan(view, "n3", profile, snapshot, plan(profile, snapshot))
+
+
+def test_confirmations_share_one_read_and_a_read_always_starts_after_the_choice() -> None:
+    """Placements waiting together share one etcd read; one that asks while a call is in flight waits for
+    the next (a call it did not see start cannot vouch for its choice); one alone sends its compare."""
+    sent: list[tuple[str, asyncio.Future[Any]]] = []
+
+    async def read() -> Revisions:
+        sent.append(("read", asyncio.get_running_loop().create_future()))
+        result: Revisions = await sent[-1][1]
+        return result
+
+    async def compare(checks: Any) -> bool:
+        sent.append(("compare", asyncio.get_running_loop().create_future()))
+        found = await sent[-1][1]
+        return all(check.holds(found) for check in checks)
+
+    async def settle() -> None:  # every task runs until it waits
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        confirmations = Confirmations(read, compare)
+        checks = [Check("nodes/c", "CREATE", 5), Check("reservations/c", "MOD", 9)]
+        alone = asyncio.ensure_future(confirmations.confirm(checks))
+        await settle()
+        first = [asyncio.ensure_future(confirmations.confirm(checks)) for _ in range(3)]
+        await settle()
+        assert [kind for kind, _ in sent] == ["compare"]  # the three wait for the call in flight to end
+        sent[0][1].set_result({"nodes/c": (5, 5), "reservations/c": (6, 9)})
+        assert await alone is True
+        await settle()
+        assert [kind for kind, _ in sent] == ["compare", "read"]  # then share one read
+        late = asyncio.ensure_future(confirmations.confirm(checks))
+        await settle()
+        sent[1][1].set_result({"nodes/c": (5, 5), "reservations/c": (6, 12)})  # reserved meanwhile: re-rank
+        assert await asyncio.gather(*first) == [False, False, False]
+        await settle()
+        assert len(sent) == 3
+        sent[2][1].set_result({"nodes/c": (5, 5), "reservations/c": (7, 12)})
+        assert await late is False
+        gone = asyncio.ensure_future(confirmations.confirm([Check("nodes/b", "CREATE", 3)]))
+        await settle()
+        sent[3][1].set_result({"nodes/c": (5, 5)})  # b's key is gone: b died
+        assert await gone is False
+        failing = [asyncio.ensure_future(confirmations.confirm(checks)) for _ in range(2)]
+        await settle()
+        sent[4][1].set_exception(EtcdUnavailable("no etcd member answered"))
+        for waiting in failing:
+            try:
+                await waiting
+            except EtcdUnavailable:
+                pass
+            else:
+                raise AssertionError("a call that fails fails every placement waiting for it")
+        assert confirmations.reads == 5
+
+    asyncio.run(scenario())

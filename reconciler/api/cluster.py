@@ -2,7 +2,8 @@
 
 Only used when the server runs with ``--etcd`` (:attr:`ApiContext.cluster`); on one
 machine none of this runs. A ``POST /v1/leases`` that arrives from a client is placed
-by :meth:`reconciler.cluster.node.ClusterNode.place` (one etcd read, one etcd txn) and
+by :meth:`reconciler.cluster.node.ClusterNode.place` (the watched view, then one etcd read that confirms
+a choice of another node; none when this node chooses itself) and
 then answered here (when this node was chosen) or forwarded to the chosen node's API,
 marked with ``X-Reconciler-Forwarded`` so that node answers it locally, as on one
 machine. When the chosen node cannot be reached (it died since the read) the request
@@ -76,6 +77,8 @@ async def place(body: LeaseRequest, ctx: ApiContext) -> tuple[str, str | None, s
         except httpx.TransportError:
             excluded.add(placed.node)  # it went away since we read the view: place it again without it
             continue
+        finally:
+            cluster.answered(placed.placement)
         if status == 200 and isinstance(answer, dict) and "id" in answer:
             cluster.remember(str(answer["id"]), placed.node, placed.url)
         return JSONResponse(answer, status_code=status)
@@ -107,6 +110,8 @@ async def allocate_on(ctx: ApiContext, service: str, model: str, doc: dict[str, 
         except httpx.TransportError:
             excluded.add(placed.node)
             continue
+        finally:
+            cluster.answered(placed.placement)
         if status == 200 and isinstance(answer, dict) and "allocation_id" in answer:
             cluster.remember(str(answer["allocation_id"]), placed.node, placed.url)
             return JSONResponse(answer)
@@ -147,6 +152,8 @@ async def vram_on(ctx: ApiContext, doc: dict[str, Any], mb: int, gpu: int | None
             excluded.add(placed.node)
             last = f"node {placed.node} did not answer"
             continue
+        finally:
+            cluster.answered(placed.placement)
         lease = answer.get("lease") if isinstance(answer, dict) else None
         if status == 200 and isinstance(lease, dict) and "lease_id" in lease:
             cluster.remember(str(lease["lease_id"]), placed.node, placed.url)

@@ -64,6 +64,8 @@ the runtime's :class:`~reconciler.runtime.traffic.Traffic`:
   time to first byte and the total time
 - ``reconciler_gateway_caused_total{model, service, action}``: starts, model switches (``switch``) and
   evictions its requests caused
+- ``reconciler_gateway_proxied_total{model, service, to_node}`` (cluster mode): requests this gateway
+  placed on another node's gateway, counted in full there (the series above) and only here as proxied
 
 Counted from the event bus and the leasing service:
 
@@ -246,8 +248,12 @@ class StateCollector:
         total = SummaryMetricFamily("reconciler_gateway_request_seconds", "Gateway request total time", labels=labels)
         caused = CounterMetricFamily("reconciler_gateway_caused", "Starts, model switches and evictions that "
                                      "gateway requests caused", labels=[*labels, "action"])
+        proxied = CounterMetricFamily("reconciler_gateway_proxied", "Gateway requests placed on another node's "
+                                      "gateway and answered there, by that node", labels=[*labels, "to_node"])
         for m in traffic:
             key = [m.model, m.service]
+            for node, n in sorted(m.proxied.items()):
+                proxied.add_metric([*key, node], n)
             for code, n in sorted(m.statuses.items()):
                 requests.add_metric([*key, str(code)], n)
             gone.add_metric(key, m.disconnected)
@@ -257,7 +263,7 @@ class StateCollector:
             total.add_metric(key, m.total.count, m.total.total_s)
             for action, n in m.caused.items():
                 caused.add_metric([*key, action], n)
-        yield from (requests, gone, in_flight, queued, ttfb, total, caused)
+        yield from (requests, gone, in_flight, queued, ttfb, total, caused, proxied)
 
 
 class ConnectionCollector:

@@ -254,6 +254,10 @@ class ModelTraffic(_Response):
     total_p99_ms: float | None = Field(description="Total time, 99th percentile of the recent requests, ms.")
     caused: dict[str, int] = Field(
         description="What its requests caused: starts (`start`), model switches (`switch`), evictions (`evict`).")
+    proxied: dict[str, int] = Field(
+        default_factory=dict,
+        description="Cluster mode: requests this node's gateway was asked for and placed on another node's "
+                    "gateway, by that node (counted in full there, and only here as proxied).")
 
 
 class Condition(_Response):

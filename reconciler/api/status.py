@@ -97,7 +97,7 @@ def models(runtime: Runtime) -> list[ModelTraffic]:
         model=m.model, service=m.service, requests=m.requests, errors=m.errors, disconnected=m.disconnected,
         in_flight=m.in_flight, queued=m.queued, ttfb_p50_ms=_ms(m.ttfb.quantile(0.5)),
         ttfb_p99_ms=_ms(m.ttfb.quantile(0.99)), total_p50_ms=_ms(m.total.quantile(0.5)),
-        total_p99_ms=_ms(m.total.quantile(0.99)), caused=dict(m.caused),
+        total_p99_ms=_ms(m.total.quantile(0.99)), caused=dict(m.caused), proxied=dict(m.proxied),
     ) for m in runtime.traffic.models()]
 
 

@@ -8,5 +8,6 @@ bus — and never drives: nothing here starts or stops a service).
 
 * :mod:`.etcd` — the etcd v3 client (JSON gateway over httpx) and its errors;
 * :mod:`.placement` — what a node offers for a service, and the ranking of nodes;
+* :mod:`.confirming` — placement confirmations against etcd, grouped (one call answers all waiting);
 * :mod:`.node` — membership (one etcd lease per node), publishing, placement.
 """

@@ -62,6 +62,7 @@ DEFAULT_TIMEOUT_S = 2.0  # one call to one member; etcd's own request timeout is
 UNAVAILABLE_CODES = {4, 14}  # gRPC DEADLINE_EXCEEDED, UNAVAILABLE
 AUTH_CODES = {7, 16}  # PERMISSION_DENIED, UNAUTHENTICATED
 INVALID_TOKEN = "invalid auth token"
+KEEPALIVE = 8  # idle connections kept: httpcore polls each one for every request (gateway/upstream.py)
 
 
 class EtcdError(ReconcilerError):
@@ -218,8 +219,8 @@ class Etcd:
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             verify = self.tls.verify() if self.tls is not None else True
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=verify,
-                                             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=KEEPALIVE)
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, verify=verify, limits=limits)
         return self._client
 
     async def close(self) -> None:
@@ -308,6 +309,20 @@ class Etcd:
             body["serializable"] = True
         answer = await self.call("/v3/kv/range", body)
         return Range(revision=_revision(answer), kvs=[KeyValue.parse(kv) for kv in answer.get("kvs", [])])
+
+    async def ranges(self, prefixes: Sequence[str], *, keys_only: bool = False) -> list[Range]:
+        """Several prefixes read at one revision, in one round trip (a txn of range requests only, which
+        etcd answers as one linearizable read); ``keys_only``: no values, only keys and revisions."""
+        reads = []
+        for prefix in prefixes:
+            read: dict[str, Any] = {"key": b64(prefix), "range_end": prefix_end(prefix)}
+            if keys_only:
+                read["keys_only"] = True
+            reads.append({"request_range": read})
+        answer = await self.call("/v3/kv/txn", {"compare": [], "success": reads, "failure": []})
+        revision = _revision(answer)
+        return [Range(revision, [KeyValue.parse(kv) for kv in (r.get("response_range") or {}).get("kvs", [])])
+                for r in answer.get("responses", [])]
 
     async def get(self, key: str) -> KeyValue | None:
         found = await self.range(key)

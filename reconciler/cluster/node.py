@@ -14,7 +14,9 @@
   (a start, a stop, a VRAM lease), not with every lease of a running service;
 * ``leases/<id>`` — one per lease it holds (which node, which service): any node can find the
   owner of a lease id to forward a renew or a release;
-* ``placements/<id>`` — a placement committed by a placer, until the chosen node has answered it.
+* ``placements/<id>`` — a request this node placed (on itself or another node) that has waited
+  for its answer longer than :data:`RECORD_AFTER_S` (a start, a queue); deleted once answered
+  (*the record*, below).
 
 Every key is attached to its node's etcd lease, so everything a node published vanishes
 when it dies: within one TTL its reservations and leases are gone from the cluster view
@@ -36,13 +38,14 @@ other nodes (placement answers 503) until etcd answers again.
 
 **Placement** (:meth:`ClusterNode.place` for a lease on a service, :meth:`~ClusterNode.place_model`
 for a gateway request naming a model, :meth:`~ClusterNode.place_vram` for cf-orch's VRAM lease: three
-rankings of :mod:`.placement`, one transaction, :meth:`~ClusterNode._commit`). The cluster view at revision R — kept in
-memory by a watch of the prefix, else one range read of it — :func:`.placement.rank`,
-then one txn that commits the
-choice: it compares the chosen node's liveness key (same create revision: the same
-incarnation, still alive) and its ``reservations`` key (mod revision unchanged since R:
-no GPU memory was reserved or freed there since we read it) and, when both hold, puts
-``placements/<id>`` attached to that node's lease. A loser re-reads and tries again,
+rankings of :mod:`.placement`, one confirmation, :meth:`~ClusterNode._commit`). The cluster view at
+revision R — kept in memory by a watch of the prefix, else one range read of it —
+:func:`.placement.rank`, then, when another node is chosen, one linearizable etcd read that
+confirms the choice (:mod:`.confirming`, shared by the placements waiting at that moment): the
+chosen node's liveness key still has the create revision we read (the same incarnation, still
+alive) and its ``reservations`` key the mod revision (no GPU memory was reserved or freed there
+since we read it) — the compare of a transaction that writes nothing. A loser re-reads and
+tries again,
 at most :data:`MAX_ATTEMPTS` times with a short jittered pause. (We compared the whole
 state key at first: every lease then changed it, and 50 concurrent requests lost 3
 txns in 4; warm slots are the serving node's to count, under its lock.) We chose to *forward*
@@ -51,10 +54,45 @@ placement up through a watch: the request is answered by the same code that answ
 it on one machine (warm path, demand → converge → grant, the wait and its reason),
 and no GPU can be double-booked because each node is the only writer of its own GPUs'
 reservations — its ledger grants atomically, in memory on the event loop's thread (invariant 4).
-The txn makes the *choice* atomic against a stale view; the node's ledger makes the
-*booking* atomic. One etcd round trip per placed lease (the txn) while the watch is
-current, two when the view must be read first (after a lost txn, or while the watch
-reconnects), plus the chosen node's batched publish, which is off the request path.
+The confirmation makes the *choice* atomic against a stale view; the node's ledger makes the
+*booking* atomic. At most one etcd round trip per lease placed on another node (the
+confirmation, fewer when concurrent placements share one) while the watch is current, two
+when the view must be read first (after a lost confirmation, or while the watch reconnects),
+none for a lease the node asked places on itself, plus the nodes' batched publishes, which
+are off the request path.
+
+**The record.** The confirmation writes nothing: etcd answers a txn without writes as a
+linearizable read (its leader confirms it still leads: one heartbeat to a majority) with no
+raft log entry and no fsync — a range's 1.6-3 ms instead of a write's 2.6-5.5 on a 3-member
+etcd on disk. Until issue 12's last round the txn also put the placement record; that lost
+nothing to drop: nobody compares against a placement record, so putting one in the txn never
+kept two placers apart — the compare on the chosen node's keys does, and it is still there.
+The record only shows a request in flight (``GET /v1/cluster``, ``plan --cluster``; no
+ranking reads it), so the placer writes it with a batched publish, attached to its own etcd
+lease, once the request has waited :data:`RECORD_AFTER_S` (a start, a queue: within the
+:data:`PUBLISH_INTERVAL_S` that follows), and deletes it once the answer came back (it sees
+the answer: it forwarded the request). A warm request never has one — not even under load,
+when writing one for each of fifty concurrent requests (and the watch events they cause on
+every node) cost more than the requests themselves. A placer that dies takes its records with
+it; its forwarded requests are answered anyway (or cancelled: the connection closed).
+
+**Local choices pay no etcd round trip.** When the ranking chooses this node itself, nothing
+is confirmed: the request goes straight to the local path. The confirmation is there to make
+a choice of *another* node atomic against a stale view — its compare fails when that node's
+reservations or incarnation changed since we read them, so we re-read instead of sending it
+a request chosen on old facts. For this node those facts are not read from etcd at all: its ledger,
+under its lock on the event loop, is the only writer of its GPUs' reservations and grants or
+refuses (queues, starts, evicts) against what it holds *now*. The compare on our own
+reservations key could only fail because of our own writes, and what it would protect — a
+booking on our GPUs — our ledger makes atomic anyway. So a stale view can make a local
+choice *less good* (another node became warmer meanwhile: the request queues or starts here
+where it could have been warm there, exactly as a request that arrived a moment earlier), never
+a double booking. Liveness needs no compare either: we are alive if we answer; a node cut off
+from etcd drops its watched view when a heartbeat fails (within a third of the TTL), and
+placement then reads etcd and answers 503 as before — until then it serves from its last view
+what it chose for itself, as its gateway does. Its placement record is written as any other
+(*the record*, above): never for a warm request. Counted as
+``local_placements`` (and ``placement_confirmations`` for the others) in ``GET /v1/cluster``.
 """
 
 from __future__ import annotations
@@ -67,12 +105,13 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from reconciler.cluster.confirming import Check, Confirmations, Revisions
 from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, KeyValue, Put
 from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, rank_model, rank_vram, warm_slots
 from reconciler.core.accounting import planned_reservations, world_now
@@ -86,11 +125,13 @@ from reconciler.runtime import Runtime
 DEFAULT_TTL_S = 10
 PUBLISH_INTERVAL_S = 2.0
 PUBLISH_DEBOUNCE_S = 0.05
+RECORD_AFTER_S = 0.5  # a placement's record is written once its request has waited this long (see "The record")
 REFOLLOW_S = 30.0  # the watched view is read again from scratch this often
 RETRY_S = 1.0  # pause between attempts to reach etcd while it does not answer
-MAX_ATTEMPTS = 8  # placement txn attempts before answering "busy"
+MAX_ATTEMPTS = 8  # placement attempts (confirmations lost) before answering "busy"
 ABANDONED_S = 900.0  # a placement older than the longest wait (600 s) and never answered is dropped
 REMEMBERED = 10_000  # leases this node placed elsewhere whose owner it remembers
+KEEPALIVE = 8  # idle connections kept to other nodes: httpcore scans them all per request (gateway/upstream.py)
 FORWARDED = "X-Reconciler-Forwarded"
 PLACEMENT = "X-Reconciler-Placement"
 
@@ -156,7 +197,9 @@ class ClusterNode:
         self._node_create: int = 0
         self.connected = False
         self.placements = 0  # placements committed by this node
-        self.conflicts = 0  # placement txns lost to a concurrent change (re-read and retried)
+        self.conflicts = 0  # placements whose confirmation failed: a concurrent change (re-read and retried)
+        self.placement_confirmations = 0  # choices of another node confirmed against etcd (:mod:`.confirming`)
+        self.local_placements = 0  # placements on this node itself: nothing confirmed ("Local choices")
         self._runtime: Runtime | None = None
         self._profile: Callable[[], Profile] | None = None
         self._dirty = asyncio.Event()
@@ -166,11 +209,15 @@ class ClusterNode:
         self._published_state: dict[str, Any] = {}
         self._published_reservations = ""
         self._answered: set[str] = set()
+        self._unpublished: dict[str, tuple[str, float]] = {}  # ours, not written yet: id → (record, since)
+        self._written: dict[str, str] = {}  # our own placements written, not yet answered: id → record
+        self._writing: dict[str, str] = {}  # those the publish in flight writes
         self._offers: dict[str, Offer] = {}
         self._offers_for: object = None
         self._http: httpx.AsyncClient | None = None
         self._cached: View | None = None  # kept current by a watch (:meth:`_follow`)
         self._placed: OrderedDict[str, tuple[str, str]] = OrderedDict()  # lease id → (node, url) we forwarded
+        self._confirmations = Confirmations(self._revisions, self._holds)
 
     # --- keys -------------------------------------------------------------------------
 
@@ -206,7 +253,7 @@ class ClusterNode:
     async def start(self, runtime: Runtime, profile: Callable[[], Profile]) -> None:
         self._runtime, self._profile = runtime, profile
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None),
-                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=KEEPALIVE))
         subscription = runtime.events.subscribe()
         self._tasks = [asyncio.ensure_future(self._heartbeat()), asyncio.ensure_future(self._publisher()),
                        asyncio.ensure_future(self._listen(subscription)), asyncio.ensure_future(self._follow())]
@@ -259,6 +306,8 @@ class ClusterNode:
         self.lease_id = None
         self.connected = False  # announced as joined again once registered
         self._published_leases = {}
+        self._unpublished.update((p, (doc, 0.0)) for p, doc in self._written.items())  # gone with the old lease
+        self._written = {}
 
     def _connected(self) -> None:
         if not self.connected:
@@ -267,6 +316,7 @@ class ClusterNode:
                                                      f"({self.url or 'no API'})", url=self.url)
 
     def _disconnected(self, exc: Exception) -> None:
+        self._cached = None  # a view we cannot vouch for: placement reads etcd again (and says it cannot)
         if self.connected:
             self.connected = False
             message = (f"cluster {self.cluster}: etcd does not answer ({exc}); services keep running, "
@@ -363,7 +413,9 @@ class ClusterNode:
             return
         state = self.state()
         same = {k: v for k, v in state.items() if k != "observed_at"}  # a pass that changed nothing: no write
-        if not force and not self._answered and same == self._published_state:
+        due = {p: doc for p, (doc, since) in self._unpublished.items()
+               if time.monotonic() - since >= RECORD_AFTER_S}
+        if not force and not self._answered and not due and same == self._published_state:
             return
         docs = {doc["id"]: json.dumps(doc, sort_keys=True) for doc in state["leases"]}
         ops: list[Put | Delete] = [Put(self.key("state", self.node), json.dumps(state), lease)]
@@ -378,18 +430,42 @@ class ClusterNode:
             ops.append(Delete(self.key("leases", gone)))
         answered, self._answered = self._answered, set()
         ops.extend(Delete(self.key("placements", p)) for p in answered | self._abandoned())
-        ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
-        if not ok:
+        writing = due  # answered while written: deleted by the next publish
+        for placement in writing:
+            del self._unpublished[placement]
+        self._writing.update(writing)  # (a forced publish may run beside the publisher's)
+        ops.extend(Put(self.key("placements", p), doc, lease) for p, doc in writing.items())
+        try:
+            ok, _ = await self.etcd.txn([Compare(self.key("nodes", self.node), "CREATE", self._node_create)], ops)
+        except EtcdError:
             self._answered |= answered
+            self._unwritten(writing)
+            raise
+        finally:
+            for placement in writing:
+                self._writing.pop(placement, None)
+        if ok:
+            self._written.update((p, doc) for p, doc in writing.items() if p not in self._answered)
+        else:
+            self._answered |= answered
+            self._unwritten(writing)
             self._lost("its node key is gone")
             return
         self._published_leases = docs
         self._published_state = same
         self._published_reservations = reservations
 
+    def _unwritten(self, writing: dict[str, str]) -> None:
+        """Placement records a publish may not have written: again with the next one, unless answered
+        meanwhile (then deleted by it, in case the txn was applied and only its answer lost)."""
+        for placement, doc in writing.items():
+            if placement not in self._answered:
+                self._unpublished[placement] = (doc, 0.0)
+
     def _abandoned(self) -> set[str]:
-        """Placements on this node whose placer never forwarded them (it died between its txn and its
-        request): dropped after :data:`ABANDONED_S`, so that they do not stay as long as this node lives."""
+        """Placements on this node that their placer never deleted (placers before the record became
+        theirs attached it to the chosen node's lease; one that died before forwarding left it): dropped
+        after :data:`ABANDONED_S`, so that they do not stay as long as this node lives."""
         view = self._cached
         if view is None:
             return set()
@@ -398,14 +474,28 @@ class ClusterNode:
                 if kv.json().get("node") == self.node and now - float(kv.json().get("at", now)) > ABANDONED_S}
 
     def answered(self, placement: str) -> None:
-        """The request of ``placement`` has its answer: drop the key with the next publish."""
-        self._answered.add(placement)
-        self._dirty.set()
+        """The request of ``placement`` — one this node placed — has its answer: drop its record with the
+        next publish, or forget it when it was never written (nothing to write, nothing to delete)."""
+        if self._unpublished.pop(placement, None) is not None:
+            return
+        if self._written.pop(placement, None) is not None or placement in self._writing:
+            self._answered.add(placement)  # (an id of another node's, from a forwarded request: not ours)
+            self._dirty.set()
 
     def touch(self) -> None:
         self._dirty.set()
 
     # --- reading the cluster ----------------------------------------------------------------
+
+    async def _revisions(self) -> Revisions:
+        """Every node's liveness and reservations key with its revisions, now (one linearizable read)."""
+        found = await self.etcd.ranges([self.key("nodes"), self.key("reservations")], keys_only=True)
+        return {kv.key: (kv.create_revision, kv.mod_revision) for part in found for kv in part.kvs}
+
+    async def _holds(self, checks: Sequence[Check]) -> bool:
+        """Whether every check holds now: one txn of their compares that writes nothing."""
+        ok, _ = await self.etcd.txn([Compare(c.key, c.target, c.revision) for c in checks], [])
+        return ok
 
     async def view(self) -> View:
         """The cluster as etcd has it now (one range of the prefix)."""
@@ -429,8 +519,8 @@ class ClusterNode:
 
     async def _follow(self) -> None:
         """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
-        placement then costs one etcd round trip (its txn) instead of two. The cache is dropped whenever
-        the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a txn that loses (the
+        placement then costs one etcd round trip (its confirmation) instead of two. The cache is dropped
+        whenever the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a choice that loses (the
         cache was behind) re-reads with a range."""
         while True:
             try:
@@ -440,6 +530,8 @@ class ClusterNode:
                     async for events in self.etcd.watch(self.prefix, view.revision + 1):
                         for event in events:
                             self._apply(view, event.kind, event.kv)
+                        if self.connected:  # dropped by a heartbeat that failed: back once etcd answers again
+                            self._cached = view
                 self._cached = None  # the stream ended: the member went away
                 await asyncio.sleep(RETRY_S)
             except TimeoutError:
@@ -515,17 +607,21 @@ class ClusterNode:
             placement = str(uuid.uuid4())
             doc = {"service": choice.service, "model": choice.model, "node": choice.node, "tier": choice.tier,
                    "by": self.node, "revision": view.revision, "at": time.time()}
-            ok, _ = await self.etcd.txn(
-                [Compare(node_kv.key, "CREATE", node_kv.create_revision),
-                 Compare(reserved_kv.key, "MOD", reserved_kv.mod_revision)],
-                [Put(self.key("placements", placement), json.dumps(doc), node_kv.lease)],
-            )
+            local = choice.node == self.node
+            if local:  # our own ledger decides: nothing to confirm (module docstring, "Local choices")
+                self.local_placements += 1
+                ok = True
+            else:  # a linearizable read, shared with the placements waiting now (:mod:`.confirming`)
+                self.placement_confirmations += 1
+                ok = await self._confirmations.confirm([Check(node_kv.key, "CREATE", node_kv.create_revision),
+                                                        Check(reserved_kv.key, "MOD", reserved_kv.mod_revision)])
             if ok:
                 self.placements += 1
+                self._unpublished[placement] = (json.dumps(doc), time.monotonic())  # written if it waits
+                self._dirty.set()
                 record = node_kv.json()
-                return Placed(choice.node, str(record.get("url", "")), placement, choice.tier,
-                              choice.node == self.node, choice.service, choice.model,
-                              str(record.get("gateway") or ""), choice.gpu)
+                return Placed(choice.node, str(record.get("url", "")), placement, choice.tier, local,
+                              choice.service, choice.model, str(record.get("gateway") or ""), choice.gpu)
             self.conflicts += 1
             await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise ClusterRefused(503, f"placement of {what} lost {MAX_ATTEMPTS} races in a row to concurrent "
@@ -603,4 +699,6 @@ class ClusterNode:
                 "services": where, "leases": by_node, "placements_in_flight": len(view.placements),
                 "placements": placements,
                 "counters": {"etcd_round_trips": self.etcd.round_trips, "placement_conflicts": self.conflicts,
-                             "placements": self.placements}}
+                             "placements": self.placements, "placement_confirmations": self.placement_confirmations,
+                             "confirmation_reads": self._confirmations.reads,
+                             "local_placements": self.local_placements}}

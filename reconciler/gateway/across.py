@@ -12,13 +12,18 @@ every node knows which models every live node's gateway serves, and where it ans
 is placed by :meth:`reconciler.cluster.node.ClusterNode.place_model`: the rule of ``POST
 /v1/leases`` (warm first anywhere, then where it fits without eviction, then least eviction
 cost, then where it may queue), each node scored on the service *its* gateway routes the model
-to, committed through the same placement transaction. The node asked is a candidate like any
+to, confirmed the same way (no etcd call when this node chooses itself). The node asked is a candidate like any
 other: a model served here but warm elsewhere goes elsewhere; one served only elsewhere too.
 When this node is chosen the request takes the local path (gate, implicit lease, relay) as on
 one machine; otherwise it is proxied to the chosen node's gateway, marked with
 ``X-Reconciler-Forwarded`` (that gateway serves it locally, without placing it again) and the
 placement id (dropped from etcd once answered), with the cluster's token. The protocols have no
 field to pin a node, so a gateway request is never pinned.
+
+**Counting.** A proxied request is counted in full (requests, latencies, what it caused) by the
+node that served it, and by the node asked only as ``proxied`` to that node (per model, in the
+status document and ``reconciler_gateway_proxied_total``): summing ``requests`` over the nodes
+counts each request once, and the node asked still shows where its clients' requests went.
 
 **Relaying.** The chosen gateway's answer is relayed as it comes: status, headers, then each
 chunk as it is read — a stream (SSE, NDJSON) is never buffered, and the next chunk is read only
@@ -59,8 +64,10 @@ from reconciler.core.profile import Profile
 from reconciler.gateway.protocols import Protocol, error
 from reconciler.gateway.routing import Routes
 from reconciler.gateway.upstream import CONNECT_S, READ_S
+from reconciler.runtime.traffic import Traffic
 
 REPLACE_ATTEMPTS = 3
+NODE_KEEPALIVE = 8  # idle connections kept to another node's gateway: httpcore scans them all per request
 PASSED_BACK = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"server", b"date"})
 
@@ -89,12 +96,14 @@ def forwarded(scope: Scope) -> str | None:
 class Across:
     """Placement and proxying of gateway requests across the nodes of a cluster."""
 
-    def __init__(self, cluster: ClusterNode, routes: Routes, profile: Callable[[], Profile], token: bytes | None):
+    def __init__(self, cluster: ClusterNode, routes: Routes, profile: Callable[[], Profile], token: bytes | None,
+                 traffic: Traffic | None = None):
         self.cluster = cluster
         self.routes = routes
         self.profile = profile
         self.token = token
         self.proxied = 0  # requests answered by another node's gateway
+        self.traffic = traffic  # per model: what this gateway placed elsewhere (``proxied``, by node)
         # node → an httpx client for its gateway (kept-alive connections between nodes; the local upstreams'
         # lean client, reconciler.gateway.upstream, is for loopback model servers)
         self._clients: dict[str, httpx.AsyncClient] = {}
@@ -110,6 +119,7 @@ class Across:
             retired.add_done_callback(self._retiring.discard)
         client = self._clients[node] = httpx.AsyncClient(
             base_url=url, timeout=httpx.Timeout(connect=CONNECT_S, read=READ_S, write=READ_S, pool=None),
+            limits=httpx.Limits(max_keepalive_connections=NODE_KEEPALIVE),
             headers={"accept-encoding": "identity"}, trust_env=False)
         return client
 
@@ -189,18 +199,19 @@ class Across:
             if placed.local:
                 return await local(placed.placement)
             if not placed.gateway:  # published without a gateway since: not a candidate next time
+                self.cluster.answered(placed.placement)
                 excluded.add(placed.node)
                 continue
             try:
                 return await self._relay(placed, path, scope, raw, send, watch)
             except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout) as exc:  # reached, but silent
-                self.cluster.answered(placed.placement)
                 return await answer(send, error(protocol, 504, f"model {model!r}: node {placed.node}'s gateway "
                                                                f"did not answer in time ({type(exc).__name__})"))
             except httpx.TransportError as exc:  # it went away since the view was read: place it again
                 log.warning("gateway: node %s did not answer for %s (%s); placing it again", placed.node, model, exc)
                 excluded.add(placed.node)
-                self.cluster.answered(placed.placement)
+            finally:
+                self.cluster.answered(placed.placement)  # the placer's record: in flight no more
         return await answer(send, error(protocol, 503, f"model {model!r}: the nodes chosen "
                                                        f"({', '.join(sorted(excluded))}) did not answer; retry",
                                         retry_after_s=5.0))
@@ -219,6 +230,9 @@ class Across:
         try:
             response = await client.send(request, stream=True)  # TransportError: not reached, nothing sent
             self.proxied += 1
+            if self.traffic is not None:
+                counted = self.traffic.of(placed.model or "", placed.service).proxied
+                counted[placed.node] = counted.get(placed.node, 0) + 1
             try:
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": [(k.lower(), v) for k, v in response.headers.raw

@@ -179,7 +179,7 @@ class Gateway:
         self.token = token.encode() if token else None
         self.created = int(time.time())
         # cluster mode (--etcd): requests placed across nodes, listings of every node (:mod:`.across`)
-        self.across = Across(cluster, self.routes, profile, self.token) if cluster is not None else None
+        self.across = Across(cluster, self.routes, profile, self.token, self.traffic) if cluster is not None else None
 
     def start(self) -> None:
         self.leases.start()

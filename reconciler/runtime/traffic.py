@@ -17,7 +17,13 @@ Per model (the name the upstream knows it by) and service:
   answer sent on) and total time, as counts and sums (Prometheus summaries)
   and over the last :data:`RECENT` requests (p50, p99 in the status);
 * ``caused``: how many starts, model switches and evictions its requests'
-  demands caused (:mod:`reconciler.gateway.causes` finds them in the plans).
+  demands caused (:mod:`reconciler.gateway.causes` finds them in the plans);
+* ``proxied`` (cluster mode): requests this node's gateway was asked for and
+  placed on another node's gateway, by that node, counted here when that node's
+  answer began. Everything above counts only requests served *here* — a proxied
+  request is counted there, in full, and here only as proxied — so that adding
+  up the nodes' ``requests`` gives each request once. Keyed by the model and
+  service as the serving node knows them.
 
 Everything here is plain counting in the event loop's thread: no lock, no
 I/O, no clock of its own (the callers measure).
@@ -72,6 +78,7 @@ class ModelTraffic:
     total: Latency = field(default_factory=Latency)
     caused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAUSES, 0))
     statuses: dict[int, int] = field(default_factory=dict)  # HTTP status → requests answered with it
+    proxied: dict[str, int] = field(default_factory=dict)  # node → requests placed on its gateway from here
 
     def answered(self, status: int, seconds: float) -> None:
         self.requests += 1
