@@ -23,11 +23,10 @@ publish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 
 import uvicorn
 
@@ -38,44 +37,10 @@ from reconciler.errors import GuardError
 from reconciler.gateway.app import Gateway
 from reconciler.runtime import Runtime
 from reconciler.runtime.leasing import Leasing
+from reconciler.serving import QuietServer
 
 STARTUP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 5.0
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, without its signal handlers, ticking once a second (as the API's does)."""
-
-    _exit: asyncio.Event | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield  # the watch loop handles signals; uvicorn must not take them over
-
-    @property
-    def should_exit(self) -> bool:
-        return self._exit is not None and self._exit.is_set()
-
-    @should_exit.setter
-    def should_exit(self, value: bool) -> None:
-        if self._exit is None:
-            self._exit = asyncio.Event()
-        if value:
-            self._exit.set()
-        else:
-            self._exit.clear()
-
-    async def main_loop(self) -> None:
-        """uvicorn's loop wakes every 0.1 s to see whether to stop (and every tenth time renews the Date
-        header): ten wake-ups a second of an idle server, each a turn of the event loop. This one renews
-        the header once a second, as before, and stops as soon as ``should_exit`` is set."""
-        counter = 0
-        while not await self.on_tick(counter):
-            counter = (counter + 10) % 864000  # a multiple of 10: on_tick renews the Date header
-            if self._exit is None:
-                self._exit = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exit.wait(), 1.0)
 
 
 def is_loopback(host: str) -> bool:
@@ -104,7 +69,7 @@ class GatewayServer:
         self._own: Leasing | None = None
         self.socket: socket.socket | None = None
         self.gateway: Gateway | None = None
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self.cluster: ClusterNode | None = None  # set by whoever wires a cluster node (``--etcd``)
 
@@ -150,7 +115,7 @@ class GatewayServer:
             ws="none", server_header=False, date_header=False, timeout_keep_alive=30,
         )
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-        self._server = _Server(config)
+        self._server = QuietServer(config)
         assert self.socket is not None, "bound above"
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self.socket]))
         deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
