@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_support import EtcdCluster, etcd_binary, make_tls
-from tests.e2e_support import Host, WatchRun, alive, wait_until
+from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, make_tls, node_profile
+from tests.e2e_support import Host, alive, wait_until
 
 TTL_S = 3
 SIZES = {"a": 8192, "b": 16384, "c": 24576}
@@ -55,16 +55,11 @@ def profile(node: str, ports: dict[str, int], *, llm_delay: float = 0.0) -> str:
         SERVICE.format(name="embed", mb=1500, priority=3, slots=2, always_on=str(node == "c").lower(),
                        port=ports["embed"], args=""),
     ]
-    return (f"schema_version: 1\nname: node-{node}\nvram_total_mb: {SIZES[node]}\neviction_timeout_s: 2\n"
-            "services:\n" + "".join(blocks))
+    return node_profile(node, SIZES[node], blocks)
 
 
 @dataclass
-class Node:
-    name: str
-    host: Host
-    ports: dict[str, int]
-    run: WatchRun | None = None
+class Node(NodeProcess):
     url: str = ""
 
     def start(self, etcd: EtcdCluster) -> None:

@@ -17,6 +17,7 @@ from reconciler.cluster.etcd import (
     EtcdAuthError,
     EtcdRequestError,
     EtcdUnavailable,
+    Get,
     Put,
     Tls,
 )
@@ -134,6 +135,13 @@ def test_failover_to_the_next_member_and_unavailable_when_none_answers(tmp_path:
                 cluster.kill(1)  # two of three: no quorum; the last member cannot answer a write
                 with pytest.raises(EtcdUnavailable):
                     await etcd.put("/t/f", "3")
+                # nor a linearizable read: a txn that writes nothing but reads a key (a placement's confirmation)
+                with pytest.raises(EtcdUnavailable):
+                    await etcd.txn([Compare("/t/f", "VALUE", b"2")], [Get("/t/f")])
+                # while a txn of compares alone is answered from the member's own state, quorum or not: why the
+                # confirmation reads a key
+                ok, _ = await etcd.txn([Compare("/t/f", "VALUE", b"2")], [])
+                assert ok
             finally:
                 await etcd.close()
 

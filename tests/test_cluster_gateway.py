@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from reconciler.testing.fake_openai import embedding, reply
-from tests.cluster_support import EtcdCluster, etcd_binary
-from tests.e2e_support import Host, WatchRun, wait_until
+from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, node_profile
+from tests.e2e_support import Host, wait_until
 from tests.gateway_support import fake, upstream_stats
 
 TTL_S = 3
@@ -39,16 +39,11 @@ def profile(node: str, ports: dict[str, int]) -> str:
         blocks.append(fake("chat", ports["own"], model="alpha", mb=2048))
     if node == "c":  # slow chunks: a stream lasts long enough to be cut off by its client
         blocks.append(fake("llm", ports["own"], model="gamma", mb=4096, args="--chunk-delay 0.3"))
-    return (f"schema_version: 1\nname: node-{node}\nvram_total_mb: {SIZES[node]}\neviction_timeout_s: 2\n"
-            "services:\n" + "".join(blocks))
+    return node_profile(node, SIZES[node], blocks)
 
 
 @dataclass
-class Node:
-    name: str
-    host: Host
-    ports: dict[str, int]
-    run: WatchRun | None = None
+class Node(NodeProcess):
     api: str = ""
     gateway: str = ""
 

@@ -26,8 +26,8 @@ import httpx
 import pytest
 
 from tests import webdriver
-from tests.cluster_support import EtcdCluster, etcd_binary
-from tests.e2e_support import Host, WatchRun, wait_until
+from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, node_profile
+from tests.e2e_support import Host, wait_until
 from tests.test_metrics_prometheus import samples, value
 
 SIZES = {"a": 8192, "b": 16384}
@@ -58,16 +58,11 @@ def block(name: str, port: int, *, mb: int, priority: int = 3, slots: int = 2, a
 
 
 def profile_of(name: str, *blocks: str) -> str:
-    return (f"schema_version: 1\nname: node-{name}\nvram_total_mb: {SIZES[name]}\neviction_timeout_s: 2\n"
-            "services:\n" + "".join(blocks))
+    return node_profile(name, SIZES[name], blocks)
 
 
 @dataclass
-class Node:
-    name: str
-    host: Host
-    ports: dict[str, int]
-    run: WatchRun | None = None
+class Node(NodeProcess):
     url: str = ""
 
     def get(self, path: str) -> Any:

@@ -10,8 +10,10 @@ needs no transaction of its own: any linearizable read that starts after the cho
 asks while no etcd call of theirs is in flight sends one at once; placements that ask while
 one is in flight wait for the next, which is sent as soon as it comes back, with all of them.
 At most one call is in flight per node, whatever the load. A placement alone sends its
-compare as a txn that writes nothing (etcd serves it as a linearizable read — its leader
-confirms it still leads — with no raft entry and no fsync: 1.7-1.9 ms interleaved with 3.2-3.3
+compare as a txn that writes nothing but reads its first key (etcd serves it as a linearizable
+read — its leader confirms it still leads — with no raft entry and no fsync; with no operation
+at all etcd would answer it from the member's own state, quorum or not: :class:`~.etcd.Get`;
+1.7-1.9 ms interleaved with 3.2-3.3
 for the compare and put placement used before, on a 3-member etcd here). Several send one
 read of every node's two keys (keys and revisions only: one txn of two range requests, also a
 linearizable read, 2.3-2.5 ms) and each checks its own compare against it — a txn's compares

@@ -174,6 +174,22 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Get:
+    """A read of ``key`` inside a txn (its count only), which makes a txn that writes nothing linearizable.
+
+    etcd serves a txn whose every operation is a *serializable* read — and so one with no operation at all
+    (its ``isTxnSerializable`` holds for an empty list) — from the member's own state, without asking its
+    leader: a member cut off from the others answers it, from data as old as its last contact. One plain read
+    in the txn makes etcd confirm with a majority first, as for any linearizable read (no raft entry, no
+    fsync). ``tests/test_cluster_etcd.py`` shows both on a member that lost its quorum."""
+
+    key: str
+
+    def body(self) -> dict[str, Any]:
+        return {"request_range": {"key": b64(self.key), "count_only": True}}
+
+
+@dataclass(frozen=True)
 class Event:
     kind: Literal["PUT", "DELETE"]
     kv: KeyValue
@@ -336,8 +352,8 @@ class Etcd:
         body = Delete(key, prefix).body()["request_delete_range"]
         return _revision(await self.call("/v3/kv/deleterange", body))
 
-    async def txn(self, compare: Sequence[Compare], success: Sequence[Put | Delete],
-                  failure: Sequence[Put | Delete] = ()) -> tuple[bool, int]:
+    async def txn(self, compare: Sequence[Compare], success: Sequence[Put | Delete | Get],
+                  failure: Sequence[Put | Delete | Get] = ()) -> tuple[bool, int]:
         """One transaction: (whether every comparison held and ``success`` ran, the revision after)."""
         answer = await self.call("/v3/kv/txn", {
             "compare": [c.body() for c in compare], "success": [op.body() for op in success],

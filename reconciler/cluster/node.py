@@ -61,12 +61,14 @@ when the view must be read first (after a lost confirmation, or while the watch 
 none for a lease the node asked places on itself, plus the nodes' batched publishes, which
 are off the request path.
 
-**The record.** The confirmation writes nothing: etcd answers a txn without writes as a
-linearizable read (its leader confirms it still leads: one heartbeat to a majority) with no
-raft log entry and no fsync — a range's 1.6-3 ms instead of a write's 2.6-5.5 on a 3-member
-etcd on disk. Until issue 12's last round the txn also put the placement record; that lost
-nothing to drop: nobody compares against a placement record, so putting one in the txn never
-kept two placers apart — the compare on the chosen node's keys does, and it is still there.
+**The record.** The confirmation writes nothing: etcd answers a txn without writes, but with
+one plain read in it (:class:`~.etcd.Get`: a txn of no operation at all it would answer from
+the member's own state, even a member without quorum), as a linearizable read (its leader
+confirms it still leads: one heartbeat to a majority) with no raft log entry and no fsync — a
+range's 1.6-3 ms instead of a write's 2.6-5.5 on a 3-member etcd on disk. Until issue 12's last
+round the txn also put the placement record; that lost nothing to drop: nobody compares against
+a placement record, so putting one in the txn never kept two placers apart — the compare on the
+chosen node's keys does, and it is still there.
 The record only shows a request in flight (``GET /v1/cluster``, ``plan --cluster``; no
 ranking reads it), so the placer writes it with a batched publish, attached to its own etcd
 lease, once the request has waited :data:`RECORD_AFTER_S` (a start, a queue: within the
@@ -112,7 +114,7 @@ from typing import Any
 import httpx
 
 from reconciler.cluster.confirming import Check, Confirmations, Revisions
-from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, KeyValue, Put
+from reconciler.cluster.etcd import Compare, Delete, Etcd, EtcdError, EtcdRequestError, Get, KeyValue, Put
 from reconciler.cluster.placement import Choice, Offer, binds_model, offers, rank, rank_model, rank_vram, warm_slots
 from reconciler.core.accounting import planned_reservations, world_now
 from reconciler.core.clock import iso_utc
@@ -493,8 +495,9 @@ class ClusterNode:
         return {kv.key: (kv.create_revision, kv.mod_revision) for part in found for kv in part.kvs}
 
     async def _holds(self, checks: Sequence[Check]) -> bool:
-        """Whether every check holds now: one txn of their compares that writes nothing."""
-        ok, _ = await self.etcd.txn([Compare(c.key, c.target, c.revision) for c in checks], [])
+        """Whether every check holds now: one txn of their compares that writes nothing — with one read in it,
+        or etcd would answer it from the member's own state, quorum or not (:class:`~.etcd.Get`)."""
+        ok, _ = await self.etcd.txn([Compare(c.key, c.target, c.revision) for c in checks], [Get(checks[0].key)])
         return ok
 
     async def view(self) -> View:
