@@ -175,9 +175,10 @@ class EnvScanner:
     A scan runs on every reconcile pass (every second in the demo), and most
     processes on a host declare nothing, pass after pass. On Linux the
     listing of ``/proc`` names each process's directory with its inode
-    number, which the kernel gives a process's directory when it makes it
-    and never gives another process's: a process listed with the same
-    ``(pid, inode)`` as at the last scan is the same process. So a process
+    number, which the kernel takes from a counter when it makes the
+    directory (a process that takes a freed pid gets a directory of its own,
+    under another number): a process listed with the same ``(pid, inode)``
+    as at the last scan is the same process. So a process
     known to declare nothing is not read again at all — no ``stat``, no
     environment — while it lives; only new processes (or one whose
     directory the kernel made again: read again, found the same), and the
