@@ -163,3 +163,48 @@ def test_process_table_from_proc_matches_psutil(spawner):
     proc = psutil.Process(svc.pid)
     assert rows[svc.pid][0] == os.getpid()
     assert rows[svc.pid][1] == pytest.approx(proc.create_time(), abs=0.02)
+
+
+def test_a_process_known_to_declare_nothing_is_not_read_again(spawner, monkeypatch):
+    from reconciler.host import sim
+
+    if sim._process_entries() is None:
+        pytest.skip("no /proc")
+    read: list[int] = []
+    real = sim.proc_stat
+
+    def counting(pid, boot, ticks):
+        read.append(int(pid))
+        return real(pid, boot, ticks)
+
+    monkeypatch.setattr(sim, "proc_stat", counting)
+    scanner = EnvScanner()
+    carrier = spawner.service(env={"RECONCILER_SIM_GPU_MB": "100"})
+    assert scanner.scan()[carrier.pid] == ("0", 100)
+    assert 1 in read  # the first scan reads every process (pid 1 is old and declares nothing here)
+    read.clear()
+    late = spawner.service(env={"RECONCILER_SIM_GPU_MB": "200"})
+    found = scanner.scan()
+    assert found[carrier.pid] == ("0", 100) and found[late.pid] == ("0", 200)  # a new carrier is found at once
+    assert 1 not in read  # not read again: the same pid and /proc inode is the same process
+    assert carrier.pid in read and late.pid in read  # carriers are read every scan (ppid, zombie)
+    carrier.process.kill()
+    carrier.process.wait()
+    assert carrier.pid not in scanner.scan()
+
+
+def test_a_process_whose_proc_entry_is_new_is_read_again(spawner, monkeypatch):
+    # The same pid under another inode (the kernel made its /proc directory again, or the pid was reused):
+    # read again, and its declaration looked up by (pid, create_time) as before.
+    from reconciler.host import sim
+
+    if sim._process_entries() is None:
+        pytest.skip("no /proc")
+    scanner = EnvScanner()
+    scanner.scan()
+    entries = sim._process_entries()
+    assert entries is not None
+    monkeypatch.setattr(sim, "_process_entries", lambda: [(pid, inode + 1) for pid, inode in entries])
+    before = scanner.reads
+    scanner.scan()
+    assert scanner.reads - before >= len(entries) - 5  # every one read again (a few may have ended meanwhile)

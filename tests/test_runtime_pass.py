@@ -140,6 +140,32 @@ def test_a_service_without_a_port_runs_once_it_survives_the_grace(env):
     assert second.plan.actions == [] and rt.store.get_instance("worker").state == "running"
 
 
+def test_a_steady_pass_probes_each_service_at_its_own_interval(env):
+    """runtime/steady.py: passes come every smallest probe_interval_s (1 s here); a service of 5 s is probed
+    by a steady pass only once its 5 s have passed, the other one at every pass."""
+    pa, pb = free_port(), free_port()
+    fast, slow = fake_service(pa, always_on=True), fake_service(pb, always_on=True)
+    fast["probe_interval_s"], slow["probe_interval_s"] = 1, 5
+    profile = make_profile({"fast": fast, "slow": slow})
+    monotonic = FakeMonotonic()
+
+    async def main():
+        async with env.runtime(monotonic=monotonic, sleep=monotonic.sleep) as rt:
+            await rt.reconcile(profile)
+            full = await rt.reconcile(profile)  # the basis: every service probed now
+            assert full.plan.actions == [] and rt.steady.reused == 0
+            made = []
+            for _ in range(5):
+                monotonic.t += 1.01
+                before = rt.steady.probes
+                await rt.reconcile(profile)
+                made.append(rt.steady.probes - before)
+            assert rt.steady.reused == 5
+            return made
+
+    assert asyncio.run(main()) == [1, 1, 1, 1, 2]
+
+
 def test_any_launch_error_is_a_failure_that_backs_off(env):
     """A launch the host cannot execute (a NUL byte in an environment value, past the planner's own
     check) is a driver failure: counted for the backoff, its intent finished — not a ValueError that

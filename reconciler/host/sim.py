@@ -171,11 +171,25 @@ class EnvScanner:
     user's), skips the ones that vanish or deny access, and caches each
     process's declaration by ``(pid, create_time)``. Only carriers in ``scope``
     (their ``RECONCILER_SIM_SCOPE``; None = unset) count.
+
+    A scan runs on every reconcile pass (every second in the demo), and most
+    processes on a host declare nothing, pass after pass. On Linux the
+    listing of ``/proc`` names each process's directory with its inode
+    number, which the kernel takes from a counter when it makes the
+    directory (a process that takes a freed pid gets a directory of its own,
+    under another number): a process listed with the same ``(pid, inode)``
+    as at the last scan is the same process. So a process
+    known to declare nothing is not read again at all — no ``stat``, no
+    environment — while it lives; only new processes (or one whose
+    directory the kernel made again: read again, found the same), and the
+    carriers (their ``ppid`` and whether they are zombies), are read.
     """
 
     def __init__(self, scope: str | None = None) -> None:
         self.scope = scope
         self._cache: dict[tuple[int, float], Declaration | None] = {}
+        self._quiet: dict[tuple[int, int], float] = {}  # (pid, inode) → create_time of those declaring nothing
+        self.reads = 0  # processes whose /proc/<pid>/stat a scan read (for tests and curiosity)
 
     def scan(self) -> dict[int, Declaration]:
         uid = os.geteuid() if hasattr(os, "geteuid") else None
@@ -183,9 +197,15 @@ class EnvScanner:
         parents: dict[int, int] = {}
         seen: set[tuple[int, float]] = set()
         now = time.time()
-        for pid, ppid, create_time in _process_table():
+        entries = _process_entries() if _PROC_STAT else None
+        rows = [(*row, -1) for row in _process_table()] if entries is None else self._rows(entries)
+        quiet: dict[tuple[int, int], float] = {}
+        for pid, ppid, create_time, inode in rows:
             key = (pid, create_time)
             seen.add(key)
+            if ppid < 0:  # known to declare nothing (read at an earlier scan)
+                quiet[(pid, inode)] = create_time
+                continue
             if key in self._cache:
                 declaration = self._cache[key]
             else:  # a process not seen before (the only ones whose uid and environment are read)
@@ -195,19 +215,51 @@ class EnvScanner:
             if declaration is not None:
                 found[pid] = declaration
                 parents[pid] = ppid
+            elif key in self._cache and inode >= 0:
+                quiet[(pid, inode)] = create_time
+        self._quiet = quiet
         for key in self._cache.keys() - seen:
             del self._cache[key]
         # An inherited declaration (parent declares the same) is the parent's memory.
         return {pid: d for pid, d in found.items() if not d.same(found.get(parents[pid]))}
 
+    def _rows(self, entries: list[tuple[int, int]]) -> list[tuple[int, int, float, int]]:
+        """(pid, ppid, create_time, inode) of the listed processes: ``ppid`` -1 for a process known to declare
+        nothing (not read again), else read from its ``/proc/<pid>/stat`` (zombies and the vanished left out)."""
+        try:
+            boot, ticks = psutil.boot_time(), os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, psutil.Error):
+            return [(*row, -1) for row in _process_table()]
+        rows = []
+        for pid, inode in entries:
+            known = self._quiet.get((pid, inode))
+            if known is not None:
+                rows.append((pid, -1, known, inode))
+                continue
+            self.reads += 1
+            stat = proc_stat(pid, boot, ticks)
+            if stat is not None and not stat[0]:
+                rows.append((pid, stat[1], stat[2], inode))
+        return rows
+
+
+def _process_entries() -> list[tuple[int, int]] | None:
+    """(pid, inode of ``/proc/<pid>``) of every listed process, from one listing of ``/proc`` (the inode comes
+    with the listing: nothing is read per process); None when ``/proc`` cannot be listed."""
+    try:
+        with os.scandir("/proc") as listing:
+            return [(int(entry.name), entry.inode()) for entry in listing if entry.name.isdigit()]
+    except OSError:
+        return None
+
 
 def _process_table() -> list[tuple[int, int, float]]:
-    """(pid, ppid, create_time) of every live process (zombies aside).
+    """(pid, ppid, create_time) of every live process (zombies aside), each read again.
 
     On Linux straight from ``/proc/<pid>/stat`` (one read per process, create
-    time as psutil computes it: boot time + start ticks): this runs on every
-    reconcile pass, and psutil's per-attribute reads cost about five times as
-    much. Elsewhere through psutil.
+    time as psutil computes it: boot time + start ticks): psutil's
+    per-attribute reads cost about five times as much. Elsewhere through
+    psutil.
     """
     if _PROC_STAT:
         table = _linux_process_table()

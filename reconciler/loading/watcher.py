@@ -1,9 +1,10 @@
 """Watching the profile: a saved file becomes a new desired state, or located errors, fast.
 
-:class:`ProfileWatcher` watches the profile's *directory* (watchfiles, not
-recursive), so every way an editor saves is seen: in place, by atomic rename
-(write ``x.tmp``, rename over ``profile.yaml``) and vim-style (rename the file
-to a backup, write a new one, delete the backup). Events are only a hint: a
+:class:`ProfileWatcher` watches the profile's *directory* (not recursive;
+inotify on the event loop, :mod:`.inotify`, or watchfiles elsewhere), so
+every way an editor saves is seen: in place, by atomic rename (write
+``x.tmp``, rename over ``profile.yaml``) and vim-style (rename the file to a
+backup, write a new one, delete the backup). Events are only a hint: a
 burst is coalesced (``debounce_ms`` of quiet, 30 ms by default, so that a save
 reaches the first action well under 200 ms) and then the file is *re-read*;
 what it holds decides, never the event type. It is parsed only when its bytes
@@ -58,6 +59,7 @@ from reconciler.core.clock import Clock
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Gpu
 from reconciler.errors import Diagnostic, ProfileError
+from reconciler.loading import inotify
 from reconciler.loading.profiles import load_profile
 
 DEBOUNCE_MS = 30
@@ -282,8 +284,9 @@ class ProfileWatcher:
     """Yields :class:`ProfileChange` when the source's content changes, and :class:`Resync` ticks.
 
     ``batches`` and ``ticks`` replace the file system watch and the resync
-    timer (tests drive them by hand); by default they are watchfiles on the
-    source's directories and a ``resync_s`` timer.
+    timer (tests drive them by hand); by default they are inotify on the
+    source's directories (:mod:`.inotify`; watchfiles where that is not
+    available) and a ``resync_s`` timer.
     """
 
     def __init__(
@@ -408,6 +411,11 @@ class ProfileWatcher:
             queue.put_nowait(kind)
 
     async def _watch(self) -> AsyncIterator[object]:
+        if inotify.available():  # on the event loop: nothing runs while nothing changes (.inotify)
+            async for changed in inotify.batches(self.source.directories(), self.source.relevant,
+                                                 quiet_ms=self.debounce_ms, max_batch_ms=MAX_BATCH_MS):
+                yield changed
+            return
         async for batch in awatch(
             *self.source.directories(),
             watch_filter=lambda _change, path: self.source.relevant(path),

@@ -141,8 +141,10 @@ class Leasing:
 
     async def _expiries(self) -> None:
         """While demands wait, wake the loop when a lease expires: its pass releases it and grants theirs
-        (the ledger is in memory: the check reads no store and cannot fail)."""
+        (the ledger is in memory: the check reads no store and cannot fail). While none waits, nothing runs
+        (it used to look five times a second for nothing, for as long as the daemon lived)."""
         while True:
+            await self.ledger.demand_waits()
             await self.clock.sleep(EXPIRY_CHECK_S)
             if not self.ledger.waiting():
                 continue

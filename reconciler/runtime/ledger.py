@@ -89,6 +89,7 @@ class Ledger:
         self._leases: dict[str, Lease] = {}
         self._by_service: dict[tuple[str, str], dict[str, Lease]] = {}
         self._demands: dict[str, Demand] = {}
+        self._demand_came = asyncio.Event()  # set by add_demand (:meth:`demand_waits`)
         self._vram: dict[int, int] = {}
         self._expiries: list[tuple[datetime, str]] = []
         self._fenced: set[str] = set()
@@ -128,6 +129,12 @@ class Ledger:
     def waiting(self) -> bool:
         """Whether any demand waits."""
         return bool(self._demands)
+
+    async def demand_waits(self) -> None:
+        """Return once a demand waits (at once when one does): what watches for them sleeps meanwhile."""
+        while not self._demands:
+            self._demand_came.clear()
+            await self._demand_came.wait()
 
     def queued(self, service: str) -> int:
         return sum(1 for d in self._demands.values() if d.service == service)
@@ -272,6 +279,7 @@ class Ledger:
     def add_demand(self, demand: Demand) -> None:
         self.store.add_demand(demand)
         self._demands[demand.id] = demand
+        self._demand_came.set()
 
     def remove_demand(self, demand_id: str) -> Demand | None:
         if demand_id not in self._demands:

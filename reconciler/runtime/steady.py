@@ -26,7 +26,18 @@ same snapshot, at the new ``now``. It holds only when all of this is true:
   container);
 * and, looked at again now: every instance's process is still the one that
   started (``pid`` and ``create_time``, :mod:`reconciler.core.identity`), every
-  probe answers exactly as it did, and the GPUs read exactly as they did.
+  probe that is due answers exactly as it did, and the GPUs read exactly as
+  they did.
+
+**Each service at its own interval.** The passes come every smallest
+``probe_interval_s`` of the profile, but a service is probed in a steady
+pass only when its own ``probe_interval_s`` has passed since its last probe
+(within half a pass: :func:`_due`); until then its last answer stands. The
+demo's Ollama (the default 5 s) was probed every second beside services of
+1 s, and a probe is a TCP connection set up and torn down: most of its cost
+is the kernel's, so the only way to a cheaper probe is fewer of them. A
+process that died is still seen at every pass (its pid), and a full pass
+probes every service.
 
 Anything else — a failed probe, a process gone, memory that moved, an edit, a
 lease, a wake — and the pass is a full one, as before. The pass's cadence and
@@ -39,6 +50,7 @@ port, an adopted Ollama's ``/api/ps``) is seen as it was at a resync.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,6 +78,8 @@ class Basis:
     holds: frozenset[str]
     at: float  # monotonic
     targets: dict[str, Target]  # what to probe (the profile's, computed once)
+    intervals: dict[str, float]  # each target's probe_interval_s
+    slack: float  # half the pass cadence (the smallest interval): a probe due that soon is made now
 
 
 class Steady:
@@ -76,7 +90,9 @@ class Steady:
         self.gpu_backend = gpu_backend
         self.monotonic = monotonic
         self._basis: Basis | None = None
+        self._probed: dict[str, float] = {}  # service → when (monotonic) it was last probed
         self.reused = 0  # passes answered from the basis (for tests and curiosity)
+        self.probes = 0  # probes made by steady passes (for tests and curiosity)
 
     def forget(self) -> None:
         self._basis = None
@@ -88,8 +104,12 @@ class Steady:
                 or not _all_healthy(profile, snapshot):
             self._basis = None
             return
-        self._basis = Basis(profile, snapshot, plan, gpus, frozenset(holds), self.monotonic(),
-                            probe_targets(profile))
+        targets = probe_targets(profile)
+        intervals = {name: profile.services[name].probe_interval_s for name in targets}
+        at = self.monotonic()
+        self._basis = Basis(profile, snapshot, plan, gpus, frozenset(holds), at, targets, intervals,
+                            min(intervals.values(), default=0.0) / 2)
+        self._probed = dict.fromkeys(targets, at)  # a full pass probes every service
 
     async def reuse(self, profile: Profile, instances: list[Instance], leases: int, demands: int,
                     holds: Iterable[str], now: datetime) -> Snapshot | None:
@@ -101,7 +121,10 @@ class Steady:
             return None
         if not all(_still_running(i) for i in instances):
             return None
-        probing = asyncio.ensure_future(self.prober.probe_all(basis.targets))
+        at = self.monotonic()
+        due = {name: target for name, target in basis.targets.items()
+               if _due(at - self._probed.get(name, -math.inf), basis.intervals[name], basis.slack)}
+        probing = asyncio.ensure_future(self.prober.probe_all(due))
         try:
             gpus = await asyncio.to_thread(self.gpu_backend.read)
             probes = await probing
@@ -109,14 +132,22 @@ class Steady:
             if not probing.done():
                 probing.cancel()
                 await asyncio.gather(probing, return_exceptions=True)
-        if gpus != basis.gpus or probes != basis.snapshot.probes:
+        self.probes += len(probes)
+        if gpus != basis.gpus or any(basis.snapshot.probes.get(name) != probe for name, probe in probes.items()):
             return None
+        self._probed.update(dict.fromkeys(probes, at))
         self.reused += 1
         return basis.snapshot.model_copy(update={"now": now})
 
     @property
     def plan(self) -> Plan | None:
         return self._basis.plan if self._basis is not None else None
+
+
+def _due(since_s: float, interval_s: float, slack_s: float) -> bool:
+    """Whether a service last probed ``since_s`` ago is probed now: its interval has passed, or will have
+    before the next pass is half over (passes come every smallest interval, a little late each)."""
+    return since_s >= interval_s - slack_s
 
 
 def _clock_free(profile: Profile, snapshot: Snapshot) -> bool:

@@ -524,16 +524,21 @@ class SqliteStore:
         rows = self._read("SELECT data FROM instances WHERE service = ?", (service,))
         if not rows:
             return None
-        text = rows[0][0]
+        return self._parse(service, rows[0][0])
+
+    def instances(self) -> list[Instance]:
+        """Every instance, by service; like :meth:`get_instance`, a row is parsed again only when its text changed
+        (a watch reads the inventory a few times a pass, every second in the demo)."""
+        rows = self._read("SELECT service, data FROM instances ORDER BY service")
+        return [self._parse(service, text) for service, text in rows]
+
+    def _parse(self, service: str, text: str) -> Instance:
         parsed = self._parsed.get(service)
         if parsed is not None and parsed[0] == text:
             return parsed[1]
         instance = Instance.model_validate_json(text)
         self._parsed[service] = (text, instance)
         return instance
-
-    def instances(self) -> list[Instance]:
-        return [Instance.model_validate_json(r[0]) for r in self._read("SELECT data FROM instances ORDER BY service")]
 
     def remove_instance(self, service: str) -> Instance | None:
         with self._tx() as c:
