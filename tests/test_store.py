@@ -168,6 +168,18 @@ def test_vram_leases_do_not_take_service_slots(store):
     assert store.leases()[0].kind == "vram"
 
 
+def test_idle_since_is_written_in_place_and_reads_back_exactly(store):
+    """set_idle_since edits the stored JSON in place (no parse and dump of the instance): what reads back is the
+    instance with that one field changed, to the microsecond, with or without a fraction, and None."""
+    store.put_instance(vllm_instance(idle_since=None))
+    before = store.get_instance("vllm")
+    for when in (at(1.5), at(2), T0.replace(microsecond=7), None, at(3)):
+        store.set_idle_since("vllm", when)
+        assert store.get_instance("vllm") == before.model_copy(update={"idle_since": when})
+    store.set_idle_since("nobody", at(4))  # no instance: no change, no error
+    assert store.get_instance("nobody") is None
+
+
 def test_renew_release_and_expire_with_fake_clock(store):
     ledger = Ledger(store, FakeClock())
     store.put_instance(vllm_instance(idle_since=at(-100)))

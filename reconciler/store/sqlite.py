@@ -85,6 +85,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from pydantic import TypeAdapter
+
 from reconciler.core.backoff import Backoff
 from reconciler.core.clock import Clock
 from reconciler.core.snapshot import Demand, Instance, Lease
@@ -96,6 +98,7 @@ from reconciler.store.schema import MIGRATIONS, SCHEMA_VERSION
 DB_NAME = "state.db"
 MAX_EVENTS = 10_000  # the event log keeps this many newest events
 EVENT_PRUNE_EVERY = 500
+_IDLE_SINCE: TypeAdapter[datetime | None] = TypeAdapter(datetime | None)  # an instance's idle_since, as JSON
 _KIND = "coalesce(json_extract(data, '$.kind'), 'service')"  # Lease.kind, kept in the JSON
 RESTORED = "was deleted or replaced while running"
 CORRUPT_HINT = (
@@ -136,7 +139,7 @@ def _ts(dt: datetime | None) -> str | None:
         return None
     if dt.tzinfo is None:
         raise StoreError(f"naive datetime {dt!r}: the store keeps timezone-aware UTC times only")
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"  # +00:00 → Z (strftime: 1.5× the time)
 
 
 @overload
@@ -547,17 +550,13 @@ class SqliteStore:
 
     def set_idle_since(self, service: str, when: datetime | None) -> None:
         """Record when the service's instance became idle (None: busy); no instance, no change."""
-        with self._tx() as c:
-            row = c.execute("SELECT data FROM instances WHERE service = ?", (service,)).fetchone()
-            if row is None:
-                return
-            instance = Instance.model_validate_json(row[0])
-            if instance.idle_since != when:
-                c.execute(
-                    "UPDATE instances SET data = ?, updated_at = ? WHERE service = ?",
-                    (instance.model_copy(update={"idle_since": when}).model_dump_json(), _ts(self.clock.now()),
-                     service),
-                )
+        value = _IDLE_SINCE.dump_json(when).decode()  # as the instance's own JSON writes the field
+        with self._tx() as c:  # in place (SQLite's JSON functions): no parse and dump of the instance per lease
+            c.execute(
+                "UPDATE instances SET data = json_set(data, '$.idle_since', json(?)), updated_at = ? "
+                "WHERE service = ? AND json_extract(data, '$.idle_since') IS NOT json_extract(?, '$')",
+                (value, _ts(self.clock.now()), service, value),
+            )
 
     # -- leases and demands (invariant 4) ---------------------------------------
 
