@@ -234,10 +234,18 @@ class Response:
             await self._wait()
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        """The body, piece by piece as it arrives (chunked framing removed); UpstreamError when it breaks off."""
+        """The body, piece by piece as it arrives (chunked framing removed); UpstreamError when it breaks off.
+
+        What has arrived since the last piece was taken comes as one piece: a model that writes faster than
+        the client reads (many small chunks per read of the socket) is relayed a read at a time, not a chunk
+        at a time — the same bytes, never held back, a fraction of the writes."""
         while True:
             if self._pieces:
-                piece = self._pieces.popleft()
+                if len(self._pieces) == 1:
+                    piece = self._pieces.popleft()
+                else:
+                    piece = b"".join(self._pieces)
+                    self._pieces.clear()
                 self._buffered -= len(piece)
                 if self._paused and self._buffered <= HIGH_WATER // 2 and self._connection is not None:
                     self._paused = False
