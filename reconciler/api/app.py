@@ -36,7 +36,8 @@ from reconciler.api.bodies import SafeJSONResponse, escaped
 from reconciler.api.context import ApiContext
 from reconciler.api.fastlane import FastLane, error_answer
 from reconciler.api.limits import BodyLimit
-from reconciler.errors import ReconcilerError
+from reconciler.api.refusals import operator_status
+from reconciler.errors import OperatorRefused, ReconcilerError
 
 STATIC_DIR = Path(__file__).parent / "static"
 ECHO_CHARS = 200  # how much of a bad input a 422 repeats
@@ -69,6 +70,10 @@ def create_app(context: ApiContext, token: str | None = None) -> FastAPI:
             detail = "the body is not a JSON document this API can read (invalid UTF-8, or nested too deeply)"
             exc = StarletteHTTPException(400, detail, exc.headers)
         return error_answer(exc)
+
+    @app.exception_handler(OperatorRefused)  # before ReconcilerError's (its base): a 404 or 409, not a 503
+    async def _operator_refused(request: Request, exc: OperatorRefused) -> Response:
+        return SafeJSONResponse({"detail": exc.detail}, status_code=operator_status(exc))
 
     @app.exception_handler(ReconcilerError)
     async def _host_error(request: Request, exc: ReconcilerError) -> Response:

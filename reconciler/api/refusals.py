@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from fastapi import HTTPException
 
-from reconciler.errors import LeaseRefused, Refusal
+from reconciler.errors import LeaseRefused, OperatorRefused, Refusal
 
 STATUS: dict[Refusal, int] = {
     Refusal.UNKNOWN_SERVICE: 404,
@@ -34,3 +34,9 @@ def status_of(refused: LeaseRefused) -> int:
 def http_error(refused: LeaseRefused) -> HTTPException:
     """The HTTP answer to a refused request: its status and the reason in words."""
     return HTTPException(status_of(refused), refused.detail)
+
+
+def operator_status(refused: OperatorRefused) -> int:
+    """An operator's verb refused: 404 for a service the profile does not have, 409 for one it may not touch
+    (an adopted instance is never signalled)."""
+    return 404 if refused.kind == "unknown" else 409

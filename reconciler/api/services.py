@@ -13,7 +13,8 @@ HTTP only. The mutating calls wait for the pass that carries them out, up to
 ``wait_s`` (default 60), and answer :class:`~.models.OperatorDone` — ``done:
 false`` with the reason when it goes on after that (a restart waiting for
 leases to end, a stop that takes long). An unknown service is a 404, an
-adopted one (never signalled) a 409. Token rules are the API's: with a
+adopted one (never signalled) a 409 (``OperatorRefused``, answered by the
+app's handler: :func:`.refusals.operator_status`). Token rules are the API's: with a
 token, every call here needs it — the log too, since a service may print
 what its environment holds.
 """
@@ -27,17 +28,12 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from reconciler.api.bodies import TextRoute
 from reconciler.api.context import ApiContext, context
 from reconciler.api.models import LogLines, OperatorDone, Problem
-from reconciler.errors import OperatorRefused
 from reconciler.runtime import controls, logs
 
 router = APIRouter(route_class=TextRoute, tags=["operator"])
 Ctx = Annotated[ApiContext, Depends(context)]
 Wait = Annotated[float, Query(ge=0, le=600, description="How long to wait for it to be carried out (seconds).")]
 _ERRORS: dict[int | str, dict[str, type[Problem]]] = {404: {"model": Problem}, 409: {"model": Problem}}
-
-
-def _refused(exc: OperatorRefused) -> HTTPException:
-    return HTTPException(404 if exc.kind == "unknown" else 409, exc.detail)
 
 
 def _out(done: controls.Done) -> OperatorDone:
@@ -48,19 +44,13 @@ def _out(done: controls.Done) -> OperatorDone:
 @router.post("/v1/services/{name}/stop", response_model=OperatorDone, responses=_ERRORS)
 async def stop(name: str, ctx: Ctx, wait_s: Wait = controls.DEFAULT_WAIT_S) -> OperatorDone:
     """Stop the service (and what depends on it) and keep it stopped, across restarts, until ``start``."""
-    try:
-        return _out(await controls.stop(ctx.runtime, ctx.profile(), name, wait_s))
-    except OperatorRefused as exc:
-        raise _refused(exc) from None
+    return _out(await controls.stop(ctx.runtime, ctx.profile(), name, wait_s))
 
 
 @router.post("/v1/services/{name}/start", response_model=OperatorDone, responses=_ERRORS)
 async def start(name: str, ctx: Ctx, wait_s: Wait = controls.DEFAULT_WAIT_S) -> OperatorDone:
     """Lift a ``stop`` (or ``down``): the service runs again as the profile wants it."""
-    try:
-        return _out(await controls.start(ctx.runtime, ctx.profile(), name, wait_s))
-    except OperatorRefused as exc:
-        raise _refused(exc) from None
+    return _out(await controls.start(ctx.runtime, ctx.profile(), name, wait_s))
 
 
 @router.post("/v1/services/{name}/restart", response_model=OperatorDone, responses=_ERRORS)
@@ -69,19 +59,13 @@ async def restart(
     now: Annotated[bool, Query(description="Restart even while it holds leases (they end with it).")] = False,
 ) -> OperatorDone:
     """Restart our instance: once it is idle, or at once with ``now=true``."""
-    try:
-        return _out(await controls.restart(ctx.runtime, ctx.profile(), name, now=now, wait_s=wait_s))
-    except OperatorRefused as exc:
-        raise _refused(exc) from None
+    return _out(await controls.restart(ctx.runtime, ctx.profile(), name, now=now, wait_s=wait_s))
 
 
 @router.post("/v1/services/{name}/reset", response_model=OperatorDone, responses=_ERRORS)
 async def reset(name: str, ctx: Ctx) -> OperatorDone:
     """Forget the service's failures (a backoff or a stall): it is tried at the next pass."""
-    try:
-        return _out(await controls.reset(ctx.runtime, ctx.profile(), name))
-    except OperatorRefused as exc:
-        raise _refused(exc) from None
+    return _out(await controls.reset(ctx.runtime, ctx.profile(), name))
 
 
 @router.post("/v1/down", response_model=OperatorDone)
