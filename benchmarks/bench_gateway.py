@@ -63,6 +63,7 @@ import httpx
 import psutil
 
 from benchmarks.timing import percentile
+from reconciler.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 30.0
@@ -109,19 +110,13 @@ services:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     """``reconciler serve --gateway`` on free ports, its state and profile in a tmp directory."""
 
     def __init__(self, root: Path, state_dir: Path):
         self.root = root
-        self.ports = {"warm": _free_port(), "cold": _free_port()}
-        api, gateway = _free_port(), _free_port()
+        self.ports = {"warm": free_port(), "cold": free_port()}
+        api, gateway = free_port(), free_port()
         self.url, self.gateway = f"http://127.0.0.1:{api}", f"http://127.0.0.1:{gateway}"
         profile = root / "profile.yaml"
         profile.write_text(PROFILE.format(delay=STARTUP_DELAY_S, **self.ports))
@@ -353,7 +348,7 @@ def own_start_time(rounds: int) -> float:
     samples = []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(rounds):
-        port = _free_port()
+        port = free_port()
         began = time.perf_counter()
         process = subprocess.Popen(
             [sys.executable, "-m", "reconciler.testing.fake_openai", "--port", str(port), "--model", "c",

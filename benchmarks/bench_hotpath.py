@@ -38,8 +38,9 @@ from typing import Any
 
 import httpx
 
-from benchmarks.bench_leases import ROOT, Connection, Server, _free_port, on_connections
+from benchmarks.bench_leases import ROOT, Connection, Server, on_connections
 from benchmarks.timing import percentile
+from reconciler.testing.ports import free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 REQUESTS = {1: 1500, 50: 5000}  # POST+DELETE pairs per round
@@ -121,7 +122,7 @@ class Floor:
         from reconciler.api.server import http_stack  # the loop and parser serve runs with
 
         loop, http = http_stack()
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "benchmarks.floor_app:app", "--port", str(port), "--loop", loop,

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from typing import Any
 import httpx
 
 from benchmarks.timing import percentile
+from reconciler.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_DELAY_S = 0.5
@@ -83,12 +83,6 @@ services:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _stats(samples_ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(samples_ms), "p95_ms": percentile(samples_ms, 95),
             "p99_ms": percentile(samples_ms, 99)}
@@ -99,7 +93,7 @@ class Server:
 
     def __init__(self, root: Path):
         self.root = root
-        self.ports = {"warm": _free_port(), "cold": _free_port()}
+        self.ports = {"warm": free_port(), "cold": free_port()}
         profile = root / "profile.yaml"
         profile.write_text(PROFILE.format(delay=STARTUP_DELAY_S, **self.ports))
         env = {**os.environ, "RECONCILER_PYTHON": sys.executable,
@@ -270,7 +264,7 @@ def own_start_time(rounds: int) -> float:
     """The service's own time to become healthy: the same program, spawned here directly (median, s)."""
     samples = []
     for _ in range(rounds):
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, "-m", "reconciler.testing.service", "--port", str(port), "--name", "cold",
                 "--startup-delay", str(STARTUP_DELAY_S)]
         samples.append(_healthy_after(port, argv, {**os.environ, "PYTHONPATH": str(ROOT)}))

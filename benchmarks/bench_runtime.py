@@ -65,7 +65,7 @@ import psutil
 
 from benchmarks.timing import percentile
 from reconciler.host.clock import SYSTEM_CLOCK
-from reconciler.testing.ports import kill_group
+from reconciler.testing.ports import free_port, kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 SCOPE_ENV = "RECONCILER_SIM_SCOPE"
@@ -84,12 +84,6 @@ SERVICE = """\
       args_template: "-m reconciler.testing.service --port {{port}} --name {label} {args}"
       port: {port}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _profile_text(services: list[dict[str, Any]], probe_interval_s: float | None = 1) -> str:
@@ -338,9 +332,9 @@ def idle(watch: WatchProc, seconds: float, note: str) -> list[dict[str, Any]]:
 def watch_benchmarks(save_rounds: int = 15, health_rounds: int = 5, idle_s: float = 60.0) -> list[dict[str, Any]]:
     rows = []
     with World() as world:
-        base = [{"name": "a", "label": "a", "port": _free_port()},
-                {"name": "b", "label": "b", "port": _free_port()},
-                {"name": "slow", "label": "slow", "port": _free_port()}]
+        base = [{"name": "a", "label": "a", "port": free_port()},
+                {"name": "b", "label": "b", "port": free_port()},
+                {"name": "slow", "label": "slow", "port": free_port()}]
         world.write(_profile_text(base))
         watch = world.watch()
         watch.wait_converged(60)
@@ -377,7 +371,7 @@ def noop_pass(services: int = 10, rounds: int = 30) -> list[dict[str, Any]]:
             profile = Profile.model_validate({
                 "schema_version": 1, "name": "bench", "eviction_timeout_s": 2, "services": {
                     f"svc{i}": {"max_mb": 512, "priority": 2, "always_on": True, "managed": {
-                        "type": "process", "exec_path": sys.executable, "port": _free_port(),
+                        "type": "process", "exec_path": sys.executable, "port": free_port(),
                         "args_template": f"-m reconciler.testing.service --port {{port}} --name svc{i}"}}
                     for i in range(services)}})
 

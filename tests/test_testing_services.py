@@ -6,10 +6,12 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+import reconciler.testing.ports as ports_module
 from reconciler.testing.fixtures import spawner  # noqa: F401  (pytest fixture)
 from reconciler.testing.ports import Spawner, free_port, is_listening
 
@@ -92,3 +94,12 @@ def test_free_port_is_free():
     port = free_port()
     assert not is_listening(port)
     assert json.loads(json.dumps(port)) == port and 0 < port < 65536
+
+
+def test_free_ports_lie_below_the_ephemeral_range_and_are_never_given_twice():
+    """An outgoing connection takes its local port from the ephemeral range: a port handed out there could be
+    taken before its service binds it (a cluster test's embed once backed off for that)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(ports_module.LOWEST_PORT <= port < low for port in ports)

@@ -8,13 +8,20 @@
     # everything it started is terminated (SIGTERM, then SIGKILL) and reaped
 
 In pytest, use the ``spawner`` fixture from :mod:`reconciler.testing.fixtures`.
-``free_port()`` asks the kernel for an unused loopback port; another process
-could take it before the service binds, which is rare enough for tests.
+``free_port()`` gives an unused loopback port *outside the kernel's ephemeral
+range* (``/proc/sys/net/ipv4/ip_local_port_range``). A port the kernel picks for
+``bind(0)`` comes from that range, which is also where every outgoing
+connection takes its local port — and a test's processes make many (to etcd,
+between nodes, probes): one of them could take the port before the service
+meant for it binds, and that service's start then fails and backs off for 10 s.
+Below the range no outgoing connection ever lands; a port is still only free
+until someone binds it, and one process never hands the same port out twice.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,12 +38,35 @@ import reconciler
 _SOURCE_ROOT = str(Path(reconciler.__file__).resolve().parent.parent)
 
 
+LOWEST_PORT = 10000  # below: ports services commonly own
+_given: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere as good a guess as any
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port nobody listens on right now, below the ephemeral range (see the module docstring)."""
+    high = _ephemeral_low() - 1
+    for _ in range(100 if high - LOWEST_PORT > 1000 else 0):
+        port = random.randint(LOWEST_PORT, high)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:  # taken (or in TIME_WAIT): another
+                continue
+        _given.add(port)
         return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # an unusual range: the kernel's choice
+        sock.bind((host, 0))
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def is_listening(port: int, host: str = "127.0.0.1") -> bool:
