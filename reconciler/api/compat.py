@@ -246,7 +246,7 @@ def _instances(ctx: ApiContext, service: str | None = None) -> list[dict[str, An
         out.append({
             "service": instance.service, "node_id": ctx.node, "gpu_id": instance.gpu, "state": state,
             "model": instance.model, "url": service_url(profile.services.get(instance.service)),
-            "idle_since": instance.idle_since.timestamp() if instance.idle_since else None,
+            "idle_since": idle.timestamp() if (idle := ctx.runtime.ledger.idle_since(instance)) else None,
         })
     return out
 

@@ -401,7 +401,7 @@ class Gateway:
             if spec.always_on or instance.origin == "adopted" or keep < 0:
                 expires = FOREVER
             else:
-                expires = iso_utc((instance.idle_since or now) + timedelta(seconds=keep))
+                expires = iso_utc((self.runtime.ledger.idle_since(instance) or now) + timedelta(seconds=keep))
             for name in served:
                 entry = self._tag(name, instance.service)
                 entry.update({"size_vram": spec.ceiling_mb(name) * MIB if instance.gpu is not None else 0,

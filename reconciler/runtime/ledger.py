@@ -8,9 +8,8 @@ snapshot, the status document and the lease routes read them here, from
 memory, and the store is where they are made durable.
 
 **Write-through, one transaction per change.** A change is written to the
-store first — the lease, the demand it satisfies and the instance's idle time
-in one transaction (:meth:`~reconciler.store.base.Store.batch`) — and applied
-to memory only once that commit succeeded. So an answer given after a grant
+store first — the lease and the demand it satisfies, one statement — and
+applied to memory only once that commit succeeded. So an answer given after a grant
 is durable (the store runs SQLite's write-ahead log with ``synchronous =
 NORMAL``: a commit reaches the operating system before it returns, so a
 ``kill -9`` right after it loses nothing; only a power cut can take the last
@@ -30,14 +29,23 @@ store: its holder is a connection of this very process, so it cannot outlive
 it, and a reconciler that restarts should find it gone, not hold the
 instance busy for its time to live. It counts, shows and is planned with
 like any other (every reader reads memory); only its grant and release
-cost no transaction. The idle time it changes (busy at its grant when the
-service held no lease, idle at its release when it was the last) is written
-behind, within :data:`IDLE_FLUSH_S`, all waiting changes in one transaction
-(:meth:`flush`) — and at once before a pass reads the inventory
-(:meth:`~reconciler.runtime.Runtime.state` flushes first), before any
-write of the store's own idle time for that service, and on close. A crash
-loses at most that window's idle times: the instance then counts as idle
-since its start, or its previous idle time.
+cost no transaction.
+
+**Idle times written behind.** The idle time a lease changes (busy at its
+grant when the service held no lease, idle at its release when it was the
+last) is written behind, within :data:`IDLE_FLUSH_S`, all waiting changes
+in one transaction (:meth:`flush`) — and at once before a pass reads the
+inventory (:meth:`~reconciler.runtime.Runtime.state` flushes first), before
+any write of the store's own idle time for that service, and on close. This
+holds for durable leases too: the idle time is bookkeeping for the idle
+stop, which only looks at an instance that holds no lease, so a grant needs
+only its lease row to be durable; and a service leased by one client after
+another flips busy and idle per request, which written behind is one write
+per window instead of two statements per request (a warm service lease
+costs one statement, as a VRAM lease does). A crash loses at most that
+window's idle times: the instance then counts as idle since its previous
+idle time, or its start — idle longer than it was, so an idle stop may come
+early after a crash, never late, and a later request starts it again.
 
 **The idle-time rule** (DESIGN §3, "Wanted"): a *service* lease granted makes
 its service's instance busy (``idle_since`` cleared); when a service's last
@@ -67,7 +75,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from reconciler.core.clock import Clock
-from reconciler.core.snapshot import Demand, Lease
+from reconciler.core.snapshot import Demand, Instance, Lease
 from reconciler.errors import StoreError
 from reconciler.store.base import Store
 
@@ -122,6 +130,11 @@ class Ledger:
     def memory_only(self, lease_id: str) -> bool:
         """Whether the lease is held in memory only (granted with ``durable=False``)."""
         return lease_id in self._memory_only
+
+    def idle_since(self, instance: Instance) -> datetime | None:
+        """The instance's idle time as it stands now: a change still to be written (see the module text) wins
+        over the stored one. For readers that show it; a pass reads the store after :meth:`flush`."""
+        return self._idle_due.get(instance.service, instance.idle_since)
 
     def has_demand(self, demand_id: str) -> bool:
         return demand_id in self._demands
@@ -193,21 +206,14 @@ class Ledger:
             return False
         if self.held(lease.service, lease.kind, now) >= max_concurrent:
             return False
-        if not durable:
-            if lease.kind != "service" or demand_id is not None:
-                raise ValueError("only a service lease granted without a demand may be held in memory only")
-            if not self._by_service.get((lease.service, "service")):
-                self._idle_later(lease.service, None)  # busy from now
+        if not durable and (lease.kind != "service" or demand_id is not None):
+            raise ValueError("only a service lease granted without a demand may be held in memory only")
+        if durable:
+            self.store.put_lease(lease, demand_id=demand_id, now=now)  # one statement, its own transaction
+        else:
             self._memory_only.add(lease.id)
-            self._add(lease)
-            return True
-        if lease.kind == "service":
-            self._idle_due.pop(lease.service, None)  # written now, in the same transaction
-            with self.store.batch():
-                self.store.put_lease(lease, demand_id=demand_id, now=now)
-                self.store.set_idle_since(lease.service, None)
-        else:  # a VRAM lease: one statement, its own transaction
-            self.store.put_lease(lease, demand_id=demand_id, now=now)
+        if lease.kind == "service" and not self._by_service.get((lease.service, "service")):
+            self._idle_later(lease.service, None)  # busy from now
         self._add(lease)
         if demand_id is not None:
             self._demands.pop(demand_id, None)
@@ -236,15 +242,10 @@ class Ledger:
         idle = lease.kind == "service" and len(self._by_service.get((lease.service, "service"), {})) == 1
         if lease_id in self._memory_only:
             self._memory_only.discard(lease_id)
-            if idle:
-                self._idle_later(lease.service, now or self.clock.now())
-        elif idle:
-            self._idle_due.pop(lease.service, None)  # written now, in the same transaction
-            with self.store.batch():
-                self.store.release_lease(lease_id)
-                self.store.set_idle_since(lease.service, now or self.clock.now())
         else:
             self.store.release_lease(lease_id)
+        if idle:
+            self._idle_later(lease.service, now or self.clock.now())
         self._remove(lease_id)
         return lease
 

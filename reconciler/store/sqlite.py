@@ -619,10 +619,10 @@ class SqliteStore:
             )
         return lease
 
-    def release_lease(self, lease_id: str) -> Lease | None:
+    def release_lease(self, lease_id: str) -> bool:
+        """Remove a lease; False when there was none (the ledger holds the lease itself: nothing is parsed)."""
         with self._tx() as c:
-            row = c.execute("DELETE FROM leases WHERE id = ? RETURNING data", (lease_id,)).fetchone()
-        return Lease.model_validate_json(row[0]) if row else None
+            return c.execute("DELETE FROM leases WHERE id = ?", (lease_id,)).rowcount > 0
 
     def expire_leases(self, now: datetime) -> list[Lease]:
         """Remove and return the leases whose ``expires_at`` is at or before ``now``."""
