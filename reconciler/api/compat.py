@@ -169,7 +169,7 @@ async def release_lease(lease_id: str, request: Request, ctx: Ctx) -> dict[str, 
     if lease is None and (elsewhere := await cluster.forward_lease(
             ctx, request, "DELETE", lease_id, path=f"/api/leases/{lease_id}")) is not None:
         return elsewhere
-    if lease is None or lease.kind != "vram" or ctx.leasing.release(lease_id) is None:
+    if lease is None or lease.kind != "vram" or await ctx.leasing.release_durably(lease_id) is None:
         raise HTTPException(404, f"Lease {lease_id!r} not found")
     return {"released": True, "lease_id": lease_id}
 
@@ -229,7 +229,7 @@ async def release_allocation(service: str, allocation_id: str, request: Request,
         return elsewhere
     if lease is None or lease.kind != "service" or lease.service != service:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found for service {service!r}")
-    if ctx.leasing.release(allocation_id) is None:
+    if await ctx.leasing.release_durably(allocation_id) is None:
         raise HTTPException(404, f"Allocation {allocation_id!r} not found")
     return {"released": True, "allocation_id": allocation_id}
 

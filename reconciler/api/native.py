@@ -126,7 +126,7 @@ async def renew_lease(lease_id: str, request: Request, ctx: Ctx,
 @router.delete("/v1/leases/{lease_id}", response_model=Released, responses={404: {"model": Problem}},
                tags=["leases"])
 async def release_lease(lease_id: str, request: Request, ctx: Ctx) -> Released | Response:
-    lease = ctx.leasing.release(lease_id)
+    lease = await ctx.leasing.release_durably(lease_id)
     if lease is None and (elsewhere := await cluster.forward_lease(ctx, request, "DELETE", lease_id)) is not None:
         return elsewhere
     if lease is None:

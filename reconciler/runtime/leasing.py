@@ -242,7 +242,10 @@ class Leasing:
             model=instance.model if instance.model is not None else request.model,
             expires_at=now + timedelta(seconds=request.ttl_s) if request.ttl_s is not None else None,
         )
-        if not ledger.grant(lease, capacity(spec), now=now, durable=request.durable):
+        if request.durable:
+            if not await ledger.grant_durably(lease, capacity(spec), now=now):
+                return None
+        elif not ledger.grant(lease, capacity(spec), now=now, durable=False):
             return None
         tell = self.runtime.events.publish if request.durable else self.runtime.events.announce  # see release()
         tell(EventKind.LEASE_GRANTED, service=lease.service, lease=lease.id, holder=lease.holder, path="fast")
@@ -363,6 +366,15 @@ class Leasing:
                  expires_at=iso_utc(expires) if expires else None)
         return lease
 
+    async def release_durably(self, lease_id: str) -> Lease | None:
+        """:meth:`release` for a holder that waits for its answer: the write is grouped with the others of this
+        turn of the event loop (:meth:`~.ledger.Ledger.release_durably`), and the release is durable when this
+        returns."""
+        lease = await self.ledger.release_durably(lease_id, self.clock.now())
+        if lease is not None:
+            self._released(lease, durable=True)
+        return lease
+
     def release(self, lease_id: str) -> Lease | None:
         """End a lease now. A lease held in memory only (the gateway's, per request) has its grant and release
         announced to whoever listens (the dashboard, event streams, metrics) but not recorded: it is no more
@@ -370,12 +382,15 @@ class Leasing:
         durable = not self.ledger.memory_only(lease_id)
         lease = self.ledger.release(lease_id, self.clock.now())
         if lease is not None:
-            self.vram_priority.pop(lease.id, None)
-            tell = self.runtime.events.publish if durable else self.runtime.events.announce
-            tell(EventKind.LEASE_RELEASED, service=lease.service, lease=lease.id, holder=lease.holder)
-            if self.ledger.waiting():  # a freed slot or freed memory: queued demands may be granted now
-                self.runtime.wake()
+            self._released(lease, durable=durable)
         return lease
+
+    def _released(self, lease: Lease, *, durable: bool) -> None:
+        self.vram_priority.pop(lease.id, None)
+        tell = self.runtime.events.publish if durable else self.runtime.events.announce
+        tell(EventKind.LEASE_RELEASED, service=lease.service, lease=lease.id, holder=lease.holder)
+        if self.ledger.waiting():  # a freed slot or freed memory: queued demands may be granted now
+            self.runtime.wake()
 
     # --- VRAM leases ------------------------------------------------------------------------
 
@@ -423,7 +438,7 @@ class Leasing:
                                                 f"requested" + (f" ({', '.join(held)})" if held else ""))
         lease = Lease(id=str(uuid.uuid4()), kind="vram", service=holder, holder=holder, gpu=gpu, mb=mb,
                       expires_at=now + timedelta(seconds=ttl_s) if ttl_s > 0 else None)
-        self.ledger.grant(lease, VRAM_LEASES_PER_HOLDER, now=now)
+        await self.ledger.grant_durably(lease, VRAM_LEASES_PER_HOLDER, now=now)
         self.vram_priority[lease.id] = priority
         self.runtime.events.publish(EventKind.LEASE_GRANTED, service=holder, lease=lease.id, holder=holder,
                                     lease_kind="vram", gpu=gpu, mb=mb)
