@@ -220,7 +220,7 @@ def test_memory_only_leases_are_never_written_and_their_idle_time_is_written_beh
         assert store.get_instance("vllm").idle_since is None  # the idle time waits (IDLE_FLUSH_S)
         await asyncio.sleep(IDLE_FLUSH_S * 4)
         assert store.get_instance("vllm").idle_since == at(2)  # idle from its last lease's end
-        # a durable grant writes its own idle time at once, and one still waiting does not overwrite it
+        # a durable grant's idle time is written behind as well: the last change within the window wins
         assert ledger.grant(Lease(id="M4", service="vllm"), 2, now=at(3), durable=False)
         assert ledger.release("M4", now=at(3)) is not None
         assert ledger.grant(Lease(id="D1", service="vllm"), 2, now=at(4))
