@@ -7,7 +7,10 @@ Like Ollama's scheduler handing out runners:
   matches, or the request names none, or the service's launch does not
   depend on a model; the GPU matches when one is asked for; a lease slot is
   free) is leased at once, with no planning: the ledger counts in memory
-  and writes the lease in one transaction (invariant 4). It takes no lock
+  and writes the lease in one transaction (invariant 4), shared with the
+  other grants and releases of the same turn of the event loop and
+  committed before the answer (:mod:`.ledger`, "Grouped commits"). It
+  takes no lock
   and waits for no pass: a pass in flight that is about to stop, evict or
   restart that instance *fences* it first (:mod:`.ledger`), and a grant
   made after that pass's plan makes the pass leave the instance alone. A
