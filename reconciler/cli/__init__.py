@@ -22,6 +22,7 @@ import sys
 import traceback
 from typing import NoReturn
 
+from reconciler.cli.pydantic_plugins import skip_pydantic_plugins
 from reconciler.errors import InputError, ReconcilerError
 
 EXIT_USAGE = 64
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGINT ignored, and an ignored signal stays ignored across exec: Ctrl-C (or a test's SIGINT) would
     # never reach us. Python installs its own handler only where SIGINT was not ignored, so do it here.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    skip_pydantic_plugins()  # before any model is built: see the module's docstring
     arguments = sys.argv[1:] if argv is None else argv
     parser = build_parser(arguments)
     args = parser.parse_args(arguments)
