@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     finally:
         # A caller running a command in its own process (argv given: the tests) gets its collector back. Our own
-        # process ends with it off: Python collects everything once more at exit when it is on (19 M for plan).
+        # process ends with it off: Python collects everything once more at exit when it is on (17 M for plan).
         if paused and argv is not None:
             gc.enable()
 

@@ -94,7 +94,7 @@ def _compose_fast(text: str, yaml: YAML) -> Node | None:
     PS: libyaml counts lines at them, YAML 1.2 does not), or where the C
     extension is missing. Small texts take it too (issue 10): ``ruamel.yaml``
     imports its C extension in any case, and the pure parser cost ``reconciler
-    plan`` on a tiny scenario 74 M of its 888 M instructions (its Python scanner,
+    plan`` on a tiny scenario 74 M of its 887 M instructions (its Python scanner,
     and compiling the regular expression that checks a non-ASCII text for
     unprintable characters). The C
     composer runs with ruamel's base resolver (every scalar a string, every
