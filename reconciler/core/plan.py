@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.core.empty import new_list
 from reconciler.core.snapshot import GPUS_DESCRIPTION, Spanning
 
 ActionKind = Literal["adopt", "start", "restart", "stop", "evict", "lease", "release"]
@@ -36,7 +37,7 @@ class Action(_Out, Spanning):
                            "(on each of its GPUs).")
     lease: str | None = Field(None, description="lease/release: the lease or demand id.")
     model: str | None = Field(None, description="Model it starts/serves, where relevant.")
-    requires: list[str] = Field(default_factory=list, description="Ids of actions that must succeed first.")
+    requires: list[str] = Field(default_factory=new_list, description="Ids of actions that must succeed first.")
     reason: str = Field(min_length=1, description="Why, in words a person can read.")
 
 

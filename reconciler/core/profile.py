@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
 )
 
+from reconciler.core.empty import new_dict, new_list
 from reconciler.core.templates import PLACEHOLDERS, find_placeholders, split_template
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -83,7 +84,7 @@ class ProcessSpec(_Strict):
         "such as {port}, {gpu_id}, {gpu_ids}, {model} are filled inside each token.",
     )
     cwd: str | None = Field(None, description="Working directory; none = the reconciler's state directory.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables.")
+    env: dict[str, str] = Field(default_factory=new_dict, description="Extra environment variables.")
     port: Port | None = Field(None, description="Port the service listens on; fills {port}.")
     host_port: Port | None = Field(
         None, description="Port probed on 127.0.0.1 for health and adoption; defaults to `port`."
@@ -135,8 +136,8 @@ class DockerSpec(_Strict):
         "(the reconciler then probes it there).",
     )
     command_template: str = Field("", description="Command arguments; placeholders filled inside each token.")
-    volumes: list[str] = Field(default_factory=list, description="Volume mounts, `host:container[:mode]`.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables in the container.")
+    volumes: list[str] = Field(default_factory=new_list, description="Volume mounts, `host:container[:mode]`.")
+    env: dict[str, str] = Field(default_factory=new_dict, description="Environment variables in the container.")
     runtime: str | None = Field(None, description="Docker runtime, e.g. `nvidia`.")
     ipc: str | None = Field(None, description="IPC mode, e.g. `host`.")
     health_path: str = Field("/health", description="HTTP path probed for health on `host_port`.")
@@ -192,7 +193,7 @@ class ModelSpec(_Strict):
         "(a 7B and a 1B behind one `llama-server -m {model}` need different memory). None = the service's."
     )
     aliases: list[ModelName] = Field(
-        default_factory=list, description="Other names clients may ask for it by; the gateway forwards its name."
+        default_factory=new_list, description="Other names clients may ask for it by; the gateway forwards its name."
     )
 
 
@@ -222,12 +223,12 @@ class Service(_Strict):
     always_on: bool = Field(False, description="Keep running at all times; never idle-stopped, never evicted.")
     idle_stop_after_s: float = Field(0, ge=0, description="Stop after this long with no lease; 0 = never.")
     backend: str | None = Field(None, description="Informational (cf-orch), carried through.")
-    consumers: list[str] = Field(default_factory=list, description="Informational (cf-orch), carried through.")
+    consumers: list[str] = Field(default_factory=new_list, description="Informational (cf-orch), carried through.")
     managed: Managed | None = Field(
         None, description="How to run it; none = an unmanaged slot (accounted, never started)."
     )
     depends_on: list[ServiceName] = Field(
-        default_factory=list, description="Start after these are healthy; stop before them."
+        default_factory=new_list, description="Start after these are healthy; stop before them."
     )
     gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, description="GPU indexes it may be placed on; none = any. With `gpu_count`, list at least that many."
@@ -383,11 +384,11 @@ class Profile(_Strict):
         "Omitted for CPU profiles."
     )
     eviction_timeout_s: float = Field(10, ge=0, description="SIGTERM → SIGKILL grace period when stopping.")
-    services: dict[ServiceName, Service] = Field(default_factory=dict, description="The service slots, by name.")
+    services: dict[ServiceName, Service] = Field(default_factory=new_dict, description="The service slots, by name.")
     model_size_hints: dict[str, str | int | float | None] = Field(
-        default_factory=dict, description="Informational (cf-orch), carried through."
+        default_factory=new_dict, description="Informational (cf-orch), carried through."
     )
-    nodes: list[Node] = Field(default_factory=list, description="Cluster nodes (cf-orch); informational here.")
+    nodes: list[Node] = Field(default_factory=new_list, description="Cluster nodes (cf-orch); informational here.")
 
     @field_validator("schema_version")
     @classmethod

@@ -20,6 +20,8 @@ from pydantic import (
     model_serializer,
 )
 
+from reconciler.core.empty import new_dict, new_list
+
 NonNegInt = Annotated[int, Field(ge=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -92,7 +94,7 @@ class Gpu(_Strict):
     total_mb: NonNegInt = Field(description="Total memory, MB.")
     used_mb: NonNegInt = Field(0, description="Used memory, MB, as NVML reports it.")
     free_mb: NonNegInt | None = Field(None, description="Free memory, MB; defaults to total − used.")
-    processes: list[GpuProcess] = Field(default_factory=list, description="Per-process usage.")
+    processes: list[GpuProcess] = Field(default_factory=new_list, description="Per-process usage.")
 
     @property
     def nvml_free_mb(self) -> int:
@@ -107,8 +109,8 @@ class Process(_Strict):
     ppid: int | None = Field(
         None, ge=0, description="Parent pid; GPU memory of a child (e.g. a vLLM worker) counts for its instance."
     )
-    cmdline: list[str] = Field(default_factory=list, description="argv.")
-    listening: list[Port] = Field(default_factory=list, description="TCP ports it listens on.")
+    cmdline: list[str] = Field(default_factory=new_list, description="argv.")
+    listening: list[Port] = Field(default_factory=new_list, description="TCP ports it listens on.")
 
 
 class Probe(_Strict):
@@ -127,7 +129,7 @@ class Launch(_Strict):
 
     argv: list[str] = Field(description="What was executed (exec_path + filled args).")
     cwd: str = Field("", description="Working directory as written in the profile ('' = default).")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment as written in the profile.")
+    env: dict[str, str] = Field(default_factory=new_dict, description="Environment as written in the profile.")
     port: Port | None = Field(None, description="The spec's port.")
     image: str | None = Field(None, description="Docker image, for containers.")
 
@@ -199,13 +201,13 @@ class Snapshot(_Strict):
     node: str = Field(min_length=1, description="Node name.")
     now: AwareDatetime = Field(description="The planner's clock.")
     gpus: list[Gpu] = Field(description="GPUs as NVML sees them; empty on a CPU-only host.")
-    processes: list[Process] = Field(default_factory=list, description="OS processes of interest.")
-    probes: dict[str, Probe] = Field(default_factory=dict, description="Health probe results by service.")
-    instances: list[Instance] = Field(default_factory=list, description="The reconciler's own inventory.")
-    leases: list[Lease] = Field(default_factory=list, description="Granted leases.")
-    demands: list[Demand] = Field(default_factory=list, description="Lease requests waiting for their service.")
+    processes: list[Process] = Field(default_factory=new_list, description="OS processes of interest.")
+    probes: dict[str, Probe] = Field(default_factory=new_dict, description="Health probe results by service.")
+    instances: list[Instance] = Field(default_factory=new_list, description="The reconciler's own inventory.")
+    leases: list[Lease] = Field(default_factory=new_list, description="Granted leases.")
+    demands: list[Demand] = Field(default_factory=new_list, description="Lease requests waiting for their service.")
     held: list[str] = Field(
-        default_factory=list,
+        default_factory=new_list,
         description="Services an operator holds stopped (`reconciler stop`, `reconciler down`): not wanted, "
         "whatever asks for them (their leases are released, their demands refused), until `reconciler start`; "
         "what depends on them is not wanted either. An adopted instance is never stopped.",

@@ -33,7 +33,8 @@ from reconciler.loading.positions import Mark, Path, Positions
 
 MAX_ALIAS_VALUES = 10_000
 MAX_DEPTH = 64
-FAST_FROM_CHARS = 16_000  # shorter texts take the pure parser: importing libyaml costs more than it saves there
+# anchors, tags, directives; YAML 1.1's line breaks: a text holding one is composed by the pure parser
+_PURE_ONLY = ("&", "!", "%", "\x85", "\u2028", "\u2029")
 
 _CORE = "tag:yaml.org,2002:"
 _MAP, _SEQ, _NULL, _MERGE, _TIMESTAMP = (_CORE + t for t in ("map", "seq", "null", "merge", "timestamp"))
@@ -89,9 +90,13 @@ def _compose_fast(text: str, yaml: YAML) -> Node | None:
     golden error tests pin: for a text libyaml finds wrong, an empty one, one
     with anchors (the pure composer reports an anchor defined twice; libyaml
     does not) or tags (refused by the builder, which must see them as
-    written), a ``%`` directive, where the C extension is missing — and for
-    a text under :data:`FAST_FROM_CHARS`, where importing it (15 ms) costs
-    more than it saves. The C
+    written), a ``%`` directive, a line break of YAML 1.1 alone (NEL, LS,
+    PS: libyaml counts lines at them, YAML 1.2 does not), or where the C
+    extension is missing. Small texts take it too (issue 10): ``ruamel.yaml``
+    imports its C extension in any case, and the pure parser cost ``reconciler
+    plan`` on a tiny scenario 74 M of its 887 M instructions (its Python scanner,
+    and compiling the regular expression that checks a non-ASCII text for
+    unprintable characters). The C
     composer runs with ruamel's base resolver (every scalar a string, every
     mapping a map: no regular expressions in Python for each scalar, a third of
     the time of its YAML 1.1 resolver); each plain scalar is resolved here by the
@@ -99,7 +104,7 @@ def _compose_fast(text: str, yaml: YAML) -> Node | None:
     same tags and marks (``tests/test_loading_yaml.py`` compares them on every
     profile shipped).
     """
-    if len(text) < FAST_FROM_CHARS or any(sign in text for sign in "&!%"):  # anchors, tags, directives
+    if any(sign in text for sign in _PURE_ONLY):
         return None
     try:
         from ruamel.yaml.cyaml import CBaseLoader  # ModuleNotFoundError without the C extension
