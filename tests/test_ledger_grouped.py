@@ -30,9 +30,9 @@ class CountingStore(SqliteStore):
         self.fail_commit = False
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, whole: bool = False) -> Iterator[None]:
         self.batches += 1
-        with super().batch():
+        with super().batch(whole=whole):
             yield
             if self.fail_commit:
                 raise StoreError("disk full (a test's failing commit)")

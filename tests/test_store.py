@@ -328,3 +328,26 @@ def test_the_event_log_is_bounded(tmp_path, monkeypatch):
         kept = store.events(limit=1000)
     assert len(kept) <= 30 + 10
     assert kept[-1].message == "99"
+
+
+def test_a_batch_keeps_what_did_not_fail_and_a_whole_batch_keeps_nothing(store):
+    """batch(): each write is a savepoint, so one that fails is undone alone; batch(whole=True): one that fails
+    fails them all (the ledger's grouped commits), and none is rolled back halfway."""
+    store.put_lease(Lease(id="kept", service="vllm"))
+
+    def failing_write() -> None:  # a write whose statement fails inside the store's transaction
+        with store._tx() as c:
+            c.execute("DELETE FROM leases WHERE id = 'A'")
+            c.execute("INSERT INTO no_such_table VALUES (1)")
+
+    with store.batch():
+        store.put_lease(Lease(id="A", service="vllm"))
+        with pytest.raises(StoreError, match="no_such_table"):
+            failing_write()
+        store.put_lease(Lease(id="B", service="vllm"))
+    assert {lease.id for lease in store.leases()} == {"kept", "A", "B"}
+    with pytest.raises(StoreError, match="no_such_table"), store.batch(whole=True):
+        store.release_lease("kept")
+        store.put_lease(Lease(id="C", service="vllm"))
+        failing_write()
+    assert {lease.id for lease in store.leases()} == {"kept", "A", "B"}

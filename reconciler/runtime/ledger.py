@@ -452,7 +452,7 @@ class Ledger:
             return
         group.handle.cancel()
         try:
-            with self.store.batch():
+            with self.store.batch(whole=True):
                 for write, _, _ in group.writes:
                     write()
         except StoreError as exc:

@@ -199,7 +199,8 @@ class SqliteStore:
             problem = file_problem(companion(self.path, suffix))
             if problem is not None:
                 raise StoreError(f"cannot open state store {self.path}: {problem}")
-        self._batch = False  # inside batch(): each write is a savepoint of one transaction
+        self._batch = False  # inside batch(): each write is part of one transaction
+        self._whole = False  # inside batch(whole=True): without a savepoint of its own
         self._conn = self._connect()
         self._file = _identity(self.path)
         self._wal_files = self._wal_identities()
@@ -419,8 +420,13 @@ class SqliteStore:
         """One write transaction, taken with the write lock up front (no upgrade deadlocks).
 
         Inside :meth:`batch` it is a savepoint of the batch's transaction: a write
-        that fails is undone alone, and the others commit together.
+        that fails is undone alone, and the others commit together; inside
+        ``batch(whole=True)`` it is a plain part of it.
         """
+        if self._whole:
+            with self._use("write") as conn:
+                yield conn
+            return
         if self._batch:
             with self._use("write") as conn:
                 conn.execute("SAVEPOINT one")
@@ -448,9 +454,11 @@ class SqliteStore:
             self._patient()
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, *, whole: bool = False) -> Iterator[None]:
         """Many writes, one transaction: each write inside is a savepoint; all commit at the end, once.
 
+        ``whole=True``: all or nothing, without a savepoint per write (two statements each): a write that fails
+        fails the batch, and every write of it is rolled back (the ledger's grouped commits).
         Inside another batch it adds to that one (the outer batch commits)."""
         if self._batch:
             yield
@@ -458,14 +466,14 @@ class SqliteStore:
         with self._use("write") as conn:
             _rollback(conn)
             conn.execute("BEGIN IMMEDIATE")
-            self._batch = True
+            self._batch, self._whole = True, whole
             try:
                 yield
             except BaseException:
-                self._batch = False
+                self._batch = self._whole = False
                 _rollback(conn)
                 raise
-            self._batch = False
+            self._batch = self._whole = False
             try:
                 conn.execute("COMMIT")
             except BaseException:
