@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main, plan_cmd
+from reconciler.cli import build_parser, main, plan_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
@@ -161,8 +162,9 @@ def test_installed_command_survives_a_reader_that_goes_away():
 
 
 # What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands, and
-# importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py).
-NOT_FOR_PLAN = ("fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
+# importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py), and shutil
+# (argparse's formatter would import it for the terminal's width: reconciler/cli/__init__.py).
+NOT_FOR_PLAN = ("shutil", "fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
                 "reconciler.gateway", "reconciler.runtime", "reconciler.host", "reconciler.store",
                 "reconciler.cli.watch_cmd", "reconciler.cli.serve_cmd", "reconciler.cli.apply_cmd",
                 "importlib.metadata")
@@ -187,6 +189,19 @@ def test_plan_and_validate_import_only_what_they_use(command):
     assert result.returncode == 0, result.stderr
     code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
     assert code in ("0", "2") and loaded == "[]", result.stdout
+
+
+@pytest.mark.parametrize("columns", ["30", "80", "200"])
+@pytest.mark.parametrize("argv", [[], ["plan"], ["validate"]])
+def test_help_is_laid_out_as_argparse_lays_it_out(argv, columns, monkeypatch):
+    """The parser's formatter reads the terminal's width late (no shutil for a plan), to the same help."""
+    monkeypatch.setenv("COLUMNS", columns)
+    parser = build_parser(argv)
+    if argv:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    ours = parser.format_help()
+    parser.formatter_class = argparse.HelpFormatter
+    assert ours == parser.format_help()
 
 
 @pytest.mark.parametrize(("switch", "scanned"), [(None, False), ("", True), ("__all__", False)])

@@ -20,7 +20,7 @@ import importlib
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from reconciler.cli.pydantic_plugins import skip_pydantic_plugins
 from reconciler.errors import InputError, ReconcilerError
@@ -38,7 +38,55 @@ COMMANDS = ("validate", "plan", "apply", "schema", "observe", "watch", "serve", 
 BRIEF = ("validate", "plan")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, which reads the terminal's width only when it lays out help or usage.
+
+    argparse makes a formatter for every ``add_argument`` (to check its metavar), and the formatter's
+    ``__init__`` imports :mod:`shutil` for the width, and shutil imports zlib, bz2 and lzma: 3 ms of every
+    ``reconciler plan`` that prints no help at all (issue 10). The width, and the help position that
+    depends on it, are the same as argparse's, computed the same way, at their first use.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        self._pending: tuple[int, int] | None = None
+        super().__init__(prog, indent_increment, max_help_position, 80 if width is None else width)
+        if width is None:
+            self._pending = (indent_increment, max_help_position)
+
+    def _resolve(self) -> None:
+        if self._pending is not None:
+            import shutil
+
+            indent_increment, max_help_position = self._pending
+            self._pending = None
+            self._width = shutil.get_terminal_size().columns - 2
+            self._max_help_position = min(max_help_position, max(self._width - 20, indent_increment * 2))
+
+    @property
+    def _width(self) -> int:
+        self._resolve()
+        return self._known_width
+
+    @_width.setter
+    def _width(self, width: int) -> None:
+        self._known_width = width
+
+    @property
+    def _max_help_position(self) -> int:
+        self._resolve()
+        return self._known_help_position
+
+    @_max_help_position.setter
+    def _max_help_position(self, position: int) -> None:
+        self._known_help_position = position
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # argparse would exit 2, which means "changes" for plan
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
