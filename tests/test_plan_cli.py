@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -189,6 +190,13 @@ def test_plan_and_validate_import_only_what_they_use(command):
     assert result.returncode == 0, result.stderr
     code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
     assert code in ("0", "2") and loaded == "[]", result.stdout
+
+
+@pytest.mark.parametrize("module", ["profile", "snapshot", "plan"])
+def test_the_models_annotations_are_objects(module):
+    """No ``from __future__ import annotations`` where the models are: pydantic would compile each annotation's
+    text at every start (reconciler/core/profile.py)."""
+    assert "annotations" not in vars(importlib.import_module(f"reconciler.core.{module}"))
 
 
 @pytest.mark.parametrize("columns", ["30", "80", "200"])

@@ -2,9 +2,10 @@
 
 A plan is data. Renderers (text, JSON, markdown) live in :mod:`reconciler.render`;
 the executor runs the ``requires`` DAG; :mod:`.simulate` applies it to a snapshot.
+
+No ``from __future__ import annotations`` here: see :mod:`.profile` (issue 10).
 """
 
-from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
