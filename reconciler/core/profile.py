@@ -17,7 +17,6 @@ written in quotes).
 """
 
 
-import difflib
 import ipaddress
 from pathlib import PurePath
 from typing import Annotated, Literal
@@ -60,6 +59,7 @@ class _Strict(BaseModel):
 def _check_template(value: str, field: str) -> str:
     unknown = sorted(set(find_placeholders(value)) - set(PLACEHOLDERS))
     if unknown:
+        import difflib  # for a message's "did you mean" only
         close = difflib.get_close_matches(unknown[0], PLACEHOLDERS, n=1)
         hint = f"did you mean {{{close[0]}}}? " if close else ""
         known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
