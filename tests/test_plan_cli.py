@@ -162,6 +162,24 @@ def test_installed_command_survives_a_reader_that_goes_away():
     assert proc.returncode == 2
 
 
+@pytest.mark.parametrize(("watcher", "teardown"), [
+    ("", False),
+    ("import atexit; atexit.register(print, 'at exit')", True),
+    ("sys.settrace(lambda *a: None)", True),
+    ("sys.setprofile(lambda *a: None)", True),
+])
+def test_a_plan_ends_without_the_teardown_unless_something_wants_it(watcher, teardown):
+    """A plan in its own process ends without the interpreter's teardown once its output is flushed
+    (reconciler/cli/__init__.py), with its output and exit code, but not when something could want the
+    teardown: a function registered with atexit, a tracer, a profiler."""
+    script = f"import sys\n{watcher}\nsys.argv = ['reconciler', *{plan_args(START)!r}]\n" \
+             "from reconciler.cli import main\ncode = main()\nprint('returned')\nsys.exit(code)\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == "", result.stderr
+    plan = (START / "plan.txt").read_text(encoding="utf-8")
+    assert result.stdout == (plan + "returned\n" + ("at exit\n" if "atexit" in watcher else "") if teardown else plan)
+
+
 # What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands, and
 # importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py), and shutil
 # (argparse's formatter would import it for the terminal's width: reconciler/cli/__init__.py).
