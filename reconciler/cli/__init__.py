@@ -46,7 +46,7 @@ class _Formatter(argparse.HelpFormatter):
     """argparse's help formatter, which reads the terminal's width only when it lays out help or usage.
 
     argparse makes a formatter for every ``add_argument`` (to check its metavar), and the formatter's
-    ``__init__`` imports :mod:`shutil` for the width, and shutil imports zlib, bz2 and lzma: 3 ms of every
+    ``__init__`` imports :mod:`shutil` for the width, and shutil imports zlib, bz2 and lzma: 6 M instructions of every
     ``reconciler plan`` that prints no help at all (issue 10). The width, and the help position that
     depends on it, are the same as argparse's, computed the same way, at their first use.
     """
