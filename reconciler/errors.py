@@ -20,16 +20,18 @@ each :class:`Refusal` to its status code (:mod:`reconciler.api.refusals`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 # the characters str.splitlines breaks at: a diagnostic is one line, whatever a file's names hold
 _ONE_LINE = str.maketrans({c: f"\\u{ord(c):04x}" for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
-@dataclass(frozen=True, order=True)
-class Diagnostic:
-    """One located problem in a file. ``line`` and ``col`` are 1-based."""
+class Diagnostic(NamedTuple):
+    """One located problem in a file. ``line`` and ``col`` are 1-based; sorted by file, line, column, message.
+
+    A named tuple, not a dataclass: see :mod:`reconciler.core` (issue 10).
+    """
 
     file: str
     line: int

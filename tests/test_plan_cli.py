@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import io
 import json
 import os
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.cli import main, plan_cmd
+from reconciler.cli import build_parser, main, plan_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "golden"
@@ -160,9 +162,28 @@ def test_installed_command_survives_a_reader_that_goes_away():
     assert proc.returncode == 2
 
 
+@pytest.mark.parametrize(("watcher", "teardown"), [
+    ("", False),
+    ("import atexit; atexit.register(print, 'at exit')", True),
+    ("sys.settrace(lambda *a: None)", True),
+    ("sys.setprofile(lambda *a: None)", True),
+])
+def test_a_plan_ends_without_the_teardown_unless_something_wants_it(watcher, teardown):
+    """A plan in its own process ends without the interpreter's teardown once its output is flushed
+    (reconciler/cli/__init__.py), with its output and exit code, but not when something could want the
+    teardown: a function registered with atexit, a tracer, a profiler."""
+    script = f"import sys\n{watcher}\nsys.argv = ['reconciler', *{plan_args(START)!r}]\n" \
+             "from reconciler.cli import main\ncode = main()\nprint('returned')\nsys.exit(code)\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == "", result.stderr
+    plan = (START / "plan.txt").read_text(encoding="utf-8")
+    assert result.stdout == (plan + "returned\n" + ("at exit\n" if "atexit" in watcher else "") if teardown else plan)
+
+
 # What a command may not load: the HTTP stack, the runtime, the host's libraries, the other commands, and
-# importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py).
-NOT_FOR_PLAN = ("fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
+# importlib.metadata (pydantic's plugin loader would import it: reconciler/cli/pydantic_plugins.py), and shutil
+# (argparse's formatter would import it for the terminal's width: reconciler/cli/__init__.py).
+NOT_FOR_PLAN = ("shutil", "fastapi", "starlette", "uvicorn", "httpx", "httpcore", "anyio", "psutil", "reconciler.api",
                 "reconciler.gateway", "reconciler.runtime", "reconciler.host", "reconciler.store",
                 "reconciler.cli.watch_cmd", "reconciler.cli.serve_cmd", "reconciler.cli.apply_cmd",
                 "importlib.metadata")
@@ -187,6 +208,26 @@ def test_plan_and_validate_import_only_what_they_use(command):
     assert result.returncode == 0, result.stderr
     code, _, loaded = result.stdout.strip().splitlines()[-1].partition(" ")
     assert code in ("0", "2") and loaded == "[]", result.stdout
+
+
+@pytest.mark.parametrize("module", ["profile", "snapshot", "plan"])
+def test_the_models_annotations_are_objects(module):
+    """No ``from __future__ import annotations`` where the models are: pydantic would compile each annotation's
+    text at every start (reconciler/core/profile.py)."""
+    assert "annotations" not in vars(importlib.import_module(f"reconciler.core.{module}"))
+
+
+@pytest.mark.parametrize("columns", ["30", "80", "200"])
+@pytest.mark.parametrize("argv", [[], ["plan"], ["validate"]])
+def test_help_is_laid_out_as_argparse_lays_it_out(argv, columns, monkeypatch):
+    """The parser's formatter reads the terminal's width late (no shutil for a plan), to the same help."""
+    monkeypatch.setenv("COLUMNS", columns)
+    parser = build_parser(argv)
+    if argv:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    ours = parser.format_help()
+    parser.formatter_class = argparse.HelpFormatter
+    assert ours == parser.format_help()
 
 
 @pytest.mark.parametrize(("switch", "scanned"), [(None, False), ("", True), ("__all__", False)])

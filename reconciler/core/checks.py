@@ -17,7 +17,7 @@ them on a profile whose fields are still wrong and report both in one round.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from reconciler.core.dependencies import find_cycle
 from reconciler.core.profile import Profile, is_ollama
@@ -27,8 +27,7 @@ from reconciler.core.snapshot import Snapshot
 Path = tuple[str | int, ...]
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     path: Path
     message: str
 

@@ -25,21 +25,19 @@ pruning exact.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 ChoiceKey = tuple[int, int, int, tuple[str, ...]]  # (busy, count, freed MB, names)
 CostKey = tuple[int, int, int, int, tuple[str, ...]]  # (-top priority, *ChoiceKey)
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     service: str
     priority: int
     busy: bool
     mb: int  # what evicting it frees on the GPU in question
 
 
-@dataclass(frozen=True)
-class EvictionChoice:
+class EvictionChoice(NamedTuple):
     services: tuple[str, ...]  # sorted
     freed: int
     busy: int

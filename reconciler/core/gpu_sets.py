@@ -43,14 +43,13 @@ against brute force over every set and every closed eviction.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from itertools import combinations
+from typing import NamedTuple
 
 from reconciler.core.eviction import EvictionChoice
 
 
-@dataclass(frozen=True)
-class Spread:
+class Spread(NamedTuple):
     """A running instance that may be evicted, with what evicting it frees on each GPU."""
 
     service: str
@@ -59,8 +58,7 @@ class Spread:
     mb: Mapping[int, int]  # GPU → MB freed there (GPUs it does not hold: absent or 0)
 
 
-@dataclass(frozen=True)
-class GpuSetChoice:
+class GpuSetChoice(NamedTuple):
     """The GPUs chosen (ascending) and what is evicted first (nothing when it fits as is)."""
 
     gpus: tuple[int, ...]

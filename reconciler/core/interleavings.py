@@ -41,7 +41,6 @@ GPU worse). The planner keeps its plans so (:meth:`Planner._order_memory
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from reconciler.core.plan import Action, Plan
@@ -50,14 +49,17 @@ if TYPE_CHECKING:
     import networkx as nx
 
 
-@dataclass
 class Moves:
-    """Memory moves of a plan's actions, per GPU (an action on several GPUs moves memory on each)."""
+    """Memory moves of a plan's actions, per GPU (an action on several GPUs moves memory on each).
 
-    taken: dict[tuple[str, int], int] = field(default_factory=dict)  # (action id, gpu) → MB taken when dispatched
-    given: dict[tuple[str, int], int] = field(default_factory=dict)  # (action id, gpu) → MB given back, completed
-    slots: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # (slot, gpu) → its lease actions
-    slot_mb: dict[tuple[str, int], int] = field(default_factory=dict)  # (slot, gpu) → what its first lease takes
+    A plain class, not a dataclass: see :mod:`reconciler.core`.
+    """
+
+    def __init__(self) -> None:
+        self.taken: dict[tuple[str, int], int] = {}  # (action id, gpu) → MB taken when dispatched
+        self.given: dict[tuple[str, int], int] = {}  # (action id, gpu) → MB given back, completed
+        self.slots: dict[tuple[str, int], list[str]] = {}  # (slot, gpu) → its lease actions
+        self.slot_mb: dict[tuple[str, int], int] = {}  # (slot, gpu) → what its first lease takes
 
     def gives_on(self, action_id: str) -> list[int]:
         """The GPUs where ``action_id`` gives memory back, ascending."""

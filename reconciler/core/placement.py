@@ -20,14 +20,13 @@ allowed GPU's numbers: "needs 20000 MB on 2 GPUs; GPU 0: 14000 free, ollama
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from reconciler.core.eviction import Candidate, CostKey, EvictionChoice, choose_eviction, cost_key
 from reconciler.core.gpu_sets import Spread, choose_gpu_set
 
 
-@dataclass(frozen=True)
-class EvictionOptions:
+class EvictionOptions(NamedTuple):
     """What may be evicted on one GPU for one requester."""
 
     candidates: Mapping[str, Candidate]
@@ -35,8 +34,7 @@ class EvictionOptions:
     blockers: list[str]  # "ollama (priority 1)" — running there, not evictable
 
 
-@dataclass(frozen=True)
-class EvictionPool:
+class EvictionPool(NamedTuple):
     """What may be evicted for one requester, on every GPU at once (a candidate frees on each GPU it holds)."""
 
     candidates: Mapping[str, Spread]
@@ -49,8 +47,7 @@ class EvictionPool:
         return EvictionOptions(single, self.closures, list(self.blockers.get(gpu, [])))
 
 
-@dataclass(frozen=True)
-class Placement:
+class Placement(NamedTuple):
     """Where it goes (one GPU, or every GPU it spans, ascending), and what is evicted first (nothing when
     it fits as is)."""
 
@@ -62,8 +59,7 @@ class Placement:
         return self.gpus[0]
 
 
-@dataclass(frozen=True)
-class NoPlacement:
+class NoPlacement(NamedTuple):
     """No allowed GPU can take it, even with evictions: why, with the numbers."""
 
     reason: str

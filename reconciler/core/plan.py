@@ -2,12 +2,12 @@
 
 A plan is data. Renderers (text, JSON, markdown) live in :mod:`reconciler.render`;
 the executor runs the ``requires`` DAG; :mod:`.simulate` applies it to a snapshot.
+
+No ``from __future__ import annotations`` here: see :mod:`.profile` (issue 10).
 """
 
-from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,8 +50,7 @@ class Pending(_Out):
         "not pulled, a launch that cannot work): a lease request is answered at once.")
 
 
-@dataclass(frozen=True)
-class DemandVerdict:
+class DemandVerdict(NamedTuple):
     """What a plan says about one demand: it waits (``pending``) or gets its lease (``planned``)."""
 
     state: Literal["pending", "planned"]

@@ -16,27 +16,28 @@ vllm?", "is tts ready only after an adopt?" — never by parsing action ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.core.plan import Action, ActionKind, Pending, action_id
 
 
-@dataclass
 class PlanState:
-    actions: dict[str, Action] = field(default_factory=dict)
-    pending: list[Pending] = field(default_factory=list)
-    free: dict[int, int] = field(default_factory=dict)  # GPU → MB free once the plan so far is applied
-    granted: dict[str, int] = field(default_factory=dict)  # service → leases granted in this plan
-    released: set[str] = field(default_factory=set)  # lease ids released in this plan
-    ready: dict[str, str | None] = field(default_factory=dict)  # service → action it waits for (None: live already)
-    models: dict[str, str | None] = field(default_factory=dict)  # service → model it will serve
-    placed: dict[str, tuple[int, ...]] = field(default_factory=dict)  # service → GPUs it will be on (ascending)
-    touched: set[str] = field(default_factory=set)  # services with an action in this plan: not evictable
-    gone: set[str] = field(default_factory=set)  # services stopped or evicted in this plan
-    failed: dict[str, str] = field(default_factory=dict)  # services that cannot be reached → why
-    draining: dict[str, str] = field(default_factory=dict)  # busy services whose restart waits → why
-    respanned: dict[str, str] = field(default_factory=dict)  # stopped to start again on more or fewer GPUs → why
+    """The plan so far (see the module's docstring). A plain class, not a dataclass: :mod:`reconciler.core`."""
+
+    def __init__(self) -> None:
+        self.actions: dict[str, Action] = {}
+        self.pending: list[Pending] = []
+        self.free: dict[int, int] = {}  # GPU → MB free once the plan so far is applied
+        self.granted: dict[str, int] = {}  # service → leases granted in this plan
+        self.released: set[str] = set()  # lease ids released in this plan
+        self.ready: dict[str, str | None] = {}  # service → action it waits for (None: live already)
+        self.models: dict[str, str | None] = {}  # service → model it will serve
+        self.placed: dict[str, tuple[int, ...]] = {}  # service → GPUs it will be on (ascending)
+        self.touched: set[str] = set()  # services with an action in this plan: not evictable
+        self.gone: set[str] = set()  # services stopped or evicted in this plan
+        self.failed: dict[str, str] = {}  # services that cannot be reached → why
+        self.draining: dict[str, str] = {}  # busy services whose restart waits → why
+        self.respanned: dict[str, str] = {}  # stopped to start again on more or fewer GPUs → why
 
     # --- emitting ----------------------------------------------------------------
 

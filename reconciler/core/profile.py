@@ -8,11 +8,15 @@ span services (``depends_on`` targets, cycles) live in :mod:`.checks`.
 
 These models are pure data: reading files and the environment (``${VAR}``
 references) is the loader's job, in :mod:`reconciler.loading`.
+
+Like :mod:`.snapshot` and :mod:`.plan`, this module has no ``from __future__ import annotations``: with it,
+pydantic reads every field's annotation from its text, compiling each one, at every start (11 M
+instructions of a tiny ``reconciler plan`` for the three modules, issue 10); without it the annotations are
+objects already, and the models, their fields and JSON schemas are the same (so a forward reference here is
+written in quotes).
 """
 
-from __future__ import annotations
 
-import difflib
 import ipaddress
 from pathlib import PurePath
 from typing import Annotated, Literal
@@ -55,6 +59,7 @@ class _Strict(BaseModel):
 def _check_template(value: str, field: str) -> str:
     unknown = sorted(set(find_placeholders(value)) - set(PLACEHOLDERS))
     if unknown:
+        import difflib  # for a message's "did you mean" only
         close = difflib.get_close_matches(unknown[0], PLACEHOLDERS, n=1)
         hint = f"did you mean {{{close[0]}}}? " if close else ""
         known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)

@@ -27,8 +27,7 @@ for ``llama3.2:latest`` (:func:`lookup`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from reconciler.core.compatibility import model_bound
 from reconciler.core.profile import NO_MODEL_SPEC, ModelSpec, Profile, Service, is_ollama
@@ -60,8 +59,7 @@ def declared_models(name: str, spec: Service) -> dict[str, ModelSpec]:
     return {}
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """One name a service answers to, and where in the profile it comes from."""
 
     name: str
@@ -88,8 +86,7 @@ def claims(name: str, spec: Service) -> list[Claim]:
     return out
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     """Where a model name goes: the service, and the name its upstream knows the model by."""
 
     service: str

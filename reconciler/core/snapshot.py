@@ -3,9 +3,10 @@
 ``reconciler observe`` writes one from the live host; tests, golden scenarios
 and CI plans read one. Only ``format_version``, ``node``, ``now`` and ``gpus``
 are required. Times are timezone-aware datetimes (UTC when written by us).
+
+No ``from __future__ import annotations`` here: see :mod:`.profile` (issue 10).
 """
 
-from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 

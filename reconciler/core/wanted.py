@@ -16,14 +16,13 @@ stop, so an idle adopted service stays adopted and keeps counting.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from reconciler.core.dependencies import Dependencies
 from reconciler.core.world import World
 
 
-@dataclass(frozen=True)
-class Wanted:
+class Wanted(NamedTuple):
     wanted: dict[str, str]  # service → why it is wanted
     unwanted: dict[str, str]  # running service → why it is not wanted any more
 

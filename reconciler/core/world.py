@@ -40,16 +40,15 @@ VRAM (DESIGN §3): per GPU, ``free = min(nvml_free, total − Σ reservations �
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from reconciler.core.identity import is_running
 from reconciler.core.profile import Profile
 from reconciler.core.snapshot import Gpu, Instance, Lease, Process, Snapshot
 
 
-@dataclass
-class Holder:
+class Holder(NamedTuple):
     """Something that holds VRAM on a GPU: a live instance, a leased slot, a VRAM lease."""
 
     key: str  # service name, or "lease:<id>" for a VRAM lease
@@ -60,11 +59,16 @@ class Holder:
     absorbs: bool = False  # its usage shows up unattributed: it is not also foreign
 
 
-@dataclass
 class GpuView:
-    gpu: Gpu
-    foreign: int = 0
-    holders: dict[str, Holder] = field(default_factory=dict)
+    """One GPU as the plan sees it: who holds what there, and the usage no one declared (``foreign``).
+
+    A plain class, not a dataclass, and :class:`Holder` a named tuple: see :mod:`reconciler.core`.
+    """
+
+    def __init__(self, gpu: Gpu) -> None:
+        self.gpu = gpu
+        self.foreign = 0
+        self.holders: dict[str, Holder] = {}
 
     @property
     def index(self) -> int:

@@ -7,23 +7,23 @@ both 1-based. Errors about a key (unknown, duplicate, a missing field of the
 mapping it introduces) point at the key; errors about a value point at the
 value. A path that was never written (a union tag in a pydantic ``loc``, a
 field that is missing) falls back to its nearest recorded ancestor.
+
+``Mark`` and ``Spot`` are named tuples, not frozen dataclasses: see :mod:`reconciler.core` (issue 10).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Path = tuple[str | int, ...]
 
 
-@dataclass(frozen=True)
-class Mark:
+class Mark(NamedTuple):
     line: int
     col: int
 
 
-@dataclass(frozen=True)
-class Spot:
+class Spot(NamedTuple):
     key: Mark
     value: Mark
 

@@ -26,7 +26,6 @@ that validate: a port means something only in a valid ``managed`` block.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path as FilePath
@@ -147,6 +146,7 @@ def _hint(path: Path, message: str, depends_on: dict[str, list[str]]) -> str:
         return "; remove one of these depends_on entries"
     if len(path) == 4 and path[2] == "depends_on" and "not a service" in message:
         missing = _entry(depends_on, path)
+        import difflib  # for a message's "did you mean" only
         close = difflib.get_close_matches(str(missing), list(depends_on), n=1)
         return f"; did you mean {close[0]!r}?" if close else ""
     return ""

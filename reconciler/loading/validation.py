@@ -13,7 +13,6 @@ point at the value; a missing key points at the mapping that lacks it.
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from typing import Any
@@ -198,6 +197,7 @@ def _unknown_key(path: Path, data: Any, model: type[BaseModel]) -> tuple[str, st
     fields = _fields_at(model, path[:-1], data)
     if not fields:
         return f"unknown key {key!r} {where}", None
+    import difflib  # for a message's "did you mean" only
     close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6) or [
         f for f in fields if f.lower() == key.lower().replace("-", "_")
     ]

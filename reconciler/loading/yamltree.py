@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
@@ -45,8 +44,7 @@ _HINTS = {
 }
 
 
-@dataclass(frozen=True)
-class Document:
+class Document(NamedTuple):
     data: Any
     positions: Positions
 
