@@ -166,6 +166,36 @@ def test_a_steady_pass_probes_each_service_at_its_own_interval(env):
     assert asyncio.run(main()) == [1, 1, 1, 1, 2]
 
 
+def test_a_steady_pass_leaves_the_port_of_a_service_that_does_not_run_to_full_passes(env):
+    """runtime/steady.py: a steady pass probes the services that run; the port of one that does not (not
+    always_on, nobody asked for it) is looked at by the full passes only, at least every FULL_EVERY_S."""
+    from reconciler.runtime.steady import FULL_EVERY_S
+
+    running, idle = fake_service(free_port(), always_on=True), fake_service(free_port())
+    running["probe_interval_s"] = idle["probe_interval_s"] = 1
+    profile = make_profile({"running": running, "idle": idle})
+    monotonic = FakeMonotonic()
+
+    async def main():
+        async with env.runtime(monotonic=monotonic, sleep=monotonic.sleep) as rt:
+            await rt.reconcile(profile)
+            full = await rt.reconcile(profile)
+            assert full.plan.actions == [] and "idle" in full.snapshot.probes  # a full pass probes every port
+            made = []
+            for _ in range(3):
+                monotonic.t += 1.01
+                before = rt.steady.probes
+                await rt.reconcile(profile)
+                made.append(rt.steady.probes - before)
+            assert rt.steady.reused == 3
+            monotonic.t += FULL_EVERY_S
+            await rt.reconcile(profile)  # the basis is too old: a full pass, which probes the idle port again
+            assert rt.steady.reused == 3
+            return made
+
+    assert asyncio.run(main()) == [1, 1, 1]
+
+
 def test_any_launch_error_is_a_failure_that_backs_off(env):
     """A launch the host cannot execute (a NUL byte in an environment value, past the planner's own
     check) is a driver failure: counted for the backoff, its intent finished — not a ValueError that

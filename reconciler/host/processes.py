@@ -221,11 +221,26 @@ def proc_stat(pid: int | str, boot: float, ticks: int) -> tuple[bool, int, float
         return None
 
 
-def start_time(pid: int) -> float | None:
-    """When process ``pid`` started (psutil's ``create_time``); None when it is gone or a zombie."""
+def boot_time() -> float | None:
+    """The host's boot time as psutil gives it (None where there is no ``/proc`` to read start times from).
+    psutil reads ``/proc/stat`` at every call: a caller that checks many pids reads it once and passes it to
+    :func:`start_time`."""
+    if not _PROC_STAT:
+        return None
+    try:
+        return float(psutil.boot_time())
+    except (OSError, psutil.Error):
+        return None
+
+
+def start_time(pid: int, boot: float | None = None) -> float | None:
+    """When process ``pid`` started (psutil's ``create_time``); None when it is gone or a zombie. ``boot``:
+    the boot time to count from (:func:`boot_time`, read once for many pids); read now when not given."""
     if _PROC_STAT:
         try:
-            boot, ticks = psutil.boot_time(), os.sysconf("SC_CLK_TCK")
+            ticks = os.sysconf("SC_CLK_TCK")
+            if boot is None:
+                boot = psutil.boot_time()
         except (OSError, ValueError, psutil.Error):
             boot, ticks = 0.0, 0
         if ticks:

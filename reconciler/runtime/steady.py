@@ -34,10 +34,24 @@ same snapshot, at the new ``now``. It holds only when all of this is true:
 pass only when its own ``probe_interval_s`` has passed since its last probe
 (within half a pass: :func:`_due`); until then its last answer stands. The
 demo's Ollama (the default 5 s) was probed every second beside services of
-1 s, and a probe is a TCP connection set up and torn down: most of its cost
-is the kernel's, so the only way to a cheaper probe is fewer of them. A
-process that died is still seen at every pass (its pid), and a full pass
-probes every service.
+1 s, and a probe is a TCP connection set up and torn down: much of its cost
+is the kernel's, so fewer of them is what makes probing cheaper. A process
+that died is still seen at every pass (its pid), and a full pass probes
+every service.
+
+**Only what runs is probed.** A steady pass probes the services that have an
+instance; the port of one that does not run (the demo's ``tts``, not
+``always_on``, nobody asked for it) has no health to watch, and what its
+probe finds — something else started listening there, an Ollama to adopt —
+is the full pass's to see, at least every :data:`FULL_EVERY_S`. It was a
+refused connection every second.
+
+**Probes, then the GPUs.** The GPU read runs in a worker thread; run while
+the probes' answers come in, the two threads handed the interpreter's lock
+back and forth tens of times a pass. The probes go first now, then the read,
+and the pass takes about a millisecond longer. The identity check computes
+start times from the boot time the basis read (:func:`~reconciler.host.processes.boot_time`)
+instead of reading ``/proc/stat`` again for every instance.
 
 Anything else — a failed probe, a process gone, memory that moved, an edit, a
 lease, a wake — and the pass is a full one, as before. The pass's cadence and
@@ -62,7 +76,7 @@ from reconciler.core.snapshot import Gpu, Instance, Snapshot
 from reconciler.host.gpu import GpuBackend
 from reconciler.host.observer import probe_targets
 from reconciler.host.probes import Prober, Target
-from reconciler.host.processes import start_time
+from reconciler.host.processes import boot_time, start_time
 
 FULL_EVERY_S = 10.0  # a full pass at least this often, however quiet the host
 
@@ -80,6 +94,7 @@ class Basis:
     targets: dict[str, Target]  # what to probe (the profile's, computed once)
     intervals: dict[str, float]  # each target's probe_interval_s
     slack: float  # half the pass cadence (the smallest interval): a probe due that soon is made now
+    boot: float | None  # the boot time that pass read (None: no /proc), for the start times of its pids
 
 
 class Steady:
@@ -108,7 +123,7 @@ class Steady:
         intervals = {name: profile.services[name].probe_interval_s for name in targets}
         at = self.monotonic()
         self._basis = Basis(profile, snapshot, plan, gpus, frozenset(holds), at, targets, intervals,
-                            min(intervals.values(), default=0.0) / 2)
+                            min(intervals.values(), default=0.0) / 2, boot_time())
         self._probed = dict.fromkeys(targets, at)  # a full pass probes every service
 
     async def reuse(self, profile: Profile, instances: list[Instance], leases: int, demands: int,
@@ -119,19 +134,14 @@ class Steady:
                 or self.monotonic() - basis.at >= FULL_EVERY_S or frozenset(holds) != basis.holds
                 or instances != basis.snapshot.instances):
             return None
-        if not all(_still_running(i) for i in instances):
+        if not all(_still_running(i, basis.boot) for i in instances):
             return None
         at = self.monotonic()
+        running = {i.service for i in instances}
         due = {name: target for name, target in basis.targets.items()
-               if _due(at - self._probed.get(name, -math.inf), basis.intervals[name], basis.slack)}
-        probing = asyncio.ensure_future(self.prober.probe_all(due))
-        try:
-            gpus = await asyncio.to_thread(self.gpu_backend.read)
-            probes = await probing
-        finally:
-            if not probing.done():
-                probing.cancel()
-                await asyncio.gather(probing, return_exceptions=True)
+               if name in running and _due(at - self._probed.get(name, -math.inf), basis.intervals[name], basis.slack)}
+        probes = await self.prober.probe_all(due) if due else {}
+        gpus = await asyncio.to_thread(self.gpu_backend.read)
         self.probes += len(probes)
         if gpus != basis.gpus or any(basis.snapshot.probes.get(name) != probe for name, probe in probes.items()):
             return None
@@ -173,12 +183,15 @@ def _all_healthy(profile: Profile, snapshot: Snapshot) -> bool:
     return True
 
 
-def _still_running(instance: Instance) -> bool:
+def _still_running(instance: Instance, boot: float | None) -> bool:
     """Whether the process under the instance's pid is still the one it started (the identity rule; a
-    zombie is not running)."""
+    zombie is not running). ``boot``: the boot time the basis read, so that ``/proc/stat`` is not read again
+    for every instance at every pass (psutil reads it at every call). The kernel derives it from the wall
+    clock, so it moves when the clock is stepped: start times computed from the basis's then differ from the
+    recorded ones, the process looks like another, and the pass is a full one — the safe way to be wrong."""
     if instance.pid is None or instance.create_time is None:
         return False
-    return same_start(instance.create_time, start_time(instance.pid))
+    return same_start(instance.create_time, start_time(instance.pid, boot))
 
 
 __all__ = ["FULL_EVERY_S", "Basis", "Steady"]
