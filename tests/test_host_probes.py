@@ -51,6 +51,38 @@ def test_healthy_unhealthy_and_absent(spawner):
     assert "refused" in probes["absent"].error
 
 
+def test_a_host_given_by_name_is_resolved(spawner):
+    """An IP literal is probed on a bare socket; a name goes through asyncio's resolver (either way a real GET)."""
+    svc = spawner.service()
+    assert asyncio.run(probe_once(Target(svc.port, host="localhost"))).healthy
+    assert not asyncio.run(probe_once(Target(free_port(), host="localhost"))).healthy
+
+
+def test_a_service_that_stops_listening_is_unhealthy_at_the_next_probe():
+    """Every probe is a connection of its own: nothing kept open hides a listener that went away."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+
+        async def answer_once():
+            conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        async def first():
+            listener.setblocking(False)
+            served = asyncio.ensure_future(answer_once())
+            probe = await probe_once(Target(port))
+            await served
+            return probe
+
+        assert asyncio.run(first()).healthy
+    second = asyncio.run(probe_once(Target(port)))
+    assert not second.healthy and "refused" in second.error
+
+
 def test_timeout_is_per_target():
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
         silent.bind(("127.0.0.1", 0))
