@@ -33,10 +33,10 @@ GATEWAY_HOLDER = "gateway "  # the holder of a gateway request's implicit lease:
 
 def shown(event: dict[str, Any]) -> bool:
     """False for what text mode surely leaves out, checked cheaply before an event is queued for printing
-    (the gateway's two lease events per request, the runtime's own pass events)."""
+    (the gateway's two lease events per request, the runtime's own pass events, a quiet pass's end)."""
     kind = event.get("kind")
-    if kind in _SILENT:
-        return False
+    if kind in _SILENT or (kind == EventKind.PASS_FINISHED and event.get("quiet")):
+        return False  # a quiet pass (every second on a converged host) wakes no printer
     return not (kind in _GATEWAY_LEASES and str(event.get("holder", "")).startswith(GATEWAY_HOLDER))
 
 
