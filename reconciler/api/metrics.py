@@ -297,6 +297,9 @@ class NodeLabelled:
             yield labelled
 
 
+_COUNTED = frozenset({EventKind.ACTION_FINISHED, EventKind.BACKOFF, EventKind.PASS_FINISHED})  # what _listen reads
+
+
 class Metrics:
     def __init__(self, runtime: Runtime, profile: Callable[[], Profile], connections: ConnectionGuard | None = None,
                  node: Callable[[], str | None] = lambda: None):
@@ -329,7 +332,10 @@ class Metrics:
         return generate_latest(NodeLabelled(self.registry, node))  # duck-typed: anything with collect()
 
     def start(self) -> None:
-        self._listening = asyncio.ensure_future(self._listen(self.runtime.events.subscribe()))
+        # only the kinds it counts are queued: a pass's other events (every second on a quiet host) and a
+        # lease's two (per request) wake no task here
+        subscription = self.runtime.events.subscribe(wants=lambda event: event.get("kind") in _COUNTED)
+        self._listening = asyncio.ensure_future(self._listen(subscription))
 
     async def close(self) -> None:
         if self._listening is not None:
