@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -208,3 +209,41 @@ def test_a_process_whose_proc_entry_is_new_is_read_again(spawner, monkeypatch):
     before = scanner.reads
     scanner.scan()
     assert scanner.reads - before >= len(entries) - 5  # every one read again (a few may have ended meanwhile)
+
+
+def test_an_unchanged_listing_reads_the_carriers_only(spawner, monkeypatch):
+    """The same processes listed as at the last scan (pids and /proc inodes): only the carriers are read again
+    (alive, not zombies, same parent), and the answer stands; a carrier that ends is seen at the next scan."""
+    from reconciler.host import sim
+
+    if sim._process_entries() is None:
+        pytest.skip("no /proc")
+    carrier = spawner.service(env={"RECONCILER_SIM_GPU_MB": "100"})
+    scanner = EnvScanner()
+    time.sleep(sim._EXEC_GRACE_S + 0.5)  # the carrier old enough to be known
+    first = scanner.scan()
+    old = time.time() - sim._EXEC_GRACE_S - 0.1  # another user of the machine may have started one meanwhile
+
+    def settled(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).create_time() < old
+        except psutil.Error:
+            return False
+
+    listing = [(pid, inode) for pid, inode in sim._process_entries() or [] if settled(pid)]
+    monkeypatch.setattr(sim, "_process_entries", lambda: listing)
+    scanner.scan()  # this listing, every process in it known
+    before = scanner.reads
+    assert scanner.scan() == first and first[carrier.pid] == ("0", 100)
+    assert scanner.reads - before == len(scanner._carriers) >= 1
+    carrier.process.kill()
+    carrier.process.wait()
+    assert carrier.pid not in scanner.scan()  # gone (or reaped): the listing's process is no carrier now
+
+
+def test_a_read_with_the_same_carriers_gives_the_same_devices(spawner):
+    backend = SimBackend([SimGpu(total_mb=8192)], scanner=EnvScanner(scope="reads-" + str(os.getpid())))
+    first = backend.read()
+    assert backend.read() == first and backend.read()[0] is first[0]
+    spawner.service(env={"RECONCILER_SIM_GPU_MB": "100", "RECONCILER_SIM_SCOPE": "reads-" + str(os.getpid())})
+    assert backend.read()[0].used_mb == 100
