@@ -83,6 +83,20 @@ def test_a_service_that_stops_listening_is_unhealthy_at_the_next_probe():
     assert not second.healthy and "refused" in second.error
 
 
+def test_a_connect_still_in_progress_is_waited_for(spawner, monkeypatch):
+    """Where the handshake is not done when connect returns (a remote host, a busy machine), the probe waits on the
+    loop for the socket to become writable and asks it again: connected, or refused."""
+    svc = spawner.service()
+
+    def not_yet(self):
+        raise OSError(107, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(socket.socket, "getpeername", not_yet)
+    assert asyncio.run(probe_once(Target(svc.port))).healthy
+    refused = asyncio.run(probe_once(Target(free_port())))
+    assert not refused.healthy and "refused" in refused.error
+
+
 def test_timeout_is_per_target():
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
         silent.bind(("127.0.0.1", 0))

@@ -231,8 +231,23 @@ async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
         sock.getpeername()
         return  # connected already
     except OSError:
-        pass  # still connecting (a busy machine, a remote host): wait for it
-    await asyncio.get_running_loop().sock_connect(sock, address)
+        pass  # still connecting (a busy machine, a remote host): wait until it is writable, then ask again
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not writable.done():
+            writable.set_result(None)
+
+    loop.add_writer(fd, ready)
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 class _SocketReader:
