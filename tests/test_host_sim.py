@@ -247,3 +247,25 @@ def test_a_read_with_the_same_carriers_gives_the_same_devices(spawner):
     assert backend.read() == first and backend.read()[0] is first[0]
     spawner.service(env={"RECONCILER_SIM_GPU_MB": "100", "RECONCILER_SIM_SCOPE": "reads-" + str(os.getpid())})
     assert backend.read()[0].used_mb == 100
+
+
+def test_an_environment_without_the_variable_is_answered_without_psutil(spawner, monkeypatch):
+    from reconciler.host import sim
+
+    if sim._process_entries() is None:
+        pytest.skip("no /proc")
+    plain = spawner.service(env={"RECONCILER_SIM_GPU_MB": ""})
+    carrier = spawner.service(env={"RECONCILER_SIM_GPU_MB": "100"})
+    monkeypatch.delenv("RECONCILER_SIM_GPU_MB", raising=False)
+    made: list[int] = []
+    real = psutil.Process
+
+    def counting(pid):
+        made.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(sim.psutil, "Process", counting)
+    clean = spawner.start([sys.executable, "-c", "import time; time.sleep(30)"], wait=False)
+    assert sim._declaration_of(clean.pid, None, None) is None and clean.pid not in made
+    assert sim._declaration_of(carrier.pid, None, None) == ("0", 100) and carrier.pid in made
+    assert sim._declaration_of(plain.pid, None, None) is None  # named, but no memory: read, and nothing

@@ -40,6 +40,7 @@ from reconciler.errors import GpuBackendError
 from reconciler.host.processes import proc_stat
 
 SIM_MB_ENV = "RECONCILER_SIM_GPU_MB"
+_SIM_MB_MARK = SIM_MB_ENV.encode() + b"="
 SCOPE_ENV = "RECONCILER_SIM_SCOPE"
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 # A process's environment can still change by exec() just after fork(); only
@@ -336,7 +337,18 @@ def _linux_process_table() -> list[tuple[int, int, float]] | None:
 
 
 def _declaration_of(pid: int, uid: int | None, scope: str | None) -> Declaration | None:
-    """The declaration of process ``pid`` (None for another user's process: we only read our own)."""
+    """The declaration of process ``pid`` (None for another user's process: we only read our own).
+
+    On Linux the raw ``/proc/<pid>/environ`` is looked at first: most processes declare nothing, and one whose
+    environment does not even hold the variable's name is answered without psutil (a process object, its
+    ``stat``, the environment split into a dict). Those that do hold it are read as before."""
+    if _PROC_STAT:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if _SIM_MB_MARK not in environ.read():
+                    return None
+        except OSError:
+            return None  # gone, or not ours to read (what psutil would find too)
     try:
         proc = psutil.Process(pid)
         if uid not in (None, 0) and proc.uids().real != uid:
