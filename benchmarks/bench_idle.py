@@ -85,16 +85,38 @@ class IdleDemo:
         self.profile.write_text(text)
         self.state = self.root / "state"
         self.api = f"http://127.0.0.1:{free_port()}"
-        self.env = {**os.environ, "RECONCILER_PYTHON": sys.executable, "PYTHONPATH": str(ROOT),
-                    "RECONCILER_SIM_SCOPE": f"bench-idle-{uuid.uuid4().hex[:8]}"}
+        self.env = {
+            **os.environ,
+            "RECONCILER_PYTHON": sys.executable,
+            "PYTHONPATH": str(ROOT),
+            "RECONCILER_SIM_SCOPE": f"bench-idle-{uuid.uuid4().hex[:8]}",
+        }
         self.services: list[tuple[int, float]] = []  # (pid, create_time) of the instances it started
         self.log = open(self.root / "serve.log", "wb")  # noqa: SIM115 - the server's output; closed in close()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "reconciler", "serve", "--profile", str(self.profile), "--gpu", "sim:8192",
-             "--state-dir", str(self.state), "--listen", self.api.removeprefix("http://"),
-             "--gateway", f"127.0.0.1:{free_port()}"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env, cwd=self.root,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "reconciler",
+                "serve",
+                "--profile",
+                str(self.profile),
+                "--gpu",
+                "sim:8192",
+                "--state-dir",
+                str(self.state),
+                "--listen",
+                self.api.removeprefix("http://"),
+                "--gateway",
+                f"127.0.0.1:{free_port()}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.root,
+            start_new_session=True,
+        )
 
     def wait_converged(self, timeout_s: float = WAIT_S) -> dict[str, Any]:
         """The status once every always-on service runs and nothing is planned or pending."""
@@ -112,8 +134,10 @@ class IdleDemo:
                     if converged and always_on <= running and not status["pending"]:
                         return status
                 time.sleep(0.25)
-        raise RuntimeError(f"the demo did not converge within {timeout_s:g} s: "
-                           f"{(self.root / 'serve.log').read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"the demo did not converge within {timeout_s:g} s: "
+            f"{(self.root / 'serve.log').read_text(errors='replace')[-2000:]}"
+        )
 
     def _remember(self, status: dict[str, Any]) -> None:
         for instance in status["instances"]:
@@ -137,9 +161,25 @@ class IdleDemo:
         try:
             if self.process.poll() is None:
                 with contextlib.suppress(subprocess.SubprocessError, OSError):
-                    subprocess.run([sys.executable, "-m", "reconciler", "down", "--state-dir", str(self.state),
-                                    "--url", self.api, "--wait", "30"], env=self.env, cwd=self.root,
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=45)
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "reconciler",
+                            "down",
+                            "--state-dir",
+                            str(self.state),
+                            "--url",
+                            self.api,
+                            "--wait",
+                            "30",
+                        ],
+                        env=self.env,
+                        cwd=self.root,
+                        stdin=subprocess.DEVNULL,
+                        capture_output=True,
+                        timeout=45,
+                    )
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGINT)
                 try:
@@ -176,9 +216,12 @@ def measure_idle(seconds: float = MEASURE_S, settle_s: float = SETTLE_S) -> dict
             total, main = demo.measure(seconds)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return {"benchmark": f"the demo (`./dev run`), idle: CPU of `serve` over {seconds:g} s",
-            "value": f"{total:.2f} % of a core (main thread {main:.2f} %)",
-            "target": f"≤ {TARGET_PCT:g} %", "ok": total <= TARGET_PCT}
+    return {
+        "benchmark": f"the demo (`./dev run`), idle: CPU of `serve` over {seconds:g} s",
+        "value": f"{total:.2f} % of a core (main thread {main:.2f} %)",
+        "target": f"≤ {TARGET_PCT:g} %",
+        "ok": total <= TARGET_PCT,
+    }
 
 
 def run() -> list[dict[str, Any]]:

@@ -24,6 +24,9 @@ def test_a_short_idle_measurement_stops_everything_it_started():
     assert server.poll() is not None
     assert len(services) == 4
     for pid, create_time in services:
-        assert not psutil.pid_exists(pid) or abs(psutil.Process(pid).create_time() - create_time) >= 0.05 \
+        assert (
+            not psutil.pid_exists(pid)
+            or abs(psutil.Process(pid).create_time() - create_time) >= 0.05
             or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        )
     assert not demo.root.exists()
