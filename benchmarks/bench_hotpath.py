@@ -142,7 +142,7 @@ class Floor:
         self.process.wait(10)
 
 
-def plan_cli(profile: Path, snapshot: Path, runs: int = 7) -> float:
+def plan_cli(profile: Path, snapshot: Path, runs: int = 11) -> float:
     """Median wall seconds of ``reconciler plan`` on a profile and snapshot, from process start to exit.
 
     What an installed reconciler costs: pip compiles its bytecode at install, so the child runs without
