@@ -1,0 +1,109 @@
+"""Review of grouped commits (helper-review): interleavings that break the invariants of ledger.py's module text."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from reconciler.core.snapshot import Lease
+from reconciler.errors import StoreError
+from reconciler.runtime.ledger import Ledger
+from reconciler.store import SqliteStore
+from reconciler.testing.clock import T0, FakeClock
+
+
+class BreakingStore(SqliteStore):
+    """A real store whose put_lease can be told to raise a given exception for one lease id."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, FakeClock())
+        self.fail: dict[str, BaseException] = {}
+
+    def put_lease(self, lease: Lease, *, demand_id: str | None = None, now: datetime | None = None) -> None:
+        if lease.id in self.fail:
+            raise self.fail[lease.id]
+        super().put_lease(lease, demand_id=demand_id, now=now)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BreakingStore]:
+    s = BreakingStore(tmp_path / "state.db")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def durable_ids(store: SqliteStore) -> set[str]:
+    with sqlite3.connect(store.path) as other:
+        return {row[0] for row in other.execute("SELECT id FROM leases")}
+
+
+def vram(lease_id: str, mb: int = 10) -> Lease:
+    return Lease(id=lease_id, kind="vram", service=f"app-{lease_id}", holder="h", gpu=0, mb=mb)
+
+
+def test_a_write_that_raises_something_else_than_a_store_error_answers_and_undoes_its_group(
+        store: BreakingStore) -> None:
+    """A bug in a write (or an sqlite3 error not wrapped) must not leave the group's requests waiting forever, nor
+    memory holding leases the store never got."""
+    ledger = Ledger(store, FakeClock())
+    store.fail["bad"] = RuntimeError("a bug in a write")
+    loop_errors: list[object] = []
+
+    async def scenario() -> list[object]:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: loop_errors.append(ctx))
+        grants = [ledger.grant_durably(vram("good", mb=100), 99, now=T0), ledger.grant_durably(vram("bad"), 99, now=T0)]
+        return await asyncio.wait_for(asyncio.gather(*grants, return_exceptions=True), timeout=2)
+
+    outcomes = asyncio.run(scenario())  # before the fix: TimeoutError — both requests wait forever
+    assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    assert ledger.leases() == [] and ledger.vram_mb() == {0: 0}
+    assert durable_ids(store) == set()
+
+
+def test_a_failed_group_does_not_fail_a_memory_only_release_of_the_same_turn(store: BreakingStore) -> None:
+    """The gateway's memory-only lease is released synchronously; a failing group of the same turn (a cf-orch
+    VRAM lease) must not make that release raise the group's error and leave the lease held."""
+    ledger = Ledger(store, FakeClock())
+    store.fail["bad"] = StoreError("disk full")
+
+    async def scenario() -> object:
+        gw = Lease(id="gw", service="llm", holder="gateway", expires_at=T0 + timedelta(seconds=120))
+        assert ledger.grant(gw, 4, now=T0, durable=False)
+        grant = asyncio.ensure_future(ledger.grant_durably(vram("bad"), 99, now=T0))
+        await asyncio.sleep(0)  # the cf-orch request waits for its group
+        try:
+            ledger.release("gw", T0)  # the gateway's request ends in the same turn
+        except StoreError as exc:
+            released: object = exc
+        else:
+            released = None
+        with pytest.raises(StoreError):
+            await grant
+        return released
+
+    released = asyncio.run(scenario())
+    assert released is None, f"the memory-only release raised the group's error: {released!r}"
+    assert ledger.get("gw") is None  # before the fix: still held, until its TTL (120 s for the gateway)
+
+
+def test_a_cancelled_grant_leaves_a_durable_lease_nobody_holds(store: BreakingStore) -> None:
+    """(A risk more than a bug: a request cancelled while waiting for its group — the server stops — still gets its
+    lease written: a lease without a TTL is then held for ever by nobody. The queued path's _forget releases it.)"""
+    ledger = Ledger(store, FakeClock())
+
+    async def scenario() -> None:
+        grant = asyncio.ensure_future(ledger.grant_durably(Lease(id="S", service="llm", holder="h"), 1, now=T0))
+        await asyncio.sleep(0)
+        grant.cancel()
+        await asyncio.gather(grant, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert ledger.get("S") is not None and durable_ids(store) == {"S"}  # documents the current behaviour
