@@ -107,3 +107,41 @@ def test_a_cancelled_grant_leaves_a_durable_lease_nobody_holds(store: BreakingSt
 
     asyncio.run(scenario())
     assert ledger.get("S") is not None and durable_ids(store) == {"S"}  # documents the current behaviour
+
+
+class FailingRelease(BreakingStore):
+    failing_release: str | None = None
+
+    def release_lease(self, lease_id: str) -> bool:
+        if lease_id == self.failing_release:
+            raise StoreError(f"cannot release {lease_id} (a test's failing write)")
+        return super().release_lease(lease_id)
+
+
+def test_an_expiry_that_fails_keeps_the_busy_time_still_to_write(tmp_path: Path) -> None:
+    """A grant's "busy" (idle_since cleared) waits to be written; an expiry of a pass that fails must not drop it, or
+    the store says idle since the previous release while the service holds a lease (found by a fuzzer:
+    scratch/fuzz_ledger.py)."""
+    from reconciler.core.snapshot import Instance
+
+    store = FailingRelease(tmp_path / "state.db")
+    try:
+        idle_before = T0 - timedelta(hours=1)
+        store.put_instance(Instance(service="llm", origin="adopted", idle_since=idle_before))
+        ledger = Ledger(store, FakeClock())
+        lease = Lease(id="S", service="llm", holder="h", expires_at=T0 + timedelta(seconds=1))
+
+        async def scenario() -> None:
+            assert await ledger.grant_durably(lease, 1, now=T0)  # durable; "busy" written behind
+            store.failing_release = "S"
+            with pytest.raises(StoreError):
+                ledger.expire(T0 + timedelta(seconds=5))  # the pass's expiry fails: nothing expired
+            store.failing_release = None
+            ledger.flush()  # the next pass flushes first
+
+        asyncio.run(scenario())
+        instance = store.get_instance("llm")
+        assert ledger.get("S") is not None
+        assert instance is not None and instance.idle_since is None, instance.idle_since  # before the fix: idle_before
+    finally:
+        store.close()

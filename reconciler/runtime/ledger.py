@@ -348,14 +348,18 @@ class Ledger:
         gone = {lease.id for lease in expired}
         idle = {service: when for service, when in ends.items()
                 if all(lid in gone for lid in self._by_service.get((service, "service"), {}))}
-        for service in idle:
-            self._idle_due.pop(service, None)  # written now, in the same transaction
-        with self.store.batch():
-            for lease in expired:
-                if lease.id not in self._memory_only:
-                    self.store.release_lease(lease.id)
-            for service in sorted(idle):
-                self.store.set_idle_since(service, idle[service])
+        waiting = {service: self._idle_due.pop(service) for service in idle if service in self._idle_due}
+        try:  # (those waiting are written now, in the same transaction)
+            with self.store.batch():
+                for lease in expired:
+                    if lease.id not in self._memory_only:
+                        self.store.release_lease(lease.id)
+                for service in sorted(idle):
+                    self.store.set_idle_since(service, idle[service])
+        except BaseException:  # nothing expired: what waited to be written still waits (a grant's "busy")
+            for service, when in waiting.items():
+                self._idle_due.setdefault(service, when)
+            raise
         for lease in expired:
             self._memory_only.discard(lease.id)
             self._remove(lease.id)
