@@ -93,9 +93,10 @@ def test_a_failed_group_does_not_fail_a_memory_only_release_of_the_same_turn(sto
     assert ledger.get("gw") is None  # before the fix: still held, until its TTL (120 s for the gateway)
 
 
-def test_a_cancelled_grant_leaves_a_durable_lease_nobody_holds(store: BreakingStore) -> None:
-    """(A risk more than a bug: a request cancelled while waiting for its group — the server stops — still gets its
-    lease written: a lease without a TTL is then held for ever by nobody. The queued path's _forget releases it.)"""
+def test_a_cancelled_grant_leaves_no_lease_behind(store: BreakingStore) -> None:
+    """A request cancelled while waiting for its group (the server stops) never learns its lease's id: before the
+    fix the lease was still written, and one without a TTL (a cf-orch VRAM lease, ttl_s 0) was held for ever by
+    nobody — its memory booked across restarts. The queued path's _forget releases in the same case."""
     ledger = Ledger(store, FakeClock())
 
     async def scenario() -> None:
@@ -106,7 +107,7 @@ def test_a_cancelled_grant_leaves_a_durable_lease_nobody_holds(store: BreakingSt
         await asyncio.sleep(0)
 
     asyncio.run(scenario())
-    assert ledger.get("S") is not None and durable_ids(store) == {"S"}  # documents the current behaviour
+    assert ledger.get("S") is None and durable_ids(store) == set()
 
 
 class FailingRelease(BreakingStore):

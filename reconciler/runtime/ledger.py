@@ -277,7 +277,15 @@ class Ledger:
                 self._remove(lease.id)
             self._restore_idle(lease.service, was)
 
-        await self._grouped(lambda: self.store.put_lease(lease, now=now), undo)
+        try:
+            await self._grouped(lambda: self.store.put_lease(lease, now=now), undo)
+        except asyncio.CancelledError:  # nobody will learn the lease's id (the server stops): leave nothing behind
+            if lease.id in self._leases:
+                try:
+                    self.release(lease.id)  # (commits its group first: the store sees the grant, then this)
+                except StoreError as exc:
+                    log.warning("a lease granted to a request cancelled meanwhile could not be released (%s)", exc)
+            raise
         return True
 
     async def release_durably(self, lease_id: str, now: datetime | None = None) -> Lease | None:
