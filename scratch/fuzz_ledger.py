@@ -15,6 +15,10 @@ class Breaking(SqliteStore):
     def put_lease(self, lease, *, demand_id=None, now=None):
         if lease.id in self.fail: raise StoreError("injected put "+lease.id)
         super().put_lease(lease, demand_id=demand_id, now=now)
+    idle_fails = False
+    def set_idle_since(self, service, when):
+        if self.idle_fails: raise StoreError("injected idle")
+        return super().set_idle_since(service, when)
     def release_lease(self, lease_id):
         if lease_id in self.fail: raise StoreError("injected release "+lease_id)
         return super().release_lease(lease_id)
@@ -61,12 +65,16 @@ def main(seed):
                     ledger.add_demand(Demand(id=lid, service=svc, holder="h", requested_at=T0))
             except StoreError:
                 pass
+            store.idle_fails = rnd.random() < 0.1
+            if rnd.random() < 0.05 and futs:
+                futs[-1].cancel()
             if rnd.random() < 0.5:
-                await asyncio.sleep(0)
+                await asyncio.sleep(rnd.choice([0, 0, 0.06]))
         if TRACE: print('-- wait')
+        store.idle_fails = False
         res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 2)
         for r in res:
-            if isinstance(r, BaseException) and not isinstance(r, StoreError): raise r
+            if isinstance(r, BaseException) and not isinstance(r, (StoreError, asyncio.CancelledError)): raise r
         store.fail.clear()
     async def run():
         for _ in range(30):

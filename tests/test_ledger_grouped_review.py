@@ -15,6 +15,7 @@ from reconciler.errors import StoreError
 from reconciler.runtime.ledger import Ledger
 from reconciler.store import SqliteStore
 from reconciler.testing.clock import T0, FakeClock
+from tests.runtime_support import env  # noqa: F401 (fixture)
 
 
 class BreakingStore(SqliteStore):
@@ -146,3 +147,27 @@ def test_an_expiry_that_fails_keeps_the_busy_time_still_to_write(tmp_path: Path)
         assert instance is not None and instance.idle_since is None, instance.idle_since  # before the fix: idle_before
     finally:
         store.close()
+
+
+def test_a_memory_only_lease_released_through_the_route_is_announced_not_recorded(env) -> None:  # noqa: F811
+    """``DELETE /v1/leases/{id}`` now goes through ``Leasing.release_durably``: a gateway's memory-only lease released
+    there was recorded in the event log (publish) where ``Leasing.release`` only announces it."""
+    from reconciler.runtime.leasing import Leasing
+    from tests.runtime_support import fake_service, make_profile
+
+    profile = make_profile({"svc": fake_service(None, max_mb=100)})
+
+    async def main() -> list[tuple[str, bool]]:
+        async with env.runtime() as rt:
+            leasing = Leasing(rt, lambda: profile)
+            seen: list[tuple[str, bool]] = []
+            publish, announce = rt.events.publish, rt.events.announce
+            rt.events.publish = lambda kind, **data: (seen.append((str(kind), True)), publish(kind, **data))[1]
+            rt.events.announce = lambda kind, **data: (seen.append((str(kind), False)), announce(kind, **data))[1]
+            lease = Lease(id="gw", service="svc", holder="gateway", expires_at=rt.clock.now() + timedelta(seconds=120))
+            assert rt.ledger.grant(lease, 4, now=rt.clock.now(), durable=False)
+            assert await leasing.release_durably("gw") is not None
+            return seen
+
+    seen = asyncio.run(main())
+    assert [recorded for kind, recorded in seen if "released" in kind] == [False], seen
