@@ -149,7 +149,7 @@ def test_an_expiry_that_fails_keeps_the_busy_time_still_to_write(tmp_path: Path)
         store.close()
 
 
-def test_a_memory_only_lease_released_through_the_route_is_announced_not_recorded(env) -> None:  # noqa: F811
+def test_a_memory_only_lease_released_through_the_route_is_announced_not_recorded(env) -> None:
     """``DELETE /v1/leases/{id}`` now goes through ``Leasing.release_durably``: a gateway's memory-only lease released
     there was recorded in the event log (publish) where ``Leasing.release`` only announces it."""
     from reconciler.runtime.leasing import Leasing
