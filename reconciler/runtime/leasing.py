@@ -373,9 +373,10 @@ class Leasing:
         """:meth:`release` for a holder that waits for its answer: the write is grouped with the others of this
         turn of the event loop (:meth:`~.ledger.Ledger.release_durably`), and the release is durable when this
         returns."""
+        durable = not self.ledger.memory_only(lease_id)  # (a memory-only one is released at once, not recorded)
         lease = await self.ledger.release_durably(lease_id, self.clock.now())
         if lease is not None:
-            self._released(lease, durable=True)
+            self._released(lease, durable=durable)
         return lease
 
     def release(self, lease_id: str) -> Lease | None:

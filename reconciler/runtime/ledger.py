@@ -116,7 +116,7 @@ class _Group:
     of its change in memory and the future its request waits on (its error, or None once durable)."""
 
     handle: asyncio.Handle  # the commit, scheduled after the turn's other callbacks
-    writes: list[tuple[Callable[[], object], Callable[[], None], asyncio.Future[StoreError | None]]] = field(
+    writes: list[tuple[Callable[[], object], Callable[[], None], asyncio.Future[BaseException | None]]] = field(
         default_factory=list)
 
 
@@ -277,7 +277,15 @@ class Ledger:
                 self._remove(lease.id)
             self._restore_idle(lease.service, was)
 
-        await self._grouped(lambda: self.store.put_lease(lease, now=now), undo)
+        try:
+            await self._grouped(lambda: self.store.put_lease(lease, now=now), undo)
+        except asyncio.CancelledError:  # nobody will learn the lease's id (the server stops): leave nothing behind
+            if lease.id in self._leases:
+                try:
+                    self.release(lease.id)  # (commits its group first: the store sees the grant, then this)
+                except StoreError as exc:
+                    log.warning("a lease granted to a request cancelled meanwhile could not be released (%s)", exc)
+            raise
         return True
 
     async def release_durably(self, lease_id: str, now: datetime | None = None) -> Lease | None:
@@ -348,14 +356,18 @@ class Ledger:
         gone = {lease.id for lease in expired}
         idle = {service: when for service, when in ends.items()
                 if all(lid in gone for lid in self._by_service.get((service, "service"), {}))}
-        for service in idle:
-            self._idle_due.pop(service, None)  # written now, in the same transaction
-        with self.store.batch():
-            for lease in expired:
-                if lease.id not in self._memory_only:
-                    self.store.release_lease(lease.id)
-            for service in sorted(idle):
-                self.store.set_idle_since(service, idle[service])
+        waiting = {service: self._idle_due.pop(service) for service in idle if service in self._idle_due}
+        try:  # (those waiting are written now, in the same transaction)
+            with self.store.batch():
+                for lease in expired:
+                    if lease.id not in self._memory_only:
+                        self.store.release_lease(lease.id)
+                for service in sorted(idle):
+                    self.store.set_idle_since(service, idle[service])
+        except BaseException:  # nothing expired: what waited to be written still waits (a grant's "busy")
+            for service, when in waiting.items():
+                self._idle_due.setdefault(service, when)
+            raise
         for lease in expired:
             self._memory_only.discard(lease.id)
             self._remove(lease.id)
@@ -430,23 +442,22 @@ class Ledger:
         loop = asyncio.get_running_loop()
         if group is None:
             group = self._group = _Group(loop.call_soon(self._commit_due))
-        done: asyncio.Future[StoreError | None] = loop.create_future()
+        done: asyncio.Future[BaseException | None] = loop.create_future()
         group.writes.append((write, undo, done))
         error = await done
         if error is not None:
             raise error
 
     def _commit_due(self) -> None:
-        try:
-            self.settle()
-        except StoreError as exc:  # each waiting request has it too
-            log.warning("a group of lease writes could not be committed (%s); each request was refused", exc)
+        self.settle()
 
     def settle(self) -> None:
         """Commit this turn's grouped writes now, in one transaction. All or nothing: when a write or the commit
         fails, every change of the group is undone in memory, newest first, and each of its requests gets the
-        error (raised here too). Every other change of the ledger calls this first, so no change outside a
-        group ever builds on one that may yet be undone, and the store sees changes in the order memory did."""
+        error. Every other change of the ledger calls this first, so no change outside a group ever builds on one
+        that may yet be undone, and the store sees changes in the order memory did. The group's error is its own
+        requests': it is not raised to the caller that merely settled it (a memory-only release, a renewal, a
+        pass), which goes on with memory as if the group never happened."""
         group, self._group = self._group, None
         if group is None:
             return
@@ -455,15 +466,23 @@ class Ledger:
             with self.store.batch(whole=True):
                 for write, _, _ in group.writes:
                     write()
-        except StoreError as exc:
-            for _, undo, _ in reversed(group.writes):
-                undo()
-            self._answer(group, exc)
-            raise
+        except BaseException as exc:  # a StoreError, or anything else (a bug): never a request left waiting
+            try:
+                for _, undo, _ in reversed(group.writes):
+                    undo()
+            finally:
+                self._answer(group, exc)
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, StoreError):
+                log.warning("a group of lease writes could not be committed (%s); each request was refused", exc)
+            else:
+                log.error("a group of lease writes failed; each request was refused", exc_info=exc)
+            return
         self._answer(group, None)
 
     @staticmethod
-    def _answer(group: _Group, error: StoreError | None) -> None:
+    def _answer(group: _Group, error: BaseException | None) -> None:
         for _, _, done in group.writes:
             if not done.done():  # (a request cancelled meanwhile: the server stops)
                 done.set_result(error)
