@@ -36,7 +36,10 @@ the ledger — a pass's grant, an expiry, a memory-only lease, a demand —
 first commits the group (:meth:`settle`), so no change outside a group
 builds on one that may yet be undone, and the store sees the changes in the
 order memory did; so does :meth:`flush`, which a pass calls before it reads
-the inventory.
+the inventory. A failed group is its own requests' error only: the change
+that merely committed it goes on, with memory as if the group never
+happened. A request cancelled while its grant waits (the server stops) has
+the grant released after the commit: nobody would learn its id.
 
 **O(1) per request.** Leases are kept by id and by (service, kind); a grant
 counts its service's leases by the length of that set, and only when the set
