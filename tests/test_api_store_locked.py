@@ -1,5 +1,5 @@
-"""Grouped commits over real HTTP (helper-review): a store that cannot be written refuses the lease routes with 503
-and leaves memory as if the requests never happened (invariant 3)."""
+"""A store that cannot be written (another process holds its write lock) refuses the lease routes with 503 and
+leaves memory as if the requests never happened: a grouped commit that fails is undone whole."""
 
 from __future__ import annotations
 
