@@ -140,6 +140,17 @@ def test_a_service_without_a_port_runs_once_it_survives_the_grace(env):
     assert second.plan.actions == [] and rt.store.get_instance("worker").state == "running"
 
 
+async def probes_per_pass(rt, profile, monotonic, passes: int) -> list[int]:
+    """The probes each of ``passes`` passes made, a second (and a little) apart on the fake clock."""
+    made = []
+    for _ in range(passes):
+        monotonic.t += 1.01
+        before = rt.steady.probes
+        await rt.reconcile(profile)
+        made.append(rt.steady.probes - before)
+    return made
+
+
 def test_a_steady_pass_probes_each_service_at_its_own_interval(env):
     """runtime/steady.py: passes come every smallest probe_interval_s (1 s here); a service of 5 s is probed
     by a steady pass only once its 5 s have passed, the other one at every pass."""
@@ -154,12 +165,7 @@ def test_a_steady_pass_probes_each_service_at_its_own_interval(env):
             await rt.reconcile(profile)
             full = await rt.reconcile(profile)  # the basis: every service probed now
             assert full.plan.actions == [] and rt.steady.reused == 0
-            made = []
-            for _ in range(5):
-                monotonic.t += 1.01
-                before = rt.steady.probes
-                await rt.reconcile(profile)
-                made.append(rt.steady.probes - before)
+            made = await probes_per_pass(rt, profile, monotonic, 5)
             assert rt.steady.reused == 5
             return made
 
@@ -181,12 +187,7 @@ def test_a_steady_pass_leaves_the_port_of_a_service_that_does_not_run_to_full_pa
             await rt.reconcile(profile)
             full = await rt.reconcile(profile)
             assert full.plan.actions == [] and "idle" in full.snapshot.probes  # a full pass probes every port
-            made = []
-            for _ in range(3):
-                monotonic.t += 1.01
-                before = rt.steady.probes
-                await rt.reconcile(profile)
-                made.append(rt.steady.probes - before)
+            made = await probes_per_pass(rt, profile, monotonic, 3)
             assert rt.steady.reused == 3
             monotonic.t += FULL_EVERY_S
             await rt.reconcile(profile)  # the basis is too old: a full pass, which probes the idle port again
