@@ -127,7 +127,7 @@ def test_a_request_for_another_model_while_llama_server_is_busy_waits_for_its_re
 
         def ask_a() -> None:
             try:
-                sdk.chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=200, temperature=0,
+                sdk.chat.completions.create(model="tiny-a", messages=PROMPT, max_tokens=400, temperature=0,
                                             extra_body={"ignore_eos": True})
                 ended_a.append(time.monotonic())
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
@@ -136,7 +136,12 @@ def test_a_request_for_another_model_while_llama_server_is_busy_waits_for_its_re
         busy = [threading.Thread(target=ask_a) for _ in range(8)]  # -np 1: one at a time, the rest queue
         for thread in busy:
             thread.start()
-        gw.wait_until(lambda: gw.model(str(model_a))["queued"] >= 3, "requests for A queued behind one in flight")
+
+        def all_of_a_arrived() -> bool:  # (asked after B, one would rightly wait for B and switch back: a busy CI)
+            a = gw.model(str(model_a))
+            return a["queued"] >= 1 and a["requests"] - 1 + a["in_flight"] + a["queued"] == len(busy)
+
+        gw.wait_until(all_of_a_arrived, "every request for A arrived, some queued behind the one in flight")
         answer = sdk.chat.completions.create(model="tiny-b", messages=PROMPT, max_tokens=4, temperature=0)
         ended_b = time.monotonic()
         for thread in busy:
