@@ -23,37 +23,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, make_tls, node_profile
+from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, make_tls, node_profile, service_block
 from tests.e2e_support import Host, alive, wait_until
 
 TTL_S = 3
 SIZES = {"a": 8192, "b": 16384, "c": 24576}
 SLACK_S = 4.0
 
-SERVICE = """\
-  {name}:
-    max_mb: {mb}
-    priority: {priority}
-    shared: true
-    max_concurrent: {slots}
-    always_on: {always_on}
-    start_timeout_s: 15
-    probe_interval_s: 0.5
-    probe_timeout_s: 0.5
-    managed:
-      type: process
-      exec_path: "${{RECONCILER_PYTHON}}"
-      args_template: "-m reconciler.testing.service --port {{port}} --name {name} {args}"
-      port: {port}
-"""
-
-
 def profile(node: str, ports: dict[str, int], *, llm_delay: float = 0.0) -> str:
     blocks = [
-        SERVICE.format(name="llm", mb=7000, priority=2, slots=2, always_on="false", port=ports["llm"],
-                       args=f"--startup-delay {llm_delay}" if llm_delay else ""),
-        SERVICE.format(name="embed", mb=1500, priority=3, slots=2, always_on=str(node == "c").lower(),
-                       port=ports["embed"], args=""),
+        service_block("llm", ports["llm"], mb=7000, priority=2,
+                      args=f"--startup-delay {llm_delay}" if llm_delay else ""),
+        service_block("embed", ports["embed"], mb=1500, always_on=node == "c"),
     ]
     return node_profile(node, SIZES[node], blocks)
 

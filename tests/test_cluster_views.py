@@ -26,35 +26,17 @@ import httpx
 import pytest
 
 from tests import webdriver
-from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, node_profile
+from tests.cluster_support import EtcdCluster, NodeProcess, etcd_binary, node_profile, service_block
 from tests.e2e_support import Host, wait_until
 from tests.test_metrics_prometheus import samples, value
 
 SIZES = {"a": 8192, "b": 16384}
 
-SERVICE = """\
-  {name}:
-    max_mb: {mb}
-    priority: {priority}
-    shared: true
-    max_concurrent: {slots}
-    always_on: {always_on}
-    start_timeout_s: 15
-    probe_interval_s: 0.5
-    probe_timeout_s: 0.5
-    managed:
-      type: process
-      exec_path: "{python}"
-      args_template: "-m reconciler.testing.service --port {{port}} --name {name}"
-      port: {port}
-"""
-
-
 def block(name: str, port: int, *, mb: int, priority: int = 3, slots: int = 2, always_on: bool = False) -> str:
     # the interpreter's path as is, not ${RECONCILER_PYTHON}: `observe` shows a ${VAR}'s value as its
     # reference, and a plan from such a snapshot would restart what it is in
-    return SERVICE.format(name=name, mb=mb, priority=priority, slots=slots, always_on=str(always_on).lower(),
-                          port=port, python=sys.executable)
+    return service_block(name, port, mb=mb, priority=priority, slots=slots, always_on=always_on,
+                         python=sys.executable)
 
 
 def profile_of(name: str, *blocks: str) -> str:
