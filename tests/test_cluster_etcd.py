@@ -214,3 +214,31 @@ def test_user_and_password(tmp_path: Path) -> None:
         run(go())
     finally:
         cluster.stop()
+
+
+def test_a_placement_is_refused_only_on_what_etcd_holds_now_never_on_a_cache_behind_it(etcd3: EtcdCluster) -> None:
+    """The placer's watch-kept view can lag behind etcd (a node that has just joined). A choice made on it that
+    finds no node re-reads etcd before refusing, as a choice that loses its race does (seen once in CI: a lease
+    on a one-node cluster answered 404 "unknown service" just after the node joined)."""
+    from reconciler.cluster.node import ClusterNode, ClusterRefused, View
+
+    async def go() -> None:
+        etcd = Etcd(etcd3.urls)
+        placer = ClusterNode(etcd, cluster="stale", node="a", advertise="127.0.0.1:1", api_url=lambda: None)
+        try:
+            offer = {"tier": "fit", "free_mb": 4000, "cost": [], "reason": ""}
+            await etcd.put("/reconciler/stale/nodes/a", json.dumps({"url": "http://127.0.0.1:1"}))
+            await etcd.put("/reconciler/stale/reservations/a", "{}")
+            await etcd.put("/reconciler/stale/state/a", json.dumps({"services": {"embed": {
+                "slots_free": 0, "model": None, "model_bound": False, "offer": offer}}}))
+            placer._cached = View(0)  # what the watch had before node a's keys arrived
+            placed = await placer.place("embed", None)
+            assert placed.node == "a" and placed.local
+            placer._cached = View(0)
+            with pytest.raises(ClusterRefused) as refused:  # refused on the current view: nobody has it
+                await placer.place("tts", None)
+            assert refused.value.status == 404 and "unknown service 'tts'" in str(refused.value)
+        finally:
+            await etcd.close()
+
+    run(go())

@@ -524,7 +524,8 @@ class ClusterNode:
         """Keep :attr:`_cached` — the view, kept current by a watch — for placement's first attempt: a
         placement then costs one etcd round trip (its confirmation) instead of two. The cache is dropped
         whenever the watch breaks, and read again from scratch every :data:`REFOLLOW_S`; a choice that loses (the
-        cache was behind) re-reads with a range."""
+        cache was behind) re-reads with a range, and so does a refusal (no node can take it, or none has the
+        service): a request is refused only on what etcd holds now."""
         while True:
             try:
                 view = await self.view()
@@ -605,7 +606,14 @@ class ClusterNode:
         for attempt in range(MAX_ATTEMPTS):
             cached = self._cached if attempt == 0 else None
             view = cached if cached is not None else await self.view()
-            choice = choose(view)[0]
+            try:
+                choices = choose(view)
+            except ClusterRefused:
+                if cached is None:
+                    raise
+                view = await self.view()  # a refusal comes from a view read now, never from the cache (it may
+                choices = choose(view)  # be behind: a node that just joined, a service just offered)
+            choice = choices[0]
             node_kv, reserved_kv = view.nodes[choice.node], view.reservations[choice.node]
             placement = str(uuid.uuid4())
             doc = {"service": choice.service, "model": choice.model, "node": choice.node, "tier": choice.tier,
