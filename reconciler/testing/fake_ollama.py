@@ -10,7 +10,9 @@ lists the loaded ones with ``size`` and ``size_vram`` in bytes.
 ``POST /api/generate {"model": m, "keep_alive": 0}`` unloads ``m`` the way a
 real Ollama does: it answers at once and unloads *later* — ``--unload-delay``
 seconds after the answer, and later still while a request for that model is
-in flight (the unload waits for it to end). Any other generate request loads
+in flight (the unload waits for it to end); with ``--unload-delay 0`` it is
+unloaded before the answer when no request runs on it (a test that wants the
+unload settled). Any other generate request loads
 the model and takes ``--generate-s`` seconds; unknown models answer 404, as
 Ollama does. ``GET /`` answers "Ollama is running". SIGTERM exits 0.
 
@@ -119,8 +121,16 @@ class Models:
         if name not in self.installed:
             return 404, {"error": f"model '{name}' not found"}
         unload = request.get("keep_alive") in (0, "0", "0s", "0m")
+        settled = False
+        if unload and self.unload_delay_s <= 0:  # --unload-delay 0: before the answer, unless a request runs on it
+            with self.lock:
+                if not self.in_flight.get(name):
+                    settled = True
+                    if name in self.loaded:
+                        self.loaded.remove(name)
         if unload:
-            threading.Thread(target=self._unload_later, args=(name,), daemon=True).start()
+            if not settled:
+                threading.Thread(target=self._unload_later, args=(name,), daemon=True).start()
         else:
             with self.lock:
                 if name not in self.loaded:
@@ -297,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram-mb", type=int, default=1024, help="VRAM each loaded model holds")
     parser.add_argument("--no-load", action="store_true", help="start with no model loaded")
     parser.add_argument("--unload-delay", type=float, default=0.3, metavar="S",
-                        help="an unload (keep_alive 0) happens this long after its answer (default 0.3)")
+                        help="an unload (keep_alive 0) happens this long after its answer (default 0.3; 0: before "
+                             "it, when no request runs on the model)")
     parser.add_argument("--generate-s", type=float, default=0.0, metavar="S", help="how long a generate takes")
     parser.add_argument("--chunk-delay", type=float, default=0.0, metavar="S", help="between streamed lines")
     parser.add_argument("--pullable", default=None, help="comma-separated models /api/pull finds (default: any)")
